@@ -1,0 +1,1 @@
+"""vmfork: instant clone, live update and save/restore of QEMU VMs."""

@@ -1,0 +1,238 @@
+"""The ``vmfork`` command: a thin layer of click commands over the library.
+
+Owns argument parsing, output (tables via rich, ``--json``) and the one table
+that maps errors to one-line messages and exit statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from . import vm
+from .errors import (
+    AlreadyExists,
+    GuestError,
+    InvalidInput,
+    LaunchError,
+    MigrationError,
+    NotFound,
+    SetupError,
+    StateError,
+    TemplateError,
+    VmforkError,
+    VmforkTimeout,
+)
+from .image import demo_image
+from .spec import parse_memory
+from .store import Store
+
+T = TypeVar("T")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: Error class -> exit status. Usage-type errors exit 2, the rest 1.
+EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
+    (InvalidInput, 2), (NotFound, 1), (AlreadyExists, 1), (SetupError, 1), (LaunchError, 1),
+    (StateError, 1), (GuestError, 1), (MigrationError, 1), (TemplateError, 1),
+    (VmforkTimeout, 1), (VmforkError, 1),
+)
+
+
+def exit_code(exc: VmforkError) -> int:
+    return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
+
+
+class VmforkGroup(click.Group):
+    """Turns VmforkError into one line on stderr and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VmforkError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            err.print(f"vmfork: error: {exc}", markup=False)
+            sys.exit(exit_code(exc))
+        except KeyboardInterrupt:
+            err.print("vmfork: interrupted")
+            sys.exit(130)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def store() -> Store:
+    return Store()
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"vmfork: error: {message}", markup=False)
+    sys.exit(code)
+
+
+@click.group(cls=VmforkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Debug logging and tracebacks.")
+@click.option("-v", "--verbose", is_flag=True, help="Log state changes.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """vmfork: QEMU VMs whose RAM lives outside QEMU, so clone, update and
+    save cost only the device state."""
+    ctx.obj = {"debug": debug}
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+    if not debug:
+        logging.getLogger("vmfork.qmp").setLevel(logging.CRITICAL)
+
+
+# -- images ------------------------------------------------------------------
+@main.group()
+def image() -> None:
+    """Build guest images."""
+
+
+@image.command("demo")
+@click.option("--rebuild", is_flag=True, help="Build even if a cached image is current.")
+@click.option("--json", "as_json", is_flag=True)
+def image_demo(rebuild: bool, as_json: bool) -> None:
+    """Build (once) the busybox demo guest from the host's kernel."""
+    img = demo_image(store().images_dir, rebuild=rebuild)
+    if as_json:
+        emit_json(img.to_dict())
+    else:
+        out.print(f"kernel: {img.kernel}\ninitrd: {img.initrd}")
+
+
+# -- VM lifecycle --------------------------------------------------------------
+def parse_port(text: str) -> tuple[int, int]:
+    try:
+        host, guest = text.split(":")
+        h, g = int(host), int(guest)
+        if not (0 < h < 65536 and 0 < g < 65536):
+            raise ValueError
+        return h, g
+    except ValueError as exc:
+        raise InvalidInput(f"invalid port forward {text!r}: use HOST:GUEST") from exc
+
+
+@main.command()
+@click.argument("name")
+@click.option("--demo", is_flag=True, help="Boot the busybox demo guest.")
+@click.option("--kernel", help="Kernel image to boot.")
+@click.option("--initrd", help="Initial ramdisk.")
+@click.option("--append", help="Kernel command line.")
+@click.option("--disk", "disks", multiple=True, help="Disk image (qcow2 or raw), repeatable.")
+@click.option("--memory", default="256M", show_default=True, help="Guest RAM, e.g. 512M, 1G.")
+@click.option("--cpus", default=1, show_default=True, type=int)
+@click.option("--memory-dir", help="Directory of the memory file [default: /dev/shm/vmfork].")
+@click.option("--memory-backend", type=click.Choice(["file", "memfd"]), default="file",
+              show_default=True)
+@click.option("--net", is_flag=True, help="User-mode network with a virtio NIC.")
+@click.option("--port", "ports", multiple=True, help="Forward HOST:GUEST TCP (implies --net).")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+              show_default=True)
+@click.option("--qemu", default="qemu-system-x86_64", show_default=True, help="QEMU binary.")
+@click.option("--json", "as_json", is_flag=True)
+def run(name: str, demo: bool, kernel: str | None, initrd: str | None, append: str | None,
+        disks: tuple[str, ...], memory: str, cpus: int, memory_dir: str | None,
+        memory_backend: str, net: bool, ports: tuple[str, ...], accel: str, qemu: str,
+        as_json: bool) -> None:
+    """Start VM NAME and return when its guest is ready."""
+    opts = vm.RunOptions(name=name, memory_mib=parse_memory(memory), cpus=cpus, demo=demo,
+                         kernel=kernel, initrd=initrd, append=append, disks=disks, net=net,
+                         ports=tuple(parse_port(p) for p in ports), memory_dir=memory_dir,
+                         memory_backend=memory_backend, accel=accel, qemu=qemu)
+    result = run_async(vm.run(store(), opts))
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"{name}: running (pid {result['pid']}, ready in "
+                  f"{result['boot_seconds']:.2f} s, accel {result['accel']})")
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def ls(as_json: bool) -> None:
+    """List VMs (a VM whose QEMU died shows as dead)."""
+    recs = vm.list_vms(store())
+    rows = [{"name": r.name, "state": r.state, "pid": r.pid, "memory_mib": r.spec.memory_mib,
+             "template": r.template, "memory_file": r.spec.memory.path,
+             "age_seconds": round(time.time() - r.created, 1)} for r in recs]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("NAME", "STATE", "PID", "MEMORY", "TEMPLATE", box=None)
+    for r in rows:
+        table.add_row(str(r["name"]), str(r["state"]), str(r["pid"] or "-"),
+                      f"{r['memory_mib']}M", str(r["template"] or "-"))
+    out.print(table)
+
+
+@main.command("exec")
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True)
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for the command.")
+def exec_cmd(name: str, command: tuple[str, ...], timeout: float | None) -> None:
+    """Run COMMAND in the guest; print its output and exit with its status."""
+    import shlex
+    cmd = command[0] if len(command) == 1 else shlex.join(command)
+    result = run_async(vm.exec_(store(), name, cmd, timeout=timeout))
+    sys.stdout.buffer.write(result.output)
+    sys.stdout.flush()
+    sys.exit(result.status)
+
+
+@main.command()
+@click.argument("name")
+def console(name: str) -> None:
+    """Attach to the serial console (Ctrl-] detaches)."""
+    from .console import bridge
+    s = store()
+    rec = vm.get_live(s, name)
+    bridge(vm.paths_for(s, rec).console)
+
+
+@main.command()
+@click.argument("name")
+def pause(name: str) -> None:
+    """Pause the guest's vCPUs."""
+    run_async(vm.pause(store(), name))
+    out.print(f"{name}: paused")
+
+
+@main.command()
+@click.argument("name")
+def resume(name: str) -> None:
+    """Resume a paused guest."""
+    run_async(vm.resume(store(), name))
+    out.print(f"{name}: running")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Kill QEMU without asking it to quit.")
+def stop(name: str, force: bool) -> None:
+    """Stop VM NAME and remove it with its memory file and sockets."""
+    run_async(vm.stop(store(), name, force=force))
+    out.print(f"{name}: stopped")
+
+
+def _register_extensions(group: click.Group, adders: list[Callable[[click.Group], None]]) -> None:
+    for add in adders:
+        add(group)

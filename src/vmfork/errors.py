@@ -1,0 +1,88 @@
+"""The exceptions vmfork raises; every one derives from :class:`VmforkError`.
+
+::
+
+    VmforkError
+     +-- InvalidInput          bad user input: a size, a name, a path, an option
+     +-- NotFound              no VM, template or image by that name
+     +-- AlreadyExists         a VM or template of that name exists already
+     +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
+     +-- LaunchError           QEMU refused to start (exit code, argv, log tail)
+     +-- StateError            the operation does not fit the VM's current state
+     +-- GuestError            the guest agent failed or the guest is unreachable
+     +-- MigrationError        a state save/load or a migration failed
+     +-- TemplateError         a template is unusable (manifest, checksum, files)
+     +-- VmforkTimeout         a wait ran out of time; ``phase`` says which wait
+
+The CLI maps each class to a one-line message and an exit status in one table
+(:mod:`vmfork.cli`). Wrappers keep their cause with ``raise ... from exc``;
+:class:`asyncio.CancelledError` is never wrapped.
+"""
+
+from __future__ import annotations
+
+
+class VmforkError(Exception):
+    """Root of every error vmfork raises on purpose."""
+
+
+class InvalidInput(VmforkError):
+    """User input that cannot be used (size, name, path, option)."""
+
+
+class NotFound(VmforkError):
+    """A named VM, template or image does not exist."""
+
+
+class AlreadyExists(VmforkError):
+    """A VM or template with that name exists already."""
+
+
+class SetupError(VmforkError):
+    """The host is missing something vmfork needs."""
+
+
+class LaunchError(VmforkError):
+    """QEMU did not start; carries its exit status, argv and the end of its log."""
+
+    def __init__(self, message: str, exitcode: int | None = None,
+                 argv: list[str] | None = None, log_tail: str = "") -> None:
+        self.exitcode = exitcode
+        self.argv = argv or []
+        self.log_tail = log_tail
+        detail = message
+        if exitcode is not None:
+            detail += f" (exit status {exitcode})"
+        lines = [ln.strip() for ln in log_tail.strip().splitlines() if ln.strip()]
+        tail = " | ".join(lines[-3:])
+        if tail:
+            detail += f": {tail}"
+        super().__init__(detail)
+
+
+class StateError(VmforkError):
+    """The operation does not fit the VM's state (e.g. resume a running VM)."""
+
+
+class GuestError(VmforkError):
+    """The guest agent did not answer properly."""
+
+
+class MigrationError(VmforkError):
+    """Saving, loading or moving device state failed."""
+
+
+class TemplateError(VmforkError):
+    """A template cannot be used: changed files, other QEMU, bad manifest."""
+
+
+class VmforkTimeout(VmforkError):
+    """A wait exceeded its deadline."""
+
+    def __init__(self, phase: str, seconds: float, detail: str = "") -> None:
+        self.phase = phase
+        self.seconds = seconds
+        msg = f"timed out after {seconds:g} s waiting for {phase}"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)

@@ -1,0 +1,120 @@
+"""Talking to the guest: the serial agent of the demo guest.
+
+Owns the request framing: a request is ``NONCE BASE64(CMD)\\n``; the answer is
+``NONCE BEGIN``, base64 of the output, ``NONCE END STATUS``. Lines that carry
+another nonce (answers to requests given up on earlier) are skipped. Calls on
+one VM are serialised by a file lock, because the agent socket takes one
+client at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import fcntl
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .errors import GuestError, InvalidInput, VmforkTimeout
+from .machine import deadline
+
+MAX_COMMAND = 3000
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Output (stdout and stderr interleaved) and exit status of a guest command."""
+
+    status: int
+    output: bytes
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+class SerialAgent:
+    """Client of the agent listening on a VM's agent socket."""
+
+    def __init__(self, socket_path: str, lock_path: Path, name: str = "guest",
+                 connect_timeout: float = 10.0) -> None:
+        self.socket_path = socket_path
+        self.lock_path = lock_path
+        self.name = name
+        self.connect_timeout = connect_timeout
+
+    async def exec(self, command: str, timeout: float = 60.0) -> ExecResult:
+        """Run *command* with ``sh`` in the guest; return its output and status."""
+        payload = base64.b64encode(command.encode())
+        if len(payload) > MAX_COMMAND:
+            raise InvalidInput(f"guest command too long ({len(command)} bytes)")
+        t0 = time.monotonic()
+        nonce = secrets.token_hex(6).encode()
+        lockf = await asyncio.to_thread(self._lock)
+        try:
+            try:
+                reader, writer = await deadline(
+                    asyncio.open_unix_connection(self.socket_path, limit=1 << 24),
+                    self.connect_timeout, f"the guest agent of {self.name}")
+            except OSError as exc:
+                raise GuestError(f"{self.name}: cannot reach the guest agent ({exc.strerror})") \
+                    from exc
+            try:
+                writer.write(nonce + b" " + payload + b"\n")
+                await writer.drain()
+                status, out = await deadline(self._answer(reader, nonce), timeout,
+                                             f"guest command on {self.name}", command[:60])
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+        finally:
+            lockf.close()
+        return ExecResult(status, out, time.monotonic() - t0)
+
+    def _lock(self) -> IO[str]:
+        f = open(self.lock_path, "w")  # noqa: SIM115 - closed by the caller
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return f
+
+    async def _answer(self, reader: asyncio.StreamReader, nonce: bytes) -> tuple[int, bytes]:
+        chunks: list[bytes] = []
+        inside = False
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise GuestError(f"{self.name}: the guest agent closed the connection")
+            line = line.strip()
+            if line == nonce + b" BEGIN":
+                inside, chunks = True, []
+            elif line.startswith(nonce + b" END "):
+                try:
+                    return int(line.split()[2]), base64.b64decode(b"".join(chunks))
+                except (ValueError, binascii.Error) as exc:
+                    raise GuestError(f"{self.name}: garbled answer from the agent") from exc
+            elif inside:
+                chunks.append(line)
+
+
+async def wait_agent(agent: SerialAgent, timeout: float) -> float:
+    """Wait until the agent answers a no-op; return the seconds it took."""
+    t0 = time.monotonic()
+
+    async def ping() -> None:
+        while True:
+            try:
+                await agent.exec("true", timeout=max(1.0, timeout))
+                return
+            except GuestError:
+                await asyncio.sleep(0.05)
+    try:
+        await deadline(ping(), timeout, f"the guest agent of {agent.name}")
+    except VmforkTimeout:
+        raise
+    return time.monotonic() - t0

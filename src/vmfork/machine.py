@@ -1,0 +1,327 @@
+"""One QEMU process: launch, QMP, readiness, pause/resume, stop, cleanup.
+
+Owns the lifecycle of a single process, in small steps after QEMU's own
+``QEMUMachine``: build argv and paths → spawn (stdin closed, output to a log,
+own session so it outlives the caller) → QMP handshake over an inherited
+socketpair (no polling for a socket path) → readiness → shutdown (``quit``,
+then SIGTERM, then SIGKILL, each with a deadline) → remove sockets. A failed
+launch kills the process and raises :class:`LaunchError` with exit status,
+argv and log tail. Every await that crosses the process boundary has a
+deadline (:mod:`vmfork.timeouts`).
+
+It knows nothing of the catalog: callers (:mod:`vmfork.vm`) record what it
+returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+from qemu.qmp.qmp_client import ExecuteError
+
+from .errors import LaunchError, MigrationError, StateError, VmforkError, VmforkTimeout
+from .spec import RunPaths, VMSpec, build_argv
+from .timeouts import DEFAULT, Timeouts
+
+T = TypeVar("T")
+log = logging.getLogger("vmfork.machine")
+
+READY_MARKER = b"VMFORK-READY"
+
+
+def log_tail(path: str | Path, lines: int = 20) -> str:
+    """The last *lines* of a log file, or '' if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def process_alive(pid: int | None, start_time: float | None = None) -> bool:
+    """True if *pid* runs (not a zombie) and, if given, started at *start_time*."""
+    if not pid:
+        return False
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return start_time is None or abs(p.create_time() - start_time) < 0.5
+    except psutil.Error:
+        return False
+
+
+def process_start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+async def deadline(aw: Awaitable[T], seconds: float, phase: str, detail: str = "") -> T:
+    """Await *aw* for at most *seconds*; raise VmforkTimeout naming *phase*."""
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except TimeoutError as exc:
+        raise VmforkTimeout(phase, seconds, detail) from exc
+
+
+def remove_sockets(paths: RunPaths) -> None:
+    for p in (paths.qmp, paths.console, paths.agent):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+class Machine:
+    """A running (or just-spawned) QEMU process and its QMP connection.
+
+    Create with :meth:`launch` (spawn a new process) or :meth:`attach`
+    (connect to one started by an earlier vmfork command).
+    """
+
+    def __init__(self, spec: VMSpec, paths: RunPaths, log_path: Path, pid: int,
+                 argv: list[str] | None = None, proc: subprocess.Popen[bytes] | None = None,
+                 timeouts: Timeouts = DEFAULT) -> None:
+        self.spec = spec
+        self.paths = paths
+        self.log_path = log_path
+        self.pid = pid
+        self.argv = argv or []
+        self.timeouts = timeouts
+        self._proc = proc
+        self._qmp_sock: socket.socket | None = None
+        self._qmp = QMPClient(spec.name)
+        self._qmp.logger = logging.getLogger(f"vmfork.qmp.{spec.name}")
+        self.launched_at = time.monotonic()
+        self.start_time = process_start_time(pid)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # -- launch / attach --------------------------------------------------
+    @classmethod
+    async def launch(cls, spec: VMSpec, paths: RunPaths, log_path: Path,
+                     incoming: tuple[str, ...] = (), timeouts: Timeouts = DEFAULT,
+                     start_paused: bool = True, pass_fds: tuple[int, ...] = (),
+                     connect_qmp: bool = True) -> Machine:
+        """Spawn QEMU for *spec*; return once its QMP monitor answers.
+
+        With *start_paused* the guest waits for :meth:`resume`. Without
+        *connect_qmp* (cpr-transfer destinations, whose monitor answers only
+        later) call :meth:`connect` yourself.
+        """
+        Path(paths.qmp).parent.mkdir(parents=True, exist_ok=True)
+        remove_sockets(paths)
+        ours, theirs = socket.socketpair()
+        argv = build_argv(spec, paths, incoming=incoming, start_paused=start_paused)
+        argv += ["-chardev", f"socket,id=qmp_fd,fd={theirs.fileno()}",
+                 "-mon", "chardev=qmp_fd,mode=control"]
+        log.debug("%s: launching %s", spec.name, " ".join(argv))
+        try:
+            with open(log_path, "ab") as logf:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    pass_fds=(theirs.fileno(), *pass_fds), start_new_session=True)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            raise LaunchError(f"cannot start {spec.qemu}: {exc.strerror}", argv=argv) from exc
+        finally:
+            theirs.close()
+        m = cls(spec, paths, log_path, proc.pid, argv=argv, proc=proc, timeouts=timeouts)
+        m._qmp_sock = ours
+        if connect_qmp:
+            try:
+                await m.connect()
+            except BaseException:
+                await m.kill()
+                raise
+        return m
+
+    async def connect(self) -> None:
+        """Connect QMP: to the inherited socketpair after launch, else to the path."""
+        sock = self._qmp_sock
+        target: str | socket.socket = sock if sock is not None else self.paths.qmp
+        try:
+            await deadline(self._qmp.connect(target),
+                           self.timeouts.start if sock is not None else self.timeouts.qmp,
+                           f"QMP of {self.name}")
+        except (VmforkTimeout, QMPError, OSError) as exc:
+            if self._proc is None:
+                raise StateError(f"{self.name}: cannot reach its QEMU monitor ({exc})") from exc
+            await asyncio.sleep(0.05)  # let a dying QEMU finish so its status is known
+            self._raise_if_exited("QEMU exited during start")
+            if isinstance(exc, VmforkTimeout):
+                raise
+            raise LaunchError(f"cannot talk QMP to {self.name}: {exc}",
+                              argv=self.argv, log_tail=log_tail(self.log_path)) from exc
+
+    @classmethod
+    async def attach(cls, spec: VMSpec, paths: RunPaths, log_path: Path, pid: int,
+                     timeouts: Timeouts = DEFAULT) -> Machine:
+        """Connect to the QMP socket of a QEMU started earlier."""
+        m = cls(spec, paths, log_path, pid, timeouts=timeouts)
+        await m.connect()
+        return m
+
+    def exitcode(self) -> int | None:
+        """QEMU's exit status if it has exited (only known for our children)."""
+        if self._proc is not None:
+            return self._proc.poll()
+        return None if process_alive(self.pid) else -1
+
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return process_alive(self.pid, self.start_time)
+
+    def _raise_if_exited(self, message: str) -> None:
+        code = self.exitcode()
+        if code is not None:
+            raise LaunchError(message, exitcode=code, argv=self.argv,
+                              log_tail=log_tail(self.log_path))
+
+    # -- QMP --------------------------------------------------------------
+    async def qmp(self, cmd: str, args: dict[str, Any] | None = None,
+                  timeout: float | None = None) -> Any:
+        """Run one QMP command with a deadline; QMP errors become VmforkError."""
+        t = timeout or self.timeouts.qmp
+        try:
+            return await deadline(self._qmp.execute(cmd, args), t, f"QMP {cmd} on {self.name}")
+        except ExecuteError as exc:
+            msg = f"{self.name}: QMP {cmd} failed: {exc.error.error.desc}"
+            if cmd.startswith("migrate"):
+                raise MigrationError(msg) from exc
+            raise StateError(msg) from exc
+        except QMPError as exc:
+            raise StateError(f"{self.name}: QMP {cmd} failed: {exc}") from exc
+
+    @property
+    def events(self) -> Any:
+        """The qemu.qmp client, for event listeners."""
+        return self._qmp
+
+    async def status(self) -> str:
+        result = await self.qmp("query-status")
+        return str(result["status"])
+
+    async def pause(self) -> None:
+        await self.qmp("stop")
+        log.info("%s: running -> paused", self.name)
+
+    async def resume(self) -> None:
+        await self.qmp("cont")
+        log.info("%s: paused -> running", self.name)
+
+    async def wait_status(self, wanted: set[str], timeout: float, phase: str,
+                          interval: float = 0.005) -> str:
+        """Poll query-status until it is one of *wanted*."""
+        async def poll() -> str:
+            while True:
+                st = await self.status()
+                if st in wanted:
+                    return st
+                await asyncio.sleep(interval)
+        return await deadline(poll(), timeout, phase)
+
+    # -- console ------------------------------------------------------------
+    async def wait_console(self, marker: bytes = READY_MARKER,
+                           timeout: float | None = None) -> float:
+        """Read the serial console until *marker* appears; return seconds waited.
+
+        Connect before the guest runs (QEMU started paused) so nothing is lost.
+        """
+        t0 = time.monotonic()
+        t = timeout or self.timeouts.boot
+        reader, writer = await deadline(asyncio.open_unix_connection(self.paths.console),
+                                        self.timeouts.qmp, f"console of {self.name}")
+        try:
+            async def scan() -> None:
+                buf = b""
+                while marker not in buf:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        msg = f"{self.name}: QEMU exited before the guest was ready"
+                        self._raise_if_exited(msg)
+                        raise LaunchError(msg, argv=self.argv,
+                                          log_tail=log_tail(self.paths.console_log))
+                    buf = (buf + chunk)[-65536:]
+            await deadline(scan(), t, f"{self.name} to boot",
+                           detail="console: " + " | ".join(
+                               log_tail(self.paths.console_log, 3).splitlines()))
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        return time.monotonic() - t0
+
+    # -- shutdown -------------------------------------------------------------
+    async def disconnect(self) -> None:
+        """Drop the QMP connection; QEMU keeps running."""
+        with contextlib.suppress(Exception):
+            await deadline(self._qmp.disconnect(), self.timeouts.qmp, "QMP disconnect")
+        if self._qmp_sock is not None:
+            self._qmp_sock.close()
+            self._qmp_sock = None
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        if self._proc is not None:
+            proc = self._proc
+            try:
+                await asyncio.to_thread(proc.wait, timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        t_end = time.monotonic() + timeout
+        while time.monotonic() < t_end:
+            if not process_alive(self.pid, self.start_time):
+                return True
+            await asyncio.sleep(0.02)
+        return not process_alive(self.pid, self.start_time)
+
+    def _signal(self, sig: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    async def shutdown(self, force: bool = False) -> None:
+        """End QEMU: ``quit``, then SIGTERM, then SIGKILL, each with a deadline.
+
+        Idempotent; sockets are removed afterwards.
+        """
+        try:
+            if not force and self.alive():
+                with contextlib.suppress(VmforkError, QMPError, OSError):
+                    await deadline(self._qmp.execute("quit"), self.timeouts.stop, "quit")
+                if await self._wait_exit(self.timeouts.stop):
+                    return
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                self._signal(sig)
+                if await self._wait_exit(self.timeouts.stop):
+                    return
+            raise StateError(f"{self.name}: QEMU (pid {self.pid}) did not exit")
+        finally:
+            await self.disconnect()
+            remove_sockets(self.paths)
+            log.info("%s: stopped", self.name)
+
+    async def kill(self) -> None:
+        """SIGKILL and reap; for failure paths."""
+        await self.shutdown(force=True)

@@ -1,0 +1,194 @@
+"""vmfork's state directory and its SQLite catalog.
+
+Owns where things live under ``$VMFORK_HOME`` (default
+``~/.local/share/vmfork``): the catalog ``vmfork.db``, per-VM run directories
+(sockets and logs), images and templates; and the default memory directory
+(``$VMFORK_MEMORY_DIR``, default ``/dev/shm/vmfork``). Records are plain
+dataclasses; the catalog does no QEMU work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AlreadyExists, InvalidInput, NotFound
+from .spec import RunPaths, VMSpec, check_name
+
+#: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
+MAX_SOCKET_PATH = 107
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    name      TEXT PRIMARY KEY,
+    spec      TEXT NOT NULL,
+    state     TEXT NOT NULL,
+    pid       INTEGER,
+    pid_start REAL,
+    template  TEXT,
+    created   REAL NOT NULL,
+    info      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS templates (
+    name      TEXT PRIMARY KEY,
+    manifest  TEXT NOT NULL,
+    created   REAL NOT NULL
+);
+"""
+
+
+def default_home() -> Path:
+    env = os.environ.get("VMFORK_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    return Path.home() / ".local" / "share" / "vmfork"
+
+
+def default_memory_dir() -> Path:
+    return Path(os.environ.get("VMFORK_MEMORY_DIR", "/dev/shm/vmfork")).absolute()
+
+
+@dataclass
+class VMRecord:
+    """One VM as the catalog knows it."""
+
+    name: str
+    spec: VMSpec
+    state: str
+    pid: int | None = None
+    pid_start: float | None = None
+    template: str | None = None
+    created: float = field(default_factory=time.time)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    """The state directory and catalog; cheap to create, one per command."""
+
+    def __init__(self, home: Path | str | None = None,
+                 memory_dir: Path | str | None = None) -> None:
+        self.home = Path(home).absolute() if home else default_home()
+        self.memory_dir = Path(memory_dir).absolute() if memory_dir else default_memory_dir()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.home / "vmfork.db", timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- places -----------------------------------------------------------
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.home / "templates"
+
+    def run_dir(self, name: str) -> Path:
+        return self.home / "run" / check_name(name)
+
+    def run_paths(self, name: str, generation: int = 0) -> RunPaths:
+        """Socket and log paths for a VM; *generation* separates the QEMU
+        processes of one VM that live side by side during an update."""
+        d = self.run_dir(name)
+        sfx = f".{generation}" if generation else ""
+        paths = RunPaths(qmp=str(d / f"qmp{sfx}.sock"), console=str(d / f"console{sfx}.sock"),
+                         console_log=str(d / "console.log"), agent=str(d / f"agent{sfx}.sock"))
+        longest = max((paths.qmp, paths.console, paths.agent), key=len)
+        if len(longest) > MAX_SOCKET_PATH:
+            raise InvalidInput(
+                f"socket path {longest!r} is longer than {MAX_SOCKET_PATH} bytes: "
+                "set a shorter VMFORK_HOME")
+        return paths
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Serialise operations on one VM across vmfork processes."""
+        locks = self.home / "locks"
+        locks.mkdir(exist_ok=True)
+        with open(locks / f"{name}.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- VMs --------------------------------------------------------------
+    def add_vm(self, rec: VMRecord) -> None:
+        try:
+            self._db.execute(
+                "INSERT INTO vms (name, spec, state, pid, pid_start, template, created, info)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.name, rec.spec.to_json(), rec.state, rec.pid, rec.pid_start,
+                 rec.template, rec.created, json.dumps(rec.info)))
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"a VM named {rec.name!r} exists already") from exc
+
+    def update_vm(self, rec: VMRecord) -> None:
+        self._db.execute(
+            "UPDATE vms SET spec=?, state=?, pid=?, pid_start=?, template=?, info=? WHERE name=?",
+            (rec.spec.to_json(), rec.state, rec.pid, rec.pid_start, rec.template,
+             json.dumps(rec.info), rec.name))
+
+    def get_vm(self, name: str) -> VMRecord:
+        row = self._db.execute(
+            "SELECT name, spec, state, pid, pid_start, template, created, info FROM vms"
+            " WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no VM named {name!r}")
+        return self._vm(row)
+
+    def has_vm(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM vms WHERE name=?", (name,)).fetchone() is not None
+
+    def list_vms(self) -> list[VMRecord]:
+        rows = self._db.execute(
+            "SELECT name, spec, state, pid, pid_start, template, created, info FROM vms"
+            " ORDER BY created").fetchall()
+        return [self._vm(r) for r in rows]
+
+    def remove_vm(self, name: str) -> None:
+        self._db.execute("DELETE FROM vms WHERE name=?", (name,))
+
+    @staticmethod
+    def _vm(row: tuple[Any, ...]) -> VMRecord:
+        return VMRecord(name=row[0], spec=VMSpec.from_json(row[1]), state=row[2], pid=row[3],
+                        pid_start=row[4], template=row[5], created=row[6],
+                        info=json.loads(row[7]))
+
+    # -- templates --------------------------------------------------------
+    def add_template(self, name: str, manifest: dict[str, Any]) -> None:
+        try:
+            self._db.execute("INSERT INTO templates (name, manifest, created) VALUES (?, ?, ?)",
+                             (name, json.dumps(manifest), time.time()))
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"a template named {name!r} exists already") from exc
+
+    def get_template(self, name: str) -> dict[str, Any]:
+        row = self._db.execute("SELECT manifest FROM templates WHERE name=?",
+                               (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no template named {name!r}")
+        result: dict[str, Any] = json.loads(row[0])
+        return result
+
+    def has_template(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM templates WHERE name=?",
+                                (name,)).fetchone() is not None
+
+    def list_templates(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT manifest FROM templates ORDER BY created").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def remove_template(self, name: str) -> None:
+        self._db.execute("DELETE FROM templates WHERE name=?", (name,))

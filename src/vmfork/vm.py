@@ -1,0 +1,272 @@
+"""VM operations over the catalog: run, attach, pause/resume, stop, list, exec.
+
+Owns the rules that tie a QEMU process to its catalog record: names are
+reserved in the catalog before anything starts; a VM's memory file, sockets
+and run directory are removed on stop and on every failure path; ``list``
+reconciles records with the processes that really exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .accel import resolve_accel
+from .errors import InvalidInput, StateError
+from .guest import ExecResult, SerialAgent
+from .image import demo_image
+from .machine import Machine, process_alive
+from .spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, check_name, new_mac
+from .store import Store, VMRecord
+from .timeouts import DEFAULT, Timeouts
+
+log = logging.getLogger("vmfork.vm")
+
+LIVE_STATES = ("starting", "running", "paused", "updating")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a user asks for with ``vmfork run``."""
+
+    name: str
+    memory_mib: int = 256
+    cpus: int = 1
+    demo: bool = False
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    disks: tuple[str, ...] = ()
+    net: bool = False
+    ports: tuple[tuple[int, int], ...] = ()
+    memory_dir: str | None = None
+    memory_backend: str = "file"
+    accel: str = "auto"
+    qemu: str = "qemu-system-x86_64"
+    wait_ready: bool = True
+
+
+def paths_for(store: Store, rec: VMRecord) -> RunPaths:
+    return store.run_paths(rec.name, int(rec.info.get("gen", 0)))
+
+
+def qemu_log(store: Store, name: str) -> Path:
+    return store.run_dir(name) / "qemu.log"
+
+
+def _existing_file(path: str, what: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidInput(f"{what} {path!r} does not exist or is not a file")
+    if not os.access(p, os.R_OK):
+        raise InvalidInput(f"{what} {path!r} is not readable")
+    return str(p.absolute())
+
+
+def _disk_format(path: str) -> str:
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
+def memory_file_path(memory_dir: Path, name: str) -> Path:
+    return memory_dir / f"{name}-{secrets.token_hex(4)}.mem"
+
+
+def build_spec(store: Store, opts: RunOptions) -> VMSpec:
+    """Check *opts* and turn them into a VMSpec (touches no QEMU)."""
+    check_name(opts.name)
+    if opts.demo and (opts.kernel or opts.disks):
+        raise InvalidInput("--demo cannot be combined with --kernel or --disk")
+    kernel = initrd = None
+    append = opts.append or ""
+    if opts.demo:
+        img = demo_image(store.images_dir)
+        kernel, initrd, append = img.kernel, img.initrd, opts.append or img.append
+    elif opts.kernel:
+        kernel = _existing_file(opts.kernel, "kernel")
+        initrd = _existing_file(opts.initrd, "initrd") if opts.initrd else None
+    elif not opts.disks:
+        raise InvalidInput("nothing to boot: give --demo, --kernel or --disk")
+    disks = tuple(DiskSpec(path=p, format=_disk_format(p))
+                  for p in (_existing_file(d, "disk") for d in opts.disks))
+    if shutil.which(opts.qemu) is None and not os.access(opts.qemu, os.X_OK):
+        raise InvalidInput(f"QEMU binary {opts.qemu!r} not found")
+    if opts.memory_backend == "memfd":
+        memory = MemorySpec(backend="memfd")
+    elif opts.memory_backend == "file":
+        mdir = Path(opts.memory_dir).absolute() if opts.memory_dir else store.memory_dir
+        if mdir.exists() and not mdir.is_dir():
+            raise InvalidInput(f"memory dir {str(mdir)!r} is not a directory")
+        memory = MemorySpec(backend="file", path=str(memory_file_path(mdir, opts.name)),
+                            share=True)
+    else:
+        raise InvalidInput(f"invalid memory backend {opts.memory_backend!r}: use file or memfd")
+    accel = opts.accel
+    if accel == "auto":
+        probe = demo_image(store.images_dir)
+        accel = resolve_accel(accel, opts.qemu, probe.kernel, probe.initrd, store.home)
+    if accel not in ("kvm", "tcg"):
+        raise InvalidInput(f"invalid accelerator {opts.accel!r}: use auto, kvm or tcg")
+    net = NetSpec(mac=new_mac(), ports=opts.ports) if opts.net or opts.ports else None
+    return VMSpec(name=opts.name, memory_mib=opts.memory_mib, memory=memory, cpus=opts.cpus,
+                  kernel=kernel, initrd=initrd, append=append, disks=disks, net=net,
+                  accel=accel, qemu=opts.qemu)
+
+
+def remove_vm_files(store: Store, rec: VMRecord) -> None:
+    """Delete what a VM owns: its memory file (not a template's) and run dir."""
+    mem = rec.spec.memory
+    if mem.backend == "file" and mem.path and rec.info.get("owns_memory", True) \
+            and not mem.readonly:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(mem.path)
+    shutil.rmtree(store.run_dir(rec.name), ignore_errors=True)
+
+
+async def launch_recorded(store: Store, rec: VMRecord, incoming: tuple[str, ...] = (),
+                          timeouts: Timeouts = DEFAULT, gen: int = 0,
+                          spec: VMSpec | None = None) -> Machine:
+    """Spawn QEMU for an existing record (paused, QMP connected) and note its pid."""
+    spec = spec or rec.spec
+    if spec.memory.backend == "file" and spec.memory.path:
+        Path(spec.memory.path).parent.mkdir(parents=True, exist_ok=True)
+    paths = store.run_paths(rec.name, gen)
+    Path(paths.qmp).parent.mkdir(parents=True, exist_ok=True)
+    return await Machine.launch(spec, paths, qemu_log(store, rec.name), incoming=incoming,
+                                timeouts=timeouts)
+
+
+async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
+    """Start a VM and (by default) wait until its guest is ready."""
+    spec = build_spec(store, opts)
+    rec = VMRecord(name=spec.name, spec=spec, state="starting", info={"owns_memory": True})
+    store.add_vm(rec)  # reserves the name
+    t0 = time.monotonic()
+    m: Machine | None = None
+    try:
+        m = await launch_recorded(store, rec, timeouts=timeouts)
+        rec.pid, rec.pid_start = m.pid, m.start_time
+        store.update_vm(rec)
+        if opts.wait_ready:
+            await m.resume()
+            await m.wait_console()
+        else:
+            await m.resume()
+        rec.state = "running"
+        rec.info["boot_seconds"] = round(time.monotonic() - t0, 3)
+        store.update_vm(rec)
+        await m.disconnect()
+    except BaseException:
+        if m is not None:
+            await m.kill()
+        remove_vm_files(store, rec)
+        store.remove_vm(rec.name)
+        raise
+    log.info("%s: running (pid %d, %.2f s)", rec.name, rec.pid, rec.info["boot_seconds"])
+    return {"name": rec.name, "pid": rec.pid, "boot_seconds": rec.info["boot_seconds"],
+            "accel": spec.accel, "memory_mib": spec.memory_mib,
+            "memory_file": spec.memory.path}
+
+
+def is_live(rec: VMRecord) -> bool:
+    return rec.state in LIVE_STATES and process_alive(rec.pid, rec.pid_start)
+
+
+def reconcile(store: Store, rec: VMRecord) -> VMRecord:
+    """Mark a VM whose QEMU is gone as dead."""
+    if rec.state in LIVE_STATES and not process_alive(rec.pid, rec.pid_start):
+        rec.state = "dead"
+        store.update_vm(rec)
+    return rec
+
+
+def list_vms(store: Store) -> list[VMRecord]:
+    return [reconcile(store, r) for r in store.list_vms()]
+
+
+def get_live(store: Store, name: str) -> VMRecord:
+    rec = reconcile(store, store.get_vm(check_name(name)))
+    if rec.state == "dead":
+        raise StateError(f"{name}: its QEMU process is gone (dead); 'vmfork stop {name}' "
+                         "removes it")
+    if rec.state not in LIVE_STATES:
+        raise StateError(f"{name} is {rec.state}, not running")
+    return rec
+
+
+@contextlib.asynccontextmanager
+async def attached(store: Store, name: str,
+                   timeouts: Timeouts = DEFAULT) -> AsyncIterator[tuple[VMRecord, Machine]]:
+    """Lock the VM, check it is alive and connect to its QMP monitor."""
+    with store.lock(name):
+        rec = get_live(store, name)
+        assert rec.pid is not None
+        m = await Machine.attach(rec.spec, paths_for(store, rec), qemu_log(store, name),
+                                 rec.pid, timeouts=timeouts)
+        try:
+            yield rec, m
+        finally:
+            await m.disconnect()
+
+
+async def pause(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
+    async with attached(store, name, timeouts) as (rec, m):
+        if await m.status() != "running":
+            raise StateError(f"{name} is not running (it is {await m.status()})")
+        await m.pause()
+        rec.state = "paused"
+        store.update_vm(rec)
+
+
+async def resume(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
+    async with attached(store, name, timeouts) as (rec, m):
+        st = await m.status()
+        if st != "paused":
+            raise StateError(f"{name} is not paused (it is {st})")
+        await m.resume()
+        rec.state = "running"
+        store.update_vm(rec)
+
+
+async def status(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> str:
+    async with attached(store, name, timeouts) as (_rec, m):
+        return await m.status()
+
+
+async def stop(store: Store, name: str, force: bool = False,
+               timeouts: Timeouts = DEFAULT) -> None:
+    """End a VM's QEMU (if it runs) and remove the VM and its files."""
+    check_name(name)
+    with store.lock(name):
+        rec = store.get_vm(name)
+        if rec.pid and process_alive(rec.pid, rec.pid_start):
+            m = Machine(rec.spec, paths_for(store, rec), qemu_log(store, name), rec.pid,
+                        timeouts=timeouts)
+            if not force:
+                with contextlib.suppress(Exception):
+                    await m.connect()
+            await m.shutdown(force=force)
+        remove_vm_files(store, rec)
+        store.remove_vm(name)
+    log.info("%s: removed", name)
+
+
+def agent_for(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> SerialAgent:
+    return SerialAgent(paths_for(store, rec).agent, store.run_dir(rec.name) / "agent.lock",
+                       name=rec.name, connect_timeout=timeouts.agent)
+
+
+async def exec_(store: Store, name: str, command: str,
+                timeout: float | None = None, timeouts: Timeouts = DEFAULT) -> ExecResult:
+    rec = get_live(store, name)
+    if rec.state == "paused":
+        raise StateError(f"{name} is paused; resume it first")
+    return await agent_for(store, rec, timeouts).exec(command, timeout or timeouts.exec)
