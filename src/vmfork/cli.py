@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -233,6 +233,5 @@ def stop(name: str, force: bool) -> None:
     out.print(f"{name}: stopped")
 
 
-def _register_extensions(group: click.Group, adders: list[Callable[[click.Group], None]]) -> None:
-    for add in adders:
-        add(group)
+# Feature commands live in their own modules and attach themselves to `main`.
+from . import cli_template  # noqa: E402,F401

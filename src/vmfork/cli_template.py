@@ -1,0 +1,1 @@
+"""CLI commands for templates, clones and the warm pool."""

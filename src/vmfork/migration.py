@@ -1,0 +1,174 @@
+"""Moving device state in and out of QEMU: capabilities, save, load, wait.
+
+Owns the QMP sequences every feature shares (templates, clones, update,
+save/restore): set migration capabilities and parameters, start a migration
+to a URI or a file, wait for it with QEMU's MIGRATION events (no polling),
+load an incoming state, and read what QEMU reports (bytes, downtime). Saves to
+a file are atomic: a temporary name, fsync, rename, then a sha256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from .errors import MigrationError, VmforkTimeout
+from .machine import Machine, deadline
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """What QEMU reports about a finished migration."""
+
+    status: str
+    seconds: float             # host-observed, from migrate to completion
+    total_time_ms: int | None  # QEMU's
+    downtime_ms: int | None    # QEMU's
+    ram_bytes: int             # RAM bytes transferred
+    total_bytes: int           # all bytes transferred (RAM + device state)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+async def set_capabilities(m: Machine, **caps: bool) -> None:
+    caps.setdefault("events", True)
+    await m.qmp("migrate-set-capabilities", {"capabilities": [
+        {"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()]})
+
+
+async def set_parameters(m: Machine, **params: Any) -> None:
+    await m.qmp("migrate-set-parameters", {k.replace("_", "-"): v for k, v in params.items()})
+
+
+async def _wait_final(listener: EventListener, m: Machine, timeout: float, phase: str) -> str:
+    async def wait() -> str:
+        while True:
+            ev = await listener.get()
+            data: Any = ev["data"]
+            status = str(data["status"])
+            if status in FINAL:
+                return status
+    try:
+        return await deadline(wait(), timeout, phase)
+    except VmforkTimeout:
+        with contextlib.suppress(Exception):
+            await m.qmp("migrate_cancel")
+        raise
+
+
+async def migrate(m: Machine, args: dict[str, Any], timeout: float,
+                  phase: str = "migration") -> MigrationStats:
+    """Run ``migrate`` with *args* and wait for it to end; raise on failure."""
+    t0 = time.monotonic()
+    listener = EventListener("MIGRATION")
+    with m.events.listen(listener):
+        await m.qmp("migrate", args)
+        status = await _wait_final(listener, m, timeout, f"{phase} of {m.name}")
+    seconds = time.monotonic() - t0
+    info = await m.qmp("query-migrate")
+    if status != "completed":
+        raise MigrationError(f"{m.name}: {phase} {status}: "
+                             f"{info.get('error-desc', 'no reason given')}")
+    ram = info.get("ram", {})
+    return MigrationStats(status=status, seconds=seconds,
+                          total_time_ms=info.get("total-time"),
+                          downtime_ms=info.get("downtime"),
+                          ram_bytes=int(ram.get("transferred", 0)),
+                          total_bytes=int(ram.get("transferred", 0)) + _device_bytes(info))
+
+
+def _device_bytes(info: dict[str, Any]) -> int:
+    return int(info.get("vfio", {}).get("transferred", 0))
+
+
+async def start_incoming(m: Machine, uri: str | None = None,
+                         channels: list[dict[str, Any]] | None = None) -> None:
+    args: dict[str, Any] = {"channels": channels} if channels else {"uri": uri}
+    await m.qmp("migrate-incoming", args)
+
+
+async def wait_incoming(m: Machine, timeout: float) -> str:
+    """Wait until an incoming migration has been loaded; return the run state."""
+    async def poll() -> str:
+        while True:
+            st = await m.status()
+            if st != "inmigrate":
+                return st
+            await asyncio.sleep(0.002)
+    st = await deadline(poll(), timeout, f"incoming state of {m.name}")
+    if st not in ("paused", "running", "prelaunch"):
+        raise MigrationError(f"{m.name}: loading device state ended in state {st!r}")
+    return st
+
+
+async def load_state(m: Machine, path: Path, timeout: float, **caps: bool) -> str:
+    """Load a device-state file into a QEMU started with ``-incoming defer``."""
+    await set_capabilities(m, **caps)
+    await start_incoming(m, f"file:{path}")
+    return await wait_incoming(m, timeout)
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_path(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def save_state(m: Machine, path: Path, timeout: float,
+                     parameters: dict[str, Any] | None = None,
+                     **caps: bool) -> tuple[MigrationStats, str]:
+    """Write the device state of a paused VM to *path* atomically.
+
+    Returns QEMU's statistics and the sha256 of the file. With
+    ``x_ignore_shared=True`` RAM in shared files is not written.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    await set_capabilities(m, **caps)
+    if parameters:
+        await set_parameters(m, **parameters)
+    try:
+        stats = await migrate(m, {"uri": f"file:{tmp}"}, timeout, "state save")
+        fsync_path(tmp)
+        digest = await asyncio.to_thread(sha256_file, tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return stats, digest
+
+
+async def qemu_identity(m: Machine) -> dict[str, str]:
+    """QEMU version and the concrete machine type (alias resolved)."""
+    ver = await m.qmp("query-version")
+    q = ver["qemu"]
+    machine = m.spec.machine
+    for entry in await m.qmp("query-machines"):
+        if entry.get("alias") == machine:
+            machine = entry["name"]
+            break
+    return {"qemu_version": f"{q['major']}.{q['minor']}.{q['micro']}", "machine": machine}
