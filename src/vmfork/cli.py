@@ -233,5 +233,11 @@ def stop(name: str, force: bool) -> None:
     out.print(f"{name}: stopped")
 
 
-# Feature commands live in their own modules and attach themselves to `main`.
-from . import cli_template  # noqa: E402,F401
+@main.group()
+def bench() -> None:
+    """Benchmarks, reported as ratios against a baseline measured in the same run."""
+
+
+# Feature commands live in their own modules and attach themselves to `main`
+# (and to `bench`).
+from . import cli_snapshot, cli_template, cli_update  # noqa: E402,F401

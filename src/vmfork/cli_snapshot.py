@@ -1,0 +1,1 @@
+"""CLI commands for save/restore and portable snapshots, and `vmfork bench save`."""

@@ -1,0 +1,1 @@
+"""CLI commands for live update (vmfork update, vmfork bench update)."""
