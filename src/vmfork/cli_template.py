@@ -1,1 +1,133 @@
 """CLI commands for templates, clones and the warm pool."""
+
+from __future__ import annotations
+
+import time
+
+import click
+from rich.table import Table
+
+from . import template as tpl
+from .cli import emit_json, main, out, run_async, store
+from .errors import InvalidInput
+from .spec import parse_memory
+
+
+@main.group()
+def template() -> None:
+    """Create, list, inspect and remove templates."""
+
+
+@template.command("create")
+@click.argument("name")
+@click.option("--from", "from_vm", help="Freeze this running VM (it ends).")
+@click.option("--demo", is_flag=True, help="Boot the demo guest and freeze it.")
+@click.option("--memory", default="512M", show_default=True, help="With --demo: guest RAM.")
+@click.option("--prepare", help="With --demo: shell command run in the guest first.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
+                    prepare: str | None, accel: str, as_json: bool) -> None:
+    """Freeze a VM into template NAME (device state only; RAM stays in its file)."""
+    if bool(from_vm) == bool(demo):
+        raise InvalidInput("give exactly one of --from VM or --demo")
+    if prepare and not demo:
+        raise InvalidInput("--prepare goes with --demo (with --from, prepare the VM first)")
+    s = store()
+    if demo:
+        manifest = run_async(tpl.create_demo(s, name, parse_memory(memory), prepare, accel))
+    else:
+        assert from_vm is not None
+        manifest = run_async(tpl.create_from_vm(s, name, from_vm))
+    if as_json:
+        emit_json(manifest)
+    else:
+        out.print(f"template {name}: state {manifest['state_size'] / 1024:.0f} KiB saved in "
+                  f"{manifest['save']['seconds'] * 1000:.0f} ms; memory file "
+                  f"{manifest['memory_file']} ({manifest['memory_size'] >> 20} MiB)")
+
+
+@template.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def template_ls(as_json: bool) -> None:
+    """List templates."""
+    s = store()
+    rows = [{"name": m["name"], "memory_mib": m["memory_size"] >> 20,
+             "state_kib": round(m["state_size"] / 1024), "clones": len(tpl.users(s, m["name"])),
+             "pool": s.pool_target(m["name"]), "qemu": m["qemu_version"],
+             "age_seconds": round(time.time() - m["created"])} for m in s.list_templates()]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("NAME", "MEMORY", "STATE", "CLONES", "POOL", "QEMU", box=None)
+    for r in rows:
+        table.add_row(str(r["name"]), f"{r['memory_mib']}M", f"{r['state_kib']}K",
+                      str(r["clones"]), str(r["pool"]), str(r["qemu"]))
+    out.print(table)
+
+
+@template.command("inspect")
+@click.argument("name")
+def template_inspect(name: str) -> None:
+    """Print a template's manifest (JSON)."""
+    s = store()
+    manifest = dict(tpl.get(s, name))
+    manifest["clones"] = tpl.users(s, name)
+    manifest["pool"] = tpl.pool_status(s, name)
+    emit_json(manifest)
+
+
+@template.command("rm")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Stop its clones and pool processes first.")
+def template_rm(name: str, force: bool) -> None:
+    """Remove a template (refused while clones or pool processes use it)."""
+    run_async(tpl.remove(store(), name, force=force))
+    out.print(f"template {name}: removed")
+
+
+@main.command("clone")
+@click.argument("template")
+@click.argument("name", required=False)
+@click.option("-n", "--count", default=1, show_default=True, type=int,
+              help="How many clones (named NAME-1..N, or TEMPLATE-k).")
+@click.option("--no-pool", is_flag=True, help="Spawn fresh QEMU processes even if pooled.")
+@click.option("--json", "as_json", is_flag=True)
+def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
+              as_json: bool) -> None:
+    """Start clones of TEMPLATE; return when they run."""
+    if count < 1:
+        raise InvalidInput(f"invalid clone count {count}: must be at least 1")
+    names = None
+    if name:
+        names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
+    results = run_async(tpl.clone(store(), template, names=names, count=count,
+                                  use_pool=not no_pool))
+    if as_json:
+        emit_json([r.to_dict() for r in results])
+        return
+    for r in results:
+        out.print(f"{r.name}: running (pid {r.pid}{', from pool' if r.pooled else ''}) — "
+                  f"state loaded {r.state_loaded * 1000:.0f} ms, running "
+                  f"{r.running * 1000:.0f} ms, responsive {r.responsive * 1000:.0f} ms")
+
+
+@main.command("pool")
+@click.argument("template")
+@click.option("--size", type=int, help="Keep this many QEMU processes ready (0 drains).")
+@click.option("--refill", is_flag=True, hidden=True, help="Top up to the set size.")
+@click.option("--json", "as_json", is_flag=True)
+def pool_cmd(template: str, size: int | None, refill: bool, as_json: bool) -> None:
+    """Show or set the warm pool of TEMPLATE."""
+    s = store()
+    tpl.get(s, template)
+    if size is not None:
+        run_async(tpl.set_pool(s, template, size))
+    elif refill:
+        run_async(tpl.fill_pool(s, template))
+    status = tpl.pool_status(s, template)
+    if as_json:
+        emit_json(status)
+    else:
+        out.print(f"pool {template}: {status['ready']} ready of {status['target']}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AlreadyExists, InvalidInput, NotFound
+from .errors import AlreadyExists, InvalidInput, NotFound, StateError
 from .spec import RunPaths, VMSpec, check_name
 
 #: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
@@ -42,7 +42,31 @@ CREATE TABLE IF NOT EXISTS templates (
     manifest  TEXT NOT NULL,
     created   REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pool_members (
+    id        TEXT PRIMARY KEY,
+    template  TEXT NOT NULL,
+    spec      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    pid_start REAL,
+    created   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pool_targets (
+    template  TEXT PRIMARY KEY,
+    size      INTEGER NOT NULL
+);
 """
+
+
+@dataclass
+class PoolMember:
+    """A QEMU process spawned for a template, waiting for its device state."""
+
+    id: str
+    template: str
+    spec: VMSpec
+    pid: int
+    pid_start: float | None
+    created: float
 
 
 def default_home() -> Path:
@@ -111,13 +135,27 @@ class Store:
                 "set a shorter VMFORK_HOME")
         return paths
 
+    def vm_dir(self, name: str) -> Path:
+        """A VM's own files that outlive its QEMU process (saved state, imported
+        kernel); removed with the VM."""
+        return self.home / "vms" / check_name(name)
+
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Serialise operations on one VM across vmfork processes."""
+    def lock(self, name: str, wait: bool = True) -> Iterator[None]:
+        """Serialise operations on one VM across vmfork processes.
+
+        With ``wait=False`` a lock held by another process raises StateError
+        at once instead of waiting."""
+        if not name or "/" in name or "\0" in name or name.startswith("."):
+            raise InvalidInput(f"invalid lock name {name!r}")  # it becomes a file name
         locks = self.home / "locks"
         locks.mkdir(exist_ok=True)
         with open(locks / f"{name}.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError as exc:
+                raise StateError(f"{name} is busy: another vmfork command is working on it") \
+                    from exc
             try:
                 yield
             finally:
@@ -139,6 +177,13 @@ class Store:
             "UPDATE vms SET spec=?, state=?, pid=?, pid_start=?, template=?, info=? WHERE name=?",
             (rec.spec.to_json(), rec.state, rec.pid, rec.pid_start, rec.template,
              json.dumps(rec.info), rec.name))
+
+    def set_state_if(self, name: str, expected: str, new: str) -> bool:
+        """Atomically move VM *name* from state *expected* to *new*; False if it
+        was not in *expected* (another process got there first)."""
+        cur = self._db.execute("UPDATE vms SET state=? WHERE name=? AND state=?",
+                               (new, name, expected))
+        return cur.rowcount == 1
 
     def get_vm(self, name: str) -> VMRecord:
         row = self._db.execute(
@@ -192,3 +237,32 @@ class Store:
 
     def remove_template(self, name: str) -> None:
         self._db.execute("DELETE FROM templates WHERE name=?", (name,))
+        self._db.execute("DELETE FROM pool_targets WHERE template=?", (name,))
+
+    # -- warm pool ----------------------------------------------------------
+    def add_pool_member(self, m: PoolMember) -> None:
+        self._db.execute(
+            "INSERT INTO pool_members (id, template, spec, pid, pid_start, created)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (m.id, m.template, m.spec.to_json(), m.pid, m.pid_start, m.created))
+
+    def pool_members(self, template: str | None = None) -> list[PoolMember]:
+        q = "SELECT id, template, spec, pid, pid_start, created FROM pool_members"
+        rows = self._db.execute(q + " WHERE template=? ORDER BY created", (template,)) \
+            if template else self._db.execute(q + " ORDER BY created")
+        return [PoolMember(r[0], r[1], VMSpec.from_json(r[2]), r[3], r[4], r[5])
+                for r in rows.fetchall()]
+
+    def take_pool_member(self, member_id: str) -> bool:
+        """Remove a member from the pool; False if another process took it first."""
+        cur = self._db.execute("DELETE FROM pool_members WHERE id=?", (member_id,))
+        return cur.rowcount == 1
+
+    def pool_target(self, template: str) -> int:
+        row = self._db.execute("SELECT size FROM pool_targets WHERE template=?",
+                               (template,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_pool_target(self, template: str, size: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO pool_targets (template, size) VALUES (?, ?)",
+                         (template, size))

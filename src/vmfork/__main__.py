@@ -1,0 +1,5 @@
+"""``python -m vmfork`` runs the CLI."""
+
+from .cli import main
+
+main()

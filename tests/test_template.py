@@ -1,0 +1,230 @@
+"""Templates and clones on real QEMU: data, isolation, identity, clock, pool,
+and every refusal (corrupt state, changed memory file, other QEMU, in use)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from vmfork import template as tpl
+from vmfork import vm
+from vmfork.errors import AlreadyExists, InvalidInput, NotFound, StateError, TemplateError
+from vmfork.machine import Machine, process_alive
+
+from .conftest import Env, qemu_processes, run
+
+PREPARE = ("head -c 4194304 /dev/urandom > /root/data && md5sum /root/data | cut -d' ' -f1 "
+           "> /root/data.md5")
+
+
+def make_template(env: Env, name: str = "t", prepare: str = PREPARE) -> dict[str, object]:
+    return run(tpl.create_demo(env.store(), name, memory_mib=256, prepare=prepare,
+                               accel="tcg"))
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+async def generation_id(env: Env, name: str) -> str:
+    s = env.store()
+    async with vm.attached(s, name) as (_rec, m):
+        result = await m.qmp("query-vm-generation-id")
+        return str(result["guid"])
+
+
+def test_clones_share_template_data_and_write_privately(env: Env) -> None:
+    manifest = make_template(env)
+    mem = str(manifest["memory_file"])
+    assert Path(mem).stat().st_mode & 0o222 == 0, "template memory file must be read-only"
+    assert int(manifest["state_size"]) < 1_000_000  # device state only, RAM bypassed
+    before = file_sha256(mem)
+    results = run(tpl.clone(env.store(), "t", names=["c1", "c2"]))
+    assert [r.name for r in results] == ["c1", "c2"]
+    for c in ("c1", "c2"):
+        assert env.exec(c, "md5sum /root/data | cut -d' ' -f1") == \
+            env.exec(c, "cat /root/data.md5")
+        assert run(vm.status(env.store(), c)) == "running"
+    env.exec("c1", "head -c 2097152 /dev/urandom > /root/only-c1 && "
+                   "dd if=/dev/zero of=/root/data bs=4096 count=16 conv=notrunc 2>/dev/null")
+    assert env.exec("c2", "ls /root").split() == ["data", "data.md5"]
+    assert env.exec("c2", "md5sum /root/data | cut -d' ' -f1") == \
+        env.exec("c2", "cat /root/data.md5")
+    assert file_sha256(mem) == before, "a clone's write reached the template file"
+    for c in ("c1", "c2"):
+        run(vm.stop(env.store(), c))
+    run(tpl.remove(env.store(), "t"))
+    assert not Path(mem).exists()
+
+
+def test_clone_identity_reseed_generation_id_hostname_machine_id(env: Env) -> None:
+    make_template(env, prepare="true")
+    run(tpl.clone(env.store(), "t", names=["c1", "c2"]))
+    ids = {c: run(generation_id(env, c)) for c in ("c1", "c2")}
+    assert ids["c1"] != ids["c2"]
+    manifest = env.store().get_template("t")
+    assert manifest["spec"]["vmgenid"] not in ids.values()
+    for c in ("c1", "c2"):
+        assert "crng reseeded due to virtual machine fork" in env.exec(c, "dmesg")
+        assert env.exec(c, "hostname").strip() == c
+    assert env.exec("c1", "cat /etc/machine-id") != env.exec("c2", "cat /etc/machine-id")
+    for c in ("c1", "c2"):
+        run(vm.stop(env.store(), c))
+    run(tpl.remove(env.store(), "t"))
+
+
+def test_clone_clock_follows_host_not_template(env: Env) -> None:
+    # A template whose guest clock is far in the past stands for an old template.
+    make_template(env, prepare="date -u -s 2001-01-01 >/dev/null && date +%Y")
+    run(tpl.clone(env.store(), "t", names=["c1"]))
+    guest = int(env.exec("c1", "date +%s"))
+    assert abs(guest - time.time()) <= 2
+    run(tpl.remove(env.store(), "t", force=True))
+    assert not env.store().has_vm("c1")
+
+
+def test_pool_serves_clones_and_refills(env: Env) -> None:
+    make_template(env)
+    s = env.store()
+    assert run(tpl.set_pool(s, "t", 2)) == 2
+    members = s.pool_members("t")
+    assert len(members) == 2 and all(process_alive(m.pid, m.pid_start) for m in members)
+    (res,) = run(tpl.clone(s, "t", names=["p1"]))
+    assert res.pooled and res.pid in {m.pid for m in members}
+    assert env.exec("p1", "md5sum /root/data | cut -d' ' -f1") == \
+        env.exec("p1", "cat /root/data.md5")
+    deadline = time.monotonic() + 60
+    while tpl.pool_status(s, "t")["ready"] < 2:
+        assert time.monotonic() < deadline, "pool did not refill"
+        time.sleep(0.2)
+    (res2,) = run(tpl.clone(s, "t", names=["p2"], use_pool=False))
+    assert not res2.pooled
+    pids = [m.pid for m in s.pool_members("t")]
+    assert run(tpl.set_pool(s, "t", 0)) == 0
+    assert not any(process_alive(p) for p in pids)
+    with pytest.raises(StateError, match="in use"):
+        run(tpl.remove(s, "t"))
+    run(tpl.remove(s, "t", force=True))
+    assert s.list_vms() == []
+
+
+def _no_clone_started(env: Env) -> None:
+    assert env.store().list_vms() == []
+    assert qemu_processes(str(env.home)) == []
+
+
+def test_refuses_changed_template_and_starts_nothing(env: Env) -> None:
+    manifest = make_template(env, prepare="true")
+    s = env.store()
+    state = Path(str(manifest["state_file"]))
+    good = state.read_bytes()
+    state.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    with pytest.raises(TemplateError, match="corrupt"):
+        run(tpl.clone(s, "t", names=["c1"]))
+    _no_clone_started(env)
+    state.write_bytes(good)
+    mem = Path(str(manifest["memory_file"]))
+    mem.chmod(0o644)
+    with open(mem, "r+b") as f:
+        f.truncate(mem.stat().st_size - 4096)
+    with pytest.raises(TemplateError, match="resized"):
+        run(tpl.clone(s, "t", names=["c1"]))
+    _no_clone_started(env)
+    mem.unlink()
+    with pytest.raises(TemplateError, match="missing"):
+        run(tpl.clone(s, "t", names=["c1"]))
+    _no_clone_started(env)
+    run(tpl.remove(s, "t"))
+
+
+def test_refuses_other_qemu_version(env: Env) -> None:
+    make_template(env, prepare="true")
+    s = env.store()
+    manifest = s.get_template("t")
+    manifest["qemu_version"] = "9.9.9"
+    s.remove_template("t")
+    s.add_template("t", manifest)
+    r = env.cli("clone", "t", "c1")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "QEMU 9.9.9" in r.stderr
+    _no_clone_started(env)
+    run(tpl.remove(s, "t"))
+
+
+def test_cli_template_story_and_bad_input(env: Env) -> None:
+    r = env.cli("template", "create", "t", "--demo", "--memory", "256M", "--accel", "tcg",
+                "--prepare", "echo hi > /root/hi", "--json", check=True)
+    assert json.loads(r.stdout)["state_size"] < 1_000_000
+    r = env.cli("clone", "t", "x", "-n", "2", "--json", check=True)
+    clones = json.loads(r.stdout)
+    assert [c["name"] for c in clones] == ["x-1", "x-2"]
+    assert all(c["running"] >= c["state_loaded"] > 0 for c in clones)
+    assert env.cli("exec", "x-2", "--", "cat", "/root/hi").stdout == "hi\n"
+    ls = json.loads(env.cli("ls", "--json", check=True).stdout)
+    assert {v["name"]: v["template"] for v in ls} == {"x-1": "t", "x-2": "t"}
+    bad = [
+        (("clone", "nope"), "no template named 'nope'"),
+        (("clone", "t", "x-1"), "exists already"),
+        (("clone", "t", "-n", "0"), "invalid clone count"),
+        (("clone", "t", "bad/name"), "invalid VM name"),
+        (("template", "create", "t", "--demo"), "exists already"),
+        (("template", "create", "u", "--from", "ghost"), "no VM named 'ghost'"),
+        (("template", "create", "u"), "exactly one of"),
+        (("template", "rm", "t"), "in use"),
+        (("template", "inspect", "nope"), "no template"),
+    ]
+    for args, message in bad:
+        r = env.cli(*args)
+        assert r.returncode != 0, args
+        assert message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert len(json.loads(env.cli("ls", "--json").stdout)) == 2
+    assert json.loads(env.cli("template", "inspect", "t").stdout)["clones"] == ["x-1", "x-2"]
+    env.cli("template", "rm", "t", "--force", check=True)
+    assert json.loads(env.cli("ls", "--json").stdout) == []
+
+
+def test_failed_prepare_leaves_nothing(env: Env) -> None:
+    r = env.cli("template", "create", "t", "--demo", "--memory", "256M", "--accel", "tcg",
+                "--prepare", "echo broken; exit 3")
+    assert r.returncode == 1 and "status 3" in r.stderr
+    assert env.store().list_templates() == [] and env.store().list_vms() == []
+    assert list(env.memory_dir.iterdir()) == []
+
+
+def test_clone_of_dead_pool_member_falls_back(env: Env) -> None:
+    make_template(env, prepare="true")
+    s = env.store()
+    run(tpl.set_pool(s, "t", 1))
+    (member,) = s.pool_members("t")
+    m = Machine(member.spec, s.run_paths(member.id), s.run_dir(member.id) / "qemu.log",
+                member.pid)
+    run(m.kill())
+    (res,) = run(tpl.clone(s, "t", names=["c1"]))
+    assert not res.pooled
+    assert env.exec("c1", "echo ok").strip() == "ok"
+    run(tpl.set_pool(s, "t", 0))
+    run(tpl.remove(s, "t", force=True))
+
+
+def test_bad_names_and_missing(env: Env) -> None:
+    s = env.store()
+    with pytest.raises(NotFound):
+        run(tpl.clone(s, "missing"))
+    with pytest.raises(InvalidInput):
+        run(tpl.create_from_vm(s, "a b", "x"))
+    with pytest.raises(NotFound):
+        run(tpl.create_from_vm(s, "ok", "ghost"))
+    make_template(env, prepare="true")
+    with pytest.raises(AlreadyExists):
+        run(tpl.create_demo(s, "t", 256, accel="tcg"))
+    with pytest.raises(InvalidInput):
+        run(tpl.set_pool(s, "t", -1))
+    run(tpl.remove(s, "t"))
