@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import vm
+from .errors import GuestError
 from .store import Store
 
 #: Shell snippet that writes MB megabytes of non-zero, non-repeating-page data
@@ -30,7 +31,7 @@ async def fill_guest(store: Store, name: str, mb: int, file: str = "/root/data")
     """Write *mb* MiB of data to *file* in the guest; return its md5."""
     r = await vm.exec_(store, name, FILL_CMD.format(mb=mb, file=file), timeout=60 + mb)
     if r.status != 0:
-        raise RuntimeError(f"filling guest memory failed: {r.text}")
+        raise GuestError(f"{name}: filling guest memory failed: {r.text.strip()[-200:]}")
     return r.text.strip()
 
 

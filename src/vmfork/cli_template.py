@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from . import template as tpl
-from .cli import emit_json, main, out, run_async, store
+from .cli import bench, emit_json, err, main, out, run_async, store
 from .errors import InvalidInput
 from .spec import parse_memory
 
@@ -131,3 +131,36 @@ def pool_cmd(template: str, size: int | None, refill: bool, as_json: bool) -> No
         emit_json(status)
     else:
         out.print(f"pool {template}: {status['ready']} ready of {status['target']}")
+
+
+@bench.command("clone")
+@click.option("--memory", default="512M", show_default=True, help="Guest RAM.")
+@click.option("--data", "data_mb", default=200, show_default=True, help="MB of guest data.")
+@click.option("--counts", default="1,10,20", show_default=True,
+              help="Clone counts for the memory comparison.")
+@click.option("--samples", default=5, show_default=True)
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_clone(memory: str, data_mb: int, counts: str, samples: int, accel: str,
+                as_json: bool) -> None:
+    """Cold boot vs clone vs pool clone; memory of N clones vs N cold VMs."""
+    from . import bench_clone as bc
+    from .bench import print_table
+    try:
+        cs = tuple(int(c) for c in counts.split(","))
+    except ValueError as exc:
+        raise InvalidInput(f"invalid --counts {counts!r}: use e.g. 1,10,20") from exc
+    if not cs or min(cs) < 1 or list(cs) != sorted(cs):
+        raise InvalidInput(f"invalid --counts {counts!r}: ascending positive numbers")
+    params = bc.CloneBench(memory_mib=parse_memory(memory), data_mb=data_mb, counts=cs,
+                           samples=samples, accel=accel,
+                           progress=lambda msg: err.print(f"[dim]bench: {msg}[/dim]"))
+    result = run_async(bc.run(store(), params))
+    if as_json:
+        emit_json(result)
+        return
+    print_table(f"vmfork bench clone ({params.memory_mib} MiB guest, {data_mb} MB data)",
+                ["metric", "vmfork", "baseline", "ratio"], bc.rows(result), out)
+    for target, ok in result["targets"].items():
+        out.print(f"target {target}: {'met' if ok else 'NOT met'}")

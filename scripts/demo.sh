@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The vmfork story, end to end on real QEMU: boot, template, clones, warm
+# pool, live update, save/restore. Run by `make demo`; idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+V=".venv/bin/vmfork"
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ vmfork %s\n' "$*"; "$V" "$@"; }
+json() { "$V" "$@" --json; }
+field() { .venv/bin/python -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+
+cleanup() {
+  for vm in demo-vm demo-tpl.build demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-saved; do
+    "$V" stop "$vm" --force >/dev/null 2>&1 || true
+  done
+  "$V" template rm demo-tpl --force >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+cleanup
+
+say "1. The demo guest (busybox initramfs + the host's Debian kernel)"
+run image demo
+
+say "2. Boot a VM whose RAM lives in a file outside QEMU"
+boot=$(json run demo-vm --demo --memory 256M)
+echo "$boot"
+run exec demo-vm -- cat /proc/version
+run exec demo-vm -- 'head -c 8388608 /dev/urandom > /root/data; md5sum /root/data'
+md5=$("$V" exec demo-vm -- md5sum /root/data | cut -d' ' -f1)
+
+say "3. Freeze it as a template: device state only, RAM stays in its file"
+run template create demo-tpl --from demo-vm
+run template ls
+
+say "4. Three copy-on-write clones"
+clones=$(json clone demo-tpl -n 3)
+echo "$clones" | field '"\n".join(f"{c[\"name\"]}: state loaded {c[\"state_loaded\"]*1000:.0f} ms, running {c[\"running\"]*1000:.0f} ms, answering {c[\"responsive\"]*1000:.0f} ms" for c in d)'
+for c in demo-tpl-1 demo-tpl-2 demo-tpl-3; do
+  got=$("$V" exec "$c" -- md5sum /root/data | cut -d' ' -f1)
+  host=$("$V" exec "$c" -- hostname)
+  fork=$("$V" exec "$c" -- 'dmesg | grep -c "virtual machine fork"')
+  echo "$c: hostname $host, data md5 $([ "$got" = "$md5" ] && echo intact || echo CHANGED), RNG reseeded on fork: $fork"
+done
+run ls
+
+say "5. A warm pool: QEMU already waiting for the device state"
+run pool demo-tpl --size 1
+json clone demo-tpl demo-pooled | field '"demo-pooled: running %.0f ms after the request (cold boot took %.1f s)" % (d[0]["running"]*1000, '"$(echo "$boot" | field 'd["boot_seconds"]')"')'
+run pool demo-tpl --size 0
+
+if "$V" update --help >/dev/null 2>&1; then
+  say "6. Live update: move a running VM into a new QEMU process, no RAM copy"
+  run exec demo-tpl-1 -- '(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done) >/dev/null 2>&1 &'
+  sleep 1
+  run exec demo-tpl-1 -- cat /run/counter
+  run update demo-tpl-1 --mode copy
+  run update demo-tpl-1
+  run exec demo-tpl-1 -- 'cat /run/counter; md5sum /root/data'
+fi
+
+if "$V" save --help >/dev/null 2>&1; then
+  say "7. Save and restore: only device state is written"
+  run run demo-saved --demo --memory 256M --persistent
+  run exec demo-saved -- 'echo kept > /root/note'
+  run save demo-saved
+  run ls
+  run restore demo-saved
+  run exec demo-saved -- cat /root/note
+fi
+
+say "Done; cleaning up"
