@@ -228,3 +228,19 @@ def test_bad_names_and_missing(env: Env) -> None:
     with pytest.raises(InvalidInput):
         run(tpl.set_pool(s, "t", -1))
     run(tpl.remove(s, "t"))
+
+
+def test_clones_with_nic_get_their_own_mac(env: Env) -> None:
+    s = env.store()
+    run(vm.run(s, vm.RunOptions(name="src", demo=True, net=True, accel="tcg")))
+    src_mac = s.get_vm("src").spec.net.mac  # type: ignore[union-attr]
+    assert env.exec("src", "cat /sys/class/net/eth0/address").strip() == src_mac
+    run(tpl.create_from_vm(s, "t", "src"))
+    run(tpl.clone(s, "t", names=["c1", "c2"]))
+    seen = {}
+    for c in ("c1", "c2"):
+        spec_mac = s.get_vm(c).spec.net.mac  # type: ignore[union-attr]
+        seen[c] = env.exec(c, "cat /sys/class/net/eth0/address").strip()
+        assert seen[c] == spec_mac
+    assert len({src_mac, *seen.values()}) == 3
+    run(tpl.remove(s, "t", force=True))
