@@ -18,7 +18,9 @@ kernel_ok() { compgen -G '/boot/vmlinuz-*' >/dev/null; }
 all_ok() {
   qemu_ok && command -v qemu-img >/dev/null 2>&1 && [ -x /bin/busybox ] \
     && /bin/busybox --list >/dev/null 2>&1 && kernel_ok \
-    && command -v debootstrap >/dev/null 2>&1 && command -v mkfs.ext4 >/dev/null 2>&1
+    && command -v debootstrap >/dev/null 2>&1 && command -v mkfs.ext4 >/dev/null 2>&1 \
+    && command -v mkinitramfs >/dev/null 2>&1 && command -v lsinitramfs >/dev/null 2>&1 \
+    && [ -f /usr/share/keyrings/debian-archive-keyring.gpg ]
 }
 
 if all_ok; then
@@ -26,7 +28,7 @@ if all_ok; then
   exit 0
 fi
 
-manual="install by hand: QEMU >= 10.0 (qemu-system-x86, qemu-utils), busybox-static, a Linux kernel image in /boot (e.g. linux-image-cloud-amd64), debootstrap, e2fsprogs"
+manual="install by hand: QEMU >= 10.0 (qemu-system-x86, qemu-utils), busybox-static, a Linux kernel image in /boot (e.g. linux-image-cloud-amd64), debootstrap, e2fsprogs, initramfs-tools, debian-archive-keyring"
 [ "$(id -u)" -eq 0 ] || die "not root; $manual"
 command -v apt-get >/dev/null 2>&1 || die "no apt-get (not Debian); $manual"
 . /etc/os-release
@@ -70,9 +72,12 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 log "apt-get update"
 apt-get update -qq
-log "installing QEMU, busybox-static, kernel, debootstrap"
+log "installing QEMU, busybox-static, kernel, debootstrap, initramfs-tools"
 apt-get install -y -qq -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
   -t bookworm-backports qemu-system-x86 qemu-utils linux-image-cloud-amd64 >/dev/null
-apt-get install -y -qq busybox-static debootstrap e2fsprogs >/dev/null
+# The Debian guest image (vmfork image debian): debootstrap from the same mirror,
+# mkfs.ext4 -d, and lsinitramfs/mkinitramfs to check or make a virtio-blk initramfs.
+apt-get install -y -qq busybox-static debootstrap e2fsprogs initramfs-tools \
+  debian-archive-keyring >/dev/null
 all_ok || die "packages installed but checks still fail; $manual"
 log "done ($(qemu-system-x86_64 --version | head -1))"

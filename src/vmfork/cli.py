@@ -119,6 +119,21 @@ def image_demo(rebuild: bool, as_json: bool) -> None:
         out.print(f"kernel: {img.kernel}\ninitrd: {img.initrd}")
 
 
+@image.command("debian")
+@click.option("--size", default=None, help="Disk size, e.g. 2G [default: 2G, or the cached "
+              "image's size].")
+@click.option("--rebuild", is_flag=True, help="Build even if a cached image is current.")
+@click.option("--json", "as_json", is_flag=True)
+def image_debian(size: str | None, rebuild: bool, as_json: bool) -> None:
+    """Build (once, as root) a Debian bookworm disk image with systemd."""
+    from .image_debian import debian_image
+    img = debian_image(store().images_dir, size=size, rebuild=rebuild)
+    if as_json:
+        emit_json(img.to_dict())
+    else:
+        out.print(f"disk: {img.disk}\nkernel: {img.kernel}\ninitrd: {img.initrd}")
+
+
 # -- VM lifecycle --------------------------------------------------------------
 def parse_port(text: str) -> tuple[int, int]:
     try:
@@ -134,15 +149,24 @@ def parse_port(text: str) -> tuple[int, int]:
 @main.command()
 @click.argument("name")
 @click.option("--demo", is_flag=True, help="Boot the busybox demo guest.")
+@click.option("--image", "image_name", type=click.Choice(["demo", "debian"]),
+              help="Boot a named image ('vmfork image debian' builds the Debian one).")
 @click.option("--kernel", help="Kernel image to boot.")
 @click.option("--initrd", help="Initial ramdisk.")
 @click.option("--append", help="Kernel command line.")
 @click.option("--disk", "disks", multiple=True, help="Disk image (qcow2 or raw), repeatable.")
+@click.option("--overlay/--no-overlay", default=True, show_default=True,
+              help="Write to a qcow2 overlay in the VM's directory; the disk image itself "
+                   "is never modified.")
+@click.option("--qga", is_flag=True, help="Add a qemu-guest-agent port (on with --image debian).")
 @click.option("--memory", default="256M", show_default=True, help="Guest RAM, e.g. 512M, 1G.")
 @click.option("--cpus", default=1, show_default=True, type=int)
 @click.option("--memory-dir", help="Directory of the memory file [default: /dev/shm/vmfork].")
 @click.option("--memory-backend", type=click.Choice(["file", "memfd"]), default="file",
               show_default=True)
+@click.option("--persistent", is_flag=True,
+              help="Keep the memory file on disk (default $VMFORK_HOME/memory), so "
+                   "'vmfork save' survives a host crash or reboot.")
 @click.option("--net", is_flag=True, help="User-mode network with a virtio NIC.")
 @click.option("--port", "ports", multiple=True, help="Forward HOST:GUEST TCP (implies --net).")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
@@ -151,13 +175,15 @@ def parse_port(text: str) -> tuple[int, int]:
 @click.option("--json", "as_json", is_flag=True)
 def run(name: str, demo: bool, kernel: str | None, initrd: str | None, append: str | None,
         disks: tuple[str, ...], memory: str, cpus: int, memory_dir: str | None,
-        memory_backend: str, net: bool, ports: tuple[str, ...], accel: str, qemu: str,
-        as_json: bool) -> None:
+        memory_backend: str, persistent: bool, net: bool, ports: tuple[str, ...], accel: str,
+        qemu: str, as_json: bool, image_name: str | None = None, overlay: bool = True,
+        qga: bool = False) -> None:
     """Start VM NAME and return when its guest is ready."""
     opts = vm.RunOptions(name=name, memory_mib=parse_memory(memory), cpus=cpus, demo=demo,
                          kernel=kernel, initrd=initrd, append=append, disks=disks, net=net,
                          ports=tuple(parse_port(p) for p in ports), memory_dir=memory_dir,
-                         memory_backend=memory_backend, accel=accel, qemu=qemu)
+                         memory_backend=memory_backend, accel=accel, qemu=qemu,
+                         persistent=persistent, image=image_name, overlay=overlay, qga=qga)
     result = run_async(vm.run(store(), opts))
     if as_json:
         emit_json(result)

@@ -1,7 +1,7 @@
 """Talking to the guest: the serial agent of the demo guest.
 
 Owns the request framing: a request is ``NONCE BASE64(CMD)\\n``; the answer is
-``NONCE BEGIN``, base64 of the output, ``NONCE END STATUS``. Lines that carry
+``NONCE BEGIN``, base64 of the output, ``NONCE END STATUS SIZE``. Lines that carry
 another nonce (answers to requests given up on earlier) are skipped. Calls on
 one VM are serialised by a file lock, because the agent socket takes one
 client at a time.
@@ -95,9 +95,16 @@ class SerialAgent:
                 inside, chunks = True, []
             elif line.startswith(nonce + b" END "):
                 try:
-                    return int(line.split()[2]), base64.b64decode(b"".join(chunks))
+                    fields = line.split()
+                    status, out = int(fields[2]), base64.b64decode(b"".join(chunks))
+                    size = int(fields[3]) if len(fields) > 3 else len(out)
                 except (ValueError, binascii.Error) as exc:
                     raise GuestError(f"{self.name}: garbled answer from the agent") from exc
+                if len(out) != size:
+                    # QEMU's virtconsole drops data when its socket is full.
+                    raise GuestError(f"{self.name}: the command's output was cut short in "
+                                     f"transit ({len(out)} of {size} bytes arrived)")
+                return status, out
             elif inside:
                 chunks.append(line)
 

@@ -83,7 +83,9 @@ async def deadline(aw: Awaitable[T], seconds: float, phase: str, detail: str = "
 
 
 def remove_sockets(paths: RunPaths) -> None:
-    for p in (paths.qmp, paths.console, paths.agent):
+    for p in (paths.qmp, paths.console, paths.agent, paths.qga):
+        if not p:
+            continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
 

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,19 @@ async def _wait_final(listener: EventListener, m: Machine, timeout: float, phase
 
 
 async def migrate(m: Machine, args: dict[str, Any], timeout: float,
-                  phase: str = "migration") -> MigrationStats:
-    """Run ``migrate`` with *args* and wait for it to end; raise on failure."""
+                  phase: str = "migration",
+                  on_started: Callable[[], Awaitable[None]] | None = None) -> MigrationStats:
+    """Run ``migrate`` with *args* and wait for it to end; raise on failure.
+
+    *on_started* is awaited once QEMU has accepted the command, while the
+    migration runs (live update uses it for its phase hooks).
+    """
     t0 = time.monotonic()
     listener = EventListener("MIGRATION")
     with m.events.listen(listener):
         await m.qmp("migrate", args)
+        if on_started is not None:
+            await on_started()
         status = await _wait_final(listener, m, timeout, f"{phase} of {m.name}")
     seconds = time.monotonic() - t0
     info = await m.qmp("query-migrate")

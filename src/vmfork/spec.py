@@ -30,7 +30,7 @@ DEFAULT_MACHINE = "q35"
 
 def check_name(name: str, what: str = "VM") -> str:
     """Return *name* if it is a valid VM or template name, else raise InvalidInput."""
-    if not NAME_RE.match(name or ""):
+    if not NAME_RE.fullmatch(name or ""):
         raise InvalidInput(
             f"invalid {what} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
@@ -38,12 +38,15 @@ def check_name(name: str, what: str = "VM") -> str:
 
 
 def parse_size(text: str | int) -> int:
-    """Parse a size such as ``256M``, ``1G``, ``1GiB`` or ``512`` (MiB) into bytes."""
+    """Parse a size such as ``256M``, ``1G``, ``1GiB``, ``512`` (MiB) or ``4096B``
+    (bytes) into bytes."""
     if isinstance(text, int):
         return text * MIB
     m = _SIZE_RE.match(text)
     if not m:
         raise InvalidInput(f"invalid size {text!r}: use a number with K, M, G or T, e.g. 512M")
+    if not m.group(2) and m.group(3):  # a bare "B" means bytes, not MiB
+        return int(m.group(1))
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
 
 
@@ -101,6 +104,10 @@ class DiskSpec:
     path: str
     format: str = "qcow2"
     readonly: bool = False
+    #: For an overlay: the image it is backed by (never written) and its
+    #: format. The overlay at ``path`` is created before QEMU starts.
+    backing: str | None = None
+    backing_format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,8 @@ class VMSpec:
     aux_ram_share: bool = True
     vmgenid: str = field(default_factory=lambda: str(uuid.uuid4()))
     qemu: str = "qemu-system-x86_64"
+    #: Add a virtio-serial port for qemu-guest-agent (socket ``RunPaths.qga``).
+    qga: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -172,6 +181,7 @@ class RunPaths:
     console: str
     console_log: str
     agent: str
+    qga: str = ""
 
 
 def _qemu_escape(value: str) -> str:
@@ -216,6 +226,12 @@ def build_argv(spec: VMSpec, paths: RunPaths, incoming: tuple[str, ...] = (),
             argv += ["-initrd", spec.initrd]
         if spec.append:
             argv += ["-append", spec.append]
+    if spec.qga:
+        if not paths.qga:
+            raise InvalidInput("a VM with qga needs a socket path for the guest agent")
+        argv += ["-chardev", f"socket,id=qga0,path={_qemu_escape(paths.qga)},server=on,wait=off",
+                 "-device", "virtserialport,bus=vser0.0,chardev=qga0,id=qga0port,"
+                            "name=org.qemu.guest_agent.0"]
     for i, disk in enumerate(spec.disks):
         ro = ",read-only=on" if disk.readonly else ""
         argv += ["-blockdev",

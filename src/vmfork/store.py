@@ -127,8 +127,9 @@ class Store:
         d = self.run_dir(name)
         sfx = f".{generation}" if generation else ""
         paths = RunPaths(qmp=str(d / f"qmp{sfx}.sock"), console=str(d / f"console{sfx}.sock"),
-                         console_log=str(d / "console.log"), agent=str(d / f"agent{sfx}.sock"))
-        longest = max((paths.qmp, paths.console, paths.agent), key=len)
+                         console_log=str(d / "console.log"), agent=str(d / f"agent{sfx}.sock"),
+                         qga=str(d / f"qga{sfx}.sock"))
+        longest = max((paths.qmp, paths.console, paths.agent, paths.qga), key=len)
         if len(longest) > MAX_SOCKET_PATH:
             raise InvalidInput(
                 f"socket path {longest!r} is longer than {MAX_SOCKET_PATH} bytes: "

@@ -8,11 +8,14 @@ reconciles records with the processes that really exist.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from .accel import resolve_accel
-from .errors import InvalidInput, StateError
+from .errors import InvalidInput, SetupError, StateError
 from .guest import ExecResult, SerialAgent
 from .image import demo_image
 from .machine import Machine, process_alive
+from .qga import GuestAgent
 from .spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, check_name, new_mac
 from .store import Store, VMRecord
 from .timeouts import DEFAULT, Timeouts
@@ -52,6 +56,15 @@ class RunOptions:
     accel: str = "auto"
     qemu: str = "qemu-system-x86_64"
     wait_ready: bool = True
+    persistent: bool = False
+    #: A named guest image (``demo`` or ``debian``) that supplies kernel,
+    #: initrd, command line and boot disk.
+    image: str | None = None
+    #: Each disk gets a qcow2 overlay in the VM's directory; the image given
+    #: is only ever read. False attaches the images themselves, writable.
+    overlay: bool = True
+    #: Add the qemu-guest-agent port (on by default for the Debian image).
+    qga: bool = False
 
 
 def paths_for(store: Store, rec: VMRecord) -> RunPaths:
@@ -76,13 +89,91 @@ def _disk_format(path: str) -> str:
         return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
 
 
+#: File systems whose contents do not survive a host reboot.
+VOLATILE_FS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
+
+
+def filesystem_type(path: Path | str) -> str:
+    """Type of the file system holding *path* (or its nearest existing parent),
+    from the longest matching mount point in /proc/mounts."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    real = os.path.realpath(p)
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, fstype = mnt, fields[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def is_persistent_dir(path: Path | str) -> bool:
+    return filesystem_type(path) not in VOLATILE_FS
+
+
 def memory_file_path(memory_dir: Path, name: str) -> Path:
     return memory_dir / f"{name}-{secrets.token_hex(4)}.mem"
+
+
+#: Named guest images for ``vmfork run --image``.
+IMAGES = ("demo", "debian")
+
+
+def image_options(store: Store, opts: RunOptions) -> RunOptions:
+    """Fill kernel, initrd, command line and boot disk from a named image."""
+    if opts.image not in IMAGES:
+        raise InvalidInput(f"unknown image {opts.image!r}: use one of {', '.join(IMAGES)}")
+    if opts.demo or opts.kernel or opts.initrd:
+        raise InvalidInput("--image cannot be combined with --demo, --kernel or --initrd")
+    if opts.image == "demo":
+        return dataclasses.replace(opts, image=None, demo=True)
+    from .image_debian import debian_image
+    img = debian_image(store.images_dir)
+    return dataclasses.replace(opts, image=None, kernel=img.kernel, initrd=img.initrd,
+                               append=opts.append or img.append,
+                               disks=(img.disk, *opts.disks), net=True, qga=True)
+
+
+def disk_specs(store: Store, opts: RunOptions) -> tuple[DiskSpec, ...]:
+    """The VM's disks: by default a qcow2 overlay in its VM directory over
+    each image given (created by :func:`create_overlays`)."""
+    images = [_existing_file(d, "disk") for d in opts.disks]
+    if not opts.overlay:
+        return tuple(DiskSpec(path=p, format=_disk_format(p)) for p in images)
+    vdir = store.vm_dir(opts.name)
+    return tuple(DiskSpec(path=str(vdir / f"disk{i}.qcow2"), format="qcow2", backing=p,
+                          backing_format=_disk_format(p)) for i, p in enumerate(images))
+
+
+def create_overlays(spec: VMSpec, fresh: bool = False) -> None:
+    """Create the overlay of each disk that has a backing image, if missing;
+    with *fresh*, replace an existing one (a leftover of an earlier VM)."""
+    for disk in spec.disks:
+        if disk.backing is None or (Path(disk.path).exists() and not fresh):
+            continue
+        Path(disk.path).parent.mkdir(parents=True, exist_ok=True)
+        p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                            "-F", disk.backing_format or "raw", "-b", disk.backing, disk.path],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise SetupError(f"cannot create the overlay {disk.path}: "
+                             f"{(p.stderr or p.stdout).strip()}")
 
 
 def build_spec(store: Store, opts: RunOptions) -> VMSpec:
     """Check *opts* and turn them into a VMSpec (touches no QEMU)."""
     check_name(opts.name)
+    if opts.image is not None:
+        opts = image_options(store, opts)
     if opts.demo and (opts.kernel or opts.disks):
         raise InvalidInput("--demo cannot be combined with --kernel or --disk")
     kernel = initrd = None
@@ -95,16 +186,21 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
         initrd = _existing_file(opts.initrd, "initrd") if opts.initrd else None
     elif not opts.disks:
         raise InvalidInput("nothing to boot: give --demo, --kernel or --disk")
-    disks = tuple(DiskSpec(path=p, format=_disk_format(p))
-                  for p in (_existing_file(d, "disk") for d in opts.disks))
+    disks = disk_specs(store, opts)
     if shutil.which(opts.qemu) is None and not os.access(opts.qemu, os.X_OK):
         raise InvalidInput(f"QEMU binary {opts.qemu!r} not found")
+    if opts.persistent and opts.memory_backend != "file":
+        raise InvalidInput("--persistent needs the file memory backend")
     if opts.memory_backend == "memfd":
         memory = MemorySpec(backend="memfd")
     elif opts.memory_backend == "file":
-        mdir = Path(opts.memory_dir).absolute() if opts.memory_dir else store.memory_dir
+        mdir = Path(opts.memory_dir).absolute() if opts.memory_dir else \
+            store.home / "memory" if opts.persistent else store.memory_dir
         if mdir.exists() and not mdir.is_dir():
             raise InvalidInput(f"memory dir {str(mdir)!r} is not a directory")
+        if opts.persistent and not is_persistent_dir(mdir):
+            raise InvalidInput(f"--persistent needs a memory dir on disk; {str(mdir)!r} is on "
+                               f"{filesystem_type(mdir)}")
         memory = MemorySpec(backend="file", path=str(memory_file_path(mdir, opts.name)),
                             share=True)
     else:
@@ -118,7 +214,7 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
     net = NetSpec(mac=new_mac(), ports=opts.ports) if opts.net or opts.ports else None
     return VMSpec(name=opts.name, memory_mib=opts.memory_mib, memory=memory, cpus=opts.cpus,
                   kernel=kernel, initrd=initrd, append=append, disks=disks, net=net,
-                  accel=accel, qemu=opts.qemu)
+                  accel=accel, qemu=opts.qemu, qga=opts.qga)
 
 
 def remove_vm_files(store: Store, rec: VMRecord) -> None:
@@ -129,6 +225,7 @@ def remove_vm_files(store: Store, rec: VMRecord) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(mem.path)
     shutil.rmtree(store.run_dir(rec.name), ignore_errors=True)
+    shutil.rmtree(store.vm_dir(rec.name), ignore_errors=True)
 
 
 async def launch_recorded(store: Store, rec: VMRecord, incoming: tuple[str, ...] = (),
@@ -137,7 +234,12 @@ async def launch_recorded(store: Store, rec: VMRecord, incoming: tuple[str, ...]
     """Spawn QEMU for an existing record (paused, QMP connected) and note its pid."""
     spec = spec or rec.spec
     if spec.memory.backend == "file" and spec.memory.path:
-        Path(spec.memory.path).parent.mkdir(parents=True, exist_ok=True)
+        mdir = Path(spec.memory.path).parent
+        try:
+            mdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInput(f"cannot create memory dir {str(mdir)!r}: {exc.strerror}") \
+                from exc
     paths = store.run_paths(rec.name, gen)
     Path(paths.qmp).parent.mkdir(parents=True, exist_ok=True)
     return await Machine.launch(spec, paths, qemu_log(store, rec.name), incoming=incoming,
@@ -152,6 +254,7 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> d
     t0 = time.monotonic()
     m: Machine | None = None
     try:
+        await asyncio.to_thread(create_overlays, spec, True)
         m = await launch_recorded(store, rec, timeouts=timeouts)
         rec.pid, rec.pid_start = m.pid, m.start_time
         store.update_vm(rec)
@@ -206,7 +309,7 @@ def get_live(store: Store, name: str) -> VMRecord:
 async def attached(store: Store, name: str,
                    timeouts: Timeouts = DEFAULT) -> AsyncIterator[tuple[VMRecord, Machine]]:
     """Lock the VM, check it is alive and connect to its QMP monitor."""
-    with store.lock(name):
+    with store.lock(check_name(name)):
         rec = get_live(store, name)
         assert rec.pid is not None
         m = await Machine.attach(rec.spec, paths_for(store, rec), qemu_log(store, name),
@@ -270,3 +373,11 @@ async def exec_(store: Store, name: str, command: str,
     if rec.state == "paused":
         raise StateError(f"{name} is paused; resume it first")
     return await agent_for(store, rec, timeouts).exec(command, timeout or timeouts.exec)
+
+
+def qga_for(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> GuestAgent:
+    """A session with the VM's qemu-guest-agent (use ``async with``)."""
+    if not rec.spec.qga:
+        raise StateError(f"{rec.name} has no guest agent port (start it with --qga)")
+    return GuestAgent(paths_for(store, rec).qga, store.run_dir(rec.name) / "qga.lock",
+                      name=rec.name, timeout=timeouts.agent)

@@ -1,0 +1,243 @@
+"""Talking to qemu-guest-agent (QGA) over its virtio-serial port.
+
+Owns the QGA session: the ``guest-sync-delimited`` handshake on the raw
+socket, then commands through qemu.qmp's :class:`QMPClient` with greeting and
+capability negotiation turned off (QGA has neither). The handshake cannot go
+through qemu.qmp: its answer starts with a 0xFF byte that is not JSON, and a
+session must first skip whatever an earlier client left in the channel.
+
+On top of it: ``guest-exec`` + ``guest-exec-status`` (output and exit status),
+``guest-set-time`` and ``guest-fsfreeze-freeze``/``-thaw``. The socket takes
+one client at a time, so sessions on one VM are serialised by a file lock.
+Every await that crosses the process boundary has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import secrets
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+from qemu.qmp.qmp_client import ExecuteError
+
+from .errors import GuestError, VmforkTimeout
+from .guest import ExecResult
+from .machine import deadline
+
+log = logging.getLogger("vmfork.qga")
+
+#: Resets QGA's JSON parser; also the first byte of a delimited sync answer.
+DELIMITER = b"\xff"
+#: Seconds between two guest-exec-status polls.
+POLL_INTERVAL = 0.05
+#: Longest QGA answer accepted: guest-exec-status carries the output (which
+#: QGA caps at 16 MiB) in base64.
+READBUFLEN = 24 * 1024 * 1024
+
+
+class GuestAgent:
+    """A session with the qemu-guest-agent of one VM.
+
+    Use as ``async with GuestAgent(sock, lock, name) as qga: ...``; entering
+    takes the lock, connects and synchronises, leaving disconnects.
+    """
+
+    def __init__(self, socket_path: str, lock_path: Path, name: str = "guest",
+                 timeout: float = 10.0) -> None:
+        self.socket_path = socket_path
+        self.lock_path = lock_path
+        self.name = name
+        self.timeout = timeout
+        self._lockf: IO[str] | None = None
+        self._client: QMPClient | None = None
+
+    # -- session --------------------------------------------------------------
+    async def __aenter__(self) -> GuestAgent:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float | None = None) -> None:
+        """Lock, connect and synchronise (within *timeout* seconds)."""
+        t = timeout or self.timeout
+        self._lockf = await asyncio.to_thread(self._lock)
+        try:
+            sock = await deadline(self._sync(), t, f"the guest agent (QGA) of {self.name}")
+            client = QMPClient(self.name, readbuflen=READBUFLEN)
+            client.logger = logging.getLogger(f"vmfork.qga.{self.name}")
+            client.await_greeting = False
+            client.negotiate = False
+            try:
+                await deadline(client.connect(sock), t, f"QGA session of {self.name}")
+            except QMPError as exc:
+                sock.close()
+                raise GuestError(f"{self.name}: QGA session failed: {exc}") from exc
+            self._client = client
+        except BaseException:
+            self._unlock()
+            raise
+
+    async def close(self) -> None:
+        """End the session (idempotent)."""
+        client, self._client = self._client, None
+        try:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await deadline(client.disconnect(), self.timeout, "QGA disconnect")
+        finally:
+            self._unlock()
+
+    def _lock(self) -> IO[str]:
+        f = open(self.lock_path, "w")  # noqa: SIM115 - closed in _unlock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return f
+
+    def _unlock(self) -> None:
+        if self._lockf is not None:
+            self._lockf.close()
+            self._lockf = None
+
+    async def _sync(self) -> socket.socket:
+        """Connect and run guest-sync-delimited; return the synchronised socket.
+
+        Everything before the 0xFF that starts our answer (stale replies to an
+        earlier client, an error about the 0xFF itself) is dropped; answers
+        to earlier syncs carry another id and are skipped too.
+        """
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            try:
+                await loop.sock_connect(sock, self.socket_path)
+            except OSError as exc:
+                raise GuestError(f"{self.name}: cannot reach the guest agent (QGA) "
+                                 f"({exc.strerror})") from exc
+            sync_id = secrets.randbelow(2**31)
+            req = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
+            await loop.sock_sendall(sock, DELIMITER + json.dumps(req).encode() + b"\n")
+            buf = b""
+            while True:
+                chunk = await loop.sock_recv(sock, 4096)
+                if not chunk:
+                    raise GuestError(f"{self.name}: the guest agent (QGA) closed the channel")
+                buf += chunk
+                while DELIMITER in buf:
+                    buf = buf[buf.index(DELIMITER) + 1:]
+                    line, nl, rest = buf.partition(b"\n")
+                    if not nl:
+                        break  # answer incomplete: read more
+                    buf = rest
+                    with contextlib.suppress(ValueError):
+                        if json.loads(line).get("return") == sync_id:
+                            if buf.strip():
+                                log.debug("%s: QGA sent more after sync: %r", self.name, buf)
+                            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    # -- commands -------------------------------------------------------------
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        """Run one QGA command with a deadline; QGA errors become GuestError."""
+        if self._client is None:
+            raise GuestError(f"{self.name}: no QGA session; use 'async with GuestAgent(...)'")
+        try:
+            return await deadline(self._client.execute(cmd, args), timeout or self.timeout,
+                                  f"QGA {cmd} on {self.name}")
+        except ExecuteError as exc:
+            raise GuestError(f"{self.name}: QGA {cmd} failed: {exc.error.error.desc}") from exc
+        except QMPError as exc:
+            raise GuestError(f"{self.name}: QGA {cmd} failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self.execute("guest-ping")
+
+    async def info(self) -> dict[str, Any]:
+        """``guest-info``: the agent's version and supported commands."""
+        result: dict[str, Any] = await self.execute("guest-info")
+        return result
+
+    async def exec(self, command: str | list[str], timeout: float = 60.0,
+                   input: bytes | None = None) -> ExecResult:
+        """Run *command* in the guest (a string goes to ``/bin/sh -c``; a list
+        is an argv) and return its output (stdout, then stderr) and status.
+
+        A command killed by a signal reports status 128 + signal, as a shell
+        does. Gives up (the command keeps running) after *timeout* seconds.
+        """
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+        if input is not None:
+            args["input-data"] = base64.b64encode(input).decode()
+        t0 = time.monotonic()
+        started = await self.execute("guest-exec", args)
+        pid = int(started["pid"])
+
+        async def wait() -> dict[str, Any]:
+            while True:
+                st: dict[str, Any] = await self.execute("guest-exec-status", {"pid": pid})
+                if st.get("exited"):
+                    return st
+                await asyncio.sleep(POLL_INTERVAL)
+        st = await deadline(wait(), timeout, f"guest command on {self.name}",
+                            " ".join(argv)[:60])
+        out = b"".join(base64.b64decode(st.get(k, "")) for k in ("out-data", "err-data"))
+        if st.get("out-truncated") or st.get("err-truncated"):
+            log.warning("%s: QGA truncated the output of %s", self.name, argv[0])
+        status = int(st["exitcode"]) if "exitcode" in st else 128 + int(st.get("signal", 0))
+        return ExecResult(status, out, time.monotonic() - t0)
+
+    async def set_time(self, ns: int | None = None) -> None:
+        """Set the guest clock to *ns* (default: the host's time now) and the RTC."""
+        t = time.time_ns() if ns is None else ns
+        await self.execute("guest-set-time", {"time": t})
+
+    async def get_time(self) -> int:
+        """The guest clock in nanoseconds since the epoch."""
+        return int(await self.execute("guest-get-time"))
+
+    async def fsfreeze_freeze(self, timeout: float | None = None) -> int:
+        """Freeze the guest's file systems; return how many were frozen.
+
+        Thaw with :meth:`fsfreeze_thaw` on the same or a later session."""
+        return int(await self.execute("guest-fsfreeze-freeze", timeout=timeout))
+
+    async def fsfreeze_thaw(self, timeout: float | None = None) -> int:
+        return int(await self.execute("guest-fsfreeze-thaw", timeout=timeout))
+
+    async def fsfreeze_status(self) -> str:
+        return str(await self.execute("guest-fsfreeze-status"))
+
+
+async def wait_qga(socket_path: str, lock_path: Path, name: str, timeout: float,
+                   attempt: float = 3.0) -> float:
+    """Wait until the guest agent answers a sync; return the seconds it took."""
+    t0 = time.monotonic()
+
+    async def loop() -> None:
+        while True:
+            qga = GuestAgent(socket_path, lock_path, name, timeout=attempt)
+            try:
+                async with qga:
+                    await qga.ping()
+                    return
+            except (GuestError, VmforkTimeout):
+                await asyncio.sleep(0.2)
+    await deadline(loop(), timeout, f"the guest agent (QGA) of {name}")
+    return time.monotonic() - t0

@@ -1,0 +1,281 @@
+"""Unit tests for the pure parts of :mod:`vmfork.spec`: names, sizes, the VM
+description, its JSON form and the QEMU command line built from it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vmfork.errors import InvalidInput
+from vmfork.spec import (
+    DEFAULT_CPU,
+    MIB,
+    DiskSpec,
+    MemorySpec,
+    NetSpec,
+    RunPaths,
+    VMSpec,
+    build_argv,
+    check_name,
+    new_mac,
+    parse_memory,
+    parse_size,
+)
+
+PATHS = RunPaths(qmp="/run/v/qmp.sock", console="/run/v/console.sock",
+                 console_log="/run/v/console.log", agent="/run/v/agent.sock")
+
+
+def make_spec(**kw: object) -> VMSpec:
+    base: dict[str, object] = {
+        "name": "web1", "memory_mib": 256,
+        "memory": MemorySpec(path="/dev/shm/vmfork/web1.mem"),
+        "kernel": "/img/vmlinuz", "initrd": "/img/initrd.cpio", "append": "console=ttyS0",
+        "vmgenid": "11111111-2222-3333-4444-555555555555"}
+    base.update(kw)
+    return VMSpec(**base)  # type: ignore[arg-type]
+
+
+def opt(argv: list[str], flag: str) -> list[str]:
+    """Every value given to *flag* in *argv*."""
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+# -- names -------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["a", "web1", "A.b_c-d", "9lives", "x" * 63])
+def test_check_name_accepts(name: str) -> None:
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", [
+    "", "a/b", "../x", "a b", " a", "-a", ".a", "_a", "x" * 64, "a\n", "a\nb", "a:b", "a,b",
+    "é", "a\x00"])
+def test_check_name_rejects(name: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid VM name"):
+        check_name(name)
+
+
+def test_check_name_says_what() -> None:
+    with pytest.raises(InvalidInput, match="invalid template name"):
+        check_name("a/b", "template")
+
+
+# -- sizes -------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "expected"), [
+    ("256M", 256 * MIB), ("256m", 256 * MIB), ("1G", 1024 * MIB), ("1GiB", 1024 * MIB),
+    ("1GB", 1024 * MIB), ("2T", 2 * 1024 * 1024 * MIB), ("512", 512 * MIB),
+    (" 64M ", 64 * MIB), ("4096K", 4 * MIB), ("512KiB", 512 * 1024), ("100B", 100),
+    (128, 128 * MIB)])
+def test_parse_size(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["12Q", "", "M", "-1M", "1.5G", "1 G B", "0x10M", "1e3",
+                                  "256MM", "G1"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("text", "mib"), [("64M", 64), ("256", 256), ("1G", 1024),
+                                           ("65536K", 64), ("1T", 1024 * 1024)])
+def test_parse_memory(text: str, mib: int) -> None:
+    assert parse_memory(text) == mib
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("12Q", "invalid size"), ("0", "between"), ("63M", "between"), ("2T", "between"),
+    ("1000K", "whole number of MiB"), ("100B", "whole number of MiB")])
+def test_parse_memory_rejects(text: str, why: str) -> None:
+    with pytest.raises(InvalidInput, match=why):
+        parse_memory(text)
+
+
+def test_new_mac_is_local_unicast_and_random() -> None:
+    macs = {new_mac() for _ in range(50)}
+    assert len(macs) == 50
+    for mac in macs:
+        parts = mac.split(":")
+        assert len(parts) == 6 and all(len(p) == 2 for p in parts)
+        assert mac.startswith("52:54:")
+        first = int(parts[0], 16)
+        assert first & 0x02 and not first & 0x01  # locally administered, unicast
+
+
+# -- VMSpec validation and JSON ----------------------------------------------
+@pytest.mark.parametrize(("changes", "why"), [
+    ({"name": "a b"}, "invalid VM name"), ({"memory_mib": 10}, "invalid memory"),
+    ({"cpus": 0}, "cpu count"), ({"cpus": 65}, "cpu count"), ({"accel": "auto"}, "auto"),
+    ({"kernel": None}, "kernel or a disk")])
+def test_spec_validation(changes: dict[str, object], why: str) -> None:
+    with pytest.raises(InvalidInput, match=why):
+        make_spec(**changes)
+
+
+def test_spec_with_disk_needs_no_kernel() -> None:
+    s = make_spec(kernel=None, initrd=None, disks=(DiskSpec("/d.qcow2"),))
+    assert s.kernel is None
+
+
+def test_spec_json_round_trip() -> None:
+    s = make_spec(cpus=2, disks=(DiskSpec("/a.qcow2"), DiskSpec("/b.raw", "raw", True)),
+                  net=NetSpec(mac="52:54:00:12:34:56", ports=((2222, 22), (8080, 80))),
+                  memory=MemorySpec(path="/m/x,y.mem", share=False, readonly=True))
+    text = s.to_json()
+    assert json.loads(text)["net"]["ports"] == [[2222, 22], [8080, 80]]
+    back = VMSpec.from_json(text)
+    assert back == s
+    assert isinstance(back.disks, tuple) and isinstance(back.net, NetSpec)
+    assert back.net.ports == ((2222, 22), (8080, 80))
+    assert VMSpec.from_json(back.to_json()) == s
+
+
+def test_spec_json_round_trip_minimal() -> None:
+    s = make_spec(memory=MemorySpec(backend="memfd"))
+    assert VMSpec.from_json(s.to_json()) == s
+
+
+def test_spec_with_keeps_original() -> None:
+    s = make_spec()
+    t = s.with_(memory_mib=512)
+    assert (s.memory_mib, t.memory_mib) == (256, 512)
+    assert t.vmgenid == s.vmgenid
+
+
+def test_each_spec_gets_a_new_vmgenid() -> None:
+    a = VMSpec(name="a", memory_mib=64, memory=MemorySpec(path="/m"), kernel="/k")
+    b = VMSpec(name="a", memory_mib=64, memory=MemorySpec(path="/m"), kernel="/k")
+    assert a.vmgenid != b.vmgenid
+
+
+# -- memory backends -----------------------------------------------------------
+def test_memory_file_shared() -> None:
+    argv = build_argv(make_spec(), PATHS)
+    assert opt(argv, "-object") == [
+        "memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/vmfork/web1.mem,share=on"]
+    assert opt(argv, "-m") == ["256M"]
+    assert opt(argv, "-machine") == ["q35,memory-backend=mem0,aux-ram-share=on"]
+
+
+def test_memory_file_private() -> None:
+    argv = build_argv(make_spec(memory=MemorySpec(path="/m/t.mem", share=False)), PATHS)
+    (obj,) = opt(argv, "-object")
+    assert obj.split(",")[-1] == "share=off"
+    assert "readonly" not in obj
+
+
+def test_memory_file_readonly_copy_on_write() -> None:
+    argv = build_argv(make_spec(memory=MemorySpec(path="/m/t.mem", share=False,
+                                                  readonly=True)), PATHS)
+    (obj,) = opt(argv, "-object")
+    assert obj.split(",")[4:] == ["share=off", "readonly=on", "rom=off"]
+
+
+def test_memory_memfd() -> None:
+    argv = build_argv(make_spec(memory=MemorySpec(backend="memfd")), PATHS)
+    assert opt(argv, "-object") == ["memory-backend-memfd,id=mem0,size=256M,share=on"]
+
+
+def test_memory_file_needs_path() -> None:
+    with pytest.raises(InvalidInput, match="needs a path"):
+        build_argv(make_spec(memory=MemorySpec(path=None)), PATHS)
+
+
+def test_aux_ram_share_off() -> None:
+    argv = build_argv(make_spec(aux_ram_share=False), PATHS)
+    assert opt(argv, "-machine") == ["q35,memory-backend=mem0"]
+
+
+# -- the rest of the command line ------------------------------------------------
+def test_argv_basics() -> None:
+    argv = build_argv(make_spec(), PATHS)
+    assert argv[0] == "qemu-system-x86_64"
+    assert opt(argv, "-name") == ["web1,debug-threads=on"]
+    for flag in ("-nodefaults", "-no-user-config", "-nographic", "-S"):
+        assert flag in argv
+    assert opt(argv, "-accel") == ["tcg,tb-size=64"]
+    assert opt(argv, "-cpu") == [DEFAULT_CPU]
+    assert opt(argv, "-smp") == ["1"]
+    assert opt(argv, "-kernel") == ["/img/vmlinuz"]
+    assert opt(argv, "-initrd") == ["/img/initrd.cpio"]
+    assert opt(argv, "-append") == ["console=ttyS0"]
+    assert opt(argv, "-qmp") == ["unix:/run/v/qmp.sock,server=on,wait=off"]
+    assert opt(argv, "-serial") == ["chardev:con0"]
+    assert "-incoming" not in argv
+    assert "-netdev" not in argv and "-blockdev" not in argv
+
+
+def test_argv_console_and_agent_chardevs() -> None:
+    chardevs = opt(build_argv(make_spec(), PATHS), "-chardev")
+    assert ("socket,id=con0,path=/run/v/console.sock,server=on,wait=off,"
+            "logfile=/run/v/console.log,logappend=on") in chardevs
+    assert "socket,id=agent0,path=/run/v/agent.sock,server=on,wait=off" in chardevs
+
+
+def test_argv_vmgenid() -> None:
+    devices = opt(build_argv(make_spec(), PATHS), "-device")
+    assert "vmgenid,id=vmgenid0,guid=11111111-2222-3333-4444-555555555555" in devices
+    assert "virtconsole,chardev=agent0,id=agent0port" in devices
+
+
+def test_argv_kvm_uses_host_cpu() -> None:
+    argv = build_argv(make_spec(accel="kvm", cpus=4), PATHS)
+    assert opt(argv, "-accel") == ["kvm"]
+    assert opt(argv, "-cpu") == ["host"]
+    assert opt(argv, "-smp") == ["4"]
+
+
+def test_argv_no_initrd_no_append() -> None:
+    argv = build_argv(make_spec(initrd=None, append=""), PATHS)
+    assert "-initrd" not in argv and "-append" not in argv
+
+
+def test_argv_running_and_incoming() -> None:
+    argv = build_argv(make_spec(), PATHS, incoming=("defer", '{"channel-type":"cpr"}'),
+                      start_paused=False)
+    assert "-S" not in argv
+    assert opt(argv, "-incoming") == ["defer", '{"channel-type":"cpr"}']
+
+
+def test_argv_disks() -> None:
+    spec = make_spec(disks=(DiskSpec("/img/root.qcow2"), DiskSpec("/img/data.raw", "raw",
+                                                                   readonly=True)))
+    argv = build_argv(spec, PATHS)
+    assert opt(argv, "-blockdev") == [
+        "driver=file,filename=/img/root.qcow2,node-name=file0",
+        "driver=qcow2,file=file0,node-name=disk0",
+        "driver=file,filename=/img/data.raw,node-name=file1,read-only=on",
+        "driver=raw,file=file1,node-name=disk1,read-only=on"]
+    devices = opt(argv, "-device")
+    assert "virtio-blk-pci,drive=disk0,id=vblk0" in devices
+    assert "virtio-blk-pci,drive=disk1,id=vblk1" in devices
+
+
+def test_argv_net_with_port_forwards() -> None:
+    spec = make_spec(net=NetSpec(mac="52:54:00:aa:bb:cc", ports=((2222, 22), (8080, 80))))
+    argv = build_argv(spec, PATHS)
+    assert opt(argv, "-netdev") == [
+        "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80"]
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc,id=nic0" in opt(argv, "-device")
+
+
+def test_argv_net_without_ports() -> None:
+    argv = build_argv(make_spec(net=NetSpec(mac="52:54:00:aa:bb:cc")), PATHS)
+    assert opt(argv, "-netdev") == ["user,id=net0"]
+
+
+def test_argv_escapes_commas_in_paths() -> None:
+    paths = RunPaths(qmp="/h,1/qmp.sock", console="/h,1/con.sock",
+                     console_log="/h,1/con.log", agent="/h,1/agent.sock")
+    spec = make_spec(memory=MemorySpec(path="/m,x/a.mem"), disks=(DiskSpec("/d,1.qcow2"),))
+    argv = build_argv(spec, paths)
+    assert "mem-path=/m,,x/a.mem" in opt(argv, "-object")[0]
+    assert opt(argv, "-qmp") == ["unix:/h,,1/qmp.sock,server=on,wait=off"]
+    chardevs = " ".join(opt(argv, "-chardev"))
+    assert "path=/h,,1/con.sock" in chardevs and "logfile=/h,,1/con.log" in chardevs
+    assert "path=/h,,1/agent.sock" in chardevs
+    assert opt(argv, "-blockdev")[0].startswith("driver=file,filename=/d,,1.qcow2,")
+    # -kernel takes a plain file name, not an option list: no escaping there.
+    argv = build_argv(make_spec(kernel="/k,1/vmlinuz"), PATHS)
+    assert opt(argv, "-kernel") == ["/k,1/vmlinuz"]

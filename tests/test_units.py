@@ -1,0 +1,408 @@
+"""Unit tests for the pure parts outside spec.py: the cpio writer, the error
+tree and its exit codes, the catalog, run paths, the accelerator choice and
+the input checks of ``vm.build_spec`` (no QEMU is started here)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vmfork import accel, cli, errors, vm
+from vmfork.guest import ExecResult, SerialAgent
+from vmfork.image import Cpio
+from vmfork.machine import log_tail, process_alive
+from vmfork.spec import MemorySpec, VMSpec
+from vmfork.store import MAX_SOCKET_PATH, Store, VMRecord
+
+
+# -- cpio ----------------------------------------------------------------------
+def parse_newc(data: bytes) -> list[tuple[str, int, bytes]]:
+    """(name, mode, data) of each entry of a newc archive, checking alignment."""
+    entries = []
+    pos = 0
+    while True:
+        assert pos % 4 == 0
+        hdr = data[pos:pos + 110]
+        assert hdr[:6] == b"070701", hdr[:6]
+        fields = [int(hdr[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+        mode, filesize, namesize = fields[1], fields[6], fields[11]
+        name_end = pos + 110 + namesize
+        name = data[pos + 110:name_end - 1].decode()
+        assert data[name_end - 1] == 0
+        start = name_end + (-name_end % 4)
+        body = data[start:start + filesize]
+        pos = start + filesize + (-(start + filesize) % 4)
+        if name == "TRAILER!!!":
+            assert pos == len(data)
+            return entries
+        entries.append((name, mode, body))
+
+
+def sample_archive() -> bytes:
+    c = Cpio()
+    c.dir("bin")
+    c.file("init", b"#!/bin/sh\necho hi\n", 0o755)
+    c.file("etc/odd-size", b"x" * 5)
+    c.file("empty", b"")
+    c.symlink("bin/sh", "/bin/busybox")
+    return c.finish()
+
+
+def test_cpio_headers_parse_back() -> None:
+    entries = parse_newc(sample_archive())
+    assert entries == [
+        ("bin", 0o040755, b""),
+        ("init", 0o100755, b"#!/bin/sh\necho hi\n"),
+        ("etc/odd-size", 0o100644, b"xxxxx"),
+        ("empty", 0o100644, b""),
+        ("bin/sh", 0o120777, b"/bin/busybox"),
+    ]
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="no cpio tool")
+def test_cpio_readable_by_gnu_cpio(tmp_path: Path) -> None:
+    data = sample_archive()
+    listing = subprocess.run(["cpio", "-it", "--quiet"], input=data, capture_output=True,
+                             check=True).stdout.decode().split()
+    assert listing == ["bin", "init", "etc/odd-size", "empty", "bin/sh"]
+    subprocess.run(["cpio", "-id", "--quiet", "--no-absolute-filenames"], input=data,
+                   cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "init").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert os.access(tmp_path / "init", os.X_OK)
+    assert (tmp_path / "etc/odd-size").read_bytes() == b"xxxxx"
+    assert os.readlink(tmp_path / "bin/sh") == "/bin/busybox"
+
+
+# -- errors and the CLI's exit table ------------------------------------------------
+@pytest.mark.parametrize(("exc", "code"), [
+    (errors.InvalidInput("x"), 2), (errors.NotFound("x"), 1), (errors.AlreadyExists("x"), 1),
+    (errors.SetupError("x"), 1), (errors.LaunchError("x"), 1), (errors.StateError("x"), 1),
+    (errors.GuestError("x"), 1), (errors.MigrationError("x"), 1),
+    (errors.TemplateError("x"), 1), (errors.VmforkTimeout("boot", 3), 1),
+    (errors.VmforkError("x"), 1)])
+def test_exit_codes(exc: errors.VmforkError, code: int) -> None:
+    assert cli.exit_code(exc) == code
+
+
+def test_exit_table_covers_every_error_class() -> None:
+    classes = {c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, errors.VmforkError)}
+    assert classes == {cls for cls, _ in cli.EXIT_CODES}
+    # The root comes last, so it never shadows a subclass.
+    assert cli.EXIT_CODES[-1][0] is errors.VmforkError
+
+
+def test_launch_error_message_is_one_line() -> None:
+    exc = errors.LaunchError("QEMU exited during start", exitcode=1, argv=["qemu"],
+                             log_tail="line1\n\nline2\nqemu: -foo: invalid option\n")
+    assert str(exc) == ("QEMU exited during start (exit status 1): "
+                        "line1 | line2 | qemu: -foo: invalid option")
+    assert "\n" not in str(exc)
+    assert (exc.exitcode, exc.argv) == (1, ["qemu"])
+    assert str(errors.LaunchError("no qemu")) == "no qemu"
+
+
+def test_timeout_names_phase() -> None:
+    exc = errors.VmforkTimeout("web1 to boot", 2.5, "console: x")
+    assert str(exc) == "timed out after 2.5 s waiting for web1 to boot: console: x"
+    assert exc.phase == "web1 to boot" and exc.seconds == 2.5
+
+
+# -- the catalog ---------------------------------------------------------------------
+def record(name: str, **kw: object) -> VMRecord:
+    spec = VMSpec(name=name, memory_mib=64, memory=MemorySpec(path=f"/m/{name}.mem"),
+                  kernel="/k")
+    return VMRecord(name=name, spec=spec, state="running", **kw)  # type: ignore[arg-type]
+
+
+def test_store_vm_crud(tmp_path: Path) -> None:
+    s = Store(tmp_path / "home", tmp_path / "mem")
+    assert s.list_vms() == [] and not s.has_vm("a")
+    a = record("a", pid=123, pid_start=1.5, info={"gen": 0, "owns_memory": True})
+    s.add_vm(a)
+    s.add_vm(record("b", created=time.time() + 1))
+    assert s.has_vm("a")
+    got = s.get_vm("a")
+    assert got == a
+    assert [r.name for r in s.list_vms()] == ["a", "b"]
+    with pytest.raises(errors.AlreadyExists, match="'a' exists already"):
+        s.add_vm(record("a"))
+    got.state, got.pid, got.info = "paused", 456, {"boot_seconds": 1.25}
+    s.update_vm(got)
+    again = s.get_vm("a")
+    assert (again.state, again.pid, again.info) == ("paused", 456, {"boot_seconds": 1.25})
+    s.remove_vm("a")
+    with pytest.raises(errors.NotFound, match="no VM named 'a'"):
+        s.get_vm("a")
+    assert [r.name for r in s.list_vms()] == ["b"]
+    s.close()
+    # The catalog is on disk: a second Store sees it.
+    s2 = Store(tmp_path / "home", tmp_path / "mem")
+    assert [r.name for r in s2.list_vms()] == ["b"]
+    s2.close()
+
+
+def test_store_template_crud(tmp_path: Path) -> None:
+    s = Store(tmp_path, tmp_path / "mem")
+    s.add_template("t1", {"name": "t1", "memory_mib": 256})
+    assert s.has_template("t1")
+    assert s.get_template("t1") == {"name": "t1", "memory_mib": 256}
+    with pytest.raises(errors.AlreadyExists):
+        s.add_template("t1", {})
+    assert s.list_templates() == [{"name": "t1", "memory_mib": 256}]
+    s.remove_template("t1")
+    with pytest.raises(errors.NotFound):
+        s.get_template("t1")
+    s.close()
+
+
+def test_store_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMFORK_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("VMFORK_MEMORY_DIR", str(tmp_path / "m"))
+    s = Store()
+    assert s.home == tmp_path / "h" and s.memory_dir == tmp_path / "m"
+    assert (s.home / "vmfork.db").exists()
+    assert s.run_dir("a") == s.home / "run" / "a"
+    p0, p1 = s.run_paths("a"), s.run_paths("a", 1)
+    assert p0.qmp == str(s.home / "run/a/qmp.sock")
+    assert p1.qmp == str(s.home / "run/a/qmp.1.sock")
+    assert p1.agent.endswith("agent.1.sock") and p1.console.endswith("console.1.sock")
+    assert p0.console_log == p1.console_log
+    s.close()
+
+
+def test_store_rejects_bad_names(tmp_path: Path) -> None:
+    s = Store(tmp_path, tmp_path / "mem")
+    for bad in ("a/b", "../x", "a b"):
+        with pytest.raises(errors.InvalidInput):
+            s.run_dir(bad)
+    for bad in ("a/b", "../x", "", ".hidden"):  # lock names become file names
+        with pytest.raises(errors.InvalidInput), s.lock(bad):
+            pass
+    assert not (tmp_path / "x.lock").exists()
+    s.close()
+
+
+def test_socket_path_length_checked(tmp_path: Path) -> None:
+    s = Store(tmp_path, tmp_path / "mem")
+    assert len(s.run_paths("a").agent) <= MAX_SOCKET_PATH
+    s.close()
+    deep = tmp_path / ("d" * (MAX_SOCKET_PATH - len(str(tmp_path)) - 10))
+    s = Store(deep, tmp_path / "mem")
+    with pytest.raises(errors.InvalidInput, match="longer than 107 bytes"):
+        s.run_paths("a")
+    with pytest.raises(errors.InvalidInput, match="shorter VMFORK_HOME"):
+        s.run_paths("b" * 63)
+    s.close()
+
+
+def test_store_lock_serialises(tmp_path: Path) -> None:
+    s = Store(tmp_path, tmp_path / "mem")
+    with s.lock("a"):
+        code = ("import fcntl,sys; f=open(sys.argv[1],'w');"
+                "fcntl.flock(f, fcntl.LOCK_EX|fcntl.LOCK_NB)")
+        r = subprocess.run(["python3", "-c", code, str(tmp_path / "locks/a.lock")],
+                           capture_output=True)
+        assert r.returncode != 0  # held by us
+    r = subprocess.run(["python3", "-c", code, str(tmp_path / "locks/a.lock")])
+    assert r.returncode == 0
+    s.close()
+
+
+# -- accelerator choice ----------------------------------------------------------------
+def test_accel_explicit_and_invalid(tmp_path: Path) -> None:
+    assert accel.resolve_accel("tcg", "q", "/k", "/i", tmp_path) == "tcg"
+    assert accel.resolve_accel("kvm", "q", "/k", "/i", tmp_path) == "kvm"
+    with pytest.raises(errors.InvalidInput, match="auto, kvm or tcg"):
+        accel.resolve_accel("hvf", "q", "/k", "/i", tmp_path)
+
+
+def test_accel_auto_without_kvm_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accel, "kvm_usable_device", lambda: False)
+    monkeypatch.setattr(accel, "probe_kvm", lambda *a: pytest.fail("probed"))
+    assert accel.resolve_accel("auto", "q", "/k", "/i", tmp_path) == "tcg"
+
+
+@pytest.mark.parametrize("probe_ok", [True, False])
+def test_accel_auto_probes_once_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           probe_ok: bool) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k" * 10)
+    calls: list[tuple[str, ...]] = []
+
+    def probe(*args: str) -> bool:
+        calls.append(args)
+        return probe_ok
+
+    monkeypatch.setattr(accel, "kvm_usable_device", lambda: True)
+    monkeypatch.setattr(accel, "probe_kvm", probe)
+    want = "kvm" if probe_ok else "tcg"
+    home = tmp_path / "home"
+    assert accel.resolve_accel("auto", "qemu", str(kernel), "/i", home) == want
+    assert json.loads((home / "accel.json").read_text())["accel"] == want
+    assert accel.resolve_accel("auto", "qemu", str(kernel), "/i", home) == want
+    assert len(calls) == 1
+    # Another kernel (or QEMU binary) invalidates the cache.
+    kernel.write_bytes(b"k" * 11)
+    assert accel.resolve_accel("auto", "qemu", str(kernel), "/i", home) == want
+    assert len(calls) == 2
+
+
+def test_accel_probe_handles_missing_binary() -> None:
+    assert accel.probe_kvm("/nonexistent/qemu", "/k", "/i", seconds=1) is False
+
+
+# -- machine helpers -------------------------------------------------------------------
+def test_log_tail(tmp_path: Path) -> None:
+    f = tmp_path / "log"
+    f.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert log_tail(f, 3) == "line 97\nline 98\nline 99"
+    assert log_tail(tmp_path / "missing") == ""
+
+
+def test_process_alive() -> None:
+    assert process_alive(os.getpid())
+    assert not process_alive(None) and not process_alive(0)
+    assert not process_alive(os.getpid(), start_time=1.0)  # pid reused by another process
+    p = subprocess.Popen(["true"])
+    p.wait()
+    assert not process_alive(p.pid)
+
+
+# -- input checks before anything starts ------------------------------------------------
+@pytest.mark.parametrize(("opts", "why"), [
+    ({"name": "a/b", "demo": True}, "invalid VM name"),
+    ({"name": "a"}, "nothing to boot"),
+    ({"name": "a", "demo": True, "kernel": "/k"}, "cannot be combined"),
+    ({"name": "a", "kernel": "/nonexistent/vmlinuz"}, "does not exist"),
+    ({"name": "a", "disks": ("/nonexistent.qcow2",)}, "does not exist"),
+    ({"name": "a", "kernel": "KERNEL", "qemu": "/nonexistent/qemu"}, "not found"),
+    ({"name": "a", "kernel": "KERNEL", "memory_backend": "hugetlb"}, "memory backend"),
+    ({"name": "a", "kernel": "KERNEL", "accel": "hvf"}, "invalid accelerator"),
+    ({"name": "a", "kernel": "KERNEL", "memory_dir": "KERNEL"}, "not a directory"),
+])
+def test_build_spec_rejects(tmp_path: Path, opts: dict[str, object], why: str) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    opts = {k: (str(kernel) if v == "KERNEL" else v) for k, v in opts.items()}
+    s = Store(tmp_path / "home", tmp_path / "mem")
+    with pytest.raises(errors.InvalidInput, match=why):
+        vm.build_spec(s, vm.RunOptions(**opts))  # type: ignore[arg-type]
+    assert s.list_vms() == []
+    s.close()
+
+
+def test_build_spec_kernel_and_disk(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    qcow = tmp_path / "a.qcow2"
+    qcow.write_bytes(b"QFI\xfb" + b"\0" * 100)
+    raw = tmp_path / "b.img"
+    raw.write_bytes(b"\0" * 512)
+    s = Store(tmp_path / "home", tmp_path / "mem")
+    spec = vm.build_spec(s, vm.RunOptions(name="a", kernel=str(kernel), accel="tcg",
+                                          disks=(str(qcow), str(raw)), ports=((2222, 22),),
+                                          memory_mib=128, cpus=2))
+    assert spec.kernel == str(kernel) and spec.initrd is None
+    # Each disk is a qcow2 overlay in the VM's directory over the image given.
+    assert [(d.backing, d.backing_format) for d in spec.disks] == [(str(qcow), "qcow2"),
+                                                                   (str(raw), "raw")]
+    assert [d.path for d in spec.disks] == [str(s.vm_dir("a") / f"disk{i}.qcow2")
+                                            for i in range(2)]
+    assert all(d.format == "qcow2" for d in spec.disks)
+    assert spec.net is not None and spec.net.ports == ((2222, 22),)
+    assert spec.memory.backend == "file" and spec.memory.share
+    assert spec.memory.path is not None
+    assert Path(spec.memory.path).parent == tmp_path / "mem"
+    assert Path(spec.memory.path).name.startswith("a-")
+    assert (spec.memory_mib, spec.cpus, spec.accel) == (128, 2, "tcg")
+    memfd = vm.build_spec(s, vm.RunOptions(name="a", kernel=str(kernel), accel="tcg",
+                                           memory_backend="memfd"))
+    assert memfd.memory == MemorySpec(backend="memfd")
+    assert memfd.net is None
+    s.close()
+
+
+@pytest.mark.parametrize(("text", "ok"), [("2222:22", (2222, 22)), ("1:65535", (1, 65535)),
+                                          ("22", None), ("0:22", None), ("a:b", None),
+                                          ("1:2:3", None), ("70000:22", None)])
+def test_parse_port(text: str, ok: tuple[int, int] | None) -> None:
+    if ok:
+        assert cli.parse_port(text) == ok
+    else:
+        with pytest.raises(errors.InvalidInput, match="HOST:GUEST"):
+            cli.parse_port(text)
+
+
+# -- the guest agent's framing, against a fake agent ------------------------------------
+def fake_agent_exec(tmp_path: Path, answer: Callable[[bytes], bytes],
+                    timeout: float = 5.0) -> ExecResult:
+    """Run SerialAgent.exec against a socket server answering with *answer(nonce)*."""
+    sock = str(tmp_path / "agent.sock")
+
+    async def main() -> ExecResult:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            line = await reader.readline()
+            nonce, payload = line.split()
+            assert base64.b64decode(payload) == b"echo hi"
+            writer.write(answer(nonce))
+            await writer.drain()
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_unix_server(serve, sock)
+        async with server:
+            agent = SerialAgent(sock, tmp_path / "agent.lock", name="g")
+            return await agent.exec("echo hi", timeout=timeout)
+
+    return asyncio.run(main())
+
+
+def frame(nonce: bytes, output: bytes, status: int, size: int | None = None) -> bytes:
+    end = b"%s END %d" % (nonce, status) + (b" %d" % size if size is not None else b"")
+    return nonce + b" BEGIN\n" + base64.encodebytes(output) + end + b"\n"
+
+
+def test_agent_answer(tmp_path: Path) -> None:
+    r = fake_agent_exec(tmp_path, lambda n: frame(n, b"hi\n" * 100, 3, 300))
+    assert (r.status, r.output) == (3, b"hi\n" * 100)
+
+
+def test_agent_skips_stale_answers(tmp_path: Path) -> None:
+    r = fake_agent_exec(tmp_path, lambda n: frame(b"0123456789ab", b"late\n", 0, 5)
+                        + b"garbage\n" + frame(n, b"hi\n", 0, 3))
+    assert (r.status, r.output) == (0, b"hi\n")
+
+
+def test_agent_accepts_answers_without_size(tmp_path: Path) -> None:
+    r = fake_agent_exec(tmp_path, lambda n: frame(n, b"hi\n", 1))
+    assert (r.status, r.output) == (1, b"hi\n")
+
+
+def test_agent_detects_output_lost_in_transit(tmp_path: Path) -> None:
+    def cut(n: bytes) -> bytes:
+        lines = frame(n, b"x" * 1000, 0, 1000).split(b"\n")
+        return b"\n".join(lines[:3] + lines[5:])  # two base64 lines dropped
+
+    with pytest.raises(errors.GuestError, match="cut short in transit"):
+        fake_agent_exec(tmp_path, cut)
+
+
+def test_agent_garbled_status(tmp_path: Path) -> None:
+    with pytest.raises(errors.GuestError, match="garbled"):
+        fake_agent_exec(tmp_path, lambda n: n + b" BEGIN\n" + n + b" END x\n")
+
+
+def test_agent_unreachable(tmp_path: Path) -> None:
+    agent = SerialAgent(str(tmp_path / "none.sock"), tmp_path / "agent.lock", name="g")
+    with pytest.raises(errors.GuestError, match="cannot reach the guest agent"):
+        asyncio.run(agent.exec("true"))
