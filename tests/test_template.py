@@ -244,3 +244,22 @@ def test_clones_with_nic_get_their_own_mac(env: Env) -> None:
         assert seen[c] == spec_mac
     assert len({src_mac, *seen.values()}) == 3
     run(tpl.remove(s, "t", force=True))
+
+
+def test_chained_template_from_a_clone(env: Env) -> None:
+    """A clone's RAM is private; it is moved to a shared file first, then frozen."""
+    make_template(env)
+    s = env.store()
+    run(tpl.clone(s, "t", names=["c1"]))
+    env.exec("c1", "echo second > /root/layer2")
+    manifest2 = run(tpl.create_from_vm(s, "t2", "c1"))
+    assert manifest2["parent"] == "t"
+    assert manifest2["memory_file"] != s.get_template("t")["memory_file"]
+    assert not s.has_vm("c1")
+    run(tpl.clone(s, "t2", names=["d1"]))
+    assert env.exec("d1", "cat /root/layer2").strip() == "second"
+    assert env.exec("d1", "md5sum /root/data | cut -d' ' -f1") == \
+        env.exec("d1", "cat /root/data.md5")
+    assert "crng reseeded due to virtual machine fork" in env.exec("d1", "dmesg")
+    run(tpl.remove(s, "t2", force=True))
+    run(tpl.remove(s, "t"))

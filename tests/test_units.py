@@ -345,8 +345,10 @@ def test_parse_port(text: str, ok: tuple[int, int] | None) -> None:
 
 # -- the guest agent's framing, against a fake agent ------------------------------------
 def fake_agent_exec(tmp_path: Path, answer: Callable[[bytes], bytes],
-                    timeout: float = 5.0) -> ExecResult:
-    """Run SerialAgent.exec against a socket server answering with *answer(nonce)*."""
+                    timeout: float = 5.0,
+                    resend: Callable[[bytes], bytes] | None = None) -> ExecResult:
+    """Run SerialAgent.exec against a socket server answering with *answer(nonce)*
+    and a request to resend with *resend(nonce)* (default: *answer*)."""
     sock = str(tmp_path / "agent.sock")
 
     async def main() -> ExecResult:
@@ -356,7 +358,11 @@ def fake_agent_exec(tmp_path: Path, answer: Callable[[bytes], bytes],
             assert base64.b64decode(payload) == b"echo hi"
             writer.write(answer(nonce))
             await writer.drain()
-            await reader.read()
+            while line := await reader.readline():
+                nonce, payload = line.split()
+                assert payload == b"!resend"
+                writer.write((resend or answer)(nonce))
+                await writer.drain()
             writer.close()
 
         server = await asyncio.start_unix_server(serve, sock)
@@ -395,6 +401,15 @@ def test_agent_detects_output_lost_in_transit(tmp_path: Path) -> None:
 
     with pytest.raises(errors.GuestError, match="cut short in transit"):
         fake_agent_exec(tmp_path, cut)
+
+
+def test_agent_asks_again_for_output_lost_in_transit(tmp_path: Path) -> None:
+    def cut(n: bytes) -> bytes:
+        lines = frame(n, b"x" * 1000, 0, 1000).split(b"\n")
+        return b"\n".join(lines[:3] + lines[5:])
+
+    r = fake_agent_exec(tmp_path, cut, resend=lambda n: frame(n, b"x" * 1000, 0, 1000))
+    assert (r.status, r.output) == (0, b"x" * 1000)
 
 
 def test_agent_garbled_status(tmp_path: Path) -> None:

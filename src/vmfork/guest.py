@@ -24,6 +24,12 @@ from .errors import GuestError, InvalidInput, VmforkTimeout
 from .machine import deadline
 
 MAX_COMMAND = 3000
+#: How often to ask the agent to resend an answer that arrived incomplete.
+RESENDS = 3
+
+
+class CutShort(GuestError):
+    """An answer lost bytes between guest and host; it can be asked for again."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,19 @@ class SerialAgent:
             try:
                 writer.write(nonce + b" " + payload + b"\n")
                 await writer.drain()
-                status, out = await deadline(self._answer(reader, nonce), timeout,
-                                             f"guest command on {self.name}", command[:60])
+                for attempt in range(RESENDS + 1):
+                    try:
+                        status, out = await deadline(
+                            self._answer(reader, nonce), timeout,
+                            f"guest command on {self.name}", command[:60])
+                        break
+                    except CutShort:
+                        if attempt == RESENDS:
+                            raise
+                        # Ask for the same answer again; the command is not rerun.
+                        nonce = secrets.token_hex(6).encode()
+                        writer.write(nonce + b" !resend\n")
+                        await writer.drain()
             finally:
                 writer.close()
                 with contextlib.suppress(Exception):
@@ -94,16 +111,21 @@ class SerialAgent:
             if line == nonce + b" BEGIN":
                 inside, chunks = True, []
             elif line.startswith(nonce + b" END "):
+                fields = line.split()
                 try:
-                    fields = line.split()
-                    status, out = int(fields[2]), base64.b64decode(b"".join(chunks))
-                    size = int(fields[3]) if len(fields) > 3 else len(out)
-                except (ValueError, binascii.Error) as exc:
+                    status = int(fields[2])
+                    size = int(fields[3]) if len(fields) > 3 else -1
+                except (ValueError, IndexError) as exc:
                     raise GuestError(f"{self.name}: garbled answer from the agent") from exc
-                if len(out) != size:
+                try:
+                    out = base64.b64decode(b"".join(chunks), validate=True)
+                except (ValueError, binascii.Error) as exc:
+                    raise CutShort(f"{self.name}: the command's output arrived garbled") \
+                        from exc
+                if size >= 0 and len(out) != size:
                     # QEMU's virtconsole drops data when its socket is full.
-                    raise GuestError(f"{self.name}: the command's output was cut short in "
-                                     f"transit ({len(out)} of {size} bytes arrived)")
+                    raise CutShort(f"{self.name}: the command's output was cut short in "
+                                   f"transit ({len(out)} of {size} bytes arrived)")
                 return status, out
             elif inside:
                 chunks.append(line)

@@ -332,7 +332,7 @@ async def pause(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
 async def resume(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
     async with attached(store, name, timeouts) as (rec, m):
         st = await m.status()
-        if st != "paused":
+        if st not in ("paused", "postmigrate"):  # postmigrate: after an export
             raise StateError(f"{name} is not paused (it is {st})")
         await m.resume()
         rec.state = "running"
