@@ -34,7 +34,7 @@ run template ls
 
 say "4. Three copy-on-write clones"
 clones=$(json clone demo-tpl -n 3)
-echo "$clones" | field '"\n".join(f"{c[\"name\"]}: state loaded {c[\"state_loaded\"]*1000:.0f} ms, running {c[\"running\"]*1000:.0f} ms, answering {c[\"responsive\"]*1000:.0f} ms" for c in d)'
+echo "$clones" | field '"\n".join("%s: state loaded %.0f ms, running %.0f ms, answering %.0f ms" % (c["name"], c["state_loaded"]*1000, c["running"]*1000, c["responsive"]*1000) for c in d)'
 for c in demo-tpl-1 demo-tpl-2 demo-tpl-3; do
   got=$("$V" exec "$c" -- md5sum /root/data | cut -d' ' -f1)
   host=$("$V" exec "$c" -- hostname)
@@ -55,7 +55,9 @@ if "$V" update --help >/dev/null 2>&1; then
   run exec demo-tpl-1 -- cat /run/counter
   run update demo-tpl-1 --mode copy
   run update demo-tpl-1
-  run exec demo-tpl-1 -- 'cat /run/counter; md5sum /root/data'
+  run exec demo-tpl-1 -- cat /run/counter
+  got=$("$V" exec demo-tpl-1 -- md5sum /root/data | cut -d' ' -f1)
+  echo "demo-tpl-1: data md5 after two updates $([ "$got" = "$md5" ] && echo intact || echo "CHANGED ($got, was $md5)")"
 fi
 
 if "$V" save --help >/dev/null 2>&1; then
