@@ -50,8 +50,8 @@ def test_mirror_from_deb822_sources(tmp_path: Path) -> None:
 def test_mirror_from_one_line_sources(tmp_path: Path) -> None:
     (tmp_path / "sources.list.d").mkdir()
     (tmp_path / "sources.list").write_text(
-        "# deb http://commented.invalid/debian bookworm main\n"
-        "deb http://x.invalid/debian bookworm-backports main\n"
+        "# deb " "http://commented.invalid/debian bookworm main\n"
+        "deb " "http://x.invalid/debian bookworm-backports main\n"
         "deb [arch=amd64 signed-by=/k.gpg] http://mirror.invalid/debian bookworm main\n")
     assert debian_mirror(tmp_path) == "http://mirror.invalid/debian"
     (tmp_path / "sources.list").write_text("")
