@@ -279,3 +279,11 @@ def test_argv_escapes_commas_in_paths() -> None:
     # -kernel takes a plain file name, not an option list: no escaping there.
     argv = build_argv(make_spec(kernel="/k,1/vmlinuz"), PATHS)
     assert opt(argv, "-kernel") == ["/k,1/vmlinuz"]
+
+
+def test_parse_memory_list() -> None:
+    from vmfork.spec import parse_memory_list
+    assert parse_memory_list("256M, 1G,4G") == (256, 1024, 4096)
+    for bad in ("", " , ", "256M,12Q"):
+        with pytest.raises(InvalidInput):
+            parse_memory_list(bad)

@@ -81,6 +81,14 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def report(as_json: bool, data: Any, text: str) -> None:
+    """Print *data* as JSON with ``--json``, else the one-line *text*."""
+    if as_json:
+        emit_json(data)
+    else:
+        out.print(text, markup=False)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"vmfork: error: {message}", markup=False)
     sys.exit(code)
@@ -185,11 +193,8 @@ def run(name: str, demo: bool, kernel: str | None, initrd: str | None, append: s
                          memory_backend=memory_backend, accel=accel, qemu=qemu,
                          persistent=persistent, image=image_name, overlay=overlay, qga=qga)
     result = run_async(vm.run(store(), opts))
-    if as_json:
-        emit_json(result)
-    else:
-        out.print(f"{name}: running (pid {result['pid']}, ready in "
-                  f"{result['boot_seconds']:.2f} s, accel {result['accel']})")
+    report(as_json, result, f"{name}: running (pid {result['pid']}, ready in "
+                            f"{result['boot_seconds']:.2f} s, accel {result['accel']})")
 
 
 @main.command("ls")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import snapshot
-from .cli import bench, emit_json, main, out, run_async, store
+from .cli import bench, emit_json, main, out, report, run_async, store
 
 
 @main.command("save")
@@ -74,19 +74,13 @@ def import_cmd(file: str, name: str, as_template: bool, persistent: bool,
     if as_template:
         manifest = run_async(snapshot.import_template(s, file, name, persistent=persistent,
                                                       memory_dir=memory_dir))
-        if as_json:
-            emit_json(manifest)
-        else:
-            out.print(f"template {name}: imported from {file} (memory file "
-                      f"{manifest['memory_file']})")
+        report(as_json, manifest, f"template {name}: imported from {file} (memory file "
+                                  f"{manifest['memory_file']})")
         return
     result = run_async(snapshot.import_(s, file, name, persistent=persistent,
                                         memory_dir=memory_dir))
-    if as_json:
-        emit_json(result)
-    else:
-        out.print(f"{name}: running (pid {result['pid']}), imported from {file} in "
-                  f"{result['seconds']:.2f} s")
+    report(as_json, result, f"{name}: running (pid {result['pid']}), imported from {file} "
+                            f"in {result['seconds']:.2f} s")
 
 
 @bench.command("save")
@@ -102,9 +96,9 @@ def import_cmd(file: str, name: str, as_template: bool, persistent: bool,
 def bench_save_cmd(sizes: str, fill: float, samples: int, accel: str, as_json: bool) -> None:
     """vmfork save/restore against a full-RAM save to a file and its restore."""
     from . import bench_save
-    from .spec import parse_memory
+    from .spec import parse_memory_list
 
-    mibs = tuple(parse_memory(x.strip()) for x in sizes.split(",") if x.strip())
+    mibs = parse_memory_list(sizes)
     params = bench_save.SaveBench(sizes_mib=mibs, fill=fill, samples=samples, accel=accel)
     if not as_json:
         params.progress = lambda msg: out.print(f"[dim]{msg}[/dim]")

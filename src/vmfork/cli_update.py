@@ -9,7 +9,7 @@ import click
 from . import bench_update
 from . import update as upd
 from .cli import bench, emit_json, main, out, run_async, store
-from .spec import parse_memory
+from .spec import parse_memory_list
 from .timeouts import DEFAULT
 
 
@@ -66,7 +66,7 @@ def update_cmd(name: str, qemu: str | None, mode: str, timeout: float | None,
 @click.option("--json", "as_json", is_flag=True)
 def bench_update_cmd(sizes: str, fill: float, repeat: int, modes: str, as_json: bool) -> None:
     """Live update in each mode at several RAM sizes, with ratios to copy."""
-    size_list = [parse_memory(s.strip()) for s in sizes.split(",") if s.strip()]
+    size_list = list(parse_memory_list(sizes))
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     result = run_async(bench_update.run(store(), size_list, mode_list, fill=fill,
                                         repeat=repeat, progress=not as_json))

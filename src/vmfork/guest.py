@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import GuestError, InvalidInput, VmforkTimeout
+from .errors import GuestError, InvalidInput
 from .machine import deadline
 
 MAX_COMMAND = 3000
@@ -130,20 +130,3 @@ class SerialAgent:
             elif inside:
                 chunks.append(line)
 
-
-async def wait_agent(agent: SerialAgent, timeout: float) -> float:
-    """Wait until the agent answers a no-op; return the seconds it took."""
-    t0 = time.monotonic()
-
-    async def ping() -> None:
-        while True:
-            try:
-                await agent.exec("true", timeout=max(1.0, timeout))
-                return
-            except GuestError:
-                await asyncio.sleep(0.05)
-    try:
-        await deadline(ping(), timeout, f"the guest agent of {agent.name}")
-    except VmforkTimeout:
-        raise
-    return time.monotonic() - t0

@@ -63,6 +63,14 @@ def parse_memory(text: str | int) -> int:
     return mib
 
 
+def parse_memory_list(text: str) -> tuple[int, ...]:
+    """Parse ``256M,1G,4G`` into MiB values; at least one is required."""
+    sizes = tuple(parse_memory(x.strip()) for x in text.split(",") if x.strip())
+    if not sizes:
+        raise InvalidInput(f"invalid size list {text!r}: use e.g. 256M,1G")
+    return sizes
+
+
 def new_mac() -> str:
     """A random locally administered unicast MAC in QEMU's 52:54:00 style."""
     b = uuid.uuid4().bytes

@@ -34,7 +34,6 @@ from . import identity, migration, vm
 from .errors import (
     AlreadyExists,
     InvalidInput,
-    NotFound,
     StateError,
     TemplateError,
 )
@@ -438,8 +437,5 @@ async def remove(store: Store, name: str, force: bool = False,
 
 
 def get(store: Store, name: str) -> dict[str, Any]:
-    try:
-        return store.get_template(check_name(name, "template"))
-    except NotFound:
-        raise NotFound(f"no template named {name!r}") from None
+    return store.get_template(check_name(name, "template"))
 
