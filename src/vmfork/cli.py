@@ -219,11 +219,14 @@ def ls(as_json: bool) -> None:
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True)
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for the command.")
-def exec_cmd(name: str, command: tuple[str, ...], timeout: float | None) -> None:
+@click.option("--agent", type=click.Choice(vm.AGENTS), default="auto", show_default=True,
+              help="Guest agent: qemu-guest-agent where the VM has one, else the serial "
+                   "agent.")
+def exec_cmd(name: str, command: tuple[str, ...], timeout: float | None, agent: str) -> None:
     """Run COMMAND in the guest; print its output and exit with its status."""
     import shlex
     cmd = command[0] if len(command) == 1 else shlex.join(command)
-    result = run_async(vm.exec_(store(), name, cmd, timeout=timeout))
+    result = run_async(vm.exec_(store(), name, cmd, timeout=timeout, agent=agent))
     sys.stdout.buffer.write(result.output)
     sys.stdout.flush()
     sys.exit(result.status)

@@ -367,12 +367,42 @@ def agent_for(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> Seri
                        name=rec.name, connect_timeout=timeouts.agent)
 
 
+#: Which guest agent runs a command: ``auto`` = qemu-guest-agent when the VM
+#: has its port, else the serial agent of the demo guest.
+AGENTS = ("auto", "serial", "qga")
+
+
+def agent_kind(rec: VMRecord, agent: str = "auto") -> str:
+    """Resolve *agent* (one of :data:`AGENTS`) for *rec*."""
+    if agent not in AGENTS:
+        raise InvalidInput(f"invalid agent {agent!r}: use one of {', '.join(AGENTS)}")
+    if agent == "auto":
+        return "qga" if rec.spec.qga else "serial"
+    if agent == "qga" and not rec.spec.qga:
+        raise StateError(f"{rec.name} has no guest agent port (start it with --qga)")
+    return agent
+
+
+async def guest_exec(store: Store, rec: VMRecord, command: str, timeout: float | None = None,
+                     timeouts: Timeouts = DEFAULT, agent: str = "auto") -> ExecResult:
+    """Run *command* with ``sh`` in the guest of *rec* (in ``/root``) through
+    its guest agent; return output and exit status. With qemu-guest-agent the
+    output is stdout followed by stderr; with the serial agent they interleave."""
+    t = timeout or timeouts.exec
+    if agent_kind(rec, agent) == "qga":
+        async with qga_for(store, rec, timeouts) as g:
+            return await g.exec(f"cd /root 2>/dev/null; {command}", t)
+    return await agent_for(store, rec, timeouts).exec(command, t)
+
+
 async def exec_(store: Store, name: str, command: str,
-                timeout: float | None = None, timeouts: Timeouts = DEFAULT) -> ExecResult:
+                timeout: float | None = None, timeouts: Timeouts = DEFAULT,
+                agent: str = "auto") -> ExecResult:
+    """Run *command* in the guest of the running VM *name* (see :func:`guest_exec`)."""
     rec = get_live(store, name)
     if rec.state == "paused":
         raise StateError(f"{name} is paused; resume it first")
-    return await agent_for(store, rec, timeouts).exec(command, timeout or timeouts.exec)
+    return await guest_exec(store, rec, command, timeout, timeouts, agent)
 
 
 def qga_for(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> GuestAgent:
