@@ -13,13 +13,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import fcntl
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
+from . import locking
 from .errors import GuestError, InvalidInput
 from .machine import deadline
 
@@ -62,7 +61,11 @@ class SerialAgent:
             raise InvalidInput(f"guest command too long ({len(command)} bytes)")
         t0 = time.monotonic()
         nonce = secrets.token_hex(6).encode()
-        lockf = await asyncio.to_thread(self._lock)
+        # Another command on this VM holds the channel for at most its own
+        # deadline; wait about as long as ours.
+        lockf = await locking.acquire_async(
+            self.lock_path, timeout + self.connect_timeout,
+            f"{self.name}: the guest agent is busy with another command")
         try:
             try:
                 reader, writer = await deadline(
@@ -94,11 +97,6 @@ class SerialAgent:
         finally:
             lockf.close()
         return ExecResult(status, out, time.monotonic() - t0)
-
-    def _lock(self) -> IO[str]:
-        f = open(self.lock_path, "w")  # noqa: SIM115 - closed by the caller
-        fcntl.flock(f, fcntl.LOCK_EX)
-        return f
 
     async def _answer(self, reader: asyncio.StreamReader, nonce: bytes) -> tuple[int, bytes]:
         chunks: list[bytes] = []

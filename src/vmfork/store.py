@@ -10,7 +10,6 @@ dataclasses; the catalog does no QEMU work.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sqlite3
@@ -20,11 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AlreadyExists, InvalidInput, NotFound, StateError
+from . import locking
+from .errors import AlreadyExists, InvalidInput, NotFound
 from .spec import RunPaths, VMSpec, check_name
+from .timeouts import scale
 
 #: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
 MAX_SOCKET_PATH = 107
+#: How long a command waits for another one working on the same VM (the
+#: longest legitimate holder is a copy-mode update or save of a large VM).
+LOCK_WAIT = 300.0 * scale()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -48,18 +52,24 @@ CREATE TABLE IF NOT EXISTS pool_members (
     spec      TEXT NOT NULL,
     pid       INTEGER NOT NULL,
     pid_start REAL,
-    created   REAL NOT NULL
+    created   REAL NOT NULL,
+    warm      INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pool_targets (
     template  TEXT PRIMARY KEY,
-    size      INTEGER NOT NULL
+    size      INTEGER NOT NULL,
+    warm      INTEGER NOT NULL DEFAULT 0
 );
 """
+#: Columns added after the first release: (table, column, declaration).
+_ADDED_COLUMNS = (("pool_members", "warm", "INTEGER NOT NULL DEFAULT 0"),
+                  ("pool_targets", "warm", "INTEGER NOT NULL DEFAULT 0"))
 
 
 @dataclass
 class PoolMember:
-    """A QEMU process spawned for a template, waiting for its device state."""
+    """A QEMU process spawned for a template, waiting for its device state
+    (or, *warm*, with the state loaded, run once and paused again)."""
 
     id: str
     template: str
@@ -67,6 +77,7 @@ class PoolMember:
     pid: int
     pid_start: float | None
     created: float
+    warm: bool = False
 
 
 def default_home() -> Path:
@@ -105,6 +116,10 @@ class Store:
         self._db = sqlite3.connect(self.home / "vmfork.db", timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -142,25 +157,22 @@ class Store:
         return self.home / "vms" / check_name(name)
 
     @contextlib.contextmanager
-    def lock(self, name: str, wait: bool = True) -> Iterator[None]:
+    def lock(self, name: str, wait: bool | float = True) -> Iterator[None]:
         """Serialise operations on one VM across vmfork processes.
 
-        With ``wait=False`` a lock held by another process raises StateError
-        at once instead of waiting."""
+        Waits up to :data:`LOCK_WAIT` seconds (or *wait* seconds) for another
+        process to finish; ``wait=False`` raises StateError at once if the
+        lock is held."""
         if not name or "/" in name or "\0" in name or name.startswith("."):
             raise InvalidInput(f"invalid lock name {name!r}")  # it becomes a file name
         locks = self.home / "locks"
         locks.mkdir(exist_ok=True)
-        with open(locks / f"{name}.lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError as exc:
-                raise StateError(f"{name} is busy: another vmfork command is working on it") \
-                    from exc
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        seconds = 0.0 if wait is False else LOCK_WAIT if wait is True else float(wait)
+        busy = f"{name} is busy: another vmfork command is working on it"
+        if seconds:
+            busy += f" (waited {seconds:g} s)"
+        with locking.held(locks / f"{name}.lock", seconds, busy):
+            yield
 
     # -- VMs --------------------------------------------------------------
     def add_vm(self, rec: VMRecord) -> None:
@@ -243,15 +255,15 @@ class Store:
     # -- warm pool ----------------------------------------------------------
     def add_pool_member(self, m: PoolMember) -> None:
         self._db.execute(
-            "INSERT INTO pool_members (id, template, spec, pid, pid_start, created)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (m.id, m.template, m.spec.to_json(), m.pid, m.pid_start, m.created))
+            "INSERT INTO pool_members (id, template, spec, pid, pid_start, created, warm)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (m.id, m.template, m.spec.to_json(), m.pid, m.pid_start, m.created, int(m.warm)))
 
     def pool_members(self, template: str | None = None) -> list[PoolMember]:
-        q = "SELECT id, template, spec, pid, pid_start, created FROM pool_members"
+        q = "SELECT id, template, spec, pid, pid_start, created, warm FROM pool_members"
         rows = self._db.execute(q + " WHERE template=? ORDER BY created", (template,)) \
             if template else self._db.execute(q + " ORDER BY created")
-        return [PoolMember(r[0], r[1], VMSpec.from_json(r[2]), r[3], r[4], r[5])
+        return [PoolMember(r[0], r[1], VMSpec.from_json(r[2]), r[3], r[4], r[5], bool(r[6]))
                 for r in rows.fetchall()]
 
     def take_pool_member(self, member_id: str) -> bool:
@@ -264,6 +276,14 @@ class Store:
                                (template,)).fetchone()
         return int(row[0]) if row else 0
 
-    def set_pool_target(self, template: str, size: int) -> None:
-        self._db.execute("INSERT OR REPLACE INTO pool_targets (template, size) VALUES (?, ?)",
-                         (template, size))
+    def pool_warm(self, template: str) -> bool:
+        """Whether the pool of *template* keeps warm members (see PoolMember)."""
+        row = self._db.execute("SELECT warm FROM pool_targets WHERE template=?",
+                               (template,)).fetchone()
+        return bool(row[0]) if row else False
+
+    def set_pool_target(self, template: str, size: int, warm: bool | None = None) -> None:
+        """Set the pool size of *template*; *warm* None keeps the current kind."""
+        w = self.pool_warm(template) if warm is None else warm
+        self._db.execute("INSERT OR REPLACE INTO pool_targets (template, size, warm) "
+                         "VALUES (?, ?, ?)", (template, size, int(w)))

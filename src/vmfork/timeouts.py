@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, replace
 
 
-def _scale() -> float:
+def scale() -> float:
     """Slow hosts may stretch every deadline with ``VMFORK_TIMEOUT_SCALE``."""
     try:
         return max(0.1, float(os.environ.get("VMFORK_TIMEOUT_SCALE", "1")))
@@ -27,7 +27,7 @@ class Timeouts:
     agent: float = 10.0      # connect to the guest agent
 
     def scaled(self) -> Timeouts:
-        s = _scale()
+        s = scale()
         if s == 1.0:
             return self
         return replace(self, **{k: v * s for k, v in self.__dict__.items()})
