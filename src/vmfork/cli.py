@@ -54,7 +54,24 @@ def exit_code(exc: VmforkError) -> int:
 
 
 class VmforkGroup(click.Group):
-    """Turns VmforkError into one line on stderr and an exit status."""
+    """Turns VmforkError and click's usage errors into one line on stderr and
+    an exit status (2 for bad usage)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            err.print(f"vmfork: error: {exc.format_message()}{hint}", markup=False)
+            sys.exit(2)
+        except click.ClickException as exc:
+            err.print(f"vmfork: error: {exc.format_message()}", markup=False)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            err.print("vmfork: interrupted")
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
