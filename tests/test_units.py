@@ -421,3 +421,242 @@ def test_agent_unreachable(tmp_path: Path) -> None:
     agent = SerialAgent(str(tmp_path / "none.sock"), tmp_path / "agent.lock", name="g")
     with pytest.raises(errors.GuestError, match="cannot reach the guest agent"):
         asyncio.run(agent.exec("true"))
+
+
+# -- templates with disks, clone identity, hooks (no QEMU) ------------------------------
+from vmfork import identity  # noqa: E402
+from vmfork import template as tpl  # noqa: E402
+from vmfork.spec import DiskSpec, NetSpec  # noqa: E402
+
+
+def fake_sysfs(tmp_path: Path, nics: dict[str, tuple[str, bool]]) -> Path:
+    """A /sys/class/net look-alike: name -> (address, backed by a device)."""
+    d = tmp_path / "net"
+    d.mkdir()
+    (d / "bonding_masters").write_text("")  # a file, not an interface
+    for name, (addr, device) in nics.items():
+        (d / name).mkdir()
+        (d / name / "address").write_text(addr + "\n")
+        if device:
+            (d / name / "device").mkdir()
+    return d
+
+
+def run_mac_command(sysfs: Path, mac: str, old: str | None, shell: str = "sh"
+                    ) -> subprocess.CompletedProcess[str]:
+    cmd = identity.mac_command(mac, old).replace("/sys/class/net", str(sysfs))
+    return subprocess.run([shell, "-c", 'ip() { echo "ip $*"; }; ' + cmd],
+                          capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.parametrize("shell", ["sh", "busybox"])
+def test_mac_command_finds_the_nic_by_the_template_mac(tmp_path: Path, shell: str) -> None:
+    if shutil.which(shell) is None:
+        pytest.skip(f"no {shell}")
+    sysfs = fake_sysfs(tmp_path, {"lo": ("00:00:00:00:00:00", False),
+                                  "enp0s2": ("52:54:00:00:00:01", True),
+                                  "enp0s3": ("52:54:00:00:00:02", True)})
+    argv = [shell] if shell == "sh" else [shell, "sh"]
+    cmd = identity.mac_command("52:54:00:AA:BB:CC", "52:54:00:00:00:02")
+    p = subprocess.run([*argv, "-c", 'ip() { echo "ip $*"; }; ' +
+                        cmd.replace("/sys/class/net", str(sysfs))],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["ip link set dev enp0s3 down",
+                                     "ip link set dev enp0s3 address 52:54:00:aa:bb:cc up"]
+
+
+def test_mac_command_falls_back_to_the_only_device(tmp_path: Path) -> None:
+    sysfs = fake_sysfs(tmp_path, {"lo": ("00:00:00:00:00:00", False),
+                                  "eth0": ("52:54:00:00:00:09", True)})
+    p = run_mac_command(sysfs, "52:54:00:aa:bb:cc", "52:54:00:00:00:01")
+    assert p.returncode == 0 and "ip link set dev eth0 down" in p.stdout
+
+
+def test_mac_command_fails_without_a_nic(tmp_path: Path) -> None:
+    sysfs = fake_sysfs(tmp_path, {"lo": ("00:00:00:00:00:00", False),
+                                  "a": ("52:54:00:00:00:08", True),
+                                  "b": ("52:54:00:00:00:09", True)})
+    p = run_mac_command(sysfs, "52:54:00:aa:bb:cc", "52:54:00:00:00:01")
+    assert p.returncode != 0 and p.stdout == ""
+    assert "no network interface to give the MAC 52:54:00:aa:bb:cc" in p.stderr
+
+
+def test_identity_command_text() -> None:
+    cmd = identity.identity_command(hostname="web-1", mac="52:54:00:aa:bb:cc",
+                                    new_machine_id=True, old_mac="52:54:00:00:00:01")
+    assert "echo web-1 > /proc/sys/kernel/hostname && echo web-1 > /etc/hostname" in cmd
+    assert "127.0.1.1\t'web-1'" in cmd and "/etc/hosts" in cmd
+    assert "> /etc/machine-id" in cmd and "[ -L /var/lib/dbus/machine-id ]" in cmd
+    assert "52:54:00:00:00:01" in cmd and "address 52:54:00:aa:bb:cc up" in cmd
+    assert "eth0" not in cmd
+    bare = identity.identity_command(hostname="x", new_machine_id=False)
+    assert "ip link" not in bare and "machine-id" not in bare
+    assert subprocess.run(["sh", "-n", "-c", cmd], timeout=10).returncode == 0
+    assert identity.clock_command(1700000000.4) == "date -u -s @1700000000 >/dev/null"
+
+
+def test_identity_command_edits_hosts_and_machine_id(tmp_path: Path) -> None:
+    root = tmp_path
+    (root / "etc").mkdir()
+    (root / "proc").mkdir()
+    (root / "dbus").mkdir()
+    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\tvmfork\n::1\tip6\n")
+    (root / "proc/uuid").write_text("0f8fad5b-d9cb-469f-a165-70867728950e\n")
+    (root / "dbus/machine-id").write_text("old\n")
+    cmd = identity.identity_command(hostname="c-2", new_machine_id=True)
+    for real, fake in (("/proc/sys/kernel/hostname", "hostname.kernel"),
+                       ("/proc/sys/kernel/random/uuid", "proc/uuid"),
+                       ("/var/lib/dbus/", "dbus/"), ("/etc/", "etc/")):
+        cmd = cmd.replace(real, f"{root}/{fake}")
+    p = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0, p.stderr
+    assert (root / "hostname.kernel").read_text() == "c-2\n"
+    assert (root / "etc/hostname").read_text() == "c-2\n"
+    assert (root / "etc/hosts").read_text() == \
+        "127.0.0.1\tlocalhost\n127.0.1.1\tc-2\n::1\tip6\n"
+    assert (root / "etc/machine-id").read_text() == "0f8fad5bd9cb469fa16570867728950e\n"
+    assert (root / "dbus/machine-id").read_text() == "0f8fad5bd9cb469fa16570867728950e\n"
+
+
+def disk_template_manifest(tmp_path: Path) -> dict[str, object]:
+    tdir = tmp_path / "templates" / "t"
+    tdir.mkdir(parents=True)
+    base = tmp_path / "base.qcow2"
+    base.write_bytes(b"base")
+    overlay = tdir / "disk0.qcow2"
+    overlay.write_bytes(b"overlay")
+    spec = VMSpec(name="t", memory_mib=256, memory=MemorySpec(path="/m/t.mem", share=False,
+                                                              readonly=True),
+                  kernel="/k", net=NetSpec(mac="52:54:00:00:00:01"),
+                  disks=(DiskSpec(path=str(overlay), backing=str(base), backing_format="qcow2"),
+                         DiskSpec(path="/iso/tools.raw", format="raw", readonly=True)))
+    return {"name": "t", "memory_file": "/m/t.mem", "spec": json.loads(spec.to_json()),
+            "disks": [tpl.disk_record(overlay, 0, str(base))]}
+
+
+def test_clone_spec_gives_each_clone_its_own_overlays(tmp_path: Path) -> None:
+    manifest = disk_template_manifest(tmp_path)
+    vdir = tmp_path / "vms" / "c1"
+    spec = tpl.clone_spec(manifest, "c1", vdir)
+    overlay, iso = spec.disks
+    assert overlay == DiskSpec(path=str(vdir / "disk0.qcow2"), format="qcow2",
+                               backing=str(tmp_path / "templates/t/disk0.qcow2"),
+                               backing_format="qcow2")
+    assert iso == DiskSpec(path="/iso/tools.raw", format="raw", readonly=True)
+    assert spec.net is not None and spec.net.mac != "52:54:00:00:00:01"
+    assert tpl.template_mac(manifest) == "52:54:00:00:00:01"
+    assert spec.memory == MemorySpec(path="/m/t.mem", share=False, readonly=True)
+    # A pool member's directory renamed to its clone's: the disk paths follow.
+    moved = tpl.move_disks(spec, vdir, tmp_path / "vms" / "c2")
+    assert moved.disks[0].path == str(tmp_path / "vms/c2/disk0.qcow2")
+    assert moved.disks[0].backing == overlay.backing and moved.disks[1] == iso
+
+
+def test_check_disks_refuses_missing_or_changed_overlays(tmp_path: Path) -> None:
+    manifest = disk_template_manifest(tmp_path)
+    tpl.check_disks(manifest)
+    overlay = tmp_path / "templates/t/disk0.qcow2"
+    with open(overlay, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(errors.TemplateError, match=r"disk0\.qcow2 was modified"):
+        tpl.check_disks(manifest)
+    overlay.unlink()
+    with pytest.raises(errors.TemplateError, match=r"disk0\.qcow2 is missing"):
+        tpl.check_disks(manifest)
+    manifest = disk_template_manifest(tmp_path / "again")
+    base = tmp_path / "again/base.qcow2"
+    base.write_bytes(b"rebuilt base")
+    with pytest.raises(errors.TemplateError, match=r"base\.qcow2 under its disk changed"):
+        tpl.check_disks(manifest)
+    base.unlink()
+    with pytest.raises(errors.TemplateError, match=r"base\.qcow2 under its disk is missing"):
+        tpl.check_disks(manifest)
+    tpl.check_disks({"name": "old"})  # a template without disks
+
+
+def test_adopt_files_moves_overlays_read_only(tmp_path: Path) -> None:
+    src, tdir = tmp_path / "vms/src", tmp_path / "templates/t"
+    src.mkdir(parents=True)
+    tdir.mkdir(parents=True)
+    (src / "disk0.qcow2").write_bytes(b"overlay")
+    (src / "kernel").write_bytes(b"imported kernel")
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"base")
+    spec = VMSpec(name="src", memory_mib=256, memory=MemorySpec(path="/m"),
+                  kernel=str(src / "kernel"), initrd="/boot/initrd",
+                  disks=(DiskSpec(path=str(src / "disk0.qcow2"), backing=str(base),
+                                  backing_format="raw"),
+                         DiskSpec(path="/iso.raw", format="raw", readonly=True)))
+    disks, entries, files = tpl._adopt_files(spec, src, tdir)
+    assert disks[0].path == str(tdir / "disk0.qcow2") and disks[0].backing == str(base)
+    assert disks[1] == spec.disks[1]
+    assert (tdir / "disk0.qcow2").stat().st_mode & 0o777 == 0o444
+    assert not (src / "disk0.qcow2").exists()
+    assert entries == [tpl.disk_record(tdir / "disk0.qcow2", 0, str(base))]
+    assert files == {"kernel": str(tdir / "kernel")}
+    # A failure puts back what was moved.
+    (tdir / "disk0.qcow2").chmod(0o644)
+    os.rename(tdir / "disk0.qcow2", src / "disk0.qcow2")
+    os.rename(tdir / "kernel", src / "kernel")
+    (tdir / "kernel").mkdir()
+    (tdir / "kernel" / "x").write_text("in the way")
+    with pytest.raises(OSError):
+        tpl._adopt_files(spec.with_(kernel=str(src / "kernel")), src, tdir / "kernel" / "x")
+    assert (src / "disk0.qcow2").read_bytes() == b"overlay"
+
+
+def test_templates_need_overlays() -> None:
+    spec = VMSpec(name="v", memory_mib=256, memory=MemorySpec(path="/m"),
+                  disks=(DiskSpec(path="/img.raw", format="raw"),))
+    with pytest.raises(errors.TemplateError, match="without an overlay"):
+        tpl.check_disks_templatable(spec)
+    tpl.check_disks_templatable(spec.with_(disks=(DiskSpec(path="/img.raw", readonly=True),)))
+
+
+def test_hook_failure_message_is_one_line() -> None:
+    msg = tpl.hook_failure("c-1", 5, "step one\nstep two\n\nit broke\n")
+    assert msg == "c-1: the on-clone hook failed with status 5: step one | step two | it broke"
+    long = tpl.hook_failure("c-1", 1, "x" * 1000 + "\nend")
+    assert "\n" not in long and long.endswith("x | end") and len(long) < 400
+    assert tpl.hook_failure("c", 2, "") == "c: the on-clone hook failed with status 2 (no output)"
+
+
+def test_clone_result_json_has_hook_fields() -> None:
+    r = tpl.CloneResult("c", 1, False, 0.1, 0.2, 0.3, 0.44444, hook_status=0,
+                        hook_output="hi\n", hook_done=0.55556)
+    assert r.to_dict()["hook_output"] == "hi\n" and r.to_dict()["hook_done"] == 0.5556
+    assert tpl.CloneResult("c", 1, True, 0, 0, 0, 0).to_dict()["hook_status"] is None
+
+
+def test_template_rm_refuses_a_parent(tmp_path: Path) -> None:
+    s = Store(tmp_path / "home", tmp_path / "mem")
+    s.add_template("t1", {"name": "t1", "parent": None, "memory_file": "/m/1"})
+    s.add_template("t2", {"name": "t2", "parent": "t1", "memory_file": "/m/2"})
+    with pytest.raises(errors.StateError, match=r"t1 has child templates \(t2\)"):
+        asyncio.run(tpl.remove(s, "t1", force=True))
+    assert s.has_template("t1") and tpl.children_of(s, "t1") == ["t2"]
+    s.close()
+
+
+def test_nested_deadlines_end_at_the_outer_one() -> None:
+    """A polling loop of short waits, each under its own deadline, ends at
+    the outer deadline (with asyncio.wait_for under Python 3.11 the inner
+    waits swallowed the outer cancellation 28 times in 30)."""
+    from vmfork.machine import deadline
+
+    async def poll() -> str:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            await deadline(asyncio.sleep(0.001), 10, "one poll")
+        return "ran to the end"
+
+    async def go() -> None:
+        for _ in range(30):
+            t0 = time.monotonic()
+            with pytest.raises(errors.VmforkTimeout, match="the poll"):
+                await deadline(poll(), 0.02, "the poll")
+            assert time.monotonic() - t0 < 0.3
+        assert await deadline(asyncio.sleep(0, result=1), 1.0, "x") == 1
+
+    asyncio.run(go())

@@ -26,26 +26,38 @@ def template() -> None:
 @click.option("--prepare", help="With --demo: shell command run in the guest first.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
               show_default=True)
+@click.option("--on-clone", "on_clone", metavar="CMD",
+              help="Default hook: shell command run in each clone after its identity is "
+                   "set, before 'clone' returns; a clone whose hook fails is removed. "
+                   "'vmfork clone --on-clone' replaces it for one call.")
 @click.option("--json", "as_json", is_flag=True)
 def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
-                    prepare: str | None, accel: str, as_json: bool) -> None:
-    """Freeze a VM into template NAME (device state only; RAM stays in its file)."""
+                    prepare: str | None, accel: str, on_clone: str | None,
+                    as_json: bool) -> None:
+    """Freeze a VM into template NAME (device state only; RAM stays in its file).
+
+    The VM's disk overlays become the template's (read-only; each clone gets
+    its own overlay over them). With qemu-guest-agent the guest's file systems
+    are frozen at the pause, and each clone thaws them first."""
     if bool(from_vm) == bool(demo):
         raise InvalidInput("give exactly one of --from VM or --demo")
     if prepare and not demo:
         raise InvalidInput("--prepare goes with --demo (with --from, prepare the VM first)")
     s = store()
     if demo:
-        manifest = run_async(tpl.create_demo(s, name, parse_memory(memory), prepare, accel))
+        manifest = run_async(tpl.create_demo(s, name, parse_memory(memory), prepare, accel,
+                                             on_clone=on_clone))
     else:
         assert from_vm is not None
-        manifest = run_async(tpl.create_from_vm(s, name, from_vm))
+        manifest = run_async(tpl.create_from_vm(s, name, from_vm, on_clone=on_clone))
     if as_json:
         emit_json(manifest)
     else:
         out.print(f"template {name}: state {manifest['state_size'] / 1024:.0f} KiB saved in "
                   f"{manifest['save']['seconds'] * 1000:.0f} ms; memory file "
-                  f"{manifest['memory_file']} ({manifest['memory_size'] >> 20} MiB)")
+                  f"{manifest['memory_file']} ({manifest['memory_size'] >> 20} MiB)"
+                  + (f"; {len(manifest['disks'])} disk overlays" if manifest["disks"] else "")
+                  + ("; file systems frozen" if manifest["frozen"] else ""), markup=False)
 
 
 @template.command("ls")
@@ -82,7 +94,9 @@ def template_inspect(name: str) -> None:
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Stop its clones and pool processes first.")
 def template_rm(name: str, force: bool) -> None:
-    """Remove a template (refused while clones or pool processes use it)."""
+    """Remove a template and its files (refused while clones or pool processes
+    use it, and even with --force while a template made from one of its clones
+    exists)."""
     run_async(tpl.remove(store(), name, force=force))
     out.print(f"template {name}: removed")
 
@@ -93,17 +107,22 @@ def template_rm(name: str, force: bool) -> None:
 @click.option("-n", "--count", default=1, show_default=True, type=int,
               help="How many clones (named NAME-1..N, or TEMPLATE-k).")
 @click.option("--no-pool", is_flag=True, help="Spawn fresh QEMU processes even if pooled.")
+@click.option("--on-clone", "on_clone", metavar="CMD",
+              help="Hook for this call: shell command run in each clone after its identity "
+                   "is set. It REPLACES the template's default hook (--on-clone '' runs "
+                   "none). A clone whose hook fails (status != 0, timeout) is removed, and "
+                   "with it the other clones of this call.")
 @click.option("--json", "as_json", is_flag=True)
 def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
-              as_json: bool) -> None:
-    """Start clones of TEMPLATE; return when they run."""
+              on_clone: str | None, as_json: bool) -> None:
+    """Start clones of TEMPLATE; return when they run (and their hook has run)."""
     if count < 1:
         raise InvalidInput(f"invalid clone count {count}: must be at least 1")
     names = None
     if name:
         names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
     results = run_async(tpl.clone(store(), template, names=names, count=count,
-                                  use_pool=not no_pool))
+                                  use_pool=not no_pool, on_clone=on_clone))
     if as_json:
         emit_json([r.to_dict() for r in results])
         return
@@ -111,26 +130,38 @@ def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
         out.print(f"{r.name}: running (pid {r.pid}{', from pool' if r.pooled else ''}) — "
                   f"state loaded {r.state_loaded * 1000:.0f} ms, running "
                   f"{r.running * 1000:.0f} ms, responsive {r.responsive * 1000:.0f} ms")
+        if r.hook_status is not None:
+            out.print(f"{r.name}: on-clone hook exited {r.hook_status}", markup=False)
+            if r.hook_output:
+                out.print(r.hook_output.rstrip("\n"), markup=False)
 
 
 @main.command("pool")
 @click.argument("template")
 @click.option("--size", type=int, help="Keep this many QEMU processes ready (0 drains).")
+@click.option("--warm/--cold", default=None,
+              help="Warm members have the state loaded and the guest run through one "
+                   "command already, so a clone from them answers at once (TCG translates "
+                   "guest code afresh in every new process); cold members (the default) "
+                   "wait for the state. Without either, the pool keeps its kind.")
 @click.option("--refill", is_flag=True, hidden=True, help="Top up to the set size.")
 @click.option("--json", "as_json", is_flag=True)
-def pool_cmd(template: str, size: int | None, refill: bool, as_json: bool) -> None:
-    """Show or set the warm pool of TEMPLATE."""
+def pool_cmd(template: str, size: int | None, warm: bool | None, refill: bool,
+             as_json: bool) -> None:
+    """Show or set the pool of QEMU processes kept ready for TEMPLATE."""
     s = store()
     tpl.get(s, template)
-    if size is not None:
-        run_async(tpl.set_pool(s, template, size))
+    if size is not None or warm is not None:
+        run_async(tpl.set_pool(s, template, s.pool_target(template) if size is None else size,
+                               warm=warm))
     elif refill:
         run_async(tpl.fill_pool(s, template))
     status = tpl.pool_status(s, template)
     if as_json:
         emit_json(status)
     else:
-        out.print(f"pool {template}: {status['ready']} ready of {status['target']}")
+        kind = "warm" if status["warm"] else "cold"
+        out.print(f"pool {template}: {status['ready']} ready of {status['target']} ({kind})")
 
 
 @bench.command("clone")
