@@ -218,7 +218,10 @@ def run(name: str, demo: bool, kernel: str | None, initrd: str | None, append: s
 @click.option("--json", "as_json", is_flag=True)
 def ls(as_json: bool) -> None:
     """List VMs (a VM whose QEMU died shows as dead)."""
-    recs = vm.list_vms(store())
+    s = store()
+    from .update_recovery import recover_interrupted
+    run_async(recover_interrupted(s))  # updates whose vmfork died: finish or undo them
+    recs = vm.list_vms(s)
     rows = [{"name": r.name, "state": r.state, "pid": r.pid, "memory_mib": r.spec.memory_mib,
              "template": r.template, "memory_file": r.spec.memory.path,
              "age_seconds": round(time.time() - r.created, 1)} for r in recs]

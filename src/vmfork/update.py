@@ -47,7 +47,7 @@ import psutil
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 
-from . import migration, vm
+from . import migration, update_recovery, vm
 from .errors import (
     InvalidInput,
     LaunchError,
@@ -694,10 +694,10 @@ async def update(store: Store, name: str, qemu: str | None = None, mode: str = "
     check_name(name)
     t0 = time.monotonic()
     with store.lock(name):
+        rec = store.get_vm(name)
+        if rec.state == "updating":  # an earlier update was interrupted: settle it first
+            rec = await update_recovery.recover(store, rec, timeouts)
         rec = vm.get_live(store, name)
-        if rec.state == "updating":  # an update was interrupted; its old QEMU is rec.pid
-            log.warning("%s: an earlier update did not finish; QEMU pid %s holds the guest",
-                        name, rec.pid)
         assert rec.pid is not None
         binary = resolve_binary(qemu or rec.spec.qemu)
         qemu_str = binary if qemu else rec.spec.qemu
@@ -743,6 +743,10 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
         move.new_memory_file = new_spec.memory.path
     prev_state = "running" if move.was_running else "paused"
     rec.state = "updating"
+    # Written before the new QEMU exists, so that a vmfork killed from here on
+    # leaves enough behind to finish or undo the move (update_recovery).
+    rec.info["update"] = update_recovery.intent(gen, new_spec, chosen, move.was_running,
+                                                move.new_memory_file)
     store.update_vm(rec)
     files = _memory_files(rec.spec) + _memory_files(new_spec)
     log.info("%s: updating (%s, pid %d)", name, chosen, old.pid)
@@ -763,6 +767,7 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
                 raise  # only reached for CancelledError / KeyboardInterrupt
     except BaseException:
         rec.state = prev_state
+        rec.info.pop("update", None)
         store.update_vm(rec)
         raise
     # The guest runs in the new QEMU: commit, then end the old process.
@@ -774,6 +779,8 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
     rec.state = prev_state
     rec.info["gen"] = gen
     rec.info["updates"] = int(rec.info.get("updates", 0)) + 1
+    rec.info.pop("update", None)
+    rec.info["retire"] = {"pid": old.pid, "pid_start": old.start_time, "gen": gen - 1}
     if chosen == "copy":
         rec.info["owns_memory"] = True
     store.update_vm(rec)
@@ -783,6 +790,9 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
         await old.shutdown()
     except VmforkError as exc:
         warnings.append(f"the old QEMU (pid {old.pid}) did not end: {exc}")
+    else:
+        rec.info.pop("retire", None)
+        store.update_vm(rec)
     move.remove_sockets()
     if chosen == "copy":
         _remove_old_memory(rec.spec, old.spec, warnings)
