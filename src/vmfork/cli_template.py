@@ -165,16 +165,21 @@ def pool_cmd(template: str, size: int | None, warm: bool | None, refill: bool,
 
 
 @bench.command("clone")
+@click.option("--image", type=click.Choice(["demo", "debian"]), default="demo",
+              show_default=True, help="Guest: busybox demo or systemd Debian (disk).")
 @click.option("--memory", default="512M", show_default=True, help="Guest RAM.")
-@click.option("--data", "data_mb", default=200, show_default=True, help="MB of guest data.")
+@click.option("--data", "data_mb", default=200, show_default=True,
+              help="MB of guest data in RAM.")
+@click.option("--disk-data", "disk_mb", default=32, show_default=True,
+              help="With --image debian: MB of data on disk (synced).")
 @click.option("--counts", default="1,10,20", show_default=True,
               help="Clone counts for the memory comparison.")
 @click.option("--samples", default=5, show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_clone(memory: str, data_mb: int, counts: str, samples: int, accel: str,
-                as_json: bool) -> None:
+def bench_clone(image: str, memory: str, data_mb: int, disk_mb: int, counts: str,
+                samples: int, accel: str, as_json: bool) -> None:
     """Cold boot vs clone vs pool clone; memory of N clones vs N cold VMs."""
     from . import bench_clone as bc
     from .bench import print_table
@@ -184,14 +189,17 @@ def bench_clone(memory: str, data_mb: int, counts: str, samples: int, accel: str
         raise InvalidInput(f"invalid --counts {counts!r}: use e.g. 1,10,20") from exc
     if not cs or min(cs) < 1 or list(cs) != sorted(cs):
         raise InvalidInput(f"invalid --counts {counts!r}: ascending positive numbers")
+    if samples < 1:
+        raise InvalidInput(f"invalid --samples {samples}: at least 1")
     params = bc.CloneBench(memory_mib=parse_memory(memory), data_mb=data_mb, counts=cs,
-                           samples=samples, accel=accel,
+                           samples=samples, accel=accel, image=image, disk_mb=disk_mb,
                            progress=lambda msg: err.print(f"[dim]bench: {msg}[/dim]"))
+    params.check()
     result = run_async(bc.run(store(), params))
     if as_json:
         emit_json(result)
         return
-    print_table(f"vmfork bench clone ({params.memory_mib} MiB guest, {data_mb} MB data)",
-                ["metric", "vmfork", "baseline", "ratio"], bc.rows(result), out)
+    print_table(bc.title(result), ["metric", "vmfork", "baseline", "ratio"], bc.rows(result),
+                out)
     for target, ok in result["targets"].items():
         out.print(f"target {target}: {'met' if ok else 'NOT met'}")
