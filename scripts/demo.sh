@@ -10,7 +10,7 @@ json() { "$V" "$@" --json; }
 field() { .venv/bin/python -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 cleanup() {
-  for vm in demo-vm demo-tpl.build demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-saved; do
+  for vm in demo-vm demo-tpl.build demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved; do
     "$V" stop "$vm" --force >/dev/null 2>&1 || true
   done
   "$V" template rm demo-tpl --force >/dev/null 2>&1 || true
@@ -43,9 +43,12 @@ for c in demo-tpl-1 demo-tpl-2 demo-tpl-3; do
 done
 run ls
 
-say "5. A warm pool: QEMU already waiting for the device state"
+say "5. A pool: QEMU already waiting for the device state (cold), or already run once (warm)"
+cold_boot=$(echo "$boot" | field 'd["boot_seconds"]')
 run pool demo-tpl --size 1
-json clone demo-tpl demo-pooled | field '"demo-pooled: running %.0f ms after the request (cold boot took %.1f s)" % (d[0]["running"]*1000, '"$(echo "$boot" | field 'd["boot_seconds"]')"')'
+json clone demo-tpl demo-pooled | field '"demo-pooled: running %.0f ms, answering %.0f ms after the request (cold boot took %.1f s)" % (d[0]["running"]*1000, d[0]["responsive"]*1000, '"$cold_boot"')'
+run pool demo-tpl --size 1 --warm
+json clone demo-tpl demo-warm | field '"demo-warm: running %.0f ms, answering %.0f ms after the request (cold boot took %.1f s)" % (d[0]["running"]*1000, d[0]["responsive"]*1000, '"$cold_boot"')'
 run pool demo-tpl --size 0
 
 if "$V" update --help >/dev/null 2>&1; then
