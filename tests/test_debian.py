@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import psutil
 import pytest
@@ -27,7 +28,7 @@ import pytest
 from vmfork import vm
 from vmfork.errors import SetupError
 from vmfork.image_debian import DEBIAN_APPEND, DiskImage, debian_image, debian_mirror
-from vmfork.qga import GuestAgent
+from vmfork.qga import SHELL_WRAPPER, GuestAgent
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, build_argv
 
 from .conftest import Env, qemu_processes, run
@@ -95,6 +96,46 @@ def test_overlay_created_over_base(tmp_path: Path) -> None:
                                                    overlay=False))
     assert direct.path == str(base) and direct.backing is None
     store.close()
+
+
+def test_qga_shell_wrapper_runs_like_the_serial_agent(tmp_path: Path) -> None:
+    """The wrapper QGA runs shell commands in (here with the host's sh):
+    stdout and stderr in order, the status, the directory, stdin passed on,
+    done when the shell ends though a background process lives on, no file
+    left behind."""
+    def wrapped(cmd: str, cwd: str = "", stdin: str = "") -> tuple[int, str, float]:
+        t0 = time.monotonic()
+        p = subprocess.run(["/bin/sh", "-c", SHELL_WRAPPER, "vmfork-exec", cmd, cwd],
+                           input=stdin, capture_output=True, text=True, timeout=30)
+        return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
+
+    assert wrapped("echo a; echo b >&2; echo c; exit 3") == (3, "a\nb\nc\n", ANY)
+    assert wrapped("pwd", str(tmp_path))[:2] == (0, f"{tmp_path}\n")
+    assert wrapped("pwd", str(tmp_path / "missing"))[0] == 0
+    assert wrapped("cat", stdin="in")[:2] == (0, "in")
+    assert wrapped("kill -9 $$")[:2] == (137, "")
+    status, out, seconds = wrapped(f"sleep 5 & echo $! > {tmp_path}/bg; echo started")
+    assert (status, out) == (0, "started\n") and seconds < 4
+    os.kill(int((tmp_path / "bg").read_text()), 9)
+    time.sleep(0.2)
+    assert not list(Path("/run").glob("vmfork-exec.*")) + list(Path("/tmp").glob(
+        "vmfork-exec.*"))
+
+
+def test_bench_clone_options_per_image() -> None:
+    """``vmfork bench clone --image debian``: data in tmpfs and on disk, the
+    Debian image booted; the demo guest keeps its data in its RAM root."""
+    from vmfork.bench_clone import CloneBench
+    from vmfork.errors import InvalidInput
+
+    deb = CloneBench(image="debian", data_mb=100, disk_mb=16, counts=(1, 3))
+    deb.check()
+    assert deb.data_files() == (("/dev/shm/data", 100), ("/root/disk-data", 16))
+    assert deb.run_options("b").image == "debian"
+    assert CloneBench().data_files() == (("/root/data", 200),)
+    for bad in (CloneBench(image="arch"), CloneBench(counts=(3, 1)), CloneBench(counts=())):
+        with pytest.raises(InvalidInput):
+            bad.check()
 
 
 # -- the image ------------------------------------------------------------------------
@@ -194,21 +235,72 @@ def test_boots_to_multi_user(debian: DebianVMs) -> None:
     assert "root=/dev/vda" in out
 
 
+def exec_latency(env: Env, name: str, agent: str, n: int = 7) -> list[float]:
+    """Seconds of *n* ``true`` commands through *agent*, host side end to end."""
+    s = env.store()
+    rec = s.get_vm(name)
+    times = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        r = run(vm.guest_exec(s, rec, "true", agent=agent))
+        times.append(time.monotonic() - t0)
+        assert r.status == 0
+    s.close()
+    return sorted(times)
+
+
 @pytest.mark.slow
 @pytest.mark.debian
 def test_exec_via_cli_and_latency(debian: DebianVMs) -> None:
     p = debian.env.cli("exec", "deb", "uname -r; echo to-stderr >&2; exit 3")
     assert p.returncode == 3
     assert debian.img.kernel_version in p.stdout and "to-stderr" in p.stdout
-    s = debian.env.store()
-    times = []
-    for _ in range(5):
-        r = run(vm.exec_(s, "deb", "true"))
-        assert r.status == 0
-        times.append(r.seconds)
-    s.close()
-    print(f"\n[serial agent exec latency: min {min(times):.3f} s, "
-          f"median {sorted(times)[2]:.3f} s]")
+    lat = {a: exec_latency(debian.env, "deb", a) for a in ("serial", "qga")}
+    print("\n[exec latency of 'true', session included: " + ", ".join(
+        f"{a} min {t[0] * 1000:.0f} ms median {t[len(t) // 2] * 1000:.0f} ms"
+        for a, t in lat.items()) + "]")
+    assert lat["qga"][len(lat["qga"]) // 2] < 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.debian
+def test_exec_same_through_both_agents(debian: DebianVMs) -> None:
+    """``vmfork exec`` on the Debian guest (qemu-guest-agent by default) and
+    through its serial agent: same output lines, status, working directory,
+    and the same one-line errors for a timeout and a paused VM."""
+    env = debian.env
+    cmd = "pwd; echo out; echo err >&2; cat; exit 5"
+    got = {}
+    for agent in ("auto", "serial", "qga"):
+        p = env.cli("exec", "deb", "--agent", agent, "--", cmd)
+        assert p.returncode == 5, (agent, p.stderr)
+        assert p.stderr == ""
+        got[agent] = sorted(p.stdout.splitlines())
+    assert got["auto"] == got["serial"] == got["qga"] == ["/root", "err", "out"]
+    for agent in ("serial", "qga"):  # a background process does not hold the command
+        t0 = time.monotonic()
+        p = env.cli("exec", "deb", "--agent", agent, "--", "sleep 6 & echo started")
+        assert (p.returncode, p.stdout) == (0, "started\n") and time.monotonic() - t0 < 5
+    for agent in ("serial", "qga"):
+        t0 = time.monotonic()
+        p = env.cli("exec", "deb", "--agent", agent, "--timeout", "1", "--", "sleep 4")
+        assert time.monotonic() - t0 < 15
+        assert p.returncode == 1 and p.stdout == ""
+        assert p.stderr.count("\n") == 1, p.stderr
+        assert p.stderr.startswith("vmfork: error: timed out after 1 s waiting for guest "
+                                   "command on deb: sleep 4"), p.stderr
+    env.cli("pause", "deb", check=True)
+    try:
+        for agent in ("auto", "serial", "qga"):
+            p = env.cli("exec", "deb", "--agent", agent, "--", "true")
+            assert p.returncode == 1 and p.stderr == \
+                "vmfork: error: deb is paused; resume it first\n", p.stderr
+    finally:
+        env.cli("resume", "deb", check=True)
+    time.sleep(3)  # the serial agent finishes the abandoned 'sleep 4' first
+    assert env.exec("deb", "echo back").strip() == "back"
+    r = run(vm.exec_(env.store(), "deb", "echo back", agent="serial"))
+    assert (r.status, r.text.strip()) == (0, "back")
 
 
 @pytest.mark.slow
@@ -314,6 +406,104 @@ def test_qga_exec_time_and_fsfreeze(debian: DebianVMs) -> None:
     print(f"\n[qga connect+sync {res['connect']:.3f} s, "
           f"exec {r.seconds:.3f} s]")  # type: ignore[attr-defined]
     assert debian.env.exec("deb", "touch /root/after-thaw && echo ok").strip() == "ok"
+
+
+DATA = ("head -c 8388608 /dev/urandom > /root/disk.bin && sync && "
+        "head -c 16777216 /dev/urandom > /dev/shm/ram.bin && ")
+MD5S = "md5sum /root/disk.bin /dev/shm/ram.bin"
+WRITE = "echo {tag} > /root/after-{tag} && sync && cat /root/after-{tag}"
+
+
+@pytest.mark.slow
+@pytest.mark.debian
+def test_update_keeps_disk_and_ram(debian: DebianVMs) -> None:
+    """A disk-backed guest moves to a new QEMU in each mode: data synced to
+    its overlay and data in RAM (tmpfs) are intact, it writes to its disk
+    afterwards, and the base image is never written."""
+    env = debian.env
+    md5s = env.exec("deb", DATA + MD5S)
+    overlay = env.store().vm_dir("deb") / "disk0.qcow2"
+    pauses: list[str] = []
+    for mode in ("ignore-shared", "cpr-transfer", "copy", "ignore-shared"):
+        p = env.cli("update", "deb", "--mode", mode, "--json", check=True, timeout=180)
+        r = json.loads(p.stdout)
+        assert r["mode"] == mode and r["new_pid"] == env.store().get_vm("deb").pid
+        pauses.append(f"{mode} {r['pause_host_ms']} ms, total {r['total_seconds']} s")
+        assert env.exec("deb", MD5S) == md5s, mode
+        tag = mode.replace("-", "")
+        assert env.exec("deb", WRITE.format(tag=tag)).strip() == tag
+        assert env.store().get_vm("deb").spec.disks[0].path == str(overlay)
+    assert overlay.exists()
+    assert sha256(debian.img.disk) == debian.base_sha
+    print(f"\n[update of a Debian guest with a disk: {'; '.join(pauses)}]")
+
+
+@pytest.mark.slow
+@pytest.mark.debian
+def test_save_restore_keeps_disk(debian: DebianVMs) -> None:
+    """A --persistent Debian VM: save leaves its overlay in place next to the
+    state, restore reuses it; disk and RAM data intact, the guest clock set
+    by qemu-guest-agent; export is refused; a dead VM gives a one-line error."""
+    env = debian.env
+    t0 = time.monotonic()
+    env.cli("run", "pers", "--image", "debian", "--memory", "512M", "--accel", "tcg",
+            "--persistent", check=True, timeout=300)
+    boot = time.monotonic() - t0
+    s = env.store()
+    try:
+        md5s = env.exec("pers", DATA + MD5S)
+        overlay = s.vm_dir("pers") / "disk0.qcow2"
+        saved = json.loads(env.cli("save", "pers", "--json", check=True).stdout)
+        rows = {r["name"]: r for r in json.loads(env.cli("ls", "--json", check=True).stdout)}
+        assert rows["pers"]["state"] == "saved" and rows["pers"]["pid"] is None
+        assert rows["deb"]["state"] == "running"
+        assert overlay.is_file() and Path(saved["state_file"]).parent == overlay.parent
+        p = env.cli("exec", "pers", "true")
+        assert p.returncode == 1 and p.stderr == \
+            "vmfork: error: pers is saved, not running\n", p.stderr
+        # A missing overlay is named, and the VM stays saved.
+        overlay.rename(overlay.with_name("moved.qcow2"))
+        p = env.cli("restore", "pers")
+        assert p.returncode == 1 and p.stderr == \
+            f"vmfork: error: pers: its disk {overlay} is missing\n", p.stderr
+        overlay.with_name("moved.qcow2").rename(overlay)
+        assert s.get_vm("pers").state == "saved"
+        time.sleep(4)  # the guest clock falls behind while saved
+        restored = json.loads(env.cli("restore", "pers", "--json", check=True).stdout)
+        assert restored["state"] == "running" and restored["clock_synced"]
+        rec = s.get_vm("pers")
+        assert rec.spec.disks[0].path == str(overlay)
+
+        async def clock_offset() -> float:
+            async with vm.qga_for(s, rec) as g:
+                return abs(await g.get_time() - time.time_ns()) / 1e9
+        offset = run(clock_offset())
+        assert offset < 2, offset
+        assert env.exec("pers", MD5S) == md5s
+        assert env.exec("pers", WRITE.format(tag="restored")).strip() == "restored"
+        p = env.cli("snapshot", "export", "pers", str(env.home / "pers.snap"))
+        assert p.returncode == 1 and p.stderr.count("\n") == 1
+        assert "has disks" in p.stderr and not (env.home / "pers.snap").exists()
+        # A VM whose QEMU is gone: one line, status 1 (QGA as serial).
+        pid = s.get_vm("pers").pid
+        assert pid is not None
+        psutil.Process(pid).kill()
+        psutil.Process(pid).wait(10)
+        for agent in ("auto", "serial"):
+            p = env.cli("exec", "pers", "--agent", agent, "true")
+            assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+            assert "its QEMU process is gone (dead)" in p.stderr
+        print(f"\n[persistent Debian: boot {boot:.1f} s, save {saved['seconds']:.3f} s "
+              f"(downtime {saved['downtime_seconds']:.3f} s, state "
+              f"{saved['state_size'] // 1024} KiB), restore to running "
+              f"{restored['running_seconds']:.3f} s, with clock set "
+              f"{restored['seconds']:.3f} s, clock offset after {offset:.3f} s]")
+    finally:
+        if s.has_vm("pers"):
+            env.cli("stop", "pers", "--force", timeout=60)
+    assert not s.has_vm("pers") and not s.vm_dir("pers").exists()
+    s.close()
+    assert sha256(debian.img.disk) == debian.base_sha
 
 
 @pytest.mark.slow

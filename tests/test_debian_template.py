@@ -269,6 +269,21 @@ def test_pool_clone_of_a_disk_template(dt: DebianTemplate) -> None:
     assert Path(disk.path).stat().st_size > 2 * 1024 * 1024
     print(f"\n[pool clone: running {res['running']:.3f} s, responsive "
           f"{res['responsive']:.3f} s]")
+    # A warm member of a frozen template: thawed while warming up (the guest
+    # agent runs nothing while frozen), handed out with its own identity.
+    env.cli("pool", "T", "--size", "1", "--warm", check=True, timeout=300)
+    (warm,) = s.pool_members("T")
+    assert warm.warm
+    p = env.cli("clone", "T", "w1", "--json", check=True)
+    (res,) = json.loads(p.stdout)
+    assert res["pooled"] and res["pid"] == warm.pid and res["hook_status"] == 0
+    assert run(fsfreeze_status(env, "w1")) == "thawed"
+    out = env.exec("w1", "md5sum /root/disk.dat | cut -d' ' -f1; hostname; "
+                         "echo w > /root/w1.dat && sync && echo ok")
+    assert out.split() == [dt.source["disk_md5"], "w1", "ok"]
+    print(f"[warm pool clone: running {res['running']:.3f} s, responsive "
+          f"{res['responsive']:.3f} s]")
+    run(vm.stop(s, "w1"))
     env.cli("pool", "T", "--size", "0", check=True, timeout=120)
     assert s.pool_members("T") == []
     assert not [d for d in (s.home / "vms").iterdir() if d.name.startswith("pool.")]

@@ -27,6 +27,8 @@ import pytest
 from vmfork import bench, snapshot, template, vm
 from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
 from vmfork.machine import process_alive
+from vmfork.spec import DiskSpec, MemorySpec, VMSpec
+from vmfork.store import Store
 
 if TYPE_CHECKING:
     from conftest import Env
@@ -159,6 +161,25 @@ def test_read_header_refuses_other_files(tmp_path: Path) -> None:
     f.write_bytes(b"not a snapshot" * 100)
     with pytest.raises(MigrationError, match="not a vmfork snapshot"):
         snapshot.read_header(f)
+
+
+def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
+    """A snapshot file carries no disks: export refuses a VM that has some,
+    import a file whose VM had some (before reading the rest of the file)."""
+    disk = DiskSpec(path="/v/disk0.qcow2", backing="/b.qcow2", backing_format="qcow2")
+    spec = VMSpec(name="d", memory_mib=256, memory=MemorySpec(path="/m"), kernel="/k",
+                  disks=(disk,))
+    with pytest.raises(StateError, match=r"d: it has disks \(/v/disk0.qcow2\).*vmfork save"):
+        snapshot.check_exportable(spec)
+    snapshot.check_exportable(spec.with_(disks=()))
+    f = tmp_path / "snap"
+    header = {"format": snapshot.EXPORT_FORMAT, "spec": json.loads(spec.to_json())}
+    f.write_bytes(snapshot.EXPORT_MAGIC + json.dumps(header).encode() + b"\0")
+    store = Store(tmp_path / "home", tmp_path / "mem")
+    with pytest.raises(MigrationError, match="had disks"):
+        run(snapshot.import_(store, f, "imp"))
+    assert not store.has_vm("imp")
+    store.close()
 
 
 def test_save_refuses_volatile_memory(env: Env, booted: str) -> None:

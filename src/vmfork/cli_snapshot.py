@@ -28,10 +28,14 @@ def save_cmd(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def restore_cmd(name: str, as_json: bool) -> None:
     """Restore saved VM NAME on its memory file; the guest continues where it
-    stopped and its clock is corrected."""
+    stopped and its clock is corrected. A VM saved while paused comes back
+    paused ('vmfork resume' runs it)."""
     result = run_async(snapshot.restore(store(), name))
     if as_json:
         emit_json(result)
+    elif result["state"] == "paused":
+        out.print(f"{name}: paused (pid {result['pid']}) after "
+                  f"{result['running_seconds'] * 1000:.0f} ms, as it was saved")
     else:
         clock = "" if result["clock_synced"] else "; guest clock NOT corrected"
         out.print(f"{name}: running (pid {result['pid']}) after "

@@ -6,9 +6,11 @@ capability negotiation turned off (QGA has neither). The handshake cannot go
 through qemu.qmp: its answer starts with a 0xFF byte that is not JSON, and a
 session must first skip whatever an earlier client left in the channel.
 
-On top of it: ``guest-exec`` + ``guest-exec-status`` (output and exit status),
+On top of it: ``guest-exec`` + ``guest-exec-status`` (output and exit status;
+shell commands run as the serial agent runs them, :data:`SHELL_WRAPPER`),
 ``guest-set-time`` and ``guest-fsfreeze-freeze``/``-thaw``. The socket takes
-one client at a time, so sessions on one VM are serialised by a file lock.
+one client at a time, so sessions on one VM are serialised by a file lock
+(waited for with a deadline, :mod:`vmfork.locking`).
 Every await that crosses the process boundary has a deadline.
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
 import json
 import logging
 import secrets
@@ -31,16 +32,36 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
+from . import locking
 from .errors import GuestError, VmforkTimeout
 from .guest import ExecResult
 from .machine import deadline
+from .timeouts import DEFAULT
 
 log = logging.getLogger("vmfork.qga")
 
 #: Resets QGA's JSON parser; also the first byte of a delimited sync answer.
 DELIMITER = b"\xff"
-#: Seconds between two guest-exec-status polls.
-POLL_INTERVAL = 0.05
+#: guest-exec-status polls: the first comes POLL_FIRST s after the command
+#: started, each later one waits twice as long as the one before, up to
+#: POLL_MAX. A short command is seen done within ms of its end (a fixed 50 ms
+#: poll added ~50 ms to every exec); a long one costs a poll every 50 ms.
+POLL_FIRST = 0.002
+POLL_MAX = 0.05
+#: How a shell command runs through QGA, as the serial agent runs it: its
+#: output goes to a file on tmpfs (/run, which fsfreeze leaves alone) that is
+#: printed when the shell ends. QGA alone would wait until every process
+#: holding the output pipe closed it (``daemon &`` would hold the command
+#: until the daemon ends), and would return stdout and stderr apart. ``$1`` is
+#: the command, ``$2`` the directory. The file is named after the wrapper's
+#: pid and removed in the background (an external command costs ~20 ms under
+#: TCG).
+SHELL_WRAPPER = (
+    'o=/run/vmfork-exec.$$; { : >"$o"; } 2>/dev/null || o=/tmp/vmfork-exec.$$; '
+    ': >"$o" || { echo "vmfork: cannot write $o in the guest" >&2; exit 125; }; '
+    'exec 2>/dev/null; '
+    '( [ -z "$2" ] || cd "$2" 2>/dev/null; exec /bin/sh -c "$1" ) >"$o" 2>&1; s=$?; '
+    'cat "$o"; rm -f "$o" </dev/null >/dev/null 2>&1 & exit $s')
 #: Longest QGA answer accepted: guest-exec-status carries the output (which
 #: QGA caps at 16 MiB) in base64.
 READBUFLEN = 24 * 1024 * 1024
@@ -54,11 +75,15 @@ class GuestAgent:
     """
 
     def __init__(self, socket_path: str, lock_path: Path, name: str = "guest",
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, lock_timeout: float | None = None) -> None:
         self.socket_path = socket_path
         self.lock_path = lock_path
         self.name = name
         self.timeout = timeout
+        #: How long to wait for another session on this VM to end (by default
+        #: about as long as that session's command may take).
+        self.lock_timeout = lock_timeout if lock_timeout is not None \
+            else DEFAULT.exec + timeout
         self._lockf: IO[str] | None = None
         self._client: QMPClient | None = None
 
@@ -74,7 +99,9 @@ class GuestAgent:
     async def connect(self, timeout: float | None = None) -> None:
         """Lock, connect and synchronise (within *timeout* seconds)."""
         t = timeout or self.timeout
-        self._lockf = await asyncio.to_thread(self._lock)
+        self._lockf = await locking.acquire_async(
+            self.lock_path, self.lock_timeout,
+            f"{self.name}: the guest agent (QGA) is busy with another session")
         try:
             sock = await deadline(self._sync(), t, f"the guest agent (QGA) of {self.name}")
             client = QMPClient(self.name, readbuflen=READBUFLEN)
@@ -100,11 +127,6 @@ class GuestAgent:
                     await deadline(client.disconnect(), self.timeout, "QGA disconnect")
         finally:
             self._unlock()
-
-    def _lock(self) -> IO[str]:
-        f = open(self.lock_path, "w")  # noqa: SIM115 - closed in _unlock
-        fcntl.flock(f, fcntl.LOCK_EX)
-        return f
 
     def _unlock(self) -> None:
         if self._lockf is not None:
@@ -174,14 +196,25 @@ class GuestAgent:
         return result
 
     async def exec(self, command: str | list[str], timeout: float = 60.0,
-                   input: bytes | None = None) -> ExecResult:
-        """Run *command* in the guest (a string goes to ``/bin/sh -c``; a list
-        is an argv) and return its output (stdout, then stderr) and status.
+                   input: bytes | None = None, cwd: str | None = None) -> ExecResult:
+        """Run *command* in the guest and return its output and status.
+
+        A string is a shell command, run as the serial agent runs it
+        (:data:`SHELL_WRAPPER`): in *cwd* if given and it exists, stdout and
+        stderr interleaved as written, and done when the shell ends even if
+        it left a background process. A list is an argv, run as is: its
+        output is stdout, then stderr, and it is done when every process
+        holding its output has closed it.
 
         A command killed by a signal reports status 128 + signal, as a shell
         does. Gives up (the command keeps running) after *timeout* seconds.
         """
-        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        if isinstance(command, str):
+            label = command
+            argv = ["/bin/sh", "-c", SHELL_WRAPPER, "vmfork-exec", command, cwd or ""]
+        else:
+            argv = list(command)
+            label = " ".join(argv)
         args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
         if input is not None:
             args["input-data"] = base64.b64encode(input).decode()
@@ -190,23 +223,27 @@ class GuestAgent:
         pid = int(started["pid"])
 
         async def wait() -> dict[str, Any]:
+            pause = POLL_FIRST
             while True:
+                await asyncio.sleep(pause)
                 st: dict[str, Any] = await self.execute("guest-exec-status", {"pid": pid})
                 if st.get("exited"):
                     return st
-                await asyncio.sleep(POLL_INTERVAL)
-        st = await deadline(wait(), timeout, f"guest command on {self.name}",
-                            " ".join(argv)[:60])
+                pause = min(pause * 2, POLL_MAX)
+        st = await deadline(wait(), timeout, f"guest command on {self.name}", label[:60])
         out = b"".join(base64.b64decode(st.get(k, "")) for k in ("out-data", "err-data"))
         if st.get("out-truncated") or st.get("err-truncated"):
             log.warning("%s: QGA truncated the output of %s", self.name, argv[0])
         status = int(st["exitcode"]) if "exitcode" in st else 128 + int(st.get("signal", 0))
         return ExecResult(status, out, time.monotonic() - t0)
 
-    async def set_time(self, ns: int | None = None) -> None:
-        """Set the guest clock to *ns* (default: the host's time now) and the RTC."""
+    async def set_time(self, ns: int | None = None, timeout: float | None = None) -> None:
+        """Set the guest clock to *ns* (default: the host's time now) and the RTC.
+
+        The guest agent also writes the RTC (``hwclock``), which takes 1-2 s
+        under TCG: give *timeout* room for it."""
         t = time.time_ns() if ns is None else ns
-        await self.execute("guest-set-time", {"time": t})
+        await self.execute("guest-set-time", {"time": t}, timeout=timeout)
 
     async def get_time(self) -> int:
         """The guest clock in nanoseconds since the epoch."""

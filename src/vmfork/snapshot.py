@@ -7,8 +7,11 @@ Owns three things:
   ``cpr-reboot`` mode, a few hundred KB at any RAM size), ends QEMU and
   flushes the memory file to disk; a restore starts QEMU on the same file
   (``share=on``), loads the device state and resumes. The state file and its
-  manifest live in the VM's own directory (:meth:`Store.vm_dir`); the catalog
-  record stays, in state ``saved``.
+  manifest live in the VM's own directory (:meth:`Store.vm_dir`), next to its
+  disk overlays, which stay in place and are reopened by the restore; the
+  catalog record stays, in state ``saved``. After a restore the guest clock
+  is set (qemu-guest-agent ``guest-set-time`` where the VM has its port, else
+  ``date`` through the serial agent).
 * **Integrity and crash safety.** The state file is written under a temporary
   name, fsynced and renamed; its manifest (sha256, sizes, memory file) is
   written the same way *after* it. A manifest therefore always describes a
@@ -23,7 +26,8 @@ Owns three things:
   (magic line and a JSON manifest), the kernel and initrd the VM booted, and a
   QEMU ``mapped-ram`` stream (sparse: only non-zero pages take space) at a
   1 MiB-aligned offset. :func:`import_` checks every sha256, then loads the
-  stream into a fresh QEMU on a new memory file (``file:F,offset=N``).
+  stream into a fresh QEMU on a new memory file (``file:F,offset=N``). The
+  file carries no disks: VMs with disks are refused.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ class SavedState:
     qemu_version: str
     machine: str
     mode: str = SAVE_MODE
+    #: The guest ran when it was saved: restore resumes it (else it stays paused).
+    was_running: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,6 +204,12 @@ def verify(store: Store, rec: VMRecord) -> SavedState:
     if msize != saved.memory_size or msize != rec.spec.memory_mib * MIB:
         raise MigrationError(f"{name}: memory file {mem} is {msize} bytes, expected "
                              f"{saved.memory_size} ({rec.spec.memory_mib} MiB)")
+    for disk in rec.spec.disks:
+        # The disks stay in place while the VM is saved; the state refers to
+        # what the guest wrote to them.
+        for path, what in ((disk.path, "disk"), (disk.backing, "disk's base image")):
+            if path and not Path(path).is_file():
+                raise MigrationError(f"{name}: its {what} {path} is missing")
     return saved
 
 
@@ -313,7 +325,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> dict[st
                                    memory_size=mem.stat().st_size,
                                    save_id=secrets.token_hex(8), saved_at=time.time(),
                                    qemu_version=ident["qemu_version"],
-                                   machine=ident["machine"])
+                                   machine=ident["machine"], was_running=was_running)
                 saved.save_to(manifest)
             await _checkpoint("manifest-written")
             await m.shutdown()
@@ -386,8 +398,15 @@ async def _incoming(m: Machine, uri: str, timeout: float, parameters: dict[str, 
 
 
 async def _sync_clock(store: Store, rec: VMRecord) -> bool:
+    """Set the guest clock to the host's: with qemu-guest-agent's
+    ``guest-set-time`` where the VM has its port, else a ``date`` command
+    through the serial agent. Best effort: False (and a warning) if it failed."""
     try:
-        await identity.sync_clock(store, rec, CLOCK_TIMEOUTS)
+        if rec.spec.qga:
+            async with vm.qga_for(store, rec, CLOCK_TIMEOUTS) as g:
+                await g.set_time(timeout=CLOCK_TIMEOUTS.exec)
+        else:
+            await identity.sync_clock(store, rec, CLOCK_TIMEOUTS)
         return True
     except (GuestError, VmforkTimeout, StateError) as exc:
         log.warning("%s: guest clock not corrected: %s", rec.name, exc)
@@ -432,22 +451,23 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
             _unlink(manifest)
             migration.fsync_path(manifest.parent)
             await _checkpoint("restore-loaded")
-            rec.state = "running"
+            rec.state = "running" if saved.was_running else "paused"
             rec.info.pop("saved", None)
             rec.info["restored_at"] = time.time()
             store.update_vm(rec)
             with contextlib.suppress(VmforkError):  # back to defaults for later migrations
                 await migration.set_parameters(m, mode="normal")
                 await migration.set_capabilities(m, x_ignore_shared=False)
-            await m.resume()
+            if saved.was_running:  # a VM saved while paused comes back paused
+                await m.resume()
         finally:
             await m.disconnect()
         t_running = time.monotonic()
         _unlink(state)
-    clock = await _sync_clock(store, rec) if sync_clock else False
+    clock = await _sync_clock(store, rec) if sync_clock and saved.was_running else False
     t_end = time.monotonic()
-    log.info("%s: saved -> running (%.3f s)", name, t_running - t0)
-    return {"name": name, "state": "running", "pid": rec.pid,
+    log.info("%s: saved -> %s (%.3f s)", name, rec.state, t_running - t0)
+    return {"name": name, "state": rec.state, "pid": rec.pid,
             "seconds": round(t_end - t0, 4), "running_seconds": round(t_running - t0, 4),
             "check_seconds": round(t_checked - t0, 4),
             "spawn_seconds": round(t_spawned - t_checked, 4),
@@ -555,6 +575,17 @@ def _write_export_tail(tmp: Path, header: dict[str, Any],
         os.fsync(f.fileno())
 
 
+def check_exportable(spec: VMSpec) -> None:
+    """Raise StateError if a snapshot file cannot carry the VM: it holds RAM,
+    device state, kernel and initrd, not disks, and a copy that reopened the
+    VM's disks (or its overlays) would write to them behind the VM's back."""
+    if spec.disks:
+        paths = ", ".join(d.path for d in spec.disks)
+        raise StateError(f"{spec.name}: it has disks ({paths}); a snapshot file carries "
+                         "RAM and device state only, not disks: use 'vmfork save' and "
+                         "'vmfork restore' (the disks stay in place)")
+
+
 async def export(store: Store, name: str, file: Path | str,
                  timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
     """Write VM *name* (running, paused or saved) with its RAM to one file.
@@ -573,6 +604,7 @@ async def export(store: Store, name: str, file: Path | str,
     with store.lock(name, wait=False):
         rec = vm.reconcile(store, await recover(store, store.get_vm(name)))
         spec = rec.spec
+        check_exportable(spec)
         blob_files = {k: Path(v) for k, v in (("kernel", spec.kernel),
                                               ("initrd", spec.initrd)) if v}
         for k, p in blob_files.items():
@@ -662,6 +694,9 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     header = read_header(src)
     if store.has_vm(name):
         raise AlreadyExists(f"a VM named {name!r} exists already")
+    if header.get("spec", {}).get("disks"):
+        raise MigrationError(f"{src}: its VM had disks, which a snapshot file does not "
+                             "carry; it cannot be imported")
     await asyncio.to_thread(check_export, src, header)
     t_checked = time.monotonic()
     if memory_dir:

@@ -542,7 +542,8 @@ async def _clone_one(store: Store, manifest: dict[str, Any], name: str, use_pool
         rec.state = "running"
         store.update_vm(rec)
         await m.disconnect()
-        frozen = bool(manifest.get("frozen"))
+        # A warm pool member thawed its file systems when it was warmed up.
+        frozen = bool(manifest.get("frozen")) and not (member and member.warm)
         if set_identity:
             await identity.make_unique(store, rec, timeouts, old_mac=template_mac(manifest),
                                        thaw_first=frozen)
@@ -605,13 +606,18 @@ async def _warm_up(store: Store, manifest: dict[str, Any], mid: str, m: Machine,
     Under TCG a new QEMU process translates the guest's code afresh: the first
     guest command after a clone costs ~0.2-0.3 s more than later ones. A warm
     member has paid that before it is handed out. Its guest has already seen
-    its own VM generation ID (each pool process gets a new one) and reseeded;
-    hostname, machine-id, MAC and clock are set when it becomes a clone."""
+    its own VM generation ID (each pool process gets a new one) and reseeded,
+    and a guest frozen in the template is thawed; hostname, machine-id, MAC
+    and clock are set when it becomes a clone."""
     await migration.load_state(m, Path(manifest["state_file"]), timeouts.migrate,
                                x_ignore_shared=True)
     await m.resume()
     rec = VMRecord(name=mid, spec=m.spec, state="running", pid=m.pid,
                    info={"guest": manifest.get("guest", "demo")})
+    if manifest.get("frozen"):
+        # Its disk overlay is its own already; qemu-guest-agent runs no
+        # command while the file systems are frozen.
+        await identity.thaw(store, rec, timeouts)
     r = await vm.guest_exec(store, rec, "true", timeouts.exec, timeouts)
     if r.status != 0:
         raise GuestError(f"{mid}: the warm-up command failed ({r.status}): {r.text.strip()}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .accel import resolve_accel
-from .errors import InvalidInput, SetupError, StateError
+from .errors import InvalidInput, SetupError, StateError, VmforkError
 from .guest import ExecResult, SerialAgent
 from .image import demo_image
 from .machine import Machine, process_alive
@@ -284,8 +284,10 @@ def is_live(rec: VMRecord) -> bool:
 
 
 def reconcile(store: Store, rec: VMRecord) -> VMRecord:
-    """Mark a VM whose QEMU is gone as dead."""
-    if rec.state in LIVE_STATES and not process_alive(rec.pid, rec.pid_start):
+    """Mark a VM whose QEMU is gone as dead. An ``updating`` VM is left as it
+    is: its guest may live in the new QEMU (see :mod:`vmfork.update_recovery`)."""
+    if rec.state in LIVE_STATES and rec.state != "updating" \
+            and not process_alive(rec.pid, rec.pid_start):
         rec.state = "dead"
         store.update_vm(rec)
     return rec
@@ -350,6 +352,11 @@ async def stop(store: Store, name: str, force: bool = False,
     check_name(name)
     with store.lock(name):
         rec = store.get_vm(name)
+        if rec.state == "updating" or "retire" in rec.info:
+            # An interrupted update may have left a second QEMU: settle first.
+            from .update_recovery import recover
+            with contextlib.suppress(VmforkError):
+                rec = await recover(store, rec, timeouts)
         if rec.pid and process_alive(rec.pid, rec.pid_start):
             m = Machine(rec.spec, paths_for(store, rec), qemu_log(store, name), rec.pid,
                         timeouts=timeouts)
@@ -386,12 +393,12 @@ def agent_kind(rec: VMRecord, agent: str = "auto") -> str:
 async def guest_exec(store: Store, rec: VMRecord, command: str, timeout: float | None = None,
                      timeouts: Timeouts = DEFAULT, agent: str = "auto") -> ExecResult:
     """Run *command* with ``sh`` in the guest of *rec* (in ``/root``) through
-    its guest agent; return output and exit status. With qemu-guest-agent the
-    output is stdout followed by stderr; with the serial agent they interleave."""
+    its guest agent; return output (stdout and stderr interleaved) and exit
+    status. Both agents run it alike (:data:`vmfork.qga.SHELL_WRAPPER`)."""
     t = timeout or timeouts.exec
     if agent_kind(rec, agent) == "qga":
         async with qga_for(store, rec, timeouts) as g:
-            return await g.exec(f"cd /root 2>/dev/null; {command}", t)
+            return await g.exec(command, t, cwd="/root")
     return await agent_for(store, rec, timeouts).exec(command, t)
 
 
