@@ -398,15 +398,12 @@ async def _incoming(m: Machine, uri: str, timeout: float, parameters: dict[str, 
 
 
 async def _sync_clock(store: Store, rec: VMRecord) -> bool:
-    """Set the guest clock to the host's: with qemu-guest-agent's
-    ``guest-set-time`` where the VM has its port, else a ``date`` command
-    through the serial agent. Best effort: False (and a warning) if it failed."""
+    """Set the guest clock to the host's with a ``date`` command through the
+    guest agent (qemu-guest-agent's ``guest-set-time`` also writes the
+    hardware clock, 1-4 s under TCG; QEMU's RTC follows the host anyway).
+    Best effort: False (and a warning) if it failed."""
     try:
-        if rec.spec.qga:
-            async with vm.qga_for(store, rec, CLOCK_TIMEOUTS) as g:
-                await g.set_time(timeout=CLOCK_TIMEOUTS.exec)
-        else:
-            await identity.sync_clock(store, rec, CLOCK_TIMEOUTS)
+        await identity.sync_clock(store, rec, CLOCK_TIMEOUTS)
         return True
     except (GuestError, VmforkTimeout, StateError) as exc:
         log.warning("%s: guest clock not corrected: %s", rec.name, exc)
