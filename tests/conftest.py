@@ -51,6 +51,22 @@ def qemu_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
+def cleanup_home(home: Path, memory_dir: Path) -> None:
+    """Tear down a module-scoped vmfork home: stop its VMs, kill any QEMU
+    still running from it, remove it and its memory dir."""
+    s = Store(home, memory_dir)
+    for rec in s.list_vms():
+        try:
+            run(vm.stop(s, rec.name, force=True))
+        except Exception as exc:  # pragma: no cover - reported by the leak checks
+            print(f"cleanup of {rec.name} failed: {exc}")
+    s.close()
+    for proc in qemu_processes(str(home)):
+        proc.kill()
+    shutil.rmtree(memory_dir, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @dataclass
 class Env:
     """One isolated vmfork installation: home, memory dir, env vars."""

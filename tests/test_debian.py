@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -31,7 +30,7 @@ from vmfork.image_debian import DEBIAN_APPEND, DiskImage, debian_image, debian_m
 from vmfork.qga import SHELL_WRAPPER, GuestAgent
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, build_argv
 
-from .conftest import Env, qemu_processes, run
+from .conftest import Env, cleanup_home, qemu_processes, run
 
 CACHE = Path(os.environ.get("VMFORK_TEST_CACHE", "/var/tmp/vmfork-test"))
 
@@ -206,17 +205,7 @@ def debian(debian_img: DiskImage, session_images: Path) -> Iterator[DebianVMs]:
             print(f"\n[debian boot to ready: {boot}]")
             yield DebianVMs(env, debian_img, base_sha, port, boot)
         finally:
-            s = env.store()
-            for rec in s.list_vms():
-                try:
-                    run(vm.stop(s, rec.name, force=True))
-                except Exception as exc:  # pragma: no cover - reported by the leak check
-                    print(f"cleanup of {rec.name} failed: {exc}")
-            s.close()
-            for proc in qemu_processes(str(home)):
-                proc.kill()
-            shutil.rmtree(memory_dir, ignore_errors=True)
-            shutil.rmtree(home, ignore_errors=True)
+            cleanup_home(home, memory_dir)
 
 
 # -- integration ------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -29,7 +28,7 @@ from vmfork.errors import GuestError
 from vmfork.image_debian import DiskImage
 from vmfork.timeouts import Timeouts
 
-from .conftest import Env, qemu_processes, run
+from .conftest import Env, cleanup_home, qemu_processes, run
 from .test_debian import debian_img, sha256
 
 __all__ = ["debian_img"]  # the fixture, imported to be used here
@@ -120,17 +119,7 @@ def dt(debian_img: DiskImage, session_images: Path) -> Iterator[DebianTemplate]:
             yield DebianTemplate(env, debian_img, base_sha, source, manifest, clones, failed,
                                  times)
         finally:
-            s = env.store()
-            for rec in s.list_vms():
-                try:
-                    run(vm.stop(s, rec.name, force=True))
-                except Exception as exc:  # pragma: no cover - reported by the leak check
-                    print(f"cleanup of {rec.name} failed: {exc}")
-            s.close()
-            for proc in qemu_processes(str(home)):
-                proc.kill()
-            shutil.rmtree(memory_dir, ignore_errors=True)
-            shutil.rmtree(home, ignore_errors=True)
+            cleanup_home(home, memory_dir)
 
 
 def test_failed_creation_resumes_and_thaws_the_vm(dt: DebianTemplate) -> None:

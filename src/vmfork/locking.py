@@ -22,42 +22,42 @@ from .errors import StateError
 RETRY = 0.01
 
 
+def _open(path: Path) -> IO[str]:
+    return open(path, "w")
+
+
+def _try(f: IO[str], end: float, busy: str) -> bool:
+    """One attempt: True if *f* is now locked; False to retry; StateError
+    (and *f* closed) once the deadline *end* has passed."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if time.monotonic() < end:
+            return False
+        f.close()
+        raise StateError(busy) from None
+    except BaseException:
+        f.close()
+        raise
+
+
 def acquire(path: Path, timeout: float | None, busy: str) -> IO[str]:
     """Open *path* and lock it exclusively; return the open file (closing it
     releases the lock). Waits up to *timeout* seconds (0: not at all); then
     raises :class:`StateError` with the message *busy*."""
-    f = open(path, "w")  # noqa: SIM115 - returned to the caller, who closes it
-    end = time.monotonic() + (timeout or 0.0)
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return f
-        except BlockingIOError:
-            if time.monotonic() >= end:
-                f.close()
-                raise StateError(busy) from None
-            time.sleep(RETRY)
-        except BaseException:
-            f.close()
-            raise
+    f, end = _open(path), time.monotonic() + (timeout or 0.0)
+    while not _try(f, end, busy):
+        time.sleep(RETRY)
+    return f
 
 
 async def acquire_async(path: Path, timeout: float | None, busy: str) -> IO[str]:
     """:func:`acquire` without blocking the event loop while waiting."""
-    f = open(path, "w")  # noqa: SIM115 - returned to the caller, who closes it
-    end = time.monotonic() + (timeout or 0.0)
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return f
-        except BlockingIOError:
-            if time.monotonic() >= end:
-                f.close()
-                raise StateError(busy) from None
-            await asyncio.sleep(RETRY)
-        except BaseException:
-            f.close()
-            raise
+    f, end = _open(path), time.monotonic() + (timeout or 0.0)
+    while not _try(f, end, busy):
+        await asyncio.sleep(RETRY)
+    return f
 
 
 @contextlib.contextmanager
