@@ -5,6 +5,7 @@ the test if a QEMU process, socket or memory file is left behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -49,6 +50,22 @@ def qemu_processes(marker: str) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return found
+
+
+@contextlib.contextmanager
+def module_env(prefix: str, session_images: Path) -> Iterator[Env]:
+    """A vmfork home for a module-scoped fixture: its environment variables
+    are set while the block runs; afterwards it is torn down (cleanup_home)."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    memory_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}mem", dir="/dev/shm"))
+    (home / "images").symlink_to(session_images)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VMFORK_HOME", str(home))
+        mp.setenv("VMFORK_MEMORY_DIR", str(memory_dir))
+        try:
+            yield Env(home, memory_dir, dict(os.environ))
+        finally:
+            cleanup_home(home, memory_dir)
 
 
 def cleanup_home(home: Path, memory_dir: Path) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from vmfork.image_debian import DEBIAN_APPEND, DiskImage, debian_image, debian_m
 from vmfork.qga import SHELL_WRAPPER, GuestAgent
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, build_argv
 
-from .conftest import Env, cleanup_home, qemu_processes, run
+from .conftest import Env, module_env, qemu_processes, run
 
 CACHE = Path(os.environ.get("VMFORK_TEST_CACHE", "/var/tmp/vmfork-test"))
 
@@ -181,31 +180,22 @@ class DebianVMs:
 
 @pytest.fixture(scope="module")
 def debian(debian_img: DiskImage, session_images: Path) -> Iterator[DebianVMs]:
-    home = Path(tempfile.mkdtemp(prefix="vfd", dir="/tmp"))
-    memory_dir = Path(tempfile.mkdtemp(prefix="vfdmem", dir="/dev/shm"))
-    (home / "images").symlink_to(session_images)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VMFORK_HOME", str(home))
-        mp.setenv("VMFORK_MEMORY_DIR", str(memory_dir))
-        env = Env(home, memory_dir, dict(os.environ))
+    with module_env("vfd", session_images) as env:
         base_sha = sha256(debian_img.disk)
         port = free_port()
         boot: dict[str, float] = {}
-        try:
-            t0 = time.monotonic()
-            p = env.cli("run", "deb", "--image", "debian", "--memory", "512M", "--accel",
-                        "tcg", "--port", f"{port}:8080", "--json", check=True, timeout=300)
-            boot["deb"] = json.loads(p.stdout)["boot_seconds"]
-            boot["deb_cli"] = time.monotonic() - t0
-            r = run(vm.run(env.store(), vm.RunOptions(
-                name="raw", memory_mib=512, accel="tcg", kernel=debian_img.kernel,
-                initrd=debian_img.initrd, append=DEBIAN_APPEND, disks=(debian_img.disk,),
-                net=True)))
-            boot["raw"] = r["boot_seconds"]
-            print(f"\n[debian boot to ready: {boot}]")
-            yield DebianVMs(env, debian_img, base_sha, port, boot)
-        finally:
-            cleanup_home(home, memory_dir)
+        t0 = time.monotonic()
+        p = env.cli("run", "deb", "--image", "debian", "--memory", "512M", "--accel",
+                    "tcg", "--port", f"{port}:8080", "--json", check=True, timeout=300)
+        boot["deb"] = json.loads(p.stdout)["boot_seconds"]
+        boot["deb_cli"] = time.monotonic() - t0
+        r = run(vm.run(env.store(), vm.RunOptions(
+            name="raw", memory_mib=512, accel="tcg", kernel=debian_img.kernel,
+            initrd=debian_img.initrd, append=DEBIAN_APPEND, disks=(debian_img.disk,),
+            net=True)))
+        boot["raw"] = r["boot_seconds"]
+        print(f"\n[debian boot to ready: {boot}]")
+        yield DebianVMs(env, debian_img, base_sha, port, boot)
 
 
 # -- integration ------------------------------------------------------------------------

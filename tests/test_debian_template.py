@@ -11,9 +11,7 @@ base image was never written.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from vmfork.errors import GuestError
 from vmfork.image_debian import DiskImage
 from vmfork.timeouts import Timeouts
 
-from .conftest import Env, cleanup_home, qemu_processes, run
+from .conftest import Env, module_env, qemu_processes, run
 from .test_debian import debian_img, sha256
 
 __all__ = ["debian_img"]  # the fixture, imported to be used here
@@ -70,56 +68,48 @@ async def fsfreeze_status(env: Env, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def dt(debian_img: DiskImage, session_images: Path) -> Iterator[DebianTemplate]:
-    home = Path(tempfile.mkdtemp(prefix="vfdt", dir="/tmp"))
-    memory_dir = Path(tempfile.mkdtemp(prefix="vfdtmem", dir="/dev/shm"))
-    (home / "images").symlink_to(session_images)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VMFORK_HOME", str(home))
-        mp.setenv("VMFORK_MEMORY_DIR", str(memory_dir))
-        env = Env(home, memory_dir, dict(os.environ))
-        try:
-            base_sha = sha256(debian_img.disk)
-            times: dict[str, float] = {}
-            p = env.cli("run", "src", "--image", "debian", "--memory", "512M", "--accel", "tcg",
-                        "--json", check=True, timeout=300)
-            times["boot"] = json.loads(p.stdout)["boot_seconds"]
-            out = env.exec("src", "head -c 2097152 /dev/urandom > /root/disk.dat && sync && "
-                                  "head -c 1048576 /dev/urandom > /dev/shm/ram.dat && "
-                                  "md5sum /root/disk.dat /dev/shm/ram.dat | cut -d' ' -f1; "
-                                  "cat /etc/machine-id; hostname; " + NIC_MACS)
-            disk_md5, ram_md5, machine_id, hostname, mac = out.split()
-            source = {"disk_md5": disk_md5, "ram_md5": ram_md5, "machine_id": machine_id,
-                      "hostname": hostname, "mac": mac}
-            # A creation that fails after the freeze (its state file cannot be
-            # written) must leave the VM running and thawed.
-            (home / "templates/X/state").mkdir(parents=True)
-            p = env.cli("template", "create", "X", "--from", "src")
-            failed = {"returncode": p.returncode, "stderr": p.stderr,
-                      "fsfreeze": run(fsfreeze_status(env, "src")),
-                      "status": run(vm.status(env.store(), "src")),
-                      "write": env.exec("src", "touch /var/tmp/x && echo written").strip(),
-                      "left": (home / "templates/X").exists()}
-            t0 = time.monotonic()
-            p = env.cli("template", "create", "T", "--from", "src", "--on-clone", HOOK,
-                        "--json", check=True)
-            times["template_cli"] = time.monotonic() - t0
-            manifest = json.loads(p.stdout)
-            t0 = time.monotonic()
-            p = env.cli("clone", "T", "-n", "2", "--json", check=True)
-            times["clone2_cli"] = time.monotonic() - t0
-            clones = json.loads(p.stdout)
-            print(f"\n[debian template: boot {times['boot']:.1f} s, template "
-                  f"{manifest['save']['total_seconds']:.3f} s (freeze "
-                  f"{manifest['save']['freeze_seconds']:.3f} s, state "
-                  f"{manifest['state_size'] / 1024:.0f} KiB saved in "
-                  f"{manifest['save']['seconds'] * 1000:.0f} ms), "
-                  + ", ".join(f"{c['name']}: running {c['running']:.3f} s, responsive "
-                              f"{c['responsive']:.3f} s, hook done {c['hook_done']:.3f} s"
-                              for c in clones) + "]")
-            yield DebianTemplate(env, debian_img, base_sha, source, manifest, clones, failed,
-                                 times)
-        finally:
-            cleanup_home(home, memory_dir)
+    with module_env("vfdt", session_images) as env:
+        home = env.home
+        base_sha = sha256(debian_img.disk)
+        times: dict[str, float] = {}
+        p = env.cli("run", "src", "--image", "debian", "--memory", "512M", "--accel", "tcg",
+                    "--json", check=True, timeout=300)
+        times["boot"] = json.loads(p.stdout)["boot_seconds"]
+        out = env.exec("src", "head -c 2097152 /dev/urandom > /root/disk.dat && sync && "
+                              "head -c 1048576 /dev/urandom > /dev/shm/ram.dat && "
+                              "md5sum /root/disk.dat /dev/shm/ram.dat | cut -d' ' -f1; "
+                              "cat /etc/machine-id; hostname; " + NIC_MACS)
+        disk_md5, ram_md5, machine_id, hostname, mac = out.split()
+        source = {"disk_md5": disk_md5, "ram_md5": ram_md5, "machine_id": machine_id,
+                  "hostname": hostname, "mac": mac}
+        # A creation that fails after the freeze (its state file cannot be
+        # written) must leave the VM running and thawed.
+        (home / "templates/X/state").mkdir(parents=True)
+        p = env.cli("template", "create", "X", "--from", "src")
+        failed = {"returncode": p.returncode, "stderr": p.stderr,
+                  "fsfreeze": run(fsfreeze_status(env, "src")),
+                  "status": run(vm.status(env.store(), "src")),
+                  "write": env.exec("src", "touch /var/tmp/x && echo written").strip(),
+                  "left": (home / "templates/X").exists()}
+        t0 = time.monotonic()
+        p = env.cli("template", "create", "T", "--from", "src", "--on-clone", HOOK,
+                    "--json", check=True)
+        times["template_cli"] = time.monotonic() - t0
+        manifest = json.loads(p.stdout)
+        t0 = time.monotonic()
+        p = env.cli("clone", "T", "-n", "2", "--json", check=True)
+        times["clone2_cli"] = time.monotonic() - t0
+        clones = json.loads(p.stdout)
+        print(f"\n[debian template: boot {times['boot']:.1f} s, template "
+              f"{manifest['save']['total_seconds']:.3f} s (freeze "
+              f"{manifest['save']['freeze_seconds']:.3f} s, state "
+              f"{manifest['state_size'] / 1024:.0f} KiB saved in "
+              f"{manifest['save']['seconds'] * 1000:.0f} ms), "
+              + ", ".join(f"{c['name']}: running {c['running']:.3f} s, responsive "
+                          f"{c['responsive']:.3f} s, hook done {c['hook_done']:.3f} s"
+                          for c in clones) + "]")
+        yield DebianTemplate(env, debian_img, base_sha, source, manifest, clones, failed,
+                             times)
 
 
 def test_failed_creation_resumes_and_thaws_the_vm(dt: DebianTemplate) -> None:
