@@ -660,7 +660,7 @@ async def _concrete_machine(old: Machine) -> str:
     return t.removesuffix("-machine")
 
 
-async def _restore_port_forwards(new: Machine, net: NetSpec | None) -> list[str]:
+async def restore_port_forwards(new: Machine, net: NetSpec | None) -> list[str]:
     """Add the VM's host port forwards to the new QEMU once the old freed them."""
     warnings = []
     for host, guest in (net.ports if net else ()):
@@ -795,14 +795,14 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
         store.update_vm(rec)
     move.remove_sockets()
     if chosen == "copy":
-        _remove_old_memory(rec.spec, old.spec, warnings)
-    warnings += await _restore_port_forwards(new, new_spec.net)
+        remove_old_memory(rec.spec, old.spec, warnings)
+    warnings += await restore_port_forwards(new, new_spec.net)
     await new.disconnect()
     await _call_hook(hook, "resumed", new.pid)
     return _report(move, info, before, sampler.peak, new_feats, qemu_str, t0, warnings)
 
 
-def _remove_old_memory(new: VMSpec, old: VMSpec, warnings: list[str]) -> None:
+def remove_old_memory(new: VMSpec, old: VMSpec, warnings: list[str]) -> None:
     mem = old.memory
     if memory_kind(mem) == "shared-file" and mem.path and mem.path != new.memory.path:
         try:

@@ -141,7 +141,7 @@ async def recover(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> 
 
 async def _commit(store: Store, rec: VMRecord, new: Machine, old: Machine | None,
                   new_spec: VMSpec, todo: dict[str, Any], timeouts: Timeouts) -> VMRecord:
-    from .update import _remove_old_memory, _restore_port_forwards
+    from .update import remove_old_memory, restore_port_forwards  # update imports us
     old_spec = rec.spec
     if old is not None:
         with contextlib.suppress(VmforkError):
@@ -161,8 +161,8 @@ async def _commit(store: Store, rec: VMRecord, new: Machine, old: Machine | None
     store.update_vm(rec)
     warnings: list[str] = []
     if todo.get("mode") == "copy":
-        _remove_old_memory(new_spec, old_spec, warnings)
-    warnings += await _restore_port_forwards(new, new_spec.net)
+        remove_old_memory(new_spec, old_spec, warnings)
+    warnings += await restore_port_forwards(new, new_spec.net)
     for w in warnings:
         log.warning("%s: %s", rec.name, w)
     return rec
