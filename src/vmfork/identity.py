@@ -13,13 +13,16 @@ loaded.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 
 from . import vm
-from .errors import GuestError, StateError
+from .errors import GuestError, StateError, VmforkError, VmforkTimeout
 from .store import Store, VMRecord
 from .timeouts import DEFAULT, Timeouts
+
+log = logging.getLogger("vmfork.identity")
 
 
 def clock_command(now: float | None = None) -> str:
@@ -106,11 +109,57 @@ async def make_unique(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT,
     mac = rec.spec.net.mac if rec.spec.net else None
     cmd = " && ".join([clock_command(), identity_command(
         hostname=rec.name, mac=mac, new_machine_id=True, old_mac=old_mac)])
-    r = await vm.guest_exec(store, rec, cmd, timeouts.exec, timeouts)
+    try:
+        r = await vm.guest_exec(store, rec, cmd, timeouts.exec, timeouts)
+    except VmforkTimeout as exc:
+        where = await diagnose(store, rec, timeouts)
+        raise GuestError(f"{rec.name}: giving the clone its identity did not finish within "
+                         f"{exc.seconds:.0f} s; {where}") from exc
     if r.status != 0:
         raise GuestError(f"{rec.name}: giving the clone its identity failed "
                          f"(status {r.status}): {_one_line(r.text)}")
     return time.monotonic() - t0
+
+
+#: What :func:`diagnose` asks a guest whose command hangs: load, the tasks
+#: that are blocked (state D) or running, with their kernel stacks, whether
+#: the root file system takes a write, the NICs and the kernel's last words.
+DIAGNOSE_COMMAND = r"""
+cat /proc/loadavg
+for d in /proc/[0-9]*; do
+  s=; while read -r k v _; do [ "$k" = State: ] && { s=$v; break; }; done < "$d/status" 2>/dev/null
+  case "$s" in D|R) ;; *) continue;; esac
+  c=; read -r c < "$d/comm" 2>/dev/null; w=; read -r w < "$d/wchan" 2>/dev/null
+  a=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)
+  echo "== pid ${d#/proc/} state $s comm $c wchan $w: $a"
+  cat "$d/stack" 2>/dev/null
+done
+rm -f /var/tmp/.vmfork-probe; touch /var/tmp/.vmfork-probe & sleep 1
+[ -e /var/tmp/.vmfork-probe ] && echo "root fs: writable" || echo "root fs: a write blocks"
+ip -br link 2>&1; ip -br addr 2>&1
+dmesg 2>/dev/null | tail -n 40
+"""
+
+
+async def diagnose(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> str:
+    """Ask a guest whose command hangs what it is doing (through the serial
+    agent, which does not share the channel of qemu-guest-agent), write the
+    answer to ``diagnosis.txt`` in the VM's run directory and return a
+    phrase that says where it is (or that the guest did not answer)."""
+    path = store.run_dir(rec.name) / "diagnosis.txt"
+    try:
+        r = await vm.guest_exec(store, rec, DIAGNOSE_COMMAND, 3 * timeouts.agent, timeouts,
+                                agent="serial")
+        text = r.text
+    except VmforkError as exc:
+        text = f"the serial agent did not answer either: {exc}\n"
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        log.warning("%s: cannot write %s: %s", rec.name, path, exc)
+        return "the guest's own account could not be saved"
+    log.warning("%s: guest diagnosis in %s", rec.name, path)
+    return f"what the guest was doing is in {path}"
 
 
 def _one_line(text: str, limit: int = 200) -> str:
