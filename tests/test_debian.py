@@ -23,11 +23,12 @@ from unittest.mock import ANY
 import psutil
 import pytest
 
-from vmfork import vm
-from vmfork.errors import SetupError
+from vmfork import identity, vm
+from vmfork.errors import GuestError, SetupError
 from vmfork.image_debian import DEBIAN_APPEND, DiskImage, debian_image, debian_mirror
 from vmfork.qga import SHELL_WRAPPER, GuestAgent
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, build_argv
+from vmfork.timeouts import Timeouts
 
 from .conftest import Env, module_env, qemu_processes, run
 
@@ -483,6 +484,47 @@ def test_save_restore_keeps_disk(debian: DebianVMs) -> None:
     assert not s.has_vm("pers") and not s.vm_dir("pers").exists()
     s.close()
     assert sha256(debian.img.disk) == debian.base_sha
+
+
+@pytest.mark.slow
+@pytest.mark.debian
+def test_hung_identity_command_is_diagnosed(debian: DebianVMs) -> None:
+    """An identity command that blocks (here: the root file system frozen
+    behind qemu-guest-agent's back, which would refuse to run anything while
+    it froze them itself) fails within its deadline with one line that
+    points to the guest's own account: the blocked tasks and their stacks."""
+    s = debian.env.store()
+    rec = s.get_vm("deb")
+
+    async def serial(cmd: str) -> str:
+        r = await vm.guest_exec(s, rec, cmd, 30, agent="serial")
+        assert r.status == 0, r.text
+        return r.text
+
+    run(serial("fsfreeze -f / && echo frozen"))
+    try:
+        with pytest.raises(GuestError) as err:
+            run(identity.make_unique(s, rec, Timeouts(exec=5)))
+    finally:
+        run(serial("fsfreeze -u /"))
+    msg = str(err.value)
+    assert "\n" not in msg
+    # (qemu-guest-agent itself may stop answering: it logs to the journal,
+    # which cannot write either.)
+    assert msg.startswith("deb: giving the clone its identity did not finish: timed out after ")
+    assert "; what the guest was doing is in " in msg
+    path = Path(msg.rsplit(" ", 1)[1])
+    assert path.parent == s.home / "diagnoses"
+    text = path.read_text()
+    assert "root fs: a write blocks" in text
+    assert "state D" in text and "[<0>]" in text  # blocked tasks, kernel stacks
+    assert "eth0" in text
+    # Thawed, the command that waited goes through: the guest took its identity.
+    deadline = time.monotonic() + 30
+    while debian.env.exec("deb", "cat /etc/hostname").strip() != "deb":
+        assert time.monotonic() < deadline, "the blocked identity command never finished"
+        time.sleep(0.5)
+    s.close()
 
 
 @pytest.mark.slow

@@ -133,6 +133,13 @@ class Store:
     def templates_dir(self) -> Path:
         return self.home / "templates"
 
+    def diagnosis_file(self, name: str) -> Path:
+        """Where a guest's account of a hang is kept (outlives the VM's
+        run directory, which a failed clone removes)."""
+        d = self.home / "diagnoses"
+        d.mkdir(exist_ok=True)
+        return d / f"{check_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+
     def run_dir(self, name: str) -> Path:
         return self.home / "run" / check_name(name)
 
