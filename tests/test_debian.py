@@ -519,6 +519,8 @@ def test_hung_identity_command_is_diagnosed(debian: DebianVMs) -> None:
     assert "root fs: a write blocks" in text
     assert "state D" in text and "[<0>]" in text  # blocked tasks, kernel stacks
     assert "eth0" in text
+    # The host's side, from QMP: run state, virtio queues, vCPUs.
+    assert "run state: running" in text and "virtio-blk" in text and "RIP=" in text
     # Thawed, the command that waited goes through: the guest took its identity.
     deadline = time.monotonic() + 30
     while debian.env.exec("deb", "cat /etc/hostname").strip() != "deb":

@@ -17,8 +17,8 @@ import logging
 import shlex
 import time
 
-from . import vm
-from .errors import GuestError, StateError, VmforkError, VmforkTimeout
+from . import diagnosis, vm
+from .errors import GuestError, StateError, VmforkTimeout
 from .store import Store, VMRecord
 from .timeouts import DEFAULT, Timeouts
 
@@ -112,60 +112,13 @@ async def make_unique(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT,
     try:
         r = await vm.guest_exec(store, rec, cmd, timeouts.exec, timeouts)
     except VmforkTimeout as exc:
-        where = await diagnose(store, rec, timeouts)
+        where = await diagnosis.diagnose(store, rec, timeouts)
         raise GuestError(f"{rec.name}: giving the clone its identity did not finish: timed "
                          f"out after {exc.seconds:g} s waiting for {exc.phase}{where}") from exc
     if r.status != 0:
         raise GuestError(f"{rec.name}: giving the clone its identity failed "
                          f"(status {r.status}): {_one_line(r.text)}")
     return time.monotonic() - t0
-
-
-#: What :func:`diagnose` asks a guest whose command hangs: load, the tasks
-#: that are blocked (state D) or running, with their kernel stacks, whether
-#: the root file system takes a write, the NICs and the kernel's last words.
-#: Nothing in the foreground may write to a file system (it may be frozen):
-#: the probe writes in the background.
-DIAGNOSE_COMMAND = r"""
-cat /proc/loadavg
-for d in /proc/[0-9]*; do
-  s=; while read -r k v _; do [ "$k" = State: ] && { s=$v; break; }; done < "$d/status" 2>/dev/null
-  case "$s" in D|R) ;; *) continue;; esac
-  c=; read -r c < "$d/comm" 2>/dev/null; w=; read -r w < "$d/wchan" 2>/dev/null
-  a=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)
-  echo "== pid ${d#/proc/} state $s comm $c wchan $w: $a"
-  cat "$d/stack" 2>/dev/null
-done
-p=/var/tmp/.vmfork-probe.$$; touch "$p" & sleep 1
-if [ -e "$p" ]; then echo "root fs: writable"; rm -f "$p" & else echo "root fs: a write blocks"; fi
-ip -br link 2>&1; ip -br addr 2>&1
-dmesg 2>/dev/null | tail -n 40
-"""
-
-
-async def diagnose(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> str:
-    """Ask a guest whose command hangs what it is doing (through the serial
-    agent, which does not share the channel of qemu-guest-agent), keep the
-    answer in ``$VMFORK_HOME/diagnoses/`` and return a phrase (``; ...``)
-    that says where it is. A guest without qemu-guest-agent ran the command
-    through its serial agent, which answers nothing else until it ends:
-    nothing to ask then (empty phrase)."""
-    if vm.agent_kind(rec) != "qga":
-        return ""
-    try:
-        r = await vm.guest_exec(store, rec, DIAGNOSE_COMMAND, 3 * timeouts.agent, timeouts,
-                                agent="serial")
-        text = r.text
-    except VmforkError as exc:
-        text = f"the serial agent did not answer either: {exc}\n"
-    try:
-        path = store.diagnosis_file(rec.name)
-        path.write_text(text)
-    except OSError as exc:
-        log.warning("%s: cannot keep the guest's diagnosis: %s", rec.name, exc)
-        return ""
-    log.warning("%s: guest diagnosis in %s", rec.name, path)
-    return f"; what the guest was doing is in {path}"
 
 
 def _one_line(text: str, limit: int = 200) -> str:
