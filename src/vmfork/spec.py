@@ -218,6 +218,14 @@ def build_argv(spec: VMSpec, paths: RunPaths, incoming: tuple[str, ...] = (),
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory_mib}M",
         "-object", spec.memory.qemu_object(spec.memory_mib),
+        # No announce rounds after a state is loaded. On a user-mode network
+        # there is nobody to announce to, and the announce makes a virtio-net
+        # guest run its config work (netdev_notify_peers, which takes RTNL):
+        # a Linux guest (seen with 6.18) deadlocks if that work waits for RTNL
+        # while `ip link set down` holds it and waits for the work
+        # (virtnet_close -> cancel_work_sync). A clone's identity takes the
+        # link down ~1 s after the load: 2 hangs in ~2000 clones before this.
+        "-global", "migration.announce-rounds=0",
         "-qmp", f"unix:{_qemu_escape(paths.qmp)},server=on,wait=off",
         "-chardev", (f"socket,id=con0,path={_qemu_escape(paths.console)},server=on,wait=off,"
                      f"logfile={_qemu_escape(paths.console_log)},logappend=on"),
