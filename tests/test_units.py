@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -660,3 +661,12 @@ def test_nested_deadlines_end_at_the_outer_one() -> None:
         assert await deadline(asyncio.sleep(0, result=1), 1.0, "x") == 1
 
     asyncio.run(go())
+
+
+def test_default_deadlines_follow_the_scale() -> None:
+    """VMFORK_TIMEOUT_SCALE stretches the deadlines of every command (read at import)."""
+    code = ("from vmfork.timeouts import DEFAULT; "
+            "print(DEFAULT.boot, DEFAULT.exec)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "VMFORK_TIMEOUT_SCALE": "2.5"}, check=True)
+    assert out.stdout.split() == ["300.0", "150.0"]

@@ -38,7 +38,7 @@ def update_cmd(name: str, qemu: str | None, mode: str, timeout: float | None,
     The VM keeps its name, console and exec. If anything fails, the old QEMU
     keeps running the guest and the command fails naming the cause.
     """
-    timeouts = DEFAULT.scaled()
+    timeouts = DEFAULT
     if timeout is not None:
         timeouts = dataclasses.replace(timeouts, migrate=timeout)
     r = run_async(upd.update(store(), name, qemu=qemu, mode=mode, timeouts=timeouts))

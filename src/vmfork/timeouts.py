@@ -33,4 +33,7 @@ class Timeouts:
         return replace(self, **{k: v * s for k, v in self.__dict__.items()})
 
 
-DEFAULT = Timeouts()
+#: The deadlines every command uses, stretched by ``VMFORK_TIMEOUT_SCALE``
+#: (read once, at import). Until stop 9 only ``vmfork update`` applied the
+#: scale: a Debian boot on a busy host hit the unscaled 120 s.
+DEFAULT = Timeouts().scaled()
