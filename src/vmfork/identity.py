@@ -13,7 +13,6 @@ loaded.
 
 from __future__ import annotations
 
-import logging
 import shlex
 import time
 
@@ -21,8 +20,6 @@ from . import diagnosis, vm
 from .errors import GuestError, StateError, VmforkTimeout
 from .store import Store, VMRecord
 from .timeouts import DEFAULT, Timeouts
-
-log = logging.getLogger("vmfork.identity")
 
 
 def clock_command(now: float | None = None) -> str:
