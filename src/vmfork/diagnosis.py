@@ -26,9 +26,13 @@ log = logging.getLogger("vmfork.diagnosis")
 #: What the guest is asked: load, the tasks that are blocked (state D) or
 #: running, with their kernel stacks, whether the root file system takes a
 #: write, the NICs and the kernel's last words. Nothing in the foreground
-#: may write to a file system (it may be frozen): the probe writes in the
-#: background.
+#: may block: the write probe runs in the background (the file system may be
+#: frozen), and so does ``ip`` (it needs RTNL, which a hung guest may hold:
+#: the hang this module was written for was one), given 1 s.
 GUEST_COMMAND = r"""
+n=/run/vmfork-diag-ip.$$
+{ ip -br link; ip -br addr; echo "(ip answered)"; } > "$n" 2>&1 &
+p=/var/tmp/.vmfork-probe.$$; touch "$p" &
 cat /proc/loadavg
 for d in /proc/[0-9]*; do
   s=; while read -r k v _; do [ "$k" = State: ] && { s=$v; break; }; done < "$d/status" 2>/dev/null
@@ -38,9 +42,10 @@ for d in /proc/[0-9]*; do
   echo "== pid ${d#/proc/} state $s comm $c wchan $w: $a"
   cat "$d/stack" 2>/dev/null
 done
-p=/var/tmp/.vmfork-probe.$$; touch "$p" & sleep 1
+sleep 1
 if [ -e "$p" ]; then echo "root fs: writable"; rm -f "$p" & else echo "root fs: a write blocks"; fi
-ip -br link 2>&1; ip -br addr 2>&1
+cat "$n"; grep -q '^(ip answered)$' "$n" || echo "ip: no answer within 1 s (RTNL held?)"
+rm -f "$n"
 dmesg 2>/dev/null | tail -n 40
 """
 
