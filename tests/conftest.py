@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from vmfork import vm
-from vmfork.image import demo_image
+from vmfork.images.demo import demo_image
 from vmfork.store import Store
 
 T = TypeVar("T")

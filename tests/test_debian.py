@@ -23,10 +23,11 @@ from unittest.mock import ANY
 import psutil
 import pytest
 
-from vmfork import identity, vm
+from vmfork import vm
 from vmfork.errors import GuestError, SetupError
-from vmfork.image_debian import DEBIAN_APPEND, DiskImage, debian_image, debian_mirror
-from vmfork.qga import SHELL_WRAPPER, GuestAgent
+from vmfork.guest import identity
+from vmfork.guest.qga import SHELL_WRAPPER, GuestAgent
+from vmfork.images.debian import DEBIAN_APPEND, DiskImage, debian_image, debian_mirror
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, build_argv
 from vmfork.timeouts import Timeouts
 
@@ -124,7 +125,7 @@ def test_qga_shell_wrapper_runs_like_the_serial_agent(tmp_path: Path) -> None:
 def test_bench_clone_options_per_image() -> None:
     """``vmfork bench clone --image debian``: data in tmpfs and on disk, the
     Debian image booted; the demo guest keeps its data in its RAM root."""
-    from vmfork.bench_clone import CloneBench
+    from vmfork.bench.clone import CloneBench
     from vmfork.errors import InvalidInput
 
     deb = CloneBench(image="debian", data_mb=100, disk_mb=16, counts=(1, 3))

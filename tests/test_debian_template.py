@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from vmfork import template as tpl
+from vmfork import templates as tpl
 from vmfork import vm
 from vmfork.errors import GuestError
-from vmfork.image_debian import DiskImage
+from vmfork.images.debian import DiskImage
 from vmfork.timeouts import Timeouts
 
 from .conftest import Env, module_env, qemu_processes, run

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import snapshot, template, update, vm
+from vmfork import snapshots as snapshot
+from vmfork import templates as template
+from vmfork import update, vm
 
 from .conftest import Env, run
 

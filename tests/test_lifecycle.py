@@ -21,7 +21,7 @@ import pytest
 
 from vmfork import vm
 from vmfork.errors import GuestError, InvalidInput, LaunchError, StateError, VmforkTimeout
-from vmfork.machine import Machine, process_alive
+from vmfork.qemu.machine import Machine, process_alive
 from vmfork.store import Store
 
 from .conftest import VMFORK, Env, qemu_processes, run

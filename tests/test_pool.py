@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from vmfork import template as tpl
+from vmfork import templates as tpl
 from vmfork import vm
-from vmfork.machine import Machine, process_alive
+from vmfork.qemu.machine import Machine, process_alive
 
 from .conftest import Env, run
 from .test_template import generation_id, make_template

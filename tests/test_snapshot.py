@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from vmfork import bench, snapshot, template, vm
+from vmfork import bench, vm
+from vmfork import snapshots as snapshot
+from vmfork import templates as template
 from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
-from vmfork.machine import process_alive
+from vmfork.qemu.machine import process_alive
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
 from vmfork.store import Store
 

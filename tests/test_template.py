@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import template as tpl
+from vmfork import templates as tpl
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound, StateError, TemplateError
-from vmfork.machine import Machine, process_alive
+from vmfork.qemu.machine import Machine, process_alive
 
 from .conftest import Env, qemu_processes, run
 

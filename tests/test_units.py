@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import accel, cli, errors, vm
-from vmfork.guest import ExecResult, SerialAgent
-from vmfork.image import Cpio
-from vmfork.machine import log_tail, process_alive
+from vmfork import cli, errors, vm
+from vmfork.guest.serial import ExecResult, SerialAgent
+from vmfork.images.demo import Cpio
+from vmfork.qemu import accel
+from vmfork.qemu.machine import log_tail, process_alive
 from vmfork.spec import MemorySpec, VMSpec
 from vmfork.store import MAX_SOCKET_PATH, Store, VMRecord
 
@@ -425,8 +426,8 @@ def test_agent_unreachable(tmp_path: Path) -> None:
 
 
 # -- templates with disks, clone identity, hooks (no QEMU) ------------------------------
-from vmfork import identity  # noqa: E402
-from vmfork import template as tpl  # noqa: E402
+from vmfork import templates as tpl  # noqa: E402
+from vmfork.guest import identity  # noqa: E402
 from vmfork.spec import DiskSpec, NetSpec  # noqa: E402
 
 
@@ -644,7 +645,7 @@ def test_nested_deadlines_end_at_the_outer_one() -> None:
     """A polling loop of short waits, each under its own deadline, ends at
     the outer deadline (with asyncio.wait_for under Python 3.11 the inner
     waits swallowed the outer cancellation 28 times in 30)."""
-    from vmfork.machine import deadline
+    from vmfork.qemu.machine import deadline
 
     async def poll() -> str:
         end = time.monotonic() + 0.5

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import template as tpl
+from vmfork import templates as tpl
 from vmfork import vm
 from vmfork.errors import GuestError, InvalidInput, LaunchError, VmforkError, VmforkTimeout
-from vmfork.machine import process_alive
+from vmfork.qemu.machine import process_alive
 from vmfork.spec import MemorySpec, VMSpec
 from vmfork.timeouts import Timeouts
 from vmfork.update import QemuFeatures, UpdateReport, choose_mode, update

@@ -1,5 +1,5 @@
 """``python -m vmfork`` runs the CLI."""
 
-from .cli import main
+from vmfork.cli import main
 
 main()

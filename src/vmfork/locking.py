@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO
 
-from .errors import StateError
+from vmfork.errors import StateError
 
 #: Seconds between two attempts to take a held lock.
 RETRY = 0.01

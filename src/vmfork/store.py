@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import locking
-from .errors import AlreadyExists, InvalidInput, NotFound
-from .spec import RunPaths, VMSpec, check_name
-from .timeouts import scale
+from vmfork import locking
+from vmfork.errors import AlreadyExists, InvalidInput, NotFound
+from vmfork.spec import RunPaths, VMSpec, check_name
+from vmfork.timeouts import scale
 
 #: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
 MAX_SOCKET_PATH = 107

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .accel import resolve_accel
-from .errors import InvalidInput, SetupError, StateError, VmforkError
-from .guest import ExecResult, SerialAgent
-from .image import demo_image
-from .machine import Machine, process_alive
-from .qga import GuestAgent
-from .spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, check_name, new_mac
-from .store import Store, VMRecord
-from .timeouts import DEFAULT, Timeouts
+from vmfork.errors import InvalidInput, SetupError, StateError, VmforkError
+from vmfork.guest.qga import GuestAgent
+from vmfork.guest.serial import ExecResult, SerialAgent
+from vmfork.images.demo import demo_image
+from vmfork.qemu.accel import resolve_accel
+from vmfork.qemu.machine import Machine, process_alive
+from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, check_name, new_mac
+from vmfork.store import Store, VMRecord
+from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.vm")
 
@@ -136,7 +136,7 @@ def image_options(store: Store, opts: RunOptions) -> RunOptions:
         raise InvalidInput("--image cannot be combined with --demo, --kernel or --initrd")
     if opts.image == "demo":
         return dataclasses.replace(opts, image=None, demo=True)
-    from .image_debian import debian_image
+    from vmfork.images.debian import debian_image
     img = debian_image(store.images_dir)
     return dataclasses.replace(opts, image=None, kernel=img.kernel, initrd=img.initrd,
                                append=opts.append or img.append,
@@ -354,7 +354,7 @@ async def stop(store: Store, name: str, force: bool = False,
         rec = store.get_vm(name)
         if rec.state == "updating" or "retire" in rec.info:
             # An interrupted update may have left a second QEMU: settle first.
-            from .update_recovery import recover
+            from vmfork.update.recovery import recover
             with contextlib.suppress(VmforkError):
                 rec = await recover(store, rec, timeouts)
         if rec.pid and process_alive(rec.pid, rec.pid_start):

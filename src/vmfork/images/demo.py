@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import SetupError
+from vmfork.errors import SetupError
 
 DEMO_APPEND = "console=ttyS0 loglevel=4 rdinit=/init panic=-1"
 #: Modules the demo guest loads at boot, in dependency order resolved at build.
@@ -138,7 +138,7 @@ def _module_bytes(path: Path) -> bytes:
 
 
 def _guest_file(name: str) -> bytes:
-    return resources.files("vmfork").joinpath("guestfs").joinpath(name).read_bytes()
+    return resources.files("vmfork.images").joinpath("guestfs").joinpath(name).read_bytes()
 
 
 def build_demo_initrd(busybox: Path, kernel_version: str) -> bytes:

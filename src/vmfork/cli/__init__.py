@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from . import vm
-from .errors import (
+from vmfork import vm
+from vmfork.errors import (
     AlreadyExists,
     GuestError,
     InvalidInput,
@@ -33,9 +33,9 @@ from .errors import (
     VmforkError,
     VmforkTimeout,
 )
-from .image import demo_image
-from .spec import parse_memory
-from .store import Store
+from vmfork.images.demo import demo_image
+from vmfork.spec import parse_memory
+from vmfork.store import Store
 
 T = TypeVar("T")
 out = Console(highlight=False, soft_wrap=True)
@@ -151,7 +151,7 @@ def image_demo(rebuild: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def image_debian(size: str | None, rebuild: bool, as_json: bool) -> None:
     """Build (once, as root) a Debian bookworm disk image with systemd."""
-    from .image_debian import debian_image
+    from vmfork.images.debian import debian_image
     img = debian_image(store().images_dir, size=size, rebuild=rebuild)
     if as_json:
         emit_json(img.to_dict())
@@ -219,7 +219,7 @@ def run(name: str, demo: bool, kernel: str | None, initrd: str | None, append: s
 def ls(as_json: bool) -> None:
     """List VMs (a VM whose QEMU died shows as dead)."""
     s = store()
-    from .update_recovery import recover_interrupted
+    from vmfork.update.recovery import recover_interrupted
     run_async(recover_interrupted(s))  # updates whose vmfork died: finish or undo them
     recs = vm.list_vms(s)
     rows = [{"name": r.name, "state": r.state, "pid": r.pid, "memory_mib": r.spec.memory_mib,
@@ -256,7 +256,7 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float | None, agent: 
 @click.argument("name")
 def console(name: str) -> None:
     """Attach to the serial console (Ctrl-] detaches)."""
-    from .console import bridge
+    from vmfork.cli.console import bridge
     s = store()
     rec = vm.get_live(s, name)
     bridge(vm.paths_for(s, rec).console)
@@ -294,4 +294,6 @@ def bench() -> None:
 
 # Feature commands live in their own modules and attach themselves to `main`
 # (and to `bench`).
-from . import cli_snapshot, cli_template, cli_update  # noqa: E402,F401
+from vmfork.cli import snapshot as cli_snapshot  # noqa: E402,F401
+from vmfork.cli import template as cli_template  # noqa: E402,F401
+from vmfork.cli import update as cli_update  # noqa: E402,F401

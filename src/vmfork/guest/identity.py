@@ -16,10 +16,11 @@ from __future__ import annotations
 import shlex
 import time
 
-from . import diagnosis, vm
-from .errors import GuestError, StateError, VmforkTimeout
-from .store import Store, VMRecord
-from .timeouts import DEFAULT, Timeouts
+from vmfork import vm
+from vmfork.errors import GuestError, StateError, VmforkTimeout
+from vmfork.guest import diagnosis
+from vmfork.store import Store, VMRecord
+from vmfork.timeouts import DEFAULT, Timeouts
 
 
 def clock_command(now: float | None = None) -> str:

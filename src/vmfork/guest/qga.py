@@ -32,11 +32,11 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from . import locking
-from .errors import GuestError, VmforkTimeout
-from .guest import ExecResult
-from .machine import deadline
-from .timeouts import DEFAULT
+from vmfork import locking
+from vmfork.errors import GuestError, VmforkTimeout
+from vmfork.guest.serial import ExecResult
+from vmfork.qemu.machine import deadline
+from vmfork.timeouts import DEFAULT
 
 log = logging.getLogger("vmfork.qga")
 

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import locking
-from .errors import GuestError, InvalidInput
-from .machine import deadline
+from vmfork import locking
+from vmfork.errors import GuestError, InvalidInput
+from vmfork.qemu.machine import deadline
 
 MAX_COMMAND = 3000
 #: How often to ask the agent to resend an answer that arrived incomplete.

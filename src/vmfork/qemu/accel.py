@@ -14,7 +14,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from .errors import InvalidInput
+from vmfork.errors import InvalidInput
 
 log = logging.getLogger("vmfork.accel")
 PROBE_MARKER = b"VMFORK-PROBE-OK"

@@ -32,9 +32,9 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from .errors import LaunchError, MigrationError, StateError, VmforkError, VmforkTimeout
-from .spec import RunPaths, VMSpec, build_argv
-from .timeouts import DEFAULT, Timeouts
+from vmfork.errors import LaunchError, MigrationError, StateError, VmforkError, VmforkTimeout
+from vmfork.spec import RunPaths, VMSpec, build_argv
+from vmfork.timeouts import DEFAULT, Timeouts
 
 T = TypeVar("T")
 log = logging.getLogger("vmfork.machine")

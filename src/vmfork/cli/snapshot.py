@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from . import snapshot
-from .cli import bench, emit_json, main, out, report, run_async, store
+from vmfork import snapshots as snapshot
+from vmfork.cli import bench, emit_json, main, out, report, run_async, store
 
 
 @main.command("save")
@@ -99,8 +99,8 @@ def import_cmd(file: str, name: str, as_template: bool, persistent: bool,
 @click.option("--json", "as_json", is_flag=True)
 def bench_save_cmd(sizes: str, fill: float, samples: int, accel: str, as_json: bool) -> None:
     """vmfork save/restore against a full-RAM save to a file and its restore."""
-    from . import bench_save
-    from .spec import parse_memory_list
+    from vmfork.bench import save as bench_save
+    from vmfork.spec import parse_memory_list
 
     mibs = parse_memory_list(sizes)
     params = bench_save.SaveBench(sizes_mib=mibs, fill=fill, samples=samples, accel=accel)

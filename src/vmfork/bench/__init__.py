@@ -15,9 +15,9 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import vm
-from .errors import GuestError
-from .store import Store
+from vmfork import vm
+from vmfork.errors import GuestError
+from vmfork.store import Store
 
 #: Shell snippet that writes MB megabytes of non-zero, non-repeating-page data
 #: to FILE in the guest fast under TCG (urandom is slow there): a 1 MiB random

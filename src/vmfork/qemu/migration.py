@@ -21,8 +21,8 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from .errors import MigrationError, VmforkTimeout
-from .machine import Machine, deadline
+from vmfork.errors import MigrationError, VmforkTimeout
+from vmfork.qemu.machine import Machine, deadline
 
 FINAL = ("completed", "failed", "cancelled")
 

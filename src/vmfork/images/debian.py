@@ -32,9 +32,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidInput, SetupError
-from .image import GuestImage, _guest_file, host_kernel
-from .spec import parse_size
+from vmfork.errors import InvalidInput, SetupError
+from vmfork.images.demo import GuestImage, _guest_file, host_kernel
+from vmfork.spec import parse_size
 
 log = logging.getLogger("vmfork.image")
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from rich.console import Console
 
-from . import vm
-from .bench import print_table, ratio
-from .errors import GuestError
-from .store import Store
-from .update import NO_COPY, UpdateReport, update
+from vmfork import vm
+from vmfork.bench import print_table, ratio
+from vmfork.errors import GuestError
+from vmfork.store import Store
+from vmfork.update import NO_COPY, UpdateReport, update
 
 MB = 1_000_000
 MIB = 1024 * 1024

@@ -7,10 +7,10 @@ import time
 import click
 from rich.table import Table
 
-from . import template as tpl
-from .cli import bench, emit_json, err, main, out, run_async, store
-from .errors import InvalidInput
-from .spec import parse_memory
+from vmfork import templates as tpl
+from vmfork.cli import bench, emit_json, err, main, out, run_async, store
+from vmfork.errors import InvalidInput
+from vmfork.spec import parse_memory
 
 
 @main.group()
@@ -181,8 +181,8 @@ def pool_cmd(template: str, size: int | None, warm: bool | None, refill: bool,
 def bench_clone(image: str, memory: str, data_mb: int, disk_mb: int, counts: str,
                 samples: int, accel: str, as_json: bool) -> None:
     """Cold boot vs clone vs pool clone; memory of N clones vs N cold VMs."""
-    from . import bench_clone as bc
-    from .bench import print_table
+    from vmfork.bench import clone as bc
+    from vmfork.bench import print_table
     try:
         cs = tuple(int(c) for c in counts.split(","))
     except ValueError as exc:

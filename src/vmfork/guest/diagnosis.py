@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import vm
-from .errors import VmforkError
-from .machine import Machine
-from .store import Store, VMRecord
-from .timeouts import DEFAULT, Timeouts
+from vmfork import vm
+from vmfork.errors import VmforkError
+from vmfork.qemu.machine import Machine
+from vmfork.store import Store, VMRecord
+from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.diagnosis")
 

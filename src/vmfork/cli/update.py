@@ -6,11 +6,11 @@ import dataclasses
 
 import click
 
-from . import bench_update
-from . import update as upd
-from .cli import bench, emit_json, main, out, run_async, store
-from .spec import parse_memory_list
-from .timeouts import DEFAULT
+from vmfork import update as upd
+from vmfork.bench import update as bench_update
+from vmfork.cli import bench, emit_json, main, out, run_async, store
+from vmfork.spec import parse_memory_list
+from vmfork.timeouts import DEFAULT
 
 
 def _mb(n: int | None) -> str:

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import template as tpl
-from . import vm
-from .bench import fill_guest, pss_bytes, ratio
-from .errors import GuestError, InvalidInput
-from .store import Store
-from .timeouts import DEFAULT, Timeouts
+from vmfork import templates as tpl
+from vmfork import vm
+from vmfork.bench import fill_guest, pss_bytes, ratio
+from vmfork.errors import GuestError, InvalidInput
+from vmfork.store import Store
+from vmfork.timeouts import DEFAULT, Timeouts
 
 #: Guests the bench can run (``vmfork run --image``).
 IMAGES = ("demo", "debian")

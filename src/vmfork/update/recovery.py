@@ -28,12 +28,13 @@ from typing import Any
 
 import psutil
 
-from . import migration, vm
-from .errors import StateError, VmforkError
-from .machine import Machine, process_alive, process_start_time, remove_sockets
-from .spec import VMSpec
-from .store import Store, VMRecord
-from .timeouts import DEFAULT, Timeouts
+from vmfork import vm
+from vmfork.errors import StateError, VmforkError
+from vmfork.qemu import migration
+from vmfork.qemu.machine import Machine, process_alive, process_start_time, remove_sockets
+from vmfork.spec import VMSpec
+from vmfork.store import Store, VMRecord
+from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.update")
 
@@ -141,7 +142,7 @@ async def recover(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> 
 
 async def _commit(store: Store, rec: VMRecord, new: Machine, old: Machine | None,
                   new_spec: VMSpec, todo: dict[str, Any], timeouts: Timeouts) -> VMRecord:
-    from .update import remove_old_memory, restore_port_forwards  # update imports us
+    from vmfork.update import remove_old_memory, restore_port_forwards  # update imports us
     old_spec = rec.spec
     if old is not None:
         with contextlib.suppress(VmforkError):

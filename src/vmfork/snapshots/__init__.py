@@ -46,8 +46,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import identity, migration, vm
-from .errors import (
+from vmfork import vm
+from vmfork.errors import (
     AlreadyExists,
     GuestError,
     InvalidInput,
@@ -56,10 +56,12 @@ from .errors import (
     VmforkError,
     VmforkTimeout,
 )
-from .machine import Machine, deadline, process_alive
-from .spec import MIB, MemorySpec, VMSpec, check_name
-from .store import Store, VMRecord
-from .timeouts import DEFAULT, Timeouts
+from vmfork.guest import identity
+from vmfork.qemu import migration
+from vmfork.qemu.machine import Machine, deadline, process_alive
+from vmfork.spec import MIB, MemorySpec, VMSpec, check_name
+from vmfork.store import Store, VMRecord
+from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.snapshot")
 
@@ -769,7 +771,7 @@ async def import_template(store: Store, file: Path | str, name: str,
     """Bring an export file back as template *name*: import it as a paused
     temporary VM (the guest does not run) and freeze that with
     :func:`vmfork.template.create_from_vm`."""
-    from . import template
+    from vmfork import templates as template
 
     check_name(name, "template")
     if store.has_template(name):

@@ -40,8 +40,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import identity, migration, vm
-from .errors import (
+from vmfork import vm
+from vmfork.errors import (
     AlreadyExists,
     GuestError,
     InvalidInput,
@@ -49,10 +49,12 @@ from .errors import (
     TemplateError,
     VmforkTimeout,
 )
-from .machine import Machine, deadline, process_alive
-from .spec import DiskSpec, MemorySpec, NetSpec, VMSpec, check_name, new_mac
-from .store import PoolMember, Store, VMRecord
-from .timeouts import DEFAULT, Timeouts
+from vmfork.guest import identity
+from vmfork.qemu import migration
+from vmfork.qemu.machine import Machine, deadline, process_alive
+from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, check_name, new_mac
+from vmfork.store import PoolMember, Store, VMRecord
+from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template")
 T = TypeVar("T")
@@ -241,7 +243,7 @@ async def _share_memory(store: Store, rec: VMRecord, timeouts: Timeouts) -> VMRe
     """Give a VM with private memory (a clone) a shared memory file of its own
     by a local copy migration, so it can become a template (chained templates)."""
     try:
-        from . import update
+        from vmfork import update
     except ImportError as exc:  # pragma: no cover - update ships with vmfork
         raise TemplateError(f"{rec.name}: its memory is private; cannot template it") from exc
     await update.update(store, rec.name, mode="copy", timeouts=timeouts)

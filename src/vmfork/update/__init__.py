@@ -47,8 +47,8 @@ import psutil
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 
-from . import migration, update_recovery, vm
-from .errors import (
+from vmfork import vm
+from vmfork.errors import (
     InvalidInput,
     LaunchError,
     MigrationError,
@@ -56,10 +56,12 @@ from .errors import (
     VmforkError,
     VmforkTimeout,
 )
-from .machine import Machine, deadline, log_tail
-from .spec import MIB, MemorySpec, NetSpec, VMSpec, check_name
-from .store import Store, VMRecord
-from .timeouts import DEFAULT, Timeouts
+from vmfork.qemu import migration
+from vmfork.qemu.machine import Machine, deadline, log_tail
+from vmfork.spec import MIB, MemorySpec, NetSpec, VMSpec, check_name
+from vmfork.store import Store, VMRecord
+from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.update import recovery as update_recovery
 
 log = logging.getLogger("vmfork.update")
 

@@ -34,12 +34,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import migration, snapshot, vm
-from .bench import fill_guest, ratio
-from .errors import GuestError, MigrationError
-from .spec import MemorySpec
-from .store import Store, VMRecord
-from .timeouts import DEFAULT, Timeouts
+from vmfork import snapshots as snapshot
+from vmfork import vm
+from vmfork.bench import fill_guest, ratio
+from vmfork.errors import GuestError, MigrationError
+from vmfork.qemu import migration
+from vmfork.spec import MemorySpec
+from vmfork.store import Store, VMRecord
+from vmfork.timeouts import DEFAULT, Timeouts
 
 STATE_LIMIT = 1_000_000
 
