@@ -209,8 +209,8 @@ def test_save_restore_from_fresh_processes(env: Env) -> None:
     assert not process_alive(pid)
     assert ls(env)["a"]["state"] == "saved" and ls(env)["a"]["pid"] is None
     rec = record(env, "a")
-    assert rec.info["saved"]["sha256"] == saved["sha256"]
-    assert rec.info["saved"]["memory_size"] == mem.stat().st_size == 256 << 20
+    assert rec.info.saved.sha256 == saved["sha256"]
+    assert rec.info.saved.memory_size == mem.stat().st_size == 256 << 20
     assert Path(saved["state_file"]).is_relative_to(env.home / "vms" / "a")
 
     time.sleep(3)  # the guest clock falls behind while saved

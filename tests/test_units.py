@@ -22,8 +22,9 @@ from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import Cpio
 from vmfork.qemu import accel
 from vmfork.qemu.machine import log_tail, process_alive
+from vmfork.records import RetiredQemu, SavedState, UpdateIntent, VMInfo, VMRecord
 from vmfork.spec import MemorySpec, VMSpec
-from vmfork.store import MAX_SOCKET_PATH, Store, VMRecord
+from vmfork.store import MAX_SOCKET_PATH, Store
 
 
 # -- cpio ----------------------------------------------------------------------
@@ -129,7 +130,7 @@ def record(name: str, **kw: object) -> VMRecord:
 def test_store_vm_crud(tmp_path: Path) -> None:
     s = Store(tmp_path / "home", tmp_path / "mem")
     assert s.list_vms() == [] and not s.has_vm("a")
-    a = record("a", pid=123, pid_start=1.5, info={"gen": 0, "owns_memory": True})
+    a = record("a", pid=123, pid_start=1.5, info=VMInfo(gen=2, owns_memory=False))
     s.add_vm(a)
     s.add_vm(record("b", created=time.time() + 1))
     assert s.has_vm("a")
@@ -138,10 +139,10 @@ def test_store_vm_crud(tmp_path: Path) -> None:
     assert [r.name for r in s.list_vms()] == ["a", "b"]
     with pytest.raises(errors.AlreadyExists, match="'a' exists already"):
         s.add_vm(record("a"))
-    got.state, got.pid, got.info = "paused", 456, {"boot_seconds": 1.25}
+    got.state, got.pid, got.info = "paused", 456, VMInfo(boot_seconds=1.25)
     s.update_vm(got)
     again = s.get_vm("a")
-    assert (again.state, again.pid, again.info) == ("paused", 456, {"boot_seconds": 1.25})
+    assert (again.state, again.pid, again.info) == ("paused", 456, VMInfo(boot_seconds=1.25))
     s.remove_vm("a")
     with pytest.raises(errors.NotFound, match="no VM named 'a'"):
         s.get_vm("a")
@@ -671,3 +672,22 @@ def test_default_deadlines_follow_the_scale() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "VMFORK_TIMEOUT_SCALE": "2.5"}, check=True)
     assert out.stdout.split() == ["300.0", "150.0"]
+
+
+def test_vm_info_round_trip_and_old_records() -> None:
+    spec = record("a").spec
+    saved = SavedState(name="a", state_file="/s", sha256="ab", size=1, memory_file="/m",
+                       memory_size=2, save_id="x", saved_at=1.0, qemu_version="10.0.2",
+                       machine="pc-q35-10.0")
+    info = VMInfo(owns_memory=False, gen=3, updates=2, boot_seconds=1.5, guest="debian",
+                  update=UpdateIntent(4, spec, "copy", False, "/new.mem"),
+                  retire=RetiredQemu(pid=9, pid_start=1.25, gen=2), saved=saved)
+    assert VMInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+    # What earlier versions wrote: free keys, some missing, one unknown.
+    old = {"owns_memory": True, "gen": 1, "boot_seconds": 2.0, "something_new": 1,
+           "update": {"gen": 2, "spec": spec.to_json(), "mode": "ignore-shared"}}
+    got = VMInfo.from_dict(old)
+    assert (got.gen, got.updates, got.owns_memory, got.boot_seconds) == (1, 0, True, 2.0)
+    assert got.update == UpdateIntent(2, spec, "ignore-shared", True, None)
+    assert got.retire is None and got.saved is None
+    assert VMInfo.from_dict({}) == VMInfo()

@@ -142,7 +142,7 @@ def assert_rolled_back(env: Env, guest: Guest, old_pid: int, gen: int,
     rec = s.get_vm(guest.name)
     assert rec.pid == old_pid and process_alive(old_pid, rec.pid_start)
     assert rec.state == "running"
-    assert int(rec.info.get("gen", 0)) == gen
+    assert rec.info.gen == gen
     for pid in new_pids:
         assert not process_alive(pid), f"the new QEMU {pid} is still running"
     assert run_files(env, guest.name) == files_before, "stray files in the run directory"
@@ -186,7 +186,7 @@ def check_updated(env: Env, name: str, r: UpdateReport, old_pid: int, mode: str)
     rec = env.store().get_vm(name)
     assert r.mode == mode
     assert rec.pid == r.new_pid != old_pid == r.old_pid
-    assert rec.info["gen"] == r.generation and rec.state == "running"
+    assert rec.info.gen == r.generation and rec.state == "running"
     assert not process_alive(old_pid)
     assert r.total_seconds > 0 and r.peak_memory_bytes >= r.memory_before_bytes > 0
     if mode != "copy":
@@ -234,7 +234,7 @@ def test_ten_updates_in_a_row(env: Env, booted: str) -> None:
     assert [p for p in pids if process_alive(p)] == [r.new_pid]
     guest.check()
     rec = env.store().get_vm(booted)
-    assert rec.info["updates"] == 10
+    assert rec.info.updates == 10
 
 
 def test_memfd_vm_updates_by_cpr_transfer(env: Env) -> None:
@@ -267,7 +267,7 @@ def test_update_a_clone(env: Env) -> None:
         check_updated(env, "c", r, old, "copy")
         assert "twice" in r.reason
         rec = s.get_vm("c")
-        assert rec.info["owns_memory"] and rec.spec.memory.share
+        assert rec.info.owns_memory and rec.spec.memory.share
         assert rec.spec.memory.path != manifest["memory_file"]
         assert Path(str(manifest["memory_file"])).exists()
         assert exec_retry(env, "c", MD5).strip() == md5
@@ -379,4 +379,4 @@ def test_update_refusals(env: Env, booted: str) -> None:
     assert p.returncode == 2 and "not found" in p.stderr
     with pytest.raises(InvalidInput, match="invalid update mode"):
         do_update(env, booted, mode="bogus")
-    assert env.store().get_vm(booted).info.get("gen", 0) == 0
+    assert env.store().get_vm(booted).info.gen == 0

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from vmfork import update, vm
+from vmfork.records import RetiredQemu
 
 from .conftest import Env, qemu_processes, run
 from .test_update import Guest
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.qemu
 KILLER = """
 import asyncio, os, signal
 from vmfork import update
+from vmfork.records import RetiredQemu
 from vmfork.store import Store
 def hook(phase, pid):
     if phase == {phase!r}:
@@ -48,19 +50,19 @@ def test_killed_update_is_settled_by_the_next_command(env: Env, booted: str, pha
     old_pid = s.get_vm("a").pid
     killed_update(env, phase, mode)
     rec = s.get_vm("a")
-    assert rec.state == "updating" and "update" in rec.info
+    assert rec.state == "updating" and rec.info.update is not None
     assert len(qemu_processes(str(env.home))) == 2  # the old and the new QEMU
     p = env.cli("ls", "--json", check=True)
     (row,) = json.loads(p.stdout)
     assert row["state"] == "running"
     rec = s.get_vm("a")
-    assert "update" not in rec.info
+    assert rec.info.update is None
     procs = qemu_processes(str(env.home))
     assert [q.pid for q in procs] == [rec.pid]
     if outcome == "completed":
-        assert rec.pid != old_pid and rec.info["gen"] == 1 and rec.info["updates"] == 1
+        assert rec.pid != old_pid and rec.info.gen == 1 and rec.info.updates == 1
     else:
-        assert rec.pid == old_pid and rec.info.get("gen", 0) == 0
+        assert rec.pid == old_pid and rec.info.gen == 0
     assert not list((env.home / "run" / "a").glob("mig.*.sock"))
     guest.check()
     # The VM updates normally afterwards.
@@ -81,18 +83,18 @@ def test_stop_of_an_interrupted_update_ends_both_qemus(env: Env, booted: str) ->
 
 def test_old_qemu_left_by_a_committed_update_is_ended(env: Env, booted: str) -> None:
     """A vmfork killed after the commit but before the old QEMU quit leaves
-    it in ``postmigrate`` (``info["retire"]``); the next command ends it. A
+    it in ``postmigrate`` (``info.retire``); the next command ends it. A
     stand-in process plays the old QEMU here."""
     s = env.store()
     old = subprocess.Popen(["sleep", "300"])
     try:
         rec = s.get_vm("a")
-        rec.info["retire"] = {"pid": old.pid, "pid_start": psutil.Process(old.pid).create_time(),
-                              "gen": 7}
+        rec.info.retire = RetiredQemu(pid=old.pid, gen=7,
+                                      pid_start=psutil.Process(old.pid).create_time())
         s.update_vm(rec)
         env.cli("ls", check=True)
         assert old.wait(timeout=10) == -9
-        assert "retire" not in s.get_vm("a").info
+        assert s.get_vm("a").info.retire is None
         assert run(vm.status(s, "a")) == "running"
     finally:
         old.kill()

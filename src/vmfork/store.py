@@ -15,12 +15,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmfork import locking
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound
+from vmfork.records import PoolMember, VMInfo, VMRecord
 from vmfork.spec import RunPaths, VMSpec, check_name
 from vmfork.timeouts import scale
 
@@ -66,18 +66,6 @@ _ADDED_COLUMNS = (("pool_members", "warm", "INTEGER NOT NULL DEFAULT 0"),
                   ("pool_targets", "warm", "INTEGER NOT NULL DEFAULT 0"))
 
 
-@dataclass
-class PoolMember:
-    """A QEMU process spawned for a template, waiting for its device state
-    (or, *warm*, with the state loaded, run once and paused again)."""
-
-    id: str
-    template: str
-    spec: VMSpec
-    pid: int
-    pid_start: float | None
-    created: float
-    warm: bool = False
 
 
 def default_home() -> Path:
@@ -91,18 +79,6 @@ def default_memory_dir() -> Path:
     return Path(os.environ.get("VMFORK_MEMORY_DIR", "/dev/shm/vmfork")).absolute()
 
 
-@dataclass
-class VMRecord:
-    """One VM as the catalog knows it."""
-
-    name: str
-    spec: VMSpec
-    state: str
-    pid: int | None = None
-    pid_start: float | None = None
-    template: str | None = None
-    created: float = field(default_factory=time.time)
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Store:
@@ -188,7 +164,7 @@ class Store:
                 "INSERT INTO vms (name, spec, state, pid, pid_start, template, created, info)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (rec.name, rec.spec.to_json(), rec.state, rec.pid, rec.pid_start,
-                 rec.template, rec.created, json.dumps(rec.info)))
+                 rec.template, rec.created, json.dumps(rec.info.to_dict())))
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"a VM named {rec.name!r} exists already") from exc
 
@@ -196,7 +172,7 @@ class Store:
         self._db.execute(
             "UPDATE vms SET spec=?, state=?, pid=?, pid_start=?, template=?, info=? WHERE name=?",
             (rec.spec.to_json(), rec.state, rec.pid, rec.pid_start, rec.template,
-             json.dumps(rec.info), rec.name))
+             json.dumps(rec.info.to_dict()), rec.name))
 
     def set_state_if(self, name: str, expected: str, new: str) -> bool:
         """Atomically move VM *name* from state *expected* to *new*; False if it
@@ -229,7 +205,7 @@ class Store:
     def _vm(row: tuple[Any, ...]) -> VMRecord:
         return VMRecord(name=row[0], spec=VMSpec.from_json(row[1]), state=row[2], pid=row[3],
                         pid_start=row[4], template=row[5], created=row[6],
-                        info=json.loads(row[7]))
+                        info=VMInfo.from_dict(json.loads(row[7])))
 
     # -- templates --------------------------------------------------------
     def add_template(self, name: str, manifest: dict[str, Any]) -> None:

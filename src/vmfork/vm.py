@@ -28,8 +28,9 @@ from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import demo_image
 from vmfork.qemu.accel import resolve_accel
 from vmfork.qemu.machine import Machine, process_alive
+from vmfork.records import VMInfo, VMRecord
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, check_name, new_mac
-from vmfork.store import Store, VMRecord
+from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.vm")
@@ -68,7 +69,7 @@ class RunOptions:
 
 
 def paths_for(store: Store, rec: VMRecord) -> RunPaths:
-    return store.run_paths(rec.name, int(rec.info.get("gen", 0)))
+    return store.run_paths(rec.name, rec.info.gen)
 
 
 def qemu_log(store: Store, name: str) -> Path:
@@ -220,8 +221,7 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
 def remove_vm_files(store: Store, rec: VMRecord) -> None:
     """Delete what a VM owns: its memory file (not a template's) and run dir."""
     mem = rec.spec.memory
-    if mem.backend == "file" and mem.path and rec.info.get("owns_memory", True) \
-            and not mem.readonly:
+    if mem.backend == "file" and mem.path and rec.info.owns_memory and not mem.readonly:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(mem.path)
     shutil.rmtree(store.run_dir(rec.name), ignore_errors=True)
@@ -249,7 +249,7 @@ async def launch_recorded(store: Store, rec: VMRecord, incoming: tuple[str, ...]
 async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
     """Start a VM and (by default) wait until its guest is ready."""
     spec = build_spec(store, opts)
-    rec = VMRecord(name=spec.name, spec=spec, state="starting", info={"owns_memory": True})
+    rec = VMRecord(name=spec.name, spec=spec, state="starting", info=VMInfo(owns_memory=True))
     store.add_vm(rec)  # reserves the name
     t0 = time.monotonic()
     m: Machine | None = None
@@ -264,7 +264,7 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> d
         else:
             await m.resume()
         rec.state = "running"
-        rec.info["boot_seconds"] = round(time.monotonic() - t0, 3)
+        rec.info.boot_seconds = round(time.monotonic() - t0, 3)
         store.update_vm(rec)
         await m.disconnect()
     except BaseException:
@@ -273,8 +273,8 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> d
         remove_vm_files(store, rec)
         store.remove_vm(rec.name)
         raise
-    log.info("%s: running (pid %d, %.2f s)", rec.name, rec.pid, rec.info["boot_seconds"])
-    return {"name": rec.name, "pid": rec.pid, "boot_seconds": rec.info["boot_seconds"],
+    log.info("%s: running (pid %d, %.2f s)", rec.name, rec.pid, rec.info.boot_seconds)
+    return {"name": rec.name, "pid": rec.pid, "boot_seconds": rec.info.boot_seconds,
             "accel": spec.accel, "memory_mib": spec.memory_mib,
             "memory_file": spec.memory.path}
 
@@ -352,7 +352,7 @@ async def stop(store: Store, name: str, force: bool = False,
     check_name(name)
     with store.lock(name):
         rec = store.get_vm(name)
-        if rec.state == "updating" or "retire" in rec.info:
+        if rec.state == "updating" or rec.info.retire is not None:
             # An interrupted update may have left a second QEMU: settle first.
             from vmfork.update.recovery import recover
             with contextlib.suppress(VmforkError):

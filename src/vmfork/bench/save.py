@@ -38,9 +38,11 @@ from vmfork import snapshots as snapshot
 from vmfork import vm
 from vmfork.bench import fill_guest, ratio
 from vmfork.errors import GuestError, MigrationError
+from vmfork.files import fsync_path
 from vmfork.qemu import migration
+from vmfork.records import VMRecord
 from vmfork.spec import MemorySpec
-from vmfork.store import Store, VMRecord
+from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
 STATE_LIMIT = 1_000_000
@@ -139,7 +141,7 @@ async def _full_ram(store: Store, name: str, md5: str, bdir: Path,
         await migration.set_parameters(m, mode="normal")
         stats = await migration.migrate(m, {"uri": f"file:{path}"}, timeouts.migrate * 3,
                                         "full-RAM save")
-        await asyncio.to_thread(migration.fsync_path, path)
+        await asyncio.to_thread(fsync_path, path)
         save_s = time.monotonic() - t0
         await m.resume()
     rname = f"{name}-full"

@@ -18,7 +18,8 @@ from typing import Any
 from vmfork import vm
 from vmfork.errors import VmforkError
 from vmfork.qemu.machine import Machine
-from vmfork.store import Store, VMRecord
+from vmfork.records import VMRecord
+from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.diagnosis")

@@ -19,7 +19,8 @@ import time
 from vmfork import vm
 from vmfork.errors import GuestError, StateError, VmforkTimeout
 from vmfork.guest import diagnosis
-from vmfork.store import Store, VMRecord
+from vmfork.records import VMRecord
+from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
 

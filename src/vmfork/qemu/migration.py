@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from vmfork.errors import MigrationError, VmforkTimeout
+from vmfork.files import fsync_path, sha256_file
 from vmfork.qemu.machine import Machine, deadline
 
 FINAL = ("completed", "failed", "cancelled")
@@ -127,20 +127,6 @@ async def load_state(m: Machine, path: Path, timeout: float, **caps: bool) -> st
     return await wait_incoming(m, timeout)
 
 
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_path(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def save_state(m: Machine, path: Path, timeout: float,

@@ -42,7 +42,7 @@ import secrets
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -56,18 +56,19 @@ from vmfork.errors import (
     VmforkError,
     VmforkTimeout,
 )
+from vmfork.files import fsync_path, sha256_file
 from vmfork.guest import identity
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, process_alive
+from vmfork.records import SAVE_MODE, SavedState, VMInfo, VMRecord
 from vmfork.spec import MIB, MemorySpec, VMSpec, check_name
-from vmfork.store import Store, VMRecord
+from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.snapshot")
 
 STATE_FILE = "state.mig"
 MANIFEST_FILE = "state.json"
-SAVE_MODE = "cpr-reboot"
 #: Clock sync after a restore or import is best effort: a guest without the
 #: agent must not hold the command up for the default exec deadline.
 CLOCK_TIMEOUTS = Timeouts(agent=5.0, exec=10.0)
@@ -81,43 +82,6 @@ EXPORT_HEADER_SIZE = 64 * 1024
 EXPORT_ALIGN = MIB
 
 
-# -- the saved-state manifest ---------------------------------------------------
-@dataclass(frozen=True)
-class SavedState:
-    """What a save wrote and a restore checks: one JSON manifest per saved VM."""
-
-    name: str
-    state_file: str
-    sha256: str
-    size: int
-    memory_file: str
-    memory_size: int
-    save_id: str
-    saved_at: float
-    qemu_version: str
-    machine: str
-    mode: str = SAVE_MODE
-    #: The guest ran when it was saved: restore resumes it (else it stays paused).
-    was_running: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SavedState:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-    def save_to(self, path: Path) -> None:
-        write_atomic(path, json.dumps(self.to_dict(), indent=2).encode())
-
-    @classmethod
-    def load_from(cls, path: Path) -> SavedState:
-        try:
-            return cls.from_dict(json.loads(path.read_bytes()))
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise MigrationError(f"saved-state manifest {path} is unreadable: {exc}") from exc
 
 
 def state_paths(store: Store, name: str) -> tuple[Path, Path]:
@@ -126,20 +90,6 @@ def state_paths(store: Store, name: str) -> tuple[Path, Path]:
     return d / STATE_FILE, d / MANIFEST_FILE
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write *data* to *path* via a temporary name, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    migration.fsync_path(path.parent)
 
 
 def _unlink(*paths: Path) -> None:
@@ -162,7 +112,7 @@ def check_saveable(rec: VMRecord) -> Path:
     if mem.backend != "file" or not mem.path:
         raise StateError(f"{rec.name}: its RAM is in a {mem.backend}, which ends with QEMU; "
                          "save needs a file memory backend (vmfork run --persistent)")
-    if not mem.share or mem.readonly or not rec.info.get("owns_memory", True):
+    if not mem.share or mem.readonly or not rec.info.owns_memory:
         raise StateError(f"{rec.name}: its RAM is a private copy-on-write mapping of "
                          f"{mem.path}; save needs a VM with its own shared memory file")
     if not vm.is_persistent_dir(Path(mem.path).parent):
@@ -182,7 +132,7 @@ def verify(store: Store, rec: VMRecord) -> SavedState:
         saved = SavedState.load_from(manifest)
     except FileNotFoundError:
         raise MigrationError(f"{name}: saved-state manifest {manifest} is missing") from None
-    recorded = rec.info.get("saved", {}).get("sha256")
+    recorded = (rec.info.saved.sha256 if rec.info.saved else None)
     if recorded and recorded != saved.sha256:
         raise MigrationError(f"{name}: manifest {manifest} belongs to another save "
                              f"(sha256 {saved.sha256[:12]}, catalog has {recorded[:12]})")
@@ -192,7 +142,7 @@ def verify(store: Store, rec: VMRecord) -> SavedState:
     if size != saved.size:
         raise MigrationError(f"{name}: state file {state} is corrupt: {size} bytes, "
                              f"{saved.size} were saved")
-    digest = migration.sha256_file(state)
+    digest = sha256_file(state)
     if digest != saved.sha256:
         raise MigrationError(f"{name}: state file {state} is corrupt: sha256 {digest[:12]} "
                              f"differs from the saved {saved.sha256[:12]}")
@@ -218,7 +168,7 @@ def verify(store: Store, rec: VMRecord) -> SavedState:
 def _manifest_matches(store: Store, rec: VMRecord) -> SavedState | None:
     """The manifest of a complete save for *rec*, or None."""
     try:
-        return verify(store, replace(rec, info={}))
+        return verify(store, replace(rec, info=VMInfo()))
     except (MigrationError, OSError):
         return None
 
@@ -253,11 +203,11 @@ async def recover(store: Store, rec: VMRecord) -> VMRecord:
     if rec.state in (*vm.LIVE_STATES, "dead") and not process_alive(rec.pid, rec.pid_start):
         saved = _manifest_matches(store, rec)
         if saved is not None:
-            await asyncio.to_thread(migration.fsync_path, saved.memory_file)
+            await asyncio.to_thread(fsync_path, saved.memory_file)
             for sock in store.run_dir(rec.name).glob("*.sock"):  # the dead QEMU's
                 _unlink(sock)
             rec.state, rec.pid, rec.pid_start = "saved", None, None
-            rec.info["saved"] = saved.to_dict()
+            rec.info.saved = saved
             store.update_vm(rec)
             log.warning("%s: a complete save was found; the VM is saved", rec.name)
     return rec
@@ -297,11 +247,11 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> dict[st
                 raise StateError(f"{name}: cannot save a VM in QEMU state {status!r}")
             if saved_before is None:
                 _unlink(manifest, state)
-                migration.fsync_path(state.parent)
+                fsync_path(state.parent)
             # Write back what the guest dirtied while it still runs, so the
             # flush after the pause has little left to do.
             t_flush = time.monotonic()
-            await asyncio.to_thread(migration.fsync_path, mem)
+            await asyncio.to_thread(fsync_path, mem)
             preflush = time.monotonic() - t_flush
             t_pause = time.monotonic()
             if saved_before is not None:
@@ -339,11 +289,11 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> dict[st
             await m.disconnect()
         await _checkpoint("qemu-quit")
         t_sync = time.monotonic()
-        await asyncio.to_thread(migration.fsync_path, mem)
-        migration.fsync_path(mem.parent)
+        await asyncio.to_thread(fsync_path, mem)
+        fsync_path(mem.parent)
         final_flush = time.monotonic() - t_sync
         rec.state, rec.pid, rec.pid_start = "saved", None, None
-        rec.info["saved"] = saved.to_dict()
+        rec.info.saved = saved
         store.update_vm(rec)
     t_end = time.monotonic()
     log.info("%s: %s -> saved (%d bytes of state)", name,
@@ -431,7 +381,7 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
         m: Machine | None = None
         try:
             m = await vm.launch_recorded(store, rec, incoming=("defer",), timeouts=timeouts,
-                                         gen=int(rec.info.get("gen", 0)))
+                                         gen=rec.info.gen)
             rec.pid, rec.pid_start = m.pid, m.start_time
             store.update_vm(rec)
             t_spawned = time.monotonic()
@@ -448,11 +398,11 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
         try:
             # The state is consumed: from here on the memory file moves on.
             _unlink(manifest)
-            migration.fsync_path(manifest.parent)
+            fsync_path(manifest.parent)
             await _checkpoint("restore-loaded")
             rec.state = "running" if saved.was_running else "paused"
-            rec.info.pop("saved", None)
-            rec.info["restored_at"] = time.time()
+            rec.info.saved = None
+            rec.info.restored_at = time.time()
             store.update_vm(rec)
             with contextlib.suppress(VmforkError):  # back to defaults for later migrations
                 await migration.set_parameters(m, mode="normal")
@@ -510,7 +460,7 @@ def _hash_range(f: BinaryIO, start: int, end: int) -> str:
 
 
 def _sha256(path: Path) -> str:
-    return migration.sha256_file(path)
+    return sha256_file(path)
 
 
 def read_header(path: Path | str) -> dict[str, Any]:
@@ -658,7 +608,7 @@ async def export(store: Store, name: str, file: Path | str,
             }
             await asyncio.to_thread(_write_export_tail, tmp, header, blob_files)
             os.replace(tmp, dest)
-            migration.fsync_path(dest.parent)
+            fsync_path(dest.parent)
         except BaseException:
             _unlink(tmp)
             if own:
@@ -715,7 +665,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
         memory=MemorySpec(backend="file", path=str(vm.memory_file_path(mdir, name)),
                           share=True))
     rec = VMRecord(name=name, spec=spec, state="starting",
-                   info={"owns_memory": True, "imported_from": str(src)})
+                   info=VMInfo(owns_memory=True, imported_from=str(src)))
     store.add_vm(rec)  # reserves the name
     m: Machine | None = None
     try:
@@ -798,6 +748,6 @@ async def import_template(store: Store, file: Path | str, name: str,
 
 
 __all__ = [
-    "SavedState", "check_export", "export", "import_", "import_template", "read_header",
+    "check_export", "export", "import_", "import_template", "read_header",
     "recover", "restore", "save", "verify",
 ]

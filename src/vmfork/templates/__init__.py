@@ -49,11 +49,13 @@ from vmfork.errors import (
     TemplateError,
     VmforkTimeout,
 )
+from vmfork.files import sha256_file
 from vmfork.guest import identity
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, process_alive
+from vmfork.records import PoolMember, VMInfo, VMRecord
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, check_name, new_mac
-from vmfork.store import PoolMember, Store, VMRecord
+from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template")
@@ -140,7 +142,7 @@ async def create_from_vm(store: Store, name: str, vm_name: str,
         "disks": entries, "frozen": frozen, "on_clone": on_clone,
         "qemu_version": ident["qemu_version"], "machine": ident["machine"],
         "qemu": rec.spec.qemu, "spec": json.loads(spec.to_json()),
-        "guest": rec.info.get("guest", "demo"),
+        "guest": (rec.info.guest or "demo"),
         # seconds: the state save; total_seconds: from the request until the
         # state was saved (freeze included).
         "save": {**stats.to_dict(), "freeze_seconds": round(t_frozen, 4),
@@ -309,7 +311,7 @@ def check(manifest: dict[str, Any], qemu: str | None = None) -> None:
     state = Path(manifest["state_file"])
     if not state.is_file():
         raise TemplateError(f"template {name}: state file {state} is missing")
-    if migration.sha256_file(state) != manifest["state_sha256"]:
+    if sha256_file(state) != manifest["state_sha256"]:
         raise TemplateError(f"template {name}: state file {state} is corrupt "
                             "(sha256 differs from the manifest)")
     check_disks(manifest)
@@ -514,7 +516,7 @@ async def _clone_one(store: Store, manifest: dict[str, Any], name: str, use_pool
     else:
         spec = clone_spec(manifest, name, store.vm_dir(name))
     rec = VMRecord(name=name, spec=spec, state="starting", template=manifest["name"],
-                   info={"owns_memory": False, "guest": manifest.get("guest", "demo")})
+                   info=VMInfo(owns_memory=False, guest=manifest.get("guest", "demo")))
     try:
         store.add_vm(rec)
     except AlreadyExists:
@@ -615,7 +617,7 @@ async def _warm_up(store: Store, manifest: dict[str, Any], mid: str, m: Machine,
                                x_ignore_shared=True)
     await m.resume()
     rec = VMRecord(name=mid, spec=m.spec, state="running", pid=m.pid,
-                   info={"guest": manifest.get("guest", "demo")})
+                   info=VMInfo(guest=manifest.get("guest", "demo")))
     if manifest.get("frozen"):
         # Its disk overlay is its own already; qemu-guest-agent runs no
         # command while the file systems are frozen.

@@ -58,8 +58,9 @@ from vmfork.errors import (
 )
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, log_tail
+from vmfork.records import RetiredQemu, UpdateIntent, VMRecord
 from vmfork.spec import MIB, MemorySpec, NetSpec, VMSpec, check_name
-from vmfork.store import Store, VMRecord
+from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.update import recovery as update_recovery
 
@@ -736,7 +737,7 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
     if new_spec.net and new_spec.net.ports:
         launch_spec = launch_spec.with_(net=NetSpec(mac=new_spec.net.mac))
     old_params = await old.qmp("query-migrate-parameters")
-    gen = int(rec.info.get("gen", 0)) + 1
+    gen = rec.info.gen + 1
     move = _Move(store=store, rec=rec, old=old, mode=chosen, reason=reason, new_spec=new_spec,
                  launch_spec=launch_spec, gen=gen, timeouts=timeouts, hook=hook,
                  bandwidth=bandwidth, was_running=status == "running",
@@ -747,8 +748,8 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
     rec.state = "updating"
     # Written before the new QEMU exists, so that a vmfork killed from here on
     # leaves enough behind to finish or undo the move (update_recovery).
-    rec.info["update"] = update_recovery.intent(gen, new_spec, chosen, move.was_running,
-                                                move.new_memory_file)
+    rec.info.update = UpdateIntent(gen, new_spec, chosen, move.was_running,
+                                   move.new_memory_file)
     store.update_vm(rec)
     files = _memory_files(rec.spec) + _memory_files(new_spec)
     log.info("%s: updating (%s, pid %d)", name, chosen, old.pid)
@@ -769,7 +770,7 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
                 raise  # only reached for CancelledError / KeyboardInterrupt
     except BaseException:
         rec.state = prev_state
-        rec.info.pop("update", None)
+        rec.info.update = None
         store.update_vm(rec)
         raise
     # The guest runs in the new QEMU: commit, then end the old process.
@@ -779,12 +780,12 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
     rec.spec = new_spec
     rec.pid, rec.pid_start = new.pid, new.start_time
     rec.state = prev_state
-    rec.info["gen"] = gen
-    rec.info["updates"] = int(rec.info.get("updates", 0)) + 1
-    rec.info.pop("update", None)
-    rec.info["retire"] = {"pid": old.pid, "pid_start": old.start_time, "gen": gen - 1}
+    rec.info.gen = gen
+    rec.info.updates += 1
+    rec.info.update = None
+    rec.info.retire = RetiredQemu(pid=old.pid, pid_start=old.start_time, gen=gen - 1)
     if chosen == "copy":
-        rec.info["owns_memory"] = True
+        rec.info.owns_memory = True
     store.update_vm(rec)
     log.info("%s: now in pid %d (%s)", name, new.pid, chosen)
     warnings: list[str] = []
@@ -793,7 +794,7 @@ async def _update_attached(store: Store, rec: VMRecord, old: Machine, binary: st
     except VmforkError as exc:
         warnings.append(f"the old QEMU (pid {old.pid}) did not end: {exc}")
     else:
-        rec.info.pop("retire", None)
+        rec.info.retire = None
         store.update_vm(rec)
     move.remove_sockets()
     if chosen == "copy":

@@ -3,7 +3,7 @@
 Owns one decision: when the ``vmfork update`` that moved a VM died (kill -9,
 host reboot of the CLI, ...), which QEMU holds the guest. Before it starts the
 new QEMU, an update writes what it is about to do into the VM's record
-(``info["update"]``: generation, new spec, mode, whether the guest ran) and
+(``info.update``: generation, new spec, mode, whether the guest ran) and
 sets the state ``updating``. From that, and from what both QEMU processes say
 over QMP, recovery either
 
@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import signal
-from typing import Any
 
 import psutil
 
@@ -32,18 +31,12 @@ from vmfork import vm
 from vmfork.errors import StateError, VmforkError
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, process_alive, process_start_time, remove_sockets
+from vmfork.records import UpdateIntent, VMRecord
 from vmfork.spec import VMSpec
-from vmfork.store import Store, VMRecord
+from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.update")
-
-
-def intent(gen: int, new_spec: VMSpec, mode: str, was_running: bool,
-           new_memory_file: str | None) -> dict[str, Any]:
-    """What an update records before it starts the new QEMU."""
-    return {"gen": gen, "spec": new_spec.to_json(), "mode": mode,
-            "was_running": was_running, "new_memory_file": new_memory_file}
 
 
 def find_qemu(qmp_path: str) -> int | None:
@@ -90,18 +83,18 @@ def _remove_move_sockets(store: Store, name: str, gen: int) -> None:
 
 async def retire_old(store: Store, rec: VMRecord) -> VMRecord:
     """End the old QEMU of a committed update if the update died before it did
-    (``info["retire"]``; it sits in ``postmigrate``, holding nothing the
+    (``info.retire``; it sits in ``postmigrate``, holding nothing the
     guest needs)."""
-    old = rec.info.get("retire")
-    if not isinstance(old, dict):
+    old = rec.info.retire
+    if old is None:
         return rec
-    pid, start = old.get("pid"), old.get("pid_start")
+    pid, start = old.pid, old.pid_start
     if pid and pid != rec.pid and process_alive(pid, start):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         log.warning("%s: ended the old QEMU (pid %s) of an interrupted update", rec.name, pid)
-    remove_sockets(store.run_paths(rec.name, int(old.get("gen", 0))))
-    rec.info.pop("retire", None)
+    remove_sockets(store.run_paths(rec.name, old.gen))
+    rec.info.retire = None
     store.update_vm(rec)
     return rec
 
@@ -109,13 +102,13 @@ async def retire_old(store: Store, rec: VMRecord) -> VMRecord:
 async def recover(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> VMRecord:
     """Settle an interrupted update of *rec* (the caller holds the VM's lock)."""
     rec = await retire_old(store, rec)
-    todo = rec.info.get("update")
-    if rec.state != "updating" or not isinstance(todo, dict):
+    todo = rec.info.update
+    if rec.state != "updating" or todo is None:
         return rec
-    name, gen = rec.name, int(todo["gen"])
-    new_spec = VMSpec.from_json(todo["spec"])
-    was_running = bool(todo.get("was_running", True))
-    old_gen = int(rec.info.get("gen", 0))
+    name, gen = rec.name, todo.gen
+    new_spec = todo.spec
+    was_running = todo.was_running
+    old_gen = rec.info.gen
     new_pid = find_qemu(store.run_paths(name, gen).qmp)
     old = await _attach(rec.spec, store, name, old_gen, rec.pid, timeouts) \
         if process_alive(rec.pid, rec.pid_start) else None
@@ -141,7 +134,7 @@ async def recover(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> 
 
 
 async def _commit(store: Store, rec: VMRecord, new: Machine, old: Machine | None,
-                  new_spec: VMSpec, todo: dict[str, Any], timeouts: Timeouts) -> VMRecord:
+                  new_spec: VMSpec, todo: UpdateIntent, timeouts: Timeouts) -> VMRecord:
     from vmfork.update import remove_old_memory, restore_port_forwards  # update imports us
     old_spec = rec.spec
     if old is not None:
@@ -149,19 +142,19 @@ async def _commit(store: Store, rec: VMRecord, new: Machine, old: Machine | None
             await old.shutdown()
     with contextlib.suppress(VmforkError):
         await migration.set_capabilities(new, x_ignore_shared=False)
-    if todo.get("was_running", True) and await new.status() == "paused":
+    if todo.was_running and await new.status() == "paused":
         await new.resume()
     rec.spec = new_spec
     rec.pid, rec.pid_start = new.pid, process_start_time(new.pid)
     rec.state = "running" if await new.status() == "running" else "paused"
-    rec.info["gen"] = int(todo["gen"])
-    rec.info["updates"] = int(rec.info.get("updates", 0)) + 1
-    if todo.get("mode") == "copy":
-        rec.info["owns_memory"] = True
-    rec.info.pop("update", None)
+    rec.info.gen = todo.gen
+    rec.info.updates += 1
+    if todo.mode == "copy":
+        rec.info.owns_memory = True
+    rec.info.update = None
     store.update_vm(rec)
     warnings: list[str] = []
-    if todo.get("mode") == "copy":
+    if todo.mode == "copy":
         remove_old_memory(new_spec, old_spec, warnings)
     warnings += await restore_port_forwards(new, new_spec.net)
     for w in warnings:
@@ -170,14 +163,14 @@ async def _commit(store: Store, rec: VMRecord, new: Machine, old: Machine | None
 
 
 async def _undo(store: Store, rec: VMRecord, new: Machine | None, old: Machine | None,
-                todo: dict[str, Any], was_running: bool, old_st: str | None) -> VMRecord:
+                todo: UpdateIntent, was_running: bool, old_st: str | None) -> VMRecord:
     if new is not None:
         await new.kill()
-    mem = todo.get("new_memory_file")
+    mem = todo.new_memory_file
     if mem and mem != rec.spec.memory.path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(mem)
-    rec.info.pop("update", None)
+    rec.info.update = None
     if old is None:
         rec.state = "dead"
         store.update_vm(rec)
@@ -204,7 +197,7 @@ async def recover_interrupted(store: Store, timeouts: Timeouts = DEFAULT) -> lis
     return their names."""
     done = []
     for rec in store.list_vms():
-        if rec.state != "updating" and "retire" not in rec.info:
+        if rec.state != "updating" and rec.info.retire is None:
             continue
         try:
             with store.lock(rec.name, wait=False):
@@ -216,4 +209,4 @@ async def recover_interrupted(store: Store, timeouts: Timeouts = DEFAULT) -> lis
     return done
 
 
-__all__ = ["find_qemu", "intent", "recover", "recover_interrupted"]
+__all__ = ["find_qemu", "recover", "recover_interrupted"]
