@@ -67,15 +67,15 @@ def guest_md5(env: Env, name: str) -> str:
 def test_run_starts_a_detached_vm_and_records_it(env: Env) -> None:
     s = env.store()
     result = run(vm.run(s, vm.RunOptions(name="r1", demo=True, accel="tcg")))
-    assert result["name"] == "r1" and result["accel"] == "tcg"
-    assert 0 < result["boot_seconds"] < 120
-    pid = result["pid"]
+    assert result.name == "r1" and result.accel == "tcg"
+    assert 0 < result.boot_seconds < 120
+    pid = result.pid
     rec = s.get_vm("r1")
     assert (rec.state, rec.pid) == ("running", pid)
     assert process_alive(rec.pid, rec.pid_start)
     assert run(vm.status(s, "r1")) == "running"
     # RAM is the named file in the memory dir, as big as the guest's RAM.
-    mem = Path(result["memory_file"])
+    mem = Path(result.memory_file)
     assert mem.parent == env.memory_dir and mem.name.startswith("r1-")
     assert mem.stat().st_size == 256 * 1024 * 1024
     assert str(mem) in " ".join(psutil.Process(pid).cmdline())
@@ -167,9 +167,9 @@ def test_memfd_backend(env: Env) -> None:
     s = env.store()
     result = run(vm.run(s, vm.RunOptions(name="m1", demo=True, accel="tcg",
                                          memory_backend="memfd")))
-    assert result["memory_file"] is None
+    assert result.memory_file is None
     assert list(env.memory_dir.iterdir()) == []
-    assert "memory-backend-memfd" in " ".join(psutil.Process(result["pid"]).cmdline())
+    assert "memory-backend-memfd" in " ".join(psutil.Process(result.pid).cmdline())
     assert env.exec("m1", "echo hi") == "hi\n"
     run(vm.stop(s, "m1"))
     assert_nothing_left(env, "m1")
@@ -182,8 +182,8 @@ def test_commas_in_paths(env: Env, session_images: Path) -> None:
     (home / "images").symlink_to(session_images)
     s = Store(home, mdir)
     result = run(vm.run(s, vm.RunOptions(name="c1", demo=True, accel="tcg", memory_mib=128)))
-    assert Path(result["memory_file"]).parent == mdir
-    assert Path(result["memory_file"]).stat().st_size == 128 * 1024 * 1024
+    assert Path(result.memory_file).parent == mdir
+    assert Path(result.memory_file).stat().st_size == 128 * 1024 * 1024
     assert run(vm.status(s, "c1")) == "running"
     r = run(vm.exec_(s, "c1", "echo hi"))
     assert r.text == "hi\n"
@@ -245,18 +245,18 @@ def test_cli_run_exec_stop(env: Env) -> None:
                        stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
-    assert result["name"] == "a" and result["boot_seconds"] > 0
+    assert result.name == "a" and result.boot_seconds > 0
     # The VM outlives the command that started it.
-    assert process_alive(result["pid"])
+    assert process_alive(result.pid)
     ex = env.cli("exec", "a", "--", "cat", "/proc/version")
     assert ex.returncode == 0 and ex.stdout.startswith("Linux version"), ex
     ex = env.cli("exec", "a", "echo out; echo err >&2; exit 3")
     assert (ex.returncode, ex.stdout) == (3, "out\nerr\n")
     ls = json.loads(env.cli("ls", "--json", check=True).stdout)
-    assert [(r["name"], r["state"], r["pid"]) for r in ls] == [("a", "running", result["pid"])]
+    assert [(r["name"], r["state"], r["pid"]) for r in ls] == [("a", "running", result.pid)]
     st = env.cli("stop", "a")
     assert st.returncode == 0 and st.stderr == "", st
-    assert not process_alive(result["pid"])
+    assert not process_alive(result.pid)
     assert_nothing_left(env, "a")
 
 

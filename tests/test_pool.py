@@ -38,8 +38,8 @@ def test_warm_pool_members_are_clones_in_waiting(env: Env) -> None:
     assert run(generation_id(env, "w1")) == member.spec.vmgenid
     # The pool refills with a warm member; switching to cold replaces it.
     deadline = time.monotonic() + 120
-    while not (tpl.pool_status(s, "t")["ready"] == 1
-               and tpl.pool_status(s, "t")["members"][0]["id"] != member.id):
+    while not (tpl.pool_status(s, "t").ready == 1
+               and tpl.pool_status(s, "t").members[0].id != member.id):
         assert time.monotonic() < deadline, "pool did not refill"
         time.sleep(0.2)
     (warm2,) = s.pool_members("t")

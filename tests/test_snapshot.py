@@ -240,12 +240,12 @@ def test_restore_refuses_bad_files_and_a_second_restore(env: Env) -> None:
     md5 = fill(env, "a")
     s = env.store()
     saved = run(snapshot.save(s, "a"))
-    state, mem = Path(saved["state_file"]), Path(saved["memory_file"])
+    state, mem = Path(saved.state_file), Path(saved.memory_file)
 
-    old = flip_byte(state, saved["state_size"] // 2)
+    old = flip_byte(state, saved.state_size // 2)
     with pytest.raises(MigrationError, match=r"state file .* is corrupt: sha256"):
         run(snapshot.restore(s, "a"))
-    put_byte(state, saved["state_size"] // 2, old)
+    put_byte(state, saved.state_size // 2, old)
     assert record(env, "a").state == "saved"
 
     os.truncate(mem, mem.stat().st_size + 4096)

@@ -111,7 +111,7 @@ def test_pool_serves_clones_and_refills(env: Env) -> None:
     assert env.exec("p1", "md5sum /root/data | cut -d' ' -f1") == \
         env.exec("p1", "cat /root/data.md5")
     deadline = time.monotonic() + 60
-    while tpl.pool_status(s, "t")["ready"] < 2:
+    while tpl.pool_status(s, "t").ready < 2:
         assert time.monotonic() < deadline, "pool did not refill"
         time.sleep(0.2)
     (res2,) = run(tpl.clone(s, "t", names=["p2"], use_pool=False))

@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vmfork.errors import InvalidInput, SetupError, StateError, VmforkError
 from vmfork.guest.qga import GuestAgent
@@ -29,6 +28,7 @@ from vmfork.images.demo import demo_image
 from vmfork.qemu.accel import resolve_accel
 from vmfork.qemu.machine import Machine, process_alive
 from vmfork.records import VMInfo, VMRecord
+from vmfork.results import VMStatus
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, check_name, new_mac
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -246,7 +246,7 @@ async def launch_recorded(store: Store, rec: VMRecord, incoming: tuple[str, ...]
                                 timeouts=timeouts)
 
 
-async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
+async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> VMStatus:
     """Start a VM and (by default) wait until its guest is ready."""
     spec = build_spec(store, opts)
     rec = VMRecord(name=spec.name, spec=spec, state="starting", info=VMInfo(owns_memory=True))
@@ -274,9 +274,16 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> d
         store.remove_vm(rec.name)
         raise
     log.info("%s: running (pid %d, %.2f s)", rec.name, rec.pid, rec.info.boot_seconds)
-    return {"name": rec.name, "pid": rec.pid, "boot_seconds": rec.info.boot_seconds,
-            "accel": spec.accel, "memory_mib": spec.memory_mib,
-            "memory_file": spec.memory.path}
+    return describe(rec)
+
+
+def describe(rec: VMRecord) -> VMStatus:
+    """The public view of a catalog record."""
+    spec = rec.spec
+    return VMStatus(name=rec.name, state=rec.state, pid=rec.pid, memory_mib=spec.memory_mib,
+                    memory_file=spec.memory.path, template=rec.template, accel=spec.accel,
+                    age_seconds=time.time() - rec.created, boot_seconds=rec.info.boot_seconds,
+                    ports=spec.net.ports if spec.net else ())
 
 
 def is_live(rec: VMRecord) -> bool:

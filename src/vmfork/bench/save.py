@@ -101,18 +101,18 @@ async def _one_size(store: Store, name: str, mib: int, bdir: Path, p: SaveBench,
 
         p.progress(f"{mib} MiB: vmfork save/restore")
         cold = await snapshot.save(store, name, timeouts)
-        row["cold_save_s"] = cold["seconds"]
-        row["cold_preflush_s"] = cold["preflush_seconds"]
+        row["cold_save_s"] = cold.seconds
+        row["cold_preflush_s"] = cold.preflush_seconds
         await snapshot.restore(store, name, timeouts)
         saves, downs, restores, responsive, states = [], [], [], [], []
         for _ in range(p.samples):
             s = await snapshot.save(store, name, timeouts)
             r = await snapshot.restore(store, name, timeouts)
-            saves.append(s["seconds"])
-            downs.append(s["downtime_seconds"])
-            states.append(s["state_size"])
-            restores.append(r["running_seconds"])
-            responsive.append(r["seconds"])
+            saves.append(s.seconds)
+            downs.append(s.downtime_seconds)
+            states.append(s.state_size)
+            restores.append(r.running_seconds)
+            responsive.append(r.seconds)
         row.update(save_s=_median(saves), save_downtime_s=_median(downs),
                    restore_s=_median(restores), restore_clock_s=_median(responsive),
                    state_bytes=max(states))

@@ -19,8 +19,9 @@ from rich.console import Console
 from vmfork import vm
 from vmfork.bench import print_table, ratio
 from vmfork.errors import GuestError
+from vmfork.results import UpdateReport
 from vmfork.store import Store
-from vmfork.update import NO_COPY, UpdateReport, update
+from vmfork.update import NO_COPY, update
 
 MB = 1_000_000
 MIB = 1024 * 1024

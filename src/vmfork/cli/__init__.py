@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import sys
-import time
 from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
 
@@ -34,6 +33,7 @@ from vmfork.errors import (
     VmforkTimeout,
 )
 from vmfork.images.demo import demo_image
+from vmfork.results import Result
 from vmfork.spec import parse_memory
 from vmfork.store import Store
 
@@ -94,8 +94,13 @@ def store() -> Store:
     return Store()
 
 
+def _json_default(obj: Any) -> Any:
+    return obj.to_dict() if isinstance(obj, Result) else str(obj)
+
+
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    """Print *data* as JSON; results (:mod:`vmfork.results`) as their ``to_dict()``."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
 
 
 def report(as_json: bool, data: Any, text: str) -> None:
@@ -210,8 +215,8 @@ def run(name: str, demo: bool, kernel: str | None, initrd: str | None, append: s
                          memory_backend=memory_backend, accel=accel, qemu=qemu,
                          persistent=persistent, image=image_name, overlay=overlay, qga=qga)
     result = run_async(vm.run(store(), opts))
-    report(as_json, result, f"{name}: running (pid {result['pid']}, ready in "
-                            f"{result['boot_seconds']:.2f} s, accel {result['accel']})")
+    report(as_json, result, f"{name}: running (pid {result.pid}, ready in "
+                            f"{result.boot_seconds or 0:.2f} s, accel {result.accel})")
 
 
 @main.command("ls")
@@ -222,9 +227,7 @@ def ls(as_json: bool) -> None:
     from vmfork.update.recovery import recover_interrupted
     run_async(recover_interrupted(s))  # updates whose vmfork died: finish or undo them
     recs = vm.list_vms(s)
-    rows = [{"name": r.name, "state": r.state, "pid": r.pid, "memory_mib": r.spec.memory_mib,
-             "template": r.template, "memory_file": r.spec.memory.path,
-             "age_seconds": round(time.time() - r.created, 1)} for r in recs]
+    rows = [vm.describe(r).to_dict() for r in recs]
     if as_json:
         emit_json(rows)
         return

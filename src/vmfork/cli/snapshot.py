@@ -18,9 +18,9 @@ def save_cmd(name: str, as_json: bool) -> None:
     if as_json:
         emit_json(result)
     else:
-        out.print(f"{name}: saved in {result['seconds'] * 1000:.0f} ms (downtime "
-                  f"{result['downtime_seconds'] * 1000:.0f} ms, state "
-                  f"{result['state_size'] / 1024:.0f} KiB, memory file {result['memory_file']})")
+        out.print(f"{name}: saved in {result.seconds * 1000:.0f} ms (downtime "
+                  f"{result.downtime_seconds * 1000:.0f} ms, state "
+                  f"{result.state_size / 1024:.0f} KiB, memory file {result.memory_file})")
 
 
 @main.command("restore")
@@ -33,13 +33,13 @@ def restore_cmd(name: str, as_json: bool) -> None:
     result = run_async(snapshot.restore(store(), name))
     if as_json:
         emit_json(result)
-    elif result["state"] == "paused":
-        out.print(f"{name}: paused (pid {result['pid']}) after "
-                  f"{result['running_seconds'] * 1000:.0f} ms, as it was saved")
+    elif result.state == "paused":
+        out.print(f"{name}: paused (pid {result.pid}) after "
+                  f"{result.running_seconds * 1000:.0f} ms, as it was saved")
     else:
-        clock = "" if result["clock_synced"] else "; guest clock NOT corrected"
-        out.print(f"{name}: running (pid {result['pid']}) after "
-                  f"{result['running_seconds'] * 1000:.0f} ms{clock}")
+        clock = "" if result.clock_synced else "; guest clock NOT corrected"
+        out.print(f"{name}: running (pid {result.pid}) after "
+                  f"{result.running_seconds * 1000:.0f} ms{clock}")
 
 
 @main.group("snapshot")
@@ -58,8 +58,8 @@ def export_cmd(name: str, file: str, as_json: bool) -> None:
     if as_json:
         emit_json(result)
     else:
-        out.print(f"{name}: exported to {result['file']} in {result['seconds']:.2f} s "
-                  f"({result['allocated'] >> 20} MiB on disk, {result['size'] >> 20} MiB "
+        out.print(f"{name}: exported to {result.file} in {result.seconds:.2f} s "
+                  f"({result.allocated >> 20} MiB on disk, {result.size >> 20} MiB "
                   "apparent)")
 
 
@@ -83,8 +83,8 @@ def import_cmd(file: str, name: str, as_template: bool, persistent: bool,
         return
     result = run_async(snapshot.import_(s, file, name, persistent=persistent,
                                         memory_dir=memory_dir))
-    report(as_json, result, f"{name}: running (pid {result['pid']}), imported from {file} "
-                            f"in {result['seconds']:.2f} s")
+    report(as_json, result, f"{name}: running (pid {result.pid}), imported from {file} "
+                            f"in {result.seconds:.2f} s")
 
 
 @bench.command("save")

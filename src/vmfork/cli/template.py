@@ -160,8 +160,8 @@ def pool_cmd(template: str, size: int | None, warm: bool | None, refill: bool,
     if as_json:
         emit_json(status)
     else:
-        kind = "warm" if status["warm"] else "cold"
-        out.print(f"pool {template}: {status['ready']} ready of {status['target']} ({kind})")
+        kind = "warm" if status.warm else "cold"
+        out.print(f"pool {template}: {status.ready} ready of {status.target} ({kind})")
 
 
 @bench.command("clone")

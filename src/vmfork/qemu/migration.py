@@ -14,7 +14,6 @@ import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +22,10 @@ from qemu.qmp import EventListener
 from vmfork.errors import MigrationError, VmforkTimeout
 from vmfork.files import fsync_path, sha256_file
 from vmfork.qemu.machine import Machine, deadline
+from vmfork.results import MigrationStats
 
 FINAL = ("completed", "failed", "cancelled")
 
-
-@dataclass(frozen=True)
-class MigrationStats:
-    """What QEMU reports about a finished migration."""
-
-    status: str
-    seconds: float             # host-observed, from migrate to completion
-    total_time_ms: int | None  # QEMU's
-    downtime_ms: int | None    # QEMU's
-    ram_bytes: int             # RAM bytes transferred
-    total_bytes: int           # all bytes transferred (RAM + device state)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 async def set_capabilities(m: Machine, **caps: bool) -> None:

@@ -61,6 +61,13 @@ from vmfork.guest import identity
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, process_alive
 from vmfork.records import SAVE_MODE, SavedState, VMInfo, VMRecord
+from vmfork.results import (
+    ExportResult,
+    ImportResult,
+    MigrationStats,
+    RestoreResult,
+    SaveResult,
+)
 from vmfork.spec import MIB, MemorySpec, VMSpec, check_name
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -214,7 +221,7 @@ async def recover(store: Store, rec: VMRecord) -> VMRecord:
 
 
 # -- save -------------------------------------------------------------------------
-async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
+async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveResult:
     """Save VM *name*: pause, write its device state, end QEMU, flush its RAM file.
 
     Steps, and what a kill -9 at each leaves: flush the memory file while the
@@ -233,7 +240,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> dict[st
         assert rec.pid is not None
         m = await Machine.attach(rec.spec, vm.paths_for(store, rec), vm.qemu_log(store, name),
                                  rec.pid, timeouts=timeouts)
-        stats: migration.MigrationStats | None = None
+        stats: MigrationStats | None = None
         try:
             status = await m.status()
             saved_before = _manifest_matches(store, rec) if status == "postmigrate" else None
@@ -298,12 +305,11 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> dict[st
     t_end = time.monotonic()
     log.info("%s: %s -> saved (%d bytes of state)", name,
              "running" if was_running else "paused", saved.size)
-    return {"name": name, "state": "saved", "state_file": str(state),
-            "state_size": saved.size, "sha256": saved.sha256, "memory_file": str(mem),
-            "memory_size": saved.memory_size, "seconds": round(t_end - t0, 4),
-            "downtime_seconds": round(t_end - t_pause, 4),
-            "preflush_seconds": round(preflush, 4), "flush_seconds": round(final_flush, 4),
-            "migration": stats.to_dict() if stats else None}
+    return SaveResult(name=name, state="saved", state_file=str(state), state_size=saved.size,
+                      sha256=saved.sha256, memory_file=str(mem),
+                      memory_size=saved.memory_size, seconds=t_end - t0,
+                      downtime_seconds=t_end - t_pause, preflush_seconds=preflush,
+                      flush_seconds=final_flush, migration=stats)
 
 
 async def _undo_pause(m: Machine, was_running: bool) -> None:
@@ -363,7 +369,7 @@ async def _sync_clock(store: Store, rec: VMRecord) -> bool:
 
 
 async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
-                  sync_clock: bool = True) -> dict[str, Any]:
+                  sync_clock: bool = True) -> RestoreResult:
     """Restore saved VM *name*: QEMU on the same memory file, load the state,
     resume, correct the guest clock. A concurrent restore is refused."""
     t0 = time.monotonic()
@@ -416,11 +422,10 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
     clock = await _sync_clock(store, rec) if sync_clock and saved.was_running else False
     t_end = time.monotonic()
     log.info("%s: saved -> %s (%.3f s)", name, rec.state, t_running - t0)
-    return {"name": name, "state": rec.state, "pid": rec.pid,
-            "seconds": round(t_end - t0, 4), "running_seconds": round(t_running - t0, 4),
-            "check_seconds": round(t_checked - t0, 4),
-            "spawn_seconds": round(t_spawned - t_checked, 4),
-            "load_seconds": round(t_loaded - t_spawned, 4), "clock_synced": clock}
+    return RestoreResult(name=name, state=rec.state, pid=rec.pid, seconds=t_end - t0,
+                         running_seconds=t_running - t0, check_seconds=t_checked - t0,
+                         spawn_seconds=t_spawned - t_checked,
+                         load_seconds=t_loaded - t_spawned, clock_synced=clock)
 
 
 # -- portable snapshots -----------------------------------------------------------
@@ -536,7 +541,7 @@ def check_exportable(spec: VMSpec) -> None:
 
 
 async def export(store: Store, name: str, file: Path | str,
-                 timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
+                 timeouts: Timeouts = DEFAULT) -> ExportResult:
     """Write VM *name* (running, paused or saved) with its RAM to one file.
 
     A running VM is paused for the copy and resumed after; a saved VM is loaded
@@ -625,15 +630,15 @@ async def export(store: Store, name: str, file: Path | str,
     st = dest.stat()
     log.info("%s: exported to %s (%d bytes, %d allocated)", name, dest, st.st_size,
              st.st_blocks * 512)
-    return {"name": name, "file": str(dest), "size": st.st_size,
-            "allocated": st.st_blocks * 512, "memory_mib": spec.memory_mib,
-            "seconds": round(time.monotonic() - t0, 4), "migration": stats.to_dict()}
+    return ExportResult(name=name, file=str(dest), size=st.st_size,
+                        allocated=st.st_blocks * 512, memory_mib=spec.memory_mib,
+                        seconds=time.monotonic() - t0, migration=stats)
 
 
 async def import_(store: Store, file: Path | str, name: str, persistent: bool = False,
                   memory_dir: Path | str | None = None, resume: bool = True,
                   files_dir: Path | None = None,
-                  timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
+                  timeouts: Timeouts = DEFAULT) -> ImportResult:
     """Bring an export file back as VM *name*, on a new memory file, running
     (or paused with ``resume=False``). Every sha256 is checked first. The
     kernel and initrd go to *files_dir* (default: the VM's own directory)."""
@@ -693,11 +698,10 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
         raise
     clock = await _sync_clock(store, rec) if resume else False
     log.info("%s: imported from %s", name, src)
-    return {"name": name, "state": rec.state, "pid": rec.pid, "file": str(src),
-            "memory_file": spec.memory.path, "memory_mib": spec.memory_mib,
-            "seconds": round(time.monotonic() - t0, 4),
-            "check_seconds": round(t_checked - t0, 4),
-            "load_seconds": round(t_loaded - t_spawned, 4), "clock_synced": clock}
+    return ImportResult(name=name, state=rec.state, pid=rec.pid, file=str(src),
+                        memory_file=spec.memory.path, memory_mib=spec.memory_mib,
+                        seconds=time.monotonic() - t0, check_seconds=t_checked - t0,
+                        load_seconds=t_loaded - t_spawned, clock_synced=clock)
 
 
 def _extract_blobs(src: Path, header: dict[str, Any], files: dict[str, str]) -> None:

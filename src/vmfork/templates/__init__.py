@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,6 +54,7 @@ from vmfork.guest import identity
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, process_alive
 from vmfork.records import PoolMember, VMInfo, VMRecord
+from vmfork.results import CloneResult, PoolMemberStatus, PoolStatus
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, check_name, new_mac
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -398,27 +399,6 @@ def hook_failure(name: str, status: int, output: str, limit: int = 300) -> str:
 
 
 # -- cloning ------------------------------------------------------------------
-@dataclass
-class CloneResult:
-    """One clone and how long each step took (seconds from the clone's start)."""
-
-    name: str
-    pid: int
-    pooled: bool
-    spawn: float       # QEMU up, QMP answering (0 for a pooled process)
-    state_loaded: float
-    running: float
-    responsive: float  # the guest agent answered (thawed, identity applied)
-    #: The on-clone hook's exit status and output (None: no hook ran), and
-    #: the time when it had finished.
-    hook_status: int | None = None
-    hook_output: str | None = None
-    hook_done: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v)
-                for k, v in self.__dict__.items()}
-
 
 def next_clone_names(store: Store, template: str, count: int) -> list[str]:
     names: list[str] = []
@@ -689,12 +669,13 @@ def spawn_refill(store: Store, template: str) -> None:
                          env=env, start_new_session=True)
 
 
-def pool_status(store: Store, template: str) -> dict[str, Any]:
+def pool_status(store: Store, template: str) -> PoolStatus:
     members = store.pool_members(template)
-    return {"template": template, "target": store.pool_target(template),
-            "warm": store.pool_warm(template),
-            "ready": sum(1 for m in members if process_alive(m.pid, m.pid_start)),
-            "members": [{"id": m.id, "pid": m.pid, "warm": m.warm} for m in members]}
+    return PoolStatus(template=template, target=store.pool_target(template),
+                      warm=store.pool_warm(template),
+                      ready=sum(1 for m in members if process_alive(m.pid, m.pid_start)),
+                      members=tuple(PoolMemberStatus(id=m.id, pid=m.pid, warm=m.warm)
+                                    for m in members))
 
 
 # -- listing and removing -----------------------------------------------------

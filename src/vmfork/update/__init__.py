@@ -59,6 +59,7 @@ from vmfork.errors import (
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, log_tail
 from vmfork.records import RetiredQemu, UpdateIntent, VMRecord
+from vmfork.results import MigrationStats, UpdateReport
 from vmfork.spec import MIB, MemorySpec, NetSpec, VMSpec, check_name
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -357,42 +358,6 @@ class MemorySampler:
         self.sample()
 
 
-# -- the report ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class UpdateReport:
-    """What one live update did and cost."""
-
-    name: str
-    mode: str
-    reason: str
-    qemu: str
-    qemu_version_before: str
-    qemu_version_after: str
-    old_pid: int
-    new_pid: int
-    generation: int
-    pause_qemu_ms: float | None       # QEMU's downtime (source side)
-    pause_host_ms: float | None       # guest stop (old) to resume (new), host clock
-    total_seconds: float              # whole update, lock to old QEMU gone
-    switch_seconds: float             # migrate command to guest resumed in the new QEMU
-    ram_bytes_copied: int             # RAM page bytes sent
-    bytes_transferred: int            # whole migration stream (RAM + device state)
-    memory_before_bytes: int          # host memory of the VM before (one QEMU)
-    peak_memory_bytes: int            # peak during the update (both QEMUs + memory)
-    memory_file: str | None
-    warnings: tuple[str, ...] = field(default=())
-
-    @property
-    def peak_memory_ratio(self) -> float:
-        return self.peak_memory_bytes / self.memory_before_bytes \
-            if self.memory_before_bytes else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["warnings"] = list(self.warnings)
-        d["peak_memory_ratio"] = round(self.peak_memory_ratio, 3)
-        return d
-
 
 # -- the update ------------------------------------------------------------------------
 def _event_time(ev: Any) -> float | None:
@@ -431,7 +396,7 @@ class _Move:
     old_features: QemuFeatures
     new: Machine | None = None
     new_memory_file: str | None = None
-    stats: migration.MigrationStats | None = None
+    stats: MigrationStats | None = None
     switch_seconds: float = 0.0
     phase: str = "launching"
     log_offset: int = 0
@@ -878,5 +843,5 @@ def _report(move: _Move, info: dict[str, Any], before: int, peak: int,
         memory_file=move.new_spec.memory.path, warnings=tuple(warnings))
 
 
-__all__ = ["MODES", "NO_COPY", "PHASES", "QemuFeatures", "UpdateReport", "choose_mode",
+__all__ = ["MODES", "NO_COPY", "PHASES", "QemuFeatures", "choose_mode",
            "query_features", "update", "why_not"]

@@ -1,0 +1,207 @@
+"""What vmfork's operations return: frozen dataclasses with ``to_dict()``.
+
+Every public operation returns one of these (or a handle, :mod:`vmfork.api`);
+the CLI's ``--json`` output of a command is the ``to_dict()`` of its result,
+so the keys here are the CLI's JSON keys. Floats are rounded to 4 decimals in
+``to_dict()``; nested results become nested dicts and tuples become lists.
+Pure values: nothing here does I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Result:
+    """Base of every result: ``to_dict()`` gives plain JSON-ready data."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = _plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+        return d
+
+
+@dataclass(frozen=True)
+class MigrationStats(Result):
+    """What QEMU reports about a finished migration (a state save counts)."""
+
+    status: str
+    seconds: float             # host-observed, from migrate to completion
+    total_time_ms: int | None  # QEMU's
+    downtime_ms: int | None    # QEMU's
+    ram_bytes: int             # RAM bytes transferred
+    total_bytes: int           # all bytes transferred (RAM + device state)
+
+
+@dataclass(frozen=True)
+class VMStatus(Result):
+    """A VM as the catalog and the host see it (``vmfork ls``, ``vmfork run``)."""
+
+    name: str
+    state: str
+    pid: int | None
+    memory_mib: int
+    memory_file: str | None
+    template: str | None
+    accel: str
+    age_seconds: float
+    #: Seconds from launch to ready, for a booted VM.
+    boot_seconds: float | None = None
+    #: Host -> guest TCP port forwards on 127.0.0.1.
+    ports: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class CloneResult(Result):
+    """One clone and how long each step took (seconds from the clone's start)."""
+
+    name: str
+    pid: int
+    pooled: bool
+    spawn: float       # QEMU up, QMP answering (0 for a pooled process)
+    state_loaded: float
+    running: float
+    responsive: float  # the guest agent answered (thawed, identity applied)
+    #: The on-clone hook's exit status and output (None: no hook ran), and
+    #: the time when it had finished.
+    hook_status: int | None = None
+    hook_output: str | None = None
+    hook_done: float | None = None
+
+
+@dataclass(frozen=True)
+class UpdateReport(Result):
+    """What one live update did and cost."""
+
+    name: str
+    mode: str
+    reason: str
+    qemu: str
+    qemu_version_before: str
+    qemu_version_after: str
+    old_pid: int
+    new_pid: int
+    generation: int
+    pause_qemu_ms: float | None       # QEMU's downtime (source side)
+    pause_host_ms: float | None       # guest stop (old) to resume (new), host clock
+    total_seconds: float              # whole update, lock to old QEMU gone
+    switch_seconds: float             # migrate command to guest resumed in the new QEMU
+    ram_bytes_copied: int             # RAM page bytes sent
+    bytes_transferred: int            # whole migration stream (RAM + device state)
+    memory_before_bytes: int          # host memory of the VM before (one QEMU)
+    peak_memory_bytes: int            # peak during the update (both QEMUs + memory)
+    memory_file: str | None
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def peak_memory_ratio(self) -> float:
+        return self.peak_memory_bytes / self.memory_before_bytes \
+            if self.memory_before_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["peak_memory_ratio"] = round(self.peak_memory_ratio, 3)
+        return d
+
+
+@dataclass(frozen=True)
+class SaveResult(Result):
+    """A save: device state written, RAM left in the memory file on disk."""
+
+    name: str
+    state: str
+    state_file: str
+    state_size: int
+    sha256: str
+    memory_file: str
+    memory_size: int
+    seconds: float
+    downtime_seconds: float
+    preflush_seconds: float
+    flush_seconds: float
+    migration: MigrationStats | None
+
+
+@dataclass(frozen=True)
+class RestoreResult(Result):
+    """A restore: a new QEMU loaded the saved device state over the memory file."""
+
+    name: str
+    state: str
+    pid: int | None
+    seconds: float
+    running_seconds: float
+    check_seconds: float
+    spawn_seconds: float
+    load_seconds: float
+    clock_synced: bool
+
+
+@dataclass(frozen=True)
+class ExportResult(Result):
+    """A snapshot file written: header, kernel/initrd, the VM's RAM and state."""
+
+    name: str
+    file: str
+    size: int
+    allocated: int
+    memory_mib: int
+    seconds: float
+    migration: MigrationStats
+
+
+@dataclass(frozen=True)
+class ImportResult(Result):
+    """A VM started from a snapshot file."""
+
+    name: str
+    state: str
+    pid: int | None
+    file: str
+    memory_file: str | None
+    memory_mib: int
+    seconds: float
+    check_seconds: float
+    load_seconds: float
+    clock_synced: bool
+
+
+@dataclass(frozen=True)
+class PoolMemberStatus(Result):
+    id: str
+    pid: int
+    warm: bool
+
+
+@dataclass(frozen=True)
+class PoolStatus(Result):
+    """A template's pool: the size it is kept at and the processes waiting."""
+
+    template: str
+    target: int
+    warm: bool
+    ready: int
+    members: tuple[PoolMemberStatus, ...] = ()
+
+
+@dataclass(frozen=True)
+class TemplateStatus(Result):
+    """A template as ``vmfork template ls`` shows it."""
+
+    name: str
+    memory_mib: int
+    state_kib: int
+    clones: int
+    pool: int
+    qemu: str
+    age_seconds: float
