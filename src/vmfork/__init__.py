@@ -1,1 +1,140 @@
-"""vmfork: instant clone, live update and save/restore of QEMU VMs."""
+"""vmfork: instant clone, live update and save/restore of QEMU VMs whose RAM
+lives outside the QEMU process.
+
+The public API, re-exported here (and listed in ``__all__``)::
+
+    import vmfork
+    with vmfork.open() as host:                  # vmfork.open_async(): same, awaitable
+        vm = host.run("web", image="demo", memory="512M")
+        print(vm.exec("uname -r").stdout)
+        tpl = vm.make_template("base")           # the VM ends
+        with tpl.clone() as c:                   # stopped when the block ends
+            c.exec("hostname")
+
+Names are imported on first use, so ``import vmfork`` (and the CLI) stays
+cheap. Layers, top down: ``cli`` → ``api`` → the operations (``vm``,
+``templates``, ``update``, ``snapshots``) → ``guest``, ``qemu``, ``images`` →
+``store``, ``records``, ``spec``, ``results``, ``errors``, ``timeouts``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    # entry points and handles
+    "open": "vmfork.api.sync", "Host": "vmfork.api.sync", "VM": "vmfork.api.sync",
+    "Clone": "vmfork.api.sync", "Template": "vmfork.api.sync",
+    "open_async": "vmfork.api.aio", "AsyncHost": "vmfork.api.aio",
+    "AsyncVM": "vmfork.api.aio", "AsyncClone": "vmfork.api.aio",
+    "AsyncTemplate": "vmfork.api.aio",
+    # results
+    "Result": "vmfork.results", "ExecResult": "vmfork.guest.serial",
+    "VMStatus": "vmfork.results", "CloneResult": "vmfork.results",
+    "UpdateReport": "vmfork.results", "SaveResult": "vmfork.results",
+    "RestoreResult": "vmfork.results", "ExportResult": "vmfork.results",
+    "ImportResult": "vmfork.results", "PoolStatus": "vmfork.results",
+    "PoolMemberStatus": "vmfork.results", "TemplateStatus": "vmfork.results",
+    "MigrationStats": "vmfork.results", "GuestImage": "vmfork.images.demo",
+    # configuration
+    "Timeouts": "vmfork.timeouts",
+    # errors
+    "VmforkError": "vmfork.errors", "InvalidInput": "vmfork.errors",
+    "NotFound": "vmfork.errors", "AlreadyExists": "vmfork.errors",
+    "SetupError": "vmfork.errors", "LaunchError": "vmfork.errors",
+    "StateError": "vmfork.errors", "GuestError": "vmfork.errors",
+    "MigrationError": "vmfork.errors", "TemplateError": "vmfork.errors",
+    "VmforkTimeout": "vmfork.errors",
+}
+
+__all__ = [
+    "VM",
+    "AlreadyExists",
+    "AsyncClone",
+    "AsyncHost",
+    "AsyncTemplate",
+    "AsyncVM",
+    "Clone",
+    "CloneResult",
+    "ExecResult",
+    "ExportResult",
+    "GuestError",
+    "GuestImage",
+    "Host",
+    "ImportResult",
+    "InvalidInput",
+    "LaunchError",
+    "MigrationError",
+    "MigrationStats",
+    "NotFound",
+    "PoolMemberStatus",
+    "PoolStatus",
+    "RestoreResult",
+    "Result",
+    "SaveResult",
+    "SetupError",
+    "StateError",
+    "Template",
+    "TemplateError",
+    "TemplateStatus",
+    "Timeouts",
+    "UpdateReport",
+    "VMStatus",
+    "VmforkError",
+    "VmforkTimeout",
+    "__version__",
+    "open",
+    "open_async",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmfork' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate, AsyncVM, open_async
+    from vmfork.api.sync import VM, Clone, Host, Template, open
+    from vmfork.errors import (
+        AlreadyExists,
+        GuestError,
+        InvalidInput,
+        LaunchError,
+        MigrationError,
+        NotFound,
+        SetupError,
+        StateError,
+        TemplateError,
+        VmforkError,
+        VmforkTimeout,
+    )
+    from vmfork.guest.serial import ExecResult
+    from vmfork.images.demo import GuestImage
+    from vmfork.results import (
+        CloneResult,
+        ExportResult,
+        ImportResult,
+        MigrationStats,
+        PoolMemberStatus,
+        PoolStatus,
+        RestoreResult,
+        Result,
+        SaveResult,
+        TemplateStatus,
+        UpdateReport,
+        VMStatus,
+    )
+    from vmfork.timeouts import Timeouts

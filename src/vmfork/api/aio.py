@@ -1,0 +1,336 @@
+"""The asyncio flavour of vmfork's public API: :class:`AsyncHost` and its
+handles :class:`AsyncVM` and :class:`AsyncTemplate`.
+
+A handle is a name plus the host it lives on; it holds no state of the VM or
+template, so it never goes stale: every method reads the catalog afresh. Each
+method is one library operation, with the host's deadlines; every result is a
+frozen dataclass from :mod:`vmfork.results` (or a handle). Operations on one
+VM first settle an update of it that a killed vmfork left half done
+(:mod:`vmfork.update.recovery`), so the next command finishes or undoes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import overload
+
+from vmfork import snapshots, templates, vm
+from vmfork import update as live_update
+from vmfork.errors import InvalidInput, NotFound
+from vmfork.guest.serial import ExecResult
+from vmfork.images.demo import GuestImage, demo_image
+from vmfork.results import (
+    CloneResult,
+    ExportResult,
+    PoolStatus,
+    RestoreResult,
+    SaveResult,
+    UpdateReport,
+    VMStatus,
+)
+from vmfork.spec import check_name, parse_memory
+from vmfork.store import Store
+from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.update import recovery
+
+#: Named guest images (``image=`` of :meth:`AsyncHost.run`).
+IMAGES = vm.IMAGES
+
+
+class AsyncHost:
+    """The VMs and templates under one vmfork home (``$VMFORK_HOME`` by default).
+
+    Use ``async with vmfork.open_async() as host:``; :meth:`close` releases the
+    catalog. VMs and templates outlive the host object: they belong to the
+    home, not to this process."""
+
+    def __init__(self, home: Path | str | None = None, memory_dir: Path | str | None = None,
+                 timeouts: Timeouts = DEFAULT) -> None:
+        self.store = Store(home, memory_dir)
+        self.timeouts = timeouts
+
+    @property
+    def home(self) -> Path:
+        return self.store.home
+
+    async def __aenter__(self) -> AsyncHost:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self.store.close()
+
+    # -- VMs --------------------------------------------------------------------
+    async def run(self, name: str, *, image: str | None = None, memory: str | int = "256M",
+                  cpus: int = 1, kernel: str | None = None, initrd: str | None = None,
+                  append: str | None = None, disks: Sequence[str] = (), net: bool = False,
+                  ports: Sequence[tuple[int, int]] = (), persistent: bool = False,
+                  memory_dir: str | None = None, memory_backend: str = "file",
+                  accel: str = "auto", qemu: str = "qemu-system-x86_64", overlay: bool = True,
+                  qga: bool = False, wait_ready: bool = True) -> AsyncVM:
+        """Start VM *name* and return once its guest is ready.
+
+        *image* names a guest vmfork builds (``"demo"``, ``"debian"``); or
+        boot your own with *kernel* (and *initrd*, *append*) and/or *disks*.
+        With none of these, the demo guest. *memory* is a size (``"512M"``,
+        ``"1G"``, or a number of MiB)."""
+        if image is None and not kernel and not disks:
+            image = "demo"
+        opts = vm.RunOptions(
+            name=name, memory_mib=parse_memory(memory), cpus=cpus, kernel=kernel,
+            initrd=initrd, append=append, disks=tuple(disks), net=net, ports=tuple(ports),
+            memory_dir=memory_dir, memory_backend=memory_backend, accel=accel, qemu=qemu,
+            wait_ready=wait_ready, persistent=persistent, image=image, overlay=overlay,
+            qga=qga)
+        await vm.run(self.store, opts, self.timeouts)
+        return AsyncVM(self, name)
+
+    async def vm(self, name: str) -> AsyncVM:
+        """The VM *name* (NotFound if there is none)."""
+        self.store.get_vm(check_name(name))
+        return AsyncVM(self, name)
+
+    async def vms(self) -> list[AsyncVM]:
+        """Every VM of this home, oldest first."""
+        return [AsyncVM(self, r.name) for r in self.store.list_vms()]
+
+    async def ls(self) -> list[VMStatus]:
+        """What ``vmfork ls`` shows: every VM's status (a VM whose QEMU died
+        shows as ``dead``)."""
+        return [vm.describe(r) for r in vm.list_vms(self.store)]
+
+    # -- templates --------------------------------------------------------------
+    async def template(self, name: str) -> AsyncTemplate:
+        """The template *name* (NotFound if there is none)."""
+        templates.get(self.store, name)
+        return AsyncTemplate(self, name)
+
+    async def templates(self) -> list[AsyncTemplate]:
+        """Every template of this home, oldest first."""
+        return [AsyncTemplate(self, m["name"]) for m in self.store.list_templates()]
+
+    async def create_template(self, name: str, *, image: str = "demo",
+                              memory: str | int = "512M", prepare: str | None = None,
+                              accel: str = "auto",
+                              on_clone: str | None = None) -> AsyncTemplate:
+        """Boot *image*, run *prepare* in the guest, and freeze it into template
+        *name* (``vmfork template create NAME --demo``)."""
+        if image != "demo":
+            raise InvalidInput(f"create_template boots the demo image; for {image!r}, "
+                               "run a VM and call make_template on it")
+        await templates.create_demo(self.store, name, parse_memory(memory), prepare, accel,
+                                    self.timeouts, on_clone=on_clone)
+        return AsyncTemplate(self, name)
+
+    # -- snapshot files ---------------------------------------------------------
+    async def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,
+                              memory_dir: Path | str | None = None) -> AsyncVM:
+        """Start VM *name* from a snapshot file (``vmfork snapshot import``)."""
+        await snapshots.import_(self.store, file, name, persistent=persistent,
+                                memory_dir=memory_dir, timeouts=self.timeouts)
+        return AsyncVM(self, name)
+
+    async def import_template(self, file: Path | str, name: str, *, persistent: bool = False,
+                              memory_dir: Path | str | None = None) -> AsyncTemplate:
+        """Make template *name* from a snapshot file (``snapshot import --as-template``)."""
+        await snapshots.import_template(self.store, file, name, persistent=persistent,
+                                        memory_dir=memory_dir, timeouts=self.timeouts)
+        return AsyncTemplate(self, name)
+
+    # -- images -----------------------------------------------------------------
+    async def image(self, name: str = "demo", *, rebuild: bool = False) -> GuestImage:
+        """Build (once; cached) a named guest image and return its files."""
+        if name == "demo":
+            return await asyncio.to_thread(demo_image, self.store.images_dir, rebuild)
+        if name == "debian":
+            from vmfork.images.debian import debian_image
+            return await asyncio.to_thread(debian_image, self.store.images_dir, None, rebuild)
+        raise InvalidInput(f"unknown image {name!r}: use one of {', '.join(IMAGES)}")
+
+    async def settle(self) -> list[str]:
+        """Finish or undo every update that a killed vmfork left half done;
+        return the VMs it settled."""
+        return await recovery.recover_interrupted(self.store, self.timeouts)
+
+
+class AsyncVM:
+    """A handle on one VM: its name and its host."""
+
+    def __init__(self, host: AsyncHost, name: str) -> None:
+        self.host = host
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    async def __aenter__(self) -> AsyncVM:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Leaving ``async with`` stops the VM (it may be gone already)."""
+        with contextlib.suppress(NotFound):
+            await self.stop()
+
+    @property
+    def _store(self) -> Store:
+        return self.host.store
+
+    async def _settle(self) -> None:
+        with self._store.lock(check_name(self.name)):
+            rec = self._store.get_vm(self.name)
+            if rec.state == "updating" or rec.info.retire is not None:
+                await recovery.recover(self._store, rec, self.host.timeouts)
+
+    async def status(self) -> VMStatus:
+        """The VM as the catalog and the host see it now."""
+        return vm.describe(vm.reconcile(self._store, self._store.get_vm(check_name(self.name))))
+
+    async def exec(self, command: str, *, timeout: float | None = None,
+                   agent: str = "auto") -> ExecResult:
+        """Run the shell *command* in the guest (in ``/root``); stdout, stderr
+        and exit code come back apart. *agent*: ``auto`` (qemu-guest-agent
+        where the VM has its port, else vmfork's serial agent), ``serial``,
+        ``qga``."""
+        await self._settle()
+        return await vm.exec_(self._store, self.name, command, timeout=timeout,
+                              timeouts=self.host.timeouts, agent=agent)
+
+    async def pause(self) -> None:
+        await self._settle()
+        await vm.pause(self._store, self.name, self.host.timeouts)
+
+    async def resume(self) -> None:
+        await self._settle()
+        await vm.resume(self._store, self.name, self.host.timeouts)
+
+    async def stop(self, *, force: bool = False) -> None:
+        """End the VM's QEMU and remove the VM with its memory file and sockets."""
+        await self._settle()
+        await vm.stop(self._store, self.name, force=force, timeouts=self.host.timeouts)
+
+    async def update(self, *, qemu: str | None = None, mode: str = "auto",
+                     timeout: float | None = None) -> UpdateReport:
+        """Move the running guest into a new QEMU process (``qemu`` binary,
+        default the VM's own) without copying RAM where the mode allows;
+        rolls back on any failure."""
+        timeouts = self.host.timeouts
+        if timeout is not None:
+            timeouts = dataclasses.replace(timeouts, migrate=timeout)
+        return await live_update.update(self._store, self.name, qemu=qemu, mode=mode,
+                                        timeouts=timeouts)
+
+    async def save(self) -> SaveResult:
+        """Write the device state of a persistent VM; its QEMU ends, RAM stays
+        in the memory file on disk."""
+        await self._settle()
+        return await snapshots.save(self._store, self.name, self.host.timeouts)
+
+    async def restore(self) -> RestoreResult:
+        """Start a saved VM again from its memory file and device state."""
+        return await snapshots.restore(self._store, self.name, self.host.timeouts)
+
+    async def export(self, file: Path | str) -> ExportResult:
+        """Write the VM (kernel, initrd, RAM, device state) into one snapshot file."""
+        await self._settle()
+        return await snapshots.export(self._store, self.name, file, self.host.timeouts)
+
+    async def make_template(self, name: str, *, on_clone: str | None = None) -> AsyncTemplate:
+        """Freeze this VM into template *name*: device state saved, RAM left in
+        place as the template's memory. The VM ends."""
+        await self._settle()
+        await templates.create_from_vm(self._store, name, self.name, self.host.timeouts,
+                                       on_clone=on_clone)
+        return AsyncTemplate(self.host, name)
+
+
+class AsyncClone(AsyncVM):
+    """A VM just cloned from a template, with the timings of its clone."""
+
+    def __init__(self, host: AsyncHost, result: CloneResult) -> None:
+        super().__init__(host, result.name)
+        self.timings = result
+
+
+class AsyncTemplate:
+    """A handle on one template: its name and its host."""
+
+    def __init__(self, host: AsyncHost, name: str) -> None:
+        self.host = host
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    @property
+    def _store(self) -> Store:
+        return self.host.store
+
+    async def inspect(self) -> dict[str, object]:
+        """The template's manifest, with its clones and pool."""
+        manifest = dict(templates.get(self._store, self.name))
+        manifest["clones"] = templates.users(self._store, self.name)
+        manifest["pool"] = templates.pool_status(self._store, self.name).to_dict()
+        return manifest
+
+    @overload
+    async def clone(self, count: None = None, *, name: str | None = None,
+                    use_pool: bool = True, on_clone: str | None = None) -> AsyncClone: ...
+
+    @overload
+    async def clone(self, count: int, *, name: str | None = None,
+                    use_pool: bool = True, on_clone: str | None = None) -> list[AsyncClone]: ...
+
+    async def clone(self, count: int | None = None, *, name: str | None = None,
+                    use_pool: bool = True,
+                    on_clone: str | None = None) -> AsyncClone | list[AsyncClone]:
+        """Start clones of this template and return when they run with their
+        own identity (and their on-clone hook has run).
+
+        Without *count*: one clone (use it as ``async with await
+        tpl.clone() as c:`` to stop it at the end of the block); with
+        *count*: a list. *name* names the clone (``NAME-1``.. with *count*);
+        *on_clone* replaces the template's hook for this call (``""``: none)."""
+        n = 1 if count is None else count
+        if n < 1:
+            raise InvalidInput(f"invalid clone count {n}: must be at least 1")
+        names = None
+        if name:
+            names = [name] if count is None else [f"{name}-{i}" for i in range(1, n + 1)]
+        results = await templates.clone(self._store, self.name, names=names, count=n,
+                                        use_pool=use_pool, timeouts=self.host.timeouts,
+                                        on_clone=on_clone)
+        clones = [AsyncClone(self.host, r) for r in results]
+        return clones[0] if count is None else clones
+
+    async def pool(self, size: int | None = None, *, warm: bool | None = None) -> PoolStatus:
+        """Set the pool's target (*size*, *warm*; None keeps each) and fill it
+        once; return its status. Without arguments: only the status."""
+        if size is not None or warm is not None:
+            target = self._store.pool_target(self.name) if size is None else size
+            await templates.set_pool(self._store, self.name, target, self.host.timeouts,
+                                     warm=warm)
+        else:
+            templates.get(self._store, self.name)
+        return templates.pool_status(self._store, self.name)
+
+    async def remove(self, *, force: bool = False) -> None:
+        """Remove the template and its files (refused while clones or pool
+        members use it; *force* stops them first)."""
+        await templates.remove(self._store, self.name, force=force,
+                               timeouts=self.host.timeouts)
+
+
+def open_async(home: Path | str | None = None, memory_dir: Path | str | None = None,
+               timeouts: Timeouts = DEFAULT) -> AsyncHost:
+    """The vmfork home *home* (default ``$VMFORK_HOME``, else
+    ``~/.local/share/vmfork``), for ``async with vmfork.open_async() as host:``."""
+    return AsyncHost(home, memory_dir, timeouts)

@@ -1,0 +1,305 @@
+"""The synchronous flavour of vmfork's public API: :class:`Host`, :class:`VM`,
+:class:`Template` — the same names and results as :mod:`vmfork.api.aio`,
+for scripts and notebooks.
+
+Each call runs the asyncio operation on an event loop of the host's own,
+on a thread of its own, so it also works where the caller already runs a
+loop (a notebook). If the caller is interrupted (Ctrl-C) while it waits, the
+operation is cancelled and its cleanup runs before the interrupt goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate, AsyncVM
+from vmfork.errors import NotFound, StateError
+from vmfork.guest.serial import ExecResult
+from vmfork.images.demo import GuestImage
+from vmfork.results import (
+    CloneResult,
+    ExportResult,
+    PoolStatus,
+    RestoreResult,
+    SaveResult,
+    UpdateReport,
+    VMStatus,
+)
+from vmfork.timeouts import DEFAULT, Timeouts
+
+T = TypeVar("T")
+
+
+class _Loop:
+    """An event loop running on a daemon thread; :meth:`run` waits for one
+    coroutine on it."""
+
+    def __init__(self, cleanup_seconds: float) -> None:
+        self.cleanup_seconds = cleanup_seconds
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vmfork-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if not self._thread.is_alive():
+            coro.close()
+            raise StateError("this vmfork host is closed")
+        started, finished = threading.Event(), threading.Event()
+
+        async def tracked() -> T:
+            started.set()
+            try:
+                return await coro
+            finally:
+                finished.set()
+        fut = asyncio.run_coroutine_threadsafe(tracked(), self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            # Interrupted while waiting (KeyboardInterrupt): cancel the
+            # operation and give its cleanup time to run before going on.
+            if not fut.done():
+                fut.cancel()
+                if started.is_set():
+                    finished.wait(self.cleanup_seconds)
+            raise
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+
+class Host:
+    """The VMs and templates under one vmfork home (``$VMFORK_HOME`` by default).
+
+    Use ``with vmfork.open() as host:``. VMs and templates outlive the host
+    object: they belong to the home, not to this process."""
+
+    def __init__(self, home: Path | str | None = None, memory_dir: Path | str | None = None,
+                 timeouts: Timeouts = DEFAULT) -> None:
+        self._loop = _Loop(cleanup_seconds=3 * timeouts.stop + timeouts.qmp)
+
+        async def make() -> AsyncHost:
+            return AsyncHost(home, memory_dir, timeouts)
+        try:
+            self._async = self._loop.run(make())
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run(coro)
+
+    @property
+    def home(self) -> Path:
+        return self._async.home
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the catalog and the host's event loop (VMs keep running)."""
+        if self._loop._thread.is_alive():
+            self._run(self._async.close())
+        self._loop.close()
+
+    def _vm(self, handle: AsyncVM) -> VM:
+        return Clone(self, handle) if isinstance(handle, AsyncClone) else VM(self, handle)
+
+    # -- VMs --------------------------------------------------------------------
+    def run(self, name: str, *, image: str | None = None, memory: str | int = "256M",
+            cpus: int = 1, kernel: str | None = None, initrd: str | None = None,
+            append: str | None = None, disks: Sequence[str] = (), net: bool = False,
+            ports: Sequence[tuple[int, int]] = (), persistent: bool = False,
+            memory_dir: str | None = None, memory_backend: str = "file", accel: str = "auto",
+            qemu: str = "qemu-system-x86_64", overlay: bool = True, qga: bool = False,
+            wait_ready: bool = True) -> VM:
+        """Start VM *name*; see :meth:`vmfork.AsyncHost.run`."""
+        return self._vm(self._run(self._async.run(
+            name, image=image, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
+            append=append, disks=disks, net=net, ports=ports, persistent=persistent,
+            memory_dir=memory_dir, memory_backend=memory_backend, accel=accel, qemu=qemu,
+            overlay=overlay, qga=qga, wait_ready=wait_ready)))
+
+    def vm(self, name: str) -> VM:
+        """The VM *name* (NotFound if there is none)."""
+        return self._vm(self._run(self._async.vm(name)))
+
+    def vms(self) -> list[VM]:
+        """Every VM of this home, oldest first."""
+        return [self._vm(v) for v in self._run(self._async.vms())]
+
+    def ls(self) -> list[VMStatus]:
+        """Every VM's status (``vmfork ls``)."""
+        return self._run(self._async.ls())
+
+    # -- templates --------------------------------------------------------------
+    def template(self, name: str) -> Template:
+        """The template *name* (NotFound if there is none)."""
+        return Template(self, self._run(self._async.template(name)))
+
+    def templates(self) -> list[Template]:
+        """Every template of this home, oldest first."""
+        return [Template(self, t) for t in self._run(self._async.templates())]
+
+    def create_template(self, name: str, *, image: str = "demo", memory: str | int = "512M",
+                        prepare: str | None = None, accel: str = "auto",
+                        on_clone: str | None = None) -> Template:
+        """Boot *image*, run *prepare*, freeze it into template *name*."""
+        return Template(self, self._run(self._async.create_template(
+            name, image=image, memory=memory, prepare=prepare, accel=accel,
+            on_clone=on_clone)))
+
+    # -- snapshot files, images, recovery ---------------------------------------
+    def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,
+                        memory_dir: Path | str | None = None) -> VM:
+        """Start VM *name* from a snapshot file."""
+        return self._vm(self._run(self._async.import_snapshot(
+            file, name, persistent=persistent, memory_dir=memory_dir)))
+
+    def import_template(self, file: Path | str, name: str, *, persistent: bool = False,
+                        memory_dir: Path | str | None = None) -> Template:
+        """Make template *name* from a snapshot file."""
+        return Template(self, self._run(self._async.import_template(
+            file, name, persistent=persistent, memory_dir=memory_dir)))
+
+    def image(self, name: str = "demo", *, rebuild: bool = False) -> GuestImage:
+        """Build (once; cached) a named guest image and return its files."""
+        return self._run(self._async.image(name, rebuild=rebuild))
+
+    def settle(self) -> list[str]:
+        """Finish or undo every update a killed vmfork left half done."""
+        return self._run(self._async.settle())
+
+
+class VM:
+    """A handle on one VM: its name and its host (see :class:`vmfork.AsyncVM`)."""
+
+    def __init__(self, host: Host, handle: AsyncVM) -> None:
+        self.host = host
+        self._a = handle
+
+    @property
+    def name(self) -> str:
+        return self._a.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Leaving ``with`` stops the VM (it may be gone already)."""
+        with contextlib.suppress(NotFound):
+            self.stop()
+
+    def status(self) -> VMStatus:
+        return self.host._run(self._a.status())
+
+    def exec(self, command: str, *, timeout: float | None = None,
+             agent: str = "auto") -> ExecResult:
+        """Run the shell *command* in the guest; stdout, stderr, exit code."""
+        return self.host._run(self._a.exec(command, timeout=timeout, agent=agent))
+
+    def pause(self) -> None:
+        self.host._run(self._a.pause())
+
+    def resume(self) -> None:
+        self.host._run(self._a.resume())
+
+    def stop(self, *, force: bool = False) -> None:
+        """End the VM's QEMU and remove the VM with its files."""
+        self.host._run(self._a.stop(force=force))
+
+    def update(self, *, qemu: str | None = None, mode: str = "auto",
+               timeout: float | None = None) -> UpdateReport:
+        """Live update into a new QEMU process (rolls back on failure)."""
+        return self.host._run(self._a.update(qemu=qemu, mode=mode, timeout=timeout))
+
+    def save(self) -> SaveResult:
+        return self.host._run(self._a.save())
+
+    def restore(self) -> RestoreResult:
+        return self.host._run(self._a.restore())
+
+    def export(self, file: Path | str) -> ExportResult:
+        return self.host._run(self._a.export(file))
+
+    def make_template(self, name: str, *, on_clone: str | None = None) -> Template:
+        """Freeze this VM into template *name*; the VM ends."""
+        return Template(self.host, self.host._run(self._a.make_template(name,
+                                                                        on_clone=on_clone)))
+
+
+class Clone(VM):
+    """A VM just cloned from a template, with the timings of its clone."""
+
+    @property
+    def timings(self) -> CloneResult:
+        assert isinstance(self._a, AsyncClone)
+        return self._a.timings
+
+
+class Template:
+    """A handle on one template: its name and its host."""
+
+    def __init__(self, host: Host, handle: AsyncTemplate) -> None:
+        self.host = host
+        self._a = handle
+
+    @property
+    def name(self) -> str:
+        return self._a.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    def inspect(self) -> dict[str, object]:
+        return self.host._run(self._a.inspect())
+
+    @overload
+    def clone(self, count: None = None, *, name: str | None = None, use_pool: bool = True,
+              on_clone: str | None = None) -> Clone: ...
+
+    @overload
+    def clone(self, count: int, *, name: str | None = None, use_pool: bool = True,
+              on_clone: str | None = None) -> list[Clone]: ...
+
+    def clone(self, count: int | None = None, *, name: str | None = None,
+              use_pool: bool = True, on_clone: str | None = None) -> Clone | list[Clone]:
+        """One clone (a context manager that stops it), or a list of *count*."""
+        if count is None:
+            one = self.host._run(self._a.clone(name=name, use_pool=use_pool,
+                                               on_clone=on_clone))
+            return Clone(self.host, one)
+        many = self.host._run(self._a.clone(count, name=name, use_pool=use_pool,
+                                            on_clone=on_clone))
+        return [Clone(self.host, c) for c in many]
+
+    def pool(self, size: int | None = None, *, warm: bool | None = None) -> PoolStatus:
+        return self.host._run(self._a.pool(size, warm=warm))
+
+    def remove(self, *, force: bool = False) -> None:
+        self.host._run(self._a.remove(force=force))
+
+
+def open(home: Path | str | None = None, memory_dir: Path | str | None = None,
+         timeouts: Timeouts = DEFAULT) -> Host:
+    """The vmfork home *home* (default ``$VMFORK_HOME``, else
+    ``~/.local/share/vmfork``), for ``with vmfork.open() as host:``."""
+    return Host(home, memory_dir, timeouts)
