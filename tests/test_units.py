@@ -691,3 +691,20 @@ def test_vm_info_round_trip_and_old_records() -> None:
     assert got.update == UpdateIntent(2, spec, "ignore-shared", True, None)
     assert got.retire is None and got.saved is None
     assert VMInfo.from_dict({}) == VMInfo()
+
+
+def test_proc_matches_psutil() -> None:
+    import psutil
+
+    from vmfork import proc
+    me = os.getpid()
+    assert abs(proc.start_time(me) - psutil.Process(me).create_time()) < 0.02
+    assert proc.alive(me) and proc.alive(me, psutil.Process(me).create_time())
+    assert not proc.alive(me, psutil.Process(me).create_time() - 5)
+    assert not proc.alive(None) and not proc.alive(2**22 + 7)
+    child = subprocess.Popen(["true"])
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)
+    assert not proc.alive(child.pid)  # a zombie is not alive
+    child.wait()
+    assert proc.start_time(child.pid) is None

@@ -25,6 +25,8 @@ from vmfork.errors import InvalidInput, SetupError, StateError, VmforkError
 from vmfork.guest.qga import GuestAgent
 from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import demo_image
+from vmfork.listing import LIVE_STATES as LIVE_STATES
+from vmfork.listing import describe, observed_state
 from vmfork.qemu.accel import resolve_accel
 from vmfork.qemu.machine import Machine, process_alive
 from vmfork.records import VMInfo, VMRecord
@@ -34,9 +36,6 @@ from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.vm")
-
-LIVE_STATES = ("starting", "running", "paused", "updating")
-
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -277,25 +276,15 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> V
     return describe(rec)
 
 
-def describe(rec: VMRecord) -> VMStatus:
-    """The public view of a catalog record."""
-    spec = rec.spec
-    return VMStatus(name=rec.name, state=rec.state, pid=rec.pid, memory_mib=spec.memory_mib,
-                    memory_file=spec.memory.path, template=rec.template, accel=spec.accel,
-                    age_seconds=time.time() - rec.created, boot_seconds=rec.info.boot_seconds,
-                    ports=spec.net.ports if spec.net else ())
-
-
 def is_live(rec: VMRecord) -> bool:
     return rec.state in LIVE_STATES and process_alive(rec.pid, rec.pid_start)
 
 
 def reconcile(store: Store, rec: VMRecord) -> VMRecord:
-    """Mark a VM whose QEMU is gone as dead. An ``updating`` VM is left as it
-    is: its guest may live in the new QEMU (see :mod:`vmfork.update_recovery`)."""
-    if rec.state in LIVE_STATES and rec.state != "updating" \
-            and not process_alive(rec.pid, rec.pid_start):
-        rec.state = "dead"
+    """Record a VM whose QEMU is gone as dead (:func:`vmfork.listing.observed_state`)."""
+    state = observed_state(rec)
+    if state != rec.state:
+        rec.state = state
         store.update_vm(rec)
     return rec
 

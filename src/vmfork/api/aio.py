@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import overload
 
-from vmfork import snapshots, templates, vm
+from vmfork import listing, snapshots, templates, vm
 from vmfork import update as live_update
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.guest.serial import ExecResult
@@ -105,7 +105,7 @@ class AsyncHost:
     async def ls(self) -> list[VMStatus]:
         """What ``vmfork ls`` shows: every VM's status (a VM whose QEMU died
         shows as ``dead``)."""
-        return [vm.describe(r) for r in vm.list_vms(self.store)]
+        return listing.statuses(self.store)
 
     # -- templates --------------------------------------------------------------
     async def template(self, name: str) -> AsyncTemplate:
@@ -192,7 +192,7 @@ class AsyncVM:
 
     async def status(self) -> VMStatus:
         """The VM as the catalog and the host see it now."""
-        return vm.describe(vm.reconcile(self._store, self._store.get_vm(check_name(self.name))))
+        return listing.describe(self._store.get_vm(check_name(self.name)))
 
     async def exec(self, command: str, *, timeout: float | None = None,
                    agent: str = "auto") -> ExecResult:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from vmfork import vm
+from vmfork import listing, vm
 from vmfork.errors import (
     AlreadyExists,
     GuestError,
@@ -227,7 +227,7 @@ def ls(as_json: bool) -> None:
     from vmfork.update.recovery import recover_interrupted
     run_async(recover_interrupted(s))  # updates whose vmfork died: finish or undo them
     recs = vm.list_vms(s)
-    rows = [vm.describe(r).to_dict() for r in recs]
+    rows = [listing.describe(r).to_dict() for r in recs]
     if as_json:
         emit_json(rows)
         return

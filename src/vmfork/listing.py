@@ -1,0 +1,43 @@
+"""The public view of the VMs in the catalog (``vmfork ls``, ``host.ls()``).
+
+Listing only reads: a VM whose QEMU process is gone shows as ``dead``, but
+its record is left as it is (the next operation on it records that). Kept
+light on imports (no asyncio, no QMP, no psutil), so that ``vmfork ls``
+starts fast."""
+
+from __future__ import annotations
+
+import time
+
+from vmfork import proc
+from vmfork.records import VMRecord
+from vmfork.results import VMStatus
+from vmfork.store import Store
+
+#: States in which a VM has (or is about to have) a QEMU process.
+LIVE_STATES = ("starting", "running", "paused", "updating")
+
+
+def observed_state(rec: VMRecord) -> str:
+    """The record's state, or ``dead`` when it says live and its QEMU is gone.
+    An ``updating`` VM stays ``updating``: its guest may live in the new QEMU
+    (see :mod:`vmfork.update.recovery`)."""
+    if rec.state in LIVE_STATES and rec.state != "updating" \
+            and not proc.alive(rec.pid, rec.pid_start):
+        return "dead"
+    return rec.state
+
+
+def describe(rec: VMRecord) -> VMStatus:
+    """The public view of one catalog record."""
+    spec = rec.spec
+    return VMStatus(name=rec.name, state=observed_state(rec), pid=rec.pid,
+                    memory_mib=spec.memory_mib, memory_file=spec.memory.path,
+                    template=rec.template, accel=spec.accel,
+                    age_seconds=time.time() - rec.created, boot_seconds=rec.info.boot_seconds,
+                    ports=spec.net.ports if spec.net else ())
+
+
+def statuses(store: Store) -> list[VMStatus]:
+    """Every VM of *store*, oldest first."""
+    return [describe(r) for r in store.list_vms()]

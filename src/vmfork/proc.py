@@ -1,0 +1,53 @@
+"""Host processes by pid, read from ``/proc`` (cheap: no third-party import,
+so that listing VMs stays fast).
+
+A pid alone is not an identity (the kernel reuses pids): vmfork records each
+QEMU's start time with its pid and compares both."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+#: Two start times closer than this are the same process (the kernel keeps
+#: them in clock ticks, 10 ms).
+SAME_START = 0.5
+
+
+@functools.cache
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2:].split()
+
+
+def start_time(pid: int) -> float | None:
+    """When *pid* started (seconds since the epoch), or None if it is gone."""
+    fields = _stat(pid)
+    if fields is None:
+        return None
+    return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def alive(pid: int | None, started: float | None = None) -> bool:
+    """True if *pid* runs (not a zombie) and, if given, started at *started*."""
+    if not pid:
+        return False
+    fields = _stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False
+    if started is None:
+        return True
+    return abs(_boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK") - started) < SAME_START
