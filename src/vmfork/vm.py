@@ -8,30 +8,33 @@ reconciles records with the processes that really exist.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
 import os
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmfork.errors import InvalidInput, SetupError, StateError, VmforkError
+from vmfork.errors import InvalidInput, StateError, VmforkError
 from vmfork.guest.qga import GuestAgent
 from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import demo_image
+from vmfork.launch import Launch, NewVM, SavedVM
+from vmfork.launch import create_overlays as create_overlays
+from vmfork.launch import paths_for as paths_for
+from vmfork.launch import qemu_log as qemu_log
+from vmfork.launch import remove_vm_files as remove_vm_files
 from vmfork.listing import LIVE_STATES as LIVE_STATES
 from vmfork.listing import describe, observed_state
 from vmfork.qemu.accel import resolve_accel
 from vmfork.qemu.machine import Machine, process_alive
 from vmfork.records import VMInfo, VMRecord
 from vmfork.results import VMStatus
-from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, check_name, new_mac
+from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, check_name, new_mac
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
@@ -67,12 +70,8 @@ class RunOptions:
     qga: bool = False
 
 
-def paths_for(store: Store, rec: VMRecord) -> RunPaths:
-    return store.run_paths(rec.name, rec.info.gen)
 
 
-def qemu_log(store: Store, name: str) -> Path:
-    return store.run_dir(name) / "qemu.log"
 
 
 def _existing_file(path: str, what: str) -> str:
@@ -154,19 +153,6 @@ def disk_specs(store: Store, opts: RunOptions) -> tuple[DiskSpec, ...]:
                           backing_format=_disk_format(p)) for i, p in enumerate(images))
 
 
-def create_overlays(spec: VMSpec, fresh: bool = False) -> None:
-    """Create the overlay of each disk that has a backing image, if missing;
-    with *fresh*, replace an existing one (a leftover of an earlier VM)."""
-    for disk in spec.disks:
-        if disk.backing is None or (Path(disk.path).exists() and not fresh):
-            continue
-        Path(disk.path).parent.mkdir(parents=True, exist_ok=True)
-        p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
-                            "-F", disk.backing_format or "raw", "-b", disk.backing, disk.path],
-                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if p.returncode != 0:
-            raise SetupError(f"cannot create the overlay {disk.path}: "
-                             f"{(p.stderr or p.stdout).strip()}")
 
 
 def build_spec(store: Store, opts: RunOptions) -> VMSpec:
@@ -217,61 +203,30 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
                   accel=accel, qemu=opts.qemu, qga=opts.qga)
 
 
-def remove_vm_files(store: Store, rec: VMRecord) -> None:
-    """Delete what a VM owns: its memory file (not a template's) and run dir."""
-    mem = rec.spec.memory
-    if mem.backend == "file" and mem.path and rec.info.owns_memory and not mem.readonly:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(mem.path)
-    shutil.rmtree(store.run_dir(rec.name), ignore_errors=True)
-    shutil.rmtree(store.vm_dir(rec.name), ignore_errors=True)
 
 
 async def launch_recorded(store: Store, rec: VMRecord, incoming: tuple[str, ...] = (),
                           timeouts: Timeouts = DEFAULT, gen: int = 0,
                           spec: VMSpec | None = None) -> Machine:
-    """Spawn QEMU for an existing record (paused, QMP connected) and note its pid."""
-    spec = spec or rec.spec
-    if spec.memory.backend == "file" and spec.memory.path:
-        mdir = Path(spec.memory.path).parent
-        try:
-            mdir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InvalidInput(f"cannot create memory dir {str(mdir)!r}: {exc.strerror}") \
-                from exc
-    paths = store.run_paths(rec.name, gen)
-    Path(paths.qmp).parent.mkdir(parents=True, exist_ok=True)
-    return await Machine.launch(spec, paths, qemu_log(store, rec.name), incoming=incoming,
-                                timeouts=timeouts)
+    """Spawn QEMU for an existing record (paused, QMP connected)."""
+    launch = Launch(store, SavedVM(store, rec), spec or rec.spec, timeouts=timeouts, gen=gen)
+    return await launch.spawn(incoming)
 
 
 async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> VMStatus:
     """Start a VM and (by default) wait until its guest is ready."""
     spec = build_spec(store, opts)
     rec = VMRecord(name=spec.name, spec=spec, state="starting", info=VMInfo(owns_memory=True))
-    store.add_vm(rec)  # reserves the name
     t0 = time.monotonic()
-    m: Machine | None = None
-    try:
-        await asyncio.to_thread(create_overlays, spec, True)
-        m = await launch_recorded(store, rec, timeouts=timeouts)
-        rec.pid, rec.pid_start = m.pid, m.start_time
-        store.update_vm(rec)
+    async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
+        m = await launch.spawn(fresh_overlays=True)
+        await m.resume()
         if opts.wait_ready:
-            await m.resume()
             await m.wait_console()
-        else:
-            await m.resume()
         rec.state = "running"
         rec.info.boot_seconds = round(time.monotonic() - t0, 3)
         store.update_vm(rec)
         await m.disconnect()
-    except BaseException:
-        if m is not None:
-            await m.kill()
-        remove_vm_files(store, rec)
-        store.remove_vm(rec.name)
-        raise
     log.info("%s: running (pid %d, %.2f s)", rec.name, rec.pid, rec.info.boot_seconds)
     return describe(rec)
 

@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,12 +129,15 @@ class Machine:
     async def launch(cls, spec: VMSpec, paths: RunPaths, log_path: Path,
                      incoming: tuple[str, ...] = (), timeouts: Timeouts = DEFAULT,
                      start_paused: bool = True, pass_fds: tuple[int, ...] = (),
-                     connect_qmp: bool = True) -> Machine:
+                     connect_qmp: bool = True,
+                     on_spawn: Callable[[int, float | None], None] | None = None) -> Machine:
         """Spawn QEMU for *spec*; return once its QMP monitor answers.
 
         With *start_paused* the guest waits for :meth:`resume`. Without
         *connect_qmp* (cpr-transfer destinations, whose monitor answers only
-        later) call :meth:`connect` yourself.
+        later) call :meth:`connect` yourself. *on_spawn* is called with the
+        pid and start time as soon as the process exists, before the QMP
+        handshake (to record it); if it raises, QEMU is killed.
         """
         Path(paths.qmp).parent.mkdir(parents=True, exist_ok=True)
         remove_sockets(paths)
@@ -156,12 +159,14 @@ class Machine:
             theirs.close()
         m = cls(spec, paths, log_path, proc.pid, argv=argv, proc=proc, timeouts=timeouts)
         m._qmp_sock = ours
-        if connect_qmp:
-            try:
+        try:
+            if on_spawn is not None:
+                on_spawn(m.pid, m.start_time)
+            if connect_qmp:
                 await m.connect()
-            except BaseException:
-                await m.kill()
-                raise
+        except BaseException:
+            await asyncio.shield(m.kill())
+            raise
         return m
 
     async def connect(self) -> None:

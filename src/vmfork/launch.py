@@ -1,0 +1,248 @@
+"""The launch transaction: how a catalog entry gets its QEMU process.
+
+Every path that starts QEMU for a VM — run, clone (fresh or from a pool
+member), a pool member itself, import, restore — goes through :class:`Launch`:
+
+1. the entry is reserved (a new VM's name is taken in the catalog);
+2. QEMU is spawned, and its pid and start time are recorded as soon as the
+   process exists — before the QMP handshake — so that whatever happens next,
+   ``vmfork stop`` (or the next command) can find it;
+3. the caller does its work in the ``async with`` block (load state, resume,
+   identity, ...);
+4. if the block fails, for any reason including cancellation, the process is
+   killed and the entry undone: what the launch made is removed (files,
+   sockets, memory file, the catalog row), or, for a restore, the VM goes
+   back to ``saved``.
+
+Entries (:class:`NewVM`, :class:`SavedVM`, :class:`NewPoolMember`) say what
+"reserve", "record" and "undo" mean for their kind of catalog row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from vmfork.errors import InvalidInput, SetupError, StateError
+from vmfork.qemu.machine import Machine, process_alive
+from vmfork.records import PoolMember, VMRecord
+from vmfork.spec import RunPaths, VMSpec
+from vmfork.store import Store
+from vmfork.timeouts import DEFAULT, Timeouts
+
+
+# -- where a VM's process keeps its files ----------------------------------------
+def paths_for(store: Store, rec: VMRecord) -> RunPaths:
+    """Sockets and logs of the VM's current QEMU (its generation)."""
+    return store.run_paths(rec.name, rec.info.gen)
+
+
+def qemu_log(store: Store, name: str) -> Path:
+    return store.run_dir(name) / "qemu.log"
+
+
+def machine_for(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> Machine:
+    """The running QEMU of *rec*, not connected (:meth:`Machine.connect`)."""
+    if rec.pid is None:
+        raise InvalidInput(f"{rec.name} has no QEMU process")
+    return Machine(rec.spec, paths_for(store, rec), qemu_log(store, rec.name), rec.pid,
+                   timeouts=timeouts)
+
+
+async def attach(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> Machine:
+    """The running QEMU of *rec*, its QMP monitor connected."""
+    m = machine_for(store, rec, timeouts)
+    await m.connect()
+    return m
+
+
+# -- what a VM owns ----------------------------------------------------------------
+def create_overlays(spec: VMSpec, fresh: bool = False) -> None:
+    """Create the overlay of each disk that has a backing image, if missing;
+    with *fresh*, replace an existing one (a leftover of an earlier VM)."""
+    for disk in spec.disks:
+        if disk.backing is None or (Path(disk.path).exists() and not fresh):
+            continue
+        Path(disk.path).parent.mkdir(parents=True, exist_ok=True)
+        p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                            "-F", disk.backing_format or "raw", "-b", disk.backing, disk.path],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise SetupError(f"cannot create the overlay {disk.path}: "
+                             f"{(p.stderr or p.stdout).strip()}")
+
+
+def remove_vm_files(store: Store, rec: VMRecord) -> None:
+    """Delete what a VM owns: its memory file (not a template's), run dir and
+    VM dir (overlays, saved state)."""
+    mem = rec.spec.memory
+    if mem.backend == "file" and mem.path and rec.info.owns_memory and not mem.readonly:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(mem.path)
+    shutil.rmtree(store.run_dir(rec.name), ignore_errors=True)
+    shutil.rmtree(store.vm_dir(rec.name), ignore_errors=True)
+
+
+def _memory_dir_ready(spec: VMSpec) -> None:
+    if spec.memory.backend == "file" and spec.memory.path:
+        mdir = Path(spec.memory.path).parent
+        try:
+            mdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInput(f"cannot create memory dir {str(mdir)!r}: {exc.strerror}") \
+                from exc
+
+
+# -- entries -------------------------------------------------------------------------
+class Entry(Protocol):
+    """The catalog side of a launch."""
+
+    name: str
+
+    def reserve(self) -> None:
+        """Take the entry's place in the catalog before anything is made."""
+
+    def record(self, pid: int, start: float | None) -> None:
+        """Note the QEMU process, as soon as it exists."""
+
+    def undo(self) -> None:
+        """Remove what the launch made (its process is gone already)."""
+
+
+class NewVM:
+    """A VM record that the launch creates: run, clone, import."""
+
+    def __init__(self, store: Store, rec: VMRecord) -> None:
+        self.store, self.rec, self.name = store, rec, rec.name
+        self._reserved = False
+
+    def reserve(self) -> None:
+        self.store.add_vm(self.rec)  # AlreadyExists if the name is taken
+        self._reserved = True
+
+    def record(self, pid: int, start: float | None) -> None:
+        self.rec.pid, self.rec.pid_start = pid, start
+        self.store.update_vm(self.rec)
+
+    def undo(self) -> None:
+        if self._reserved:
+            remove_vm_files(self.store, self.rec)
+            self.store.remove_vm(self.name)
+
+
+class SavedVM:
+    """A saved VM that a restore gives a process again; a failed restore
+    leaves it saved, its state file and memory untouched."""
+
+    def __init__(self, store: Store, rec: VMRecord) -> None:
+        self.store, self.rec, self.name = store, rec, rec.name
+
+    def reserve(self) -> None:
+        if not self.store.set_state_if(self.name, "saved", "restoring"):
+            raise StateError(f"{self.name} is being restored by another vmfork command")
+        self.rec.state = "restoring"
+
+    def record(self, pid: int, start: float | None) -> None:
+        self.rec.pid, self.rec.pid_start = pid, start
+        self.store.update_vm(self.rec)
+
+    def undo(self) -> None:
+        self.rec.state, self.rec.pid, self.rec.pid_start = "saved", None, None
+        self.store.update_vm(self.rec)
+        with contextlib.suppress(FileNotFoundError):
+            for sock in self.store.run_dir(self.name).glob("*.sock"):
+                sock.unlink()
+
+
+class NewPoolMember:
+    """A QEMU process kept for a template's pool. Its row is written as soon
+    as the process exists, not ready (no clone takes it) until the caller
+    marks it ready."""
+
+    def __init__(self, store: Store, member: PoolMember) -> None:
+        self.store, self.member, self.name = store, member, member.id
+
+    def reserve(self) -> None:
+        pass  # the id is fresh
+
+    def record(self, pid: int, start: float | None) -> None:
+        self.member.pid, self.member.pid_start = pid, start
+        self.store.add_pool_member(self.member)
+
+    def undo(self) -> None:
+        self.store.take_pool_member(self.name)
+        shutil.rmtree(self.store.run_dir(self.name), ignore_errors=True)
+        shutil.rmtree(self.store.vm_dir(self.name), ignore_errors=True)
+
+
+# -- the transaction ------------------------------------------------------------------
+class Launch:
+    """``async with Launch(store, entry, spec) as launch:`` reserves *entry*;
+    :meth:`spawn` (or :meth:`adopt`) gives it a QEMU process; leaving the block
+    with an exception kills that process and undoes the entry."""
+
+    def __init__(self, store: Store, entry: Entry, spec: VMSpec, *,
+                 timeouts: Timeouts = DEFAULT, gen: int = 0) -> None:
+        self.store = store
+        self.entry = entry
+        self.spec = spec
+        self.timeouts = timeouts
+        self.gen = gen
+        self.machine: Machine | None = None
+        self._pid: tuple[int, float | None] | None = None
+
+    async def __aenter__(self) -> Launch:
+        self.entry.reserve()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            return
+        # Cleanup runs even when the block was cancelled: shield it.
+        await asyncio.shield(self._undo())
+
+    async def _undo(self) -> None:
+        if self.machine is not None:
+            await self.machine.kill()
+        elif self._pid is not None and process_alive(*self._pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid[0], signal.SIGKILL)
+        self.entry.undo()
+
+    def _record(self, pid: int, start: float | None) -> None:
+        self._pid = (pid, start)
+        self.entry.record(pid, start)
+
+    @property
+    def paths(self) -> RunPaths:
+        return self.store.run_paths(self.entry.name, self.gen)
+
+    async def spawn(self, incoming: tuple[str, ...] = (), fresh_overlays: bool = False,
+                    pass_fds: tuple[int, ...] = ()) -> Machine:
+        """Start QEMU for the entry, paused, its QMP monitor connected."""
+        _memory_dir_ready(self.spec)
+        if fresh_overlays:
+            await asyncio.to_thread(create_overlays, self.spec, True)
+        Path(self.paths.qmp).parent.mkdir(parents=True, exist_ok=True)
+        self.machine = await Machine.launch(
+            self.spec, self.paths, qemu_log(self.store, self.entry.name), incoming=incoming,
+            timeouts=self.timeouts, pass_fds=pass_fds, on_spawn=self._record)
+        return self.machine
+
+    async def adopt(self, pid: int) -> Machine:
+        """Take over a QEMU process that is already running (a pool member's)."""
+        m = Machine(self.spec, self.paths, qemu_log(self.store, self.entry.name), pid,
+                    timeouts=self.timeouts)
+        self._record(pid, m.start_time)
+        self.machine = m
+        await m.connect()
+        return m
+
