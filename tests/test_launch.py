@@ -1,8 +1,8 @@
 """The launch transaction (vmfork.launch): the pid is in the catalog as soon
 as QEMU exists, and a launch that fails or is cancelled leaves nothing.
 
-A stand-in "QEMU" that never answers QMP holds a launch in its handshake, the
-window in which a killed vmfork used to leave an untracked QEMU."""
+A stand-in "QEMU" that never answers QMP holds a launch in its handshake: a
+vmfork killed there must leave a QEMU that the catalog knows."""
 
 from __future__ import annotations
 

@@ -223,8 +223,8 @@ def build_argv(spec: VMSpec, paths: RunPaths, incoming: tuple[str, ...] = (),
         # guest run its config work (netdev_notify_peers, which takes RTNL):
         # a Linux guest (seen with 6.18) deadlocks if that work waits for RTNL
         # while `ip link set down` holds it and waits for the work
-        # (virtnet_close -> cancel_work_sync). A clone's identity takes the
-        # link down ~1 s after the load: 2 hangs in ~2300 clones before this.
+        # (virtnet_close -> cancel_work_sync), and a clone's identity takes
+        # the link down about a second after the load.
         "-global", "migration.announce-rounds=0",
         "-qmp", f"unix:{_qemu_escape(paths.qmp)},server=on,wait=off",
         "-chardev", (f"socket,id=con0,path={_qemu_escape(paths.console)},server=on,wait=off,"
