@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 
 from vmfork import bench, vm
-from vmfork import snapshots as snapshot
 from vmfork import templates as template
 from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
 from vmfork.qemu.machine import process_alive
+from vmfork.snapshots import export, imports
+from vmfork.snapshots import save as saving
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
 from vmfork.store import Store
 
@@ -103,7 +104,7 @@ def put_byte(path: Path, offset: int, value: bytes) -> None:
 def stalled_cli(env: Env, step: str, *args: str) -> Iterator[subprocess.Popen[str]]:
     """Start ``vmfork ARGS`` that stalls at *step*; yield it once it got there."""
     log = env.home / f"stall-{step}.log"
-    environ = {**env.environ, snapshot.STALL_ENV: step, "COLUMNS": "200"}
+    environ = {**env.environ, saving.STALL_ENV: step, "COLUMNS": "200"}
     with open(log, "w") as errf:
         p = subprocess.Popen([VMFORK, *args], env=environ, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=errf, text=True)
@@ -153,8 +154,8 @@ def test_hash_range_reads_holes_as_zeros(tmp_path: Path) -> None:
         w.write(b"tail")
     content = f.read_bytes()
     with open(f, "rb") as r:
-        assert snapshot._hash_range(r, 0, len(content)) == hashlib.sha256(content).hexdigest()
-        assert snapshot._hash_range(r, 100, 4 << 20) == \
+        assert export.hash_range(r, 0, len(content)) == hashlib.sha256(content).hexdigest()
+        assert export.hash_range(r, 100, 4 << 20) == \
             hashlib.sha256(content[100:4 << 20]).hexdigest()
 
 
@@ -162,7 +163,7 @@ def test_read_header_refuses_other_files(tmp_path: Path) -> None:
     f = tmp_path / "x"
     f.write_bytes(b"not a snapshot" * 100)
     with pytest.raises(MigrationError, match="not a vmfork snapshot"):
-        snapshot.read_header(f)
+        export.read_header(f)
 
 
 def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
@@ -172,14 +173,14 @@ def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
     spec = VMSpec(name="d", memory_mib=256, memory=MemorySpec(path="/m"), kernel="/k",
                   disks=(disk,))
     with pytest.raises(StateError, match=r"d: it has disks \(/v/disk0.qcow2\).*vmfork save"):
-        snapshot.check_exportable(spec)
-    snapshot.check_exportable(spec.with_(disks=()))
+        export.check_exportable(spec)
+    export.check_exportable(spec.with_(disks=()))
     f = tmp_path / "snap"
-    header = {"format": snapshot.EXPORT_FORMAT, "spec": json.loads(spec.to_json())}
-    f.write_bytes(snapshot.EXPORT_MAGIC + json.dumps(header).encode() + b"\0")
+    header = {"format": export.FORMAT, "spec": json.loads(spec.to_json())}
+    f.write_bytes(export.MAGIC + json.dumps(header).encode() + b"\0")
     store = Store(tmp_path / "home", tmp_path / "mem")
     with pytest.raises(MigrationError, match="had disks"):
-        run(snapshot.import_(store, f, "imp"))
+        run(imports.import_(store, f, "imp"))
     assert not store.has_vm("imp")
     store.close()
 
@@ -188,7 +189,7 @@ def test_save_refuses_volatile_memory(env: Env, booted: str) -> None:
     # The `booted` VM keeps its RAM on tmpfs (/dev/shm): a save would not survive
     # a host reboot, so it is refused, and the VM keeps running.
     with pytest.raises(StateError, match=r"tmpfs.*--persistent"):
-        run(snapshot.save(env.store(), booted))
+        run(saving.save(env.store(), booted))
     assert vm.get_live(env.store(), booted).state == "running"
 
 
@@ -239,18 +240,18 @@ def test_restore_refuses_bad_files_and_a_second_restore(env: Env) -> None:
     start_vm(env)
     md5 = fill(env, "a")
     s = env.store()
-    saved = run(snapshot.save(s, "a"))
+    saved = run(saving.save(s, "a"))
     state, mem = Path(saved.state_file), Path(saved.memory_file)
 
     old = flip_byte(state, saved.state_size // 2)
     with pytest.raises(MigrationError, match=r"state file .* is corrupt: sha256"):
-        run(snapshot.restore(s, "a"))
+        run(saving.restore(s, "a"))
     put_byte(state, saved.state_size // 2, old)
     assert record(env, "a").state == "saved"
 
     os.truncate(mem, mem.stat().st_size + 4096)
     with pytest.raises(MigrationError, match=r"memory file .* is 268439552 bytes, expected"):
-        run(snapshot.restore(s, "a"))
+        run(saving.restore(s, "a"))
     os.truncate(mem, 256 << 20)
 
     mem.rename(mem.with_suffix(".away"))
@@ -263,7 +264,7 @@ def test_restore_refuses_bad_files_and_a_second_restore(env: Env) -> None:
     with s.lock("a"):
         t0 = time.monotonic()
         with pytest.raises(StateError, match="busy"):
-            run(snapshot.restore(env.store(), "a"))
+            run(saving.restore(env.store(), "a"))
         assert time.monotonic() - t0 < 5
 
     # Two restores at the same time: one wins, the other is refused.
@@ -285,7 +286,7 @@ def test_restore_refuses_bad_files_and_a_second_restore(env: Env) -> None:
 
 # -- kill -9 at each step --------------------------------------------------------------
 def _kill_qemu_at(monkeypatch: pytest.MonkeyPatch, env: Env, at: str) -> None:
-    real = snapshot._checkpoint
+    real = saving._checkpoint
 
     async def checkpoint(step: str) -> None:
         if step == at:
@@ -296,7 +297,7 @@ def _kill_qemu_at(monkeypatch: pytest.MonkeyPatch, env: Env, at: str) -> None:
                 time.sleep(0.01)
         await real(step)
 
-    monkeypatch.setattr(snapshot, "_checkpoint", checkpoint)
+    monkeypatch.setattr(saving, "_checkpoint", checkpoint)
 
 
 def test_qemu_killed_after_state_written_still_saves(env: Env,
@@ -304,10 +305,10 @@ def test_qemu_killed_after_state_written_still_saves(env: Env,
     start_vm(env)
     md5 = fill(env, "a")
     _kill_qemu_at(monkeypatch, env, "state-written")
-    run(snapshot.save(env.store(), "a"))
+    run(saving.save(env.store(), "a"))
     monkeypatch.undo()
     assert record(env, "a").state == "saved"
-    run(snapshot.restore(env.store(), "a"))
+    run(saving.restore(env.store(), "a"))
     assert md5_of(env, "a") == md5
 
 
@@ -316,10 +317,10 @@ def test_qemu_killed_during_save_leaves_no_saved_vm(env: Env,
     start_vm(env)
     _kill_qemu_at(monkeypatch, env, "paused")
     with pytest.raises((MigrationError, StateError)):
-        run(snapshot.save(env.store(), "a"))
+        run(saving.save(env.store(), "a"))
     monkeypatch.undo()
     assert ls(env)["a"]["state"] == "dead"
-    assert not (env.home / "vms" / "a" / snapshot.MANIFEST_FILE).exists()
+    assert not (env.home / "vms" / "a" / saving.MANIFEST_FILE).exists()
     p = env.cli("restore", "a")
     assert p.returncode == 1 and "a is dead, not saved" in p.stderr
 
@@ -398,7 +399,7 @@ def test_export_import_round_trip(env: Env) -> None:
     env.cli("restore", "a", check=True)
     assert md5_of(env, "a") == md5
 
-    header = snapshot.read_header(live)
+    header = export.read_header(live)
     flip_byte(live, header["ram"]["offset"] + header["ram"]["size"] - 10)
     p = env.cli("snapshot", "import", str(live), "c")
     assert p.returncode == 1 and "corrupt: the RAM sha256" in p.stderr

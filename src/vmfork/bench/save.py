@@ -34,13 +34,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vmfork import snapshots as snapshot
 from vmfork import vm
 from vmfork.bench import fill_guest, ratio
 from vmfork.errors import GuestError, MigrationError
 from vmfork.files import fsync_path
 from vmfork.qemu import migration
 from vmfork.records import VMRecord
+from vmfork.snapshots import save as saving
 from vmfork.spec import MemorySpec
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -100,14 +100,14 @@ async def _one_size(store: Store, name: str, mib: int, bdir: Path, p: SaveBench,
         row["fill_s"] = time.monotonic() - t
 
         p.progress(f"{mib} MiB: vmfork save/restore")
-        cold = await snapshot.save(store, name, timeouts)
+        cold = await saving.save(store, name, timeouts)
         row["cold_save_s"] = cold.seconds
         row["cold_preflush_s"] = cold.preflush_seconds
-        await snapshot.restore(store, name, timeouts)
+        await saving.restore(store, name, timeouts)
         saves, downs, restores, responsive, states = [], [], [], [], []
         for _ in range(p.samples):
-            s = await snapshot.save(store, name, timeouts)
-            r = await snapshot.restore(store, name, timeouts)
+            s = await saving.save(store, name, timeouts)
+            r = await saving.restore(store, name, timeouts)
             saves.append(s.seconds)
             downs.append(s.downtime_seconds)
             states.append(s.state_size)
