@@ -166,6 +166,58 @@ def test_read_header_refuses_other_files(tmp_path: Path) -> None:
         export.read_header(f)
 
 
+def make_header(spec: VMSpec, blobs: dict[str, export.Part] | None = None,
+                ram: export.Part | None = None) -> export.Header:
+    return export.Header(name=spec.name, created=1.5, memory_mib=spec.memory_mib,
+                         qemu_version="10.0.2", machine="pc-q35-10.0", spec=spec,
+                         blobs=blobs or {}, ram=ram or export.Part(export.HEADER_SIZE, 0, ""))
+
+
+def test_header_round_trip_and_corrupt_headers(tmp_path: Path) -> None:
+    spec = VMSpec(name="h", memory_mib=256, memory=MemorySpec(path="/m"), kernel="/k")
+    header = make_header(spec, {"kernel": export.Part(65536, 10, "ab")},
+                         export.Part(1 << 20, 4096, "cd"))
+    f = tmp_path / "snap"
+    f.write_bytes(header.encode())
+    assert f.stat().st_size == export.HEADER_SIZE
+    assert export.read_header(f) == header
+    on_disk = json.loads(f.read_bytes()[len(export.MAGIC):].rstrip(b"\0"))
+    assert sorted(on_disk) == ["blobs", "capabilities", "created", "format", "machine",
+                               "memory_mib", "name", "qemu_version", "ram", "spec"]
+    assert on_disk["ram"] == {"offset": 1 << 20, "size": 4096, "sha256": "cd"}
+
+    for d, error in (({**on_disk, "format": 2}, "format 2 is not supported"),
+                     ({k: v for k, v in on_disk.items() if k != "ram"}, "corrupt.*'ram'"),
+                     ({**on_disk, "blobs": {"kernel": {"offset": 1}}}, "corrupt")):
+        f.write_bytes(export.MAGIC + json.dumps(d).encode() + b"\0")
+        with pytest.raises(MigrationError, match=error):
+            export.read_header(f)
+
+
+def test_check_export_finds_truncated_and_corrupt_parts(tmp_path: Path) -> None:
+    spec = VMSpec(name="h", memory_mib=256, memory=MemorySpec(path="/m"), kernel="/k")
+    kernel, ram = b"kernel bytes", b"\1" * 5000
+    k_at, r_at = export.HEADER_SIZE, 1 << 20
+    header = make_header(spec, {"kernel": export.Part(k_at, len(kernel),
+                                                      hashlib.sha256(kernel).hexdigest())},
+                         export.Part(r_at, len(ram), hashlib.sha256(ram).hexdigest()))
+    f = tmp_path / "snap"
+    with open(f, "wb") as w:
+        w.write(header.encode())
+        w.seek(k_at)
+        w.write(kernel)
+        w.seek(r_at)
+        w.write(ram)
+    assert export.check_export(f) == header
+    flip_byte(f, k_at + 3)
+    with pytest.raises(MigrationError, match="corrupt: the kernel sha256"):
+        export.check_export(f)
+    flip_byte(f, k_at + 3)
+    os.truncate(f, r_at + len(ram) - 1)
+    with pytest.raises(MigrationError, match=f"truncated: RAM ends at byte {r_at + len(ram)}"):
+        export.check_export(f)
+
+
 def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
     """A snapshot file carries no disks: export refuses a VM that has some,
     import a file whose VM had some (before reading the rest of the file)."""
@@ -176,8 +228,7 @@ def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
         export.check_exportable(spec)
     export.check_exportable(spec.with_(disks=()))
     f = tmp_path / "snap"
-    header = {"format": export.FORMAT, "spec": json.loads(spec.to_json())}
-    f.write_bytes(export.MAGIC + json.dumps(header).encode() + b"\0")
+    f.write_bytes(make_header(spec).encode())
     store = Store(tmp_path / "home", tmp_path / "mem")
     with pytest.raises(MigrationError, match="had disks"):
         run(imports.import_(store, f, "imp"))
@@ -400,7 +451,8 @@ def test_export_import_round_trip(env: Env) -> None:
     assert md5_of(env, "a") == md5
 
     header = export.read_header(live)
-    flip_byte(live, header["ram"]["offset"] + header["ram"]["size"] - 10)
+    assert header.name == "a" and header.spec == record(env, "a").spec
+    flip_byte(live, header.ram.end - 10)
     p = env.cli("snapshot", "import", str(live), "c")
     assert p.returncode == 1 and "corrupt: the RAM sha256" in p.stderr
     assert "c" not in ls(env)

@@ -29,6 +29,7 @@ import os
 import secrets
 import shutil
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -86,8 +87,64 @@ def hash_range(f: BinaryIO, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def read_header(path: Path | str) -> dict[str, Any]:
-    """The manifest of an export file; raise MigrationError if it is not one."""
+@dataclass(frozen=True)
+class Part:
+    """Where one part of a snapshot file lies (bytes ``[offset, offset+size)``),
+    and its sha256."""
+
+    offset: int
+    size: int
+    sha256: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True)
+class Header:
+    """The manifest at the head of a snapshot file (JSON after :data:`MAGIC`)."""
+
+    name: str                 # the VM that was exported
+    created: float            # time.time() of the export
+    memory_mib: int
+    qemu_version: str         # the QEMU that wrote the stream
+    machine: str              # its concrete machine type (alias resolved)
+    spec: VMSpec              # the exported VM's spec; an import derives its own
+    blobs: dict[str, Part]    # "kernel", "initrd": files the VM booted
+    ram: Part                 # QEMU's mapped-ram stream: RAM and device state
+    capabilities: dict[str, bool] = field(default_factory=lambda: {"mapped-ram": True})
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "name": self.name, "created": self.created,
+                "memory_mib": self.memory_mib, "qemu_version": self.qemu_version,
+                "machine": self.machine, "spec": json.loads(self.spec.to_json()),
+                "capabilities": dict(self.capabilities),
+                "blobs": {k: asdict(v) for k, v in self.blobs.items()},
+                "ram": asdict(self.ram)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Header:
+        """Raise KeyError, TypeError or ValueError if *d* is not a header."""
+        return cls(name=str(d["name"]), created=float(d["created"]),
+                   memory_mib=int(d["memory_mib"]), qemu_version=str(d["qemu_version"]),
+                   machine=str(d["machine"]), spec=VMSpec.from_dict(d["spec"]),
+                   blobs={str(k): Part(**v) for k, v in d["blobs"].items()},
+                   ram=Part(**d["ram"]), capabilities=dict(d.get("capabilities", {})),
+                   format=int(d["format"]))
+
+    def encode(self) -> bytes:
+        """The file's first :data:`HEADER_SIZE` bytes: magic, JSON, NUL padding."""
+        head = MAGIC + json.dumps(self.to_dict(), indent=1).encode()
+        if len(head) >= HEADER_SIZE:
+            raise MigrationError(f"snapshot header too large ({len(head)} bytes)")
+        return head + b"\0" * (HEADER_SIZE - len(head))
+
+
+def read_header(path: Path | str) -> Header:
+    """The header of a snapshot file; raise MigrationError if it is not one
+    (or of a format this vmfork does not read)."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -98,53 +155,55 @@ def read_header(path: Path | str) -> dict[str, Any]:
         raise MigrationError(f"{p} is not a vmfork snapshot file (no header)")
     body = head[len(MAGIC):].split(b"\0", 1)[0]
     try:
-        header: dict[str, Any] = json.loads(body)
+        d = json.loads(body)
     except ValueError as exc:
         raise MigrationError(f"{p}: snapshot header is corrupt ({exc})") from exc
-    if header.get("format") != FORMAT:
-        raise MigrationError(f"{p}: snapshot format {header.get('format')!r} is not supported "
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        fmt = d.get("format") if isinstance(d, dict) else None
+        raise MigrationError(f"{p}: snapshot format {fmt!r} is not supported "
                              f"(this vmfork reads format {FORMAT})")
-    return header
+    try:
+        return Header.from_dict(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MigrationError(f"{p}: snapshot header is corrupt ({exc!r})") from exc
 
 
-def check_export(path: Path | str, header: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every sha256 in an export file; return its header."""
+def check_export(path: Path | str, header: Header | None = None) -> Header:
+    """Check every part of a snapshot file against the sha256 in its header;
+    return the header. Raise MigrationError naming the truncated or corrupt
+    part."""
     p = Path(path)
     header = header or read_header(p)
     size = p.stat().st_size
     with open(p, "rb") as f:
-        parts = [*header["blobs"].items(), ("RAM", header["ram"])]
-        for what, part in parts:
-            end = part["offset"] + part["size"]
-            if end > size:
-                raise MigrationError(f"{p} is truncated: {what} ends at byte {end}, "
+        for what, part in (*header.blobs.items(), ("RAM", header.ram)):
+            if part.end > size:
+                raise MigrationError(f"{p} is truncated: {what} ends at byte {part.end}, "
                                      f"the file has {size}")
-            if hash_range(f, part["offset"], end) != part["sha256"]:
+            if hash_range(f, part.offset, part.end) != part.sha256:
                 raise MigrationError(f"{p} is corrupt: the {what} sha256 differs from its "
                                      "header")
     return header
 
 
-def write_tail(tmp: Path, header: dict[str, Any],
-                       blob_files: dict[str, Path]) -> None:
-    """Fill the head of QEMU's file: blobs, header; hash; fsync."""
+def write_tail(tmp: Path, header: Header, blob_files: dict[str, Path]) -> Header:
+    """Complete a snapshot file after QEMU wrote its stream into *tmp* at
+    ``header.ram.offset``: copy the blobs in, hash the stream, write the
+    header, fsync. Return the header as written."""
     with open(tmp, "r+b") as f:
         for key, src in blob_files.items():
-            part = header["blobs"][key]
             with open(src, "rb") as s:
-                f.seek(part["offset"])
+                f.seek(header.blobs[key].offset)
                 shutil.copyfileobj(s, f, 1 << 20)
         f.flush()
-        end = os.fstat(f.fileno()).st_size
-        header["ram"]["size"] = end - header["ram"]["offset"]
-        header["ram"]["sha256"] = hash_range(f, header["ram"]["offset"], end)
-        head = MAGIC + json.dumps(header, indent=1).encode()
-        if len(head) >= HEADER_SIZE:
-            raise MigrationError(f"snapshot header too large ({len(head)} bytes)")
+        start, end = header.ram.offset, os.fstat(f.fileno()).st_size
+        header = replace(header, ram=Part(offset=start, size=end - start,
+                                          sha256=hash_range(f, start, end)))
         f.seek(0)
-        f.write(head + b"\0" * (HEADER_SIZE - len(head)))
+        f.write(header.encode())
         f.flush()
         os.fsync(f.fileno())
+    return header
 
 
 def check_exportable(spec: VMSpec) -> None:
@@ -182,28 +241,27 @@ async def export(store: Store, name: str, file: Path | str,
         for k, p in blob_files.items():
             if not p.is_file():
                 raise StateError(f"{name}: its {k} {p} is missing; cannot export")
-        blobs: dict[str, dict[str, Any]] = {}
+        blobs: dict[str, Part] = {}
         pos = HEADER_SIZE
         for k, p in blob_files.items():
             size = p.stat().st_size
-            blobs[k] = {"offset": pos, "size": size,
-                        "sha256": await asyncio.to_thread(sha256_file, p)}
+            blobs[k] = Part(offset=pos, size=size,
+                            sha256=await asyncio.to_thread(sha256_file, p))
             pos = _align(pos + size, 4096)
         ram_offset = _align(pos)
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(3)}.tmp")
-        own = rec.state == "saved"
+        own = rec.state == "saved"  # export from the state file, in a QEMU of its own
+        was_running = False
         if own:
             saved = verify(store, rec)
             private = spec.with_(memory=MemorySpec(backend="file", path=spec.memory.path,
                                                    share=False, readonly=True))
             m = await vm.launch_recorded(store, rec, incoming=("defer",), timeouts=timeouts,
                                          spec=private)
-            was_running = False
         elif rec.state in vm.LIVE_STATES:
             assert rec.pid is not None
             m = await Machine.attach(spec, vm.paths_for(store, rec),
                                      vm.qemu_log(store, name), rec.pid, timeouts=timeouts)
-            was_running = await m.status() == "running"
         else:
             raise StateError(f"{name} is {rec.state}; only a running, paused or saved VM "
                              "can be exported")
@@ -211,8 +269,10 @@ async def export(store: Store, name: str, file: Path | str,
             if own:
                 await load_incoming(m, f"file:{saved.state_file}", timeouts.migrate,
                                     {"mode": saved.mode}, x_ignore_shared=True)
-            elif was_running:
-                await m.pause()
+            else:
+                was_running = await m.status() == "running"
+                if was_running:
+                    await m.pause()
             await migration.set_parameters(m, mode="normal")
             ident = await migration.qemu_identity(m)
             await migration.set_capabilities(m, x_ignore_shared=False, mapped_ram=True)
@@ -222,13 +282,10 @@ async def export(store: Store, name: str, file: Path | str,
             finally:
                 with contextlib.suppress(VmforkError):
                     await migration.set_capabilities(m, mapped_ram=False)
-            header = {
-                "format": FORMAT, "name": name, "created": time.time(),
-                "memory_mib": spec.memory_mib, "qemu_version": ident["qemu_version"],
-                "machine": ident["machine"], "spec": json.loads(spec.to_json()),
-                "capabilities": {"mapped-ram": True}, "blobs": blobs,
-                "ram": {"offset": ram_offset, "size": 0, "sha256": ""},
-            }
+            header = Header(name=name, created=time.time(), memory_mib=spec.memory_mib,
+                            qemu_version=ident["qemu_version"], machine=ident["machine"],
+                            spec=spec, blobs=blobs,
+                            ram=Part(offset=ram_offset, size=0, sha256=""))
             await asyncio.to_thread(write_tail, tmp, header, blob_files)
             os.replace(tmp, dest)
             fsync_path(dest.parent)
@@ -254,6 +311,6 @@ async def export(store: Store, name: str, file: Path | str,
 
 
 __all__ = [
-    "FORMAT", "HEADER_SIZE", "MAGIC", "check_export", "check_exportable", "export",
-    "hash_range", "read_header", "write_tail",
+    "ALIGN", "FORMAT", "HEADER_SIZE", "MAGIC", "Header", "Part", "check_export",
+    "check_exportable", "export", "hash_range", "read_header", "write_tail",
 ]

@@ -27,9 +27,9 @@ from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine
 from vmfork.records import VMInfo, VMRecord
 from vmfork.results import ImportResult
-from vmfork.snapshots.export import check_export, read_header
+from vmfork.snapshots.export import Header, check_export, read_header
 from vmfork.snapshots.save import load_incoming, sync_guest_clock
-from vmfork.spec import MemorySpec, VMSpec, check_name
+from vmfork.spec import MemorySpec, check_name
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
@@ -49,7 +49,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     header = read_header(src)
     if store.has_vm(name):
         raise AlreadyExists(f"a VM named {name!r} exists already")
-    if header.get("spec", {}).get("disks"):
+    if header.spec.disks:
         raise MigrationError(f"{src}: its VM had disks, which a snapshot file does not "
                              "carry; it cannot be imported")
     await asyncio.to_thread(check_export, src, header)
@@ -61,12 +61,12 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     if persistent and not vm.is_persistent_dir(mdir):
         raise InvalidInput(f"--persistent needs a memory dir on disk; {str(mdir)!r} is on "
                            f"{vm.filesystem_type(mdir)}")
-    source = VMSpec.from_dict(header["spec"])
+    source = header.spec
     qemu = source.qemu if shutil.which(source.qemu) else "qemu-system-x86_64"
     vdir = files_dir or store.vm_dir(name)
-    files = {k: str(vdir / k) for k in header["blobs"]}
+    files = {k: str(vdir / k) for k in header.blobs}
     spec = source.with_(
-        name=name, qemu=qemu, machine=header["machine"], vmgenid=str(uuid.uuid4()),
+        name=name, qemu=qemu, machine=header.machine, vmgenid=str(uuid.uuid4()),
         kernel=files.get("kernel"), initrd=files.get("initrd"),
         memory=MemorySpec(backend="file", path=str(vm.memory_file_path(mdir, name)),
                           share=True))
@@ -82,7 +82,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
             rec.pid, rec.pid_start = m.pid, m.start_time
             store.update_vm(rec)
             t_spawned = time.monotonic()
-            await load_incoming(m, f"file:{src},offset={header['ram']['offset']}",
+            await load_incoming(m, f"file:{src},offset={header.ram.offset}",
                                 timeouts.migrate, {}, x_ignore_shared=False, mapped_ram=True)
             t_loaded = time.monotonic()
             await migration.set_capabilities(m, mapped_ram=False)
@@ -105,12 +105,13 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
                         load_seconds=t_loaded - t_spawned, clock_synced=clock)
 
 
-def _extract_blobs(src: Path, header: dict[str, Any], files: dict[str, str]) -> None:
+def _extract_blobs(src: Path, header: Header, files: dict[str, str]) -> None:
+    """Copy each blob of snapshot file *src* to its path in *files*."""
     with open(src, "rb") as f:
         for key, dest in files.items():
-            part = header["blobs"][key]
-            f.seek(part["offset"])
-            left = part["size"]
+            part = header.blobs[key]
+            f.seek(part.offset)
+            left = part.size
             with open(dest, "wb") as out:
                 while left:
                     chunk = f.read(min(1 << 20, left))
