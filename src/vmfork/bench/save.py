@@ -95,7 +95,7 @@ async def _one_size(store: Store, name: str, mib: int, bdir: Path, p: SaveBench,
         try:
             md5 = await fill_guest(store, name, data_mb)
         except GuestError:  # the answer was lost in transit; the data is written
-            md5 = (await vm.exec_(store, name, "md5sum /root/data",
+            md5 = (await vm.exec_(store, name, "md5sum /root/data", timeout=timeouts.checksum,
                                   timeouts=timeouts)).text.split()[0]
         row["fill_s"] = time.monotonic() - t
 
@@ -116,7 +116,8 @@ async def _one_size(store: Store, name: str, mib: int, bdir: Path, p: SaveBench,
         row.update(save_s=_median(saves), save_downtime_s=_median(downs),
                    restore_s=_median(restores), restore_clock_s=_median(responsive),
                    state_bytes=max(states))
-        got = (await vm.exec_(store, name, "md5sum /root/data", timeouts=timeouts)).text
+        got = (await vm.exec_(store, name, "md5sum /root/data", timeout=timeouts.checksum,
+                              timeouts=timeouts)).text
         row["data_intact"] = md5 in got
 
         p.progress(f"{mib} MiB: full-RAM save/restore (baseline)")
@@ -139,7 +140,7 @@ async def _full_ram(store: Store, name: str, md5: str, bdir: Path,
         await m.pause()
         await migration.set_capabilities(m, x_ignore_shared=False)
         await migration.set_parameters(m, mode="normal")
-        stats = await migration.migrate(m, {"uri": f"file:{path}"}, timeouts.migrate * 3,
+        stats = await migration.migrate(m, {"uri": f"file:{path}"}, timeouts.ram_copy,
                                         "full-RAM save")
         await asyncio.to_thread(fsync_path, path)
         save_s = time.monotonic() - t0
@@ -153,10 +154,11 @@ async def _full_ram(store: Store, name: str, md5: str, bdir: Path,
     try:
         await migration.set_capabilities(m2, x_ignore_shared=False)
         await migration.start_incoming(m2, f"file:{path}")
-        await migration.wait_incoming(m2, timeouts.migrate * 3)
+        await migration.wait_incoming(m2, timeouts.ram_copy)
         await m2.resume()
         restore_s = time.monotonic() - t0
-        r = await vm.agent_for(store, frec, timeouts).exec("md5sum /root/data", 300)
+        r = await vm.agent_for(store, frec, timeouts).exec("md5sum /root/data",
+                                                           timeouts.checksum)
         intact = md5 in r.text
     finally:
         await m2.shutdown()

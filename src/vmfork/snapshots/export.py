@@ -278,7 +278,7 @@ async def export(store: Store, name: str, file: Path | str,
             await migration.set_capabilities(m, x_ignore_shared=False, mapped_ram=True)
             try:
                 stats = await migration.migrate(
-                    m, {"uri": f"file:{tmp},offset={ram_offset}"}, timeouts.migrate, "export")
+                    m, {"uri": f"file:{tmp},offset={ram_offset}"}, timeouts.ram_copy, "export")
             finally:
                 with contextlib.suppress(VmforkError):
                     await migration.set_capabilities(m, mapped_ram=False)

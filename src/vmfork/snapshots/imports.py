@@ -83,7 +83,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
             store.update_vm(rec)
             t_spawned = time.monotonic()
             await load_incoming(m, f"file:{src},offset={header.ram.offset}",
-                                timeouts.migrate, {}, x_ignore_shared=False, mapped_ram=True)
+                                timeouts.ram_copy, {}, x_ignore_shared=False, mapped_ram=True)
             t_loaded = time.monotonic()
             await migration.set_capabilities(m, mapped_ram=False)
             if resume:
@@ -97,7 +97,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
         vm.remove_vm_files(store, rec)
         store.remove_vm(name)
         raise
-    clock = await sync_guest_clock(store, rec) if resume else False
+    clock = await sync_guest_clock(store, rec, timeouts) if resume else False
     log.info("%s: imported from %s", name, src)
     return ImportResult(name=name, state=rec.state, pid=rec.pid, file=str(src),
                         memory_file=spec.memory.path, memory_mib=spec.memory_mib,

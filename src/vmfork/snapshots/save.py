@@ -62,9 +62,6 @@ MANIFEST_FILE = "state.json"
 #: Environment variable naming a step at which save/restore stall (for tests
 #: that kill vmfork with SIGKILL at a known point).
 STALL_ENV = "VMFORK_TEST_STALL"
-#: Clock sync after a restore or import is best effort: a guest without the
-#: agent must not hold the command up for the default exec deadline.
-CLOCK_TIMEOUTS = Timeouts(agent=5.0, exec=10.0)
 
 
 def state_paths(store: Store, name: str) -> tuple[Path, Path]:
@@ -329,13 +326,15 @@ async def load_incoming(m: Machine, uri: str, timeout: float, parameters: dict[s
         raise MigrationError(f"{m.name}: loading the state ended in QEMU state {st!r}")
 
 
-async def sync_guest_clock(store: Store, rec: VMRecord) -> bool:
+async def sync_guest_clock(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> bool:
     """Set the guest clock to the host's with a ``date`` command through the
     guest agent (qemu-guest-agent's ``guest-set-time`` also writes the
     hardware clock, 1-4 s under TCG; QEMU's RTC follows the host anyway).
-    Best effort: False (and a warning) if it failed."""
+    Best effort, within ``timeouts.clock_agent`` and ``timeouts.clock_exec``:
+    False (and a warning) if it failed."""
+    clock = replace(timeouts, agent=timeouts.clock_agent, exec=timeouts.clock_exec)
     try:
-        await identity.sync_clock(store, rec, CLOCK_TIMEOUTS)
+        await identity.sync_clock(store, rec, clock)
         return True
     except (GuestError, VmforkTimeout, StateError) as exc:
         log.warning("%s: guest clock not corrected: %s", rec.name, exc)
@@ -393,7 +392,8 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
             await m.disconnect()
         t_running = time.monotonic()
         unlink_quietly(state)
-    clock = await sync_guest_clock(store, rec) if sync_clock and saved.was_running else False
+    clock = (await sync_guest_clock(store, rec, timeouts) if sync_clock and saved.was_running
+             else False)
     t_end = time.monotonic()
     log.info("%s: saved -> %s (%.3f s)", name, rec.state, t_running - t0)
     return RestoreResult(name=name, state=rec.state, pid=rec.pid, seconds=t_end - t0,
