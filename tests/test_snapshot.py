@@ -1,4 +1,4 @@
-"""Save/restore and portable snapshots (issue 5), on real QEMU where it matters.
+"""Save/restore and portable snapshots, on real QEMU where it matters.
 
 Unit tests cover the pure parts (file-system checks, the export header and
 its hashing); the rest runs the demo guest under TCG and checks that guest
@@ -28,6 +28,7 @@ from vmfork import bench, vm
 from vmfork import templates as template
 from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
 from vmfork.qemu.machine import process_alive
+from vmfork.results import ExportResult, ImportResult, MigrationStats, RestoreResult, SaveResult
 from vmfork.snapshots import export, imports
 from vmfork.snapshots import save as saving
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
@@ -47,6 +48,19 @@ OP_DEADLINE = DEFAULT.start + DEFAULT.migrate + DEFAULT.clock_agent + DEFAULT.cl
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
+
+#: The keys of each command's --json output (more may be added, none dropped).
+SAVE_KEYS = {"name", "state", "state_file", "state_size", "sha256", "memory_file",
+             "memory_size", "seconds", "downtime_seconds", "preflush_seconds",
+             "flush_seconds", "migration"}
+RESTORE_KEYS = {"name", "state", "pid", "seconds", "running_seconds", "check_seconds",
+                "spawn_seconds", "load_seconds", "clock_synced"}
+EXPORT_KEYS = {"name", "file", "size", "allocated", "memory_mib", "seconds", "migration"}
+IMPORT_KEYS = {"name", "state", "pid", "file", "memory_file", "memory_mib", "seconds",
+               "check_seconds", "load_seconds", "clock_synced"}
+#: The nested "migration" of save and export: what QEMU reported.
+MIGRATION_KEYS = {"status", "seconds", "total_time_ms", "downtime_ms", "ram_bytes",
+                  "total_bytes"}
 
 COUNTER = ("(i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.2; done)"
            " </dev/null >/dev/null 2>&1 &")
@@ -240,6 +254,29 @@ def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
     store.close()
 
 
+def test_results_have_the_json_keys() -> None:
+    """The --json output of save, restore, export and import is the result's
+    to_dict(): it keeps every key scripts read (checked on real runs below)."""
+    mig = MigrationStats(status="completed", seconds=0.1, total_time_ms=100, downtime_ms=5,
+                         ram_bytes=0, total_bytes=300_000)
+    saved = SaveResult(name="a", state="saved", state_file="/s", state_size=1, sha256="ab",
+                       memory_file="/m", memory_size=2, seconds=1.0, downtime_seconds=0.5,
+                       preflush_seconds=0.1, flush_seconds=0.1, migration=mig).to_dict()
+    assert set(saved) >= SAVE_KEYS and set(saved["migration"]) >= MIGRATION_KEYS
+    restored = RestoreResult(name="a", state="running", pid=1, seconds=1.0,
+                             running_seconds=0.5, check_seconds=0.1, spawn_seconds=0.1,
+                             load_seconds=0.1, clock_synced=True).to_dict()
+    assert set(restored) >= RESTORE_KEYS
+    exported = ExportResult(name="a", file="/f", size=3, allocated=1, memory_mib=256,
+                            seconds=1.0, migration=mig).to_dict()
+    assert set(exported) >= EXPORT_KEYS and set(exported["migration"]) >= MIGRATION_KEYS
+    imported = ImportResult(name="b", state="running", pid=1, file="/f", memory_file="/m",
+                            memory_mib=256, seconds=1.0, check_seconds=0.1, load_seconds=0.1,
+                            clock_synced=True).to_dict()
+    assert set(imported) >= IMPORT_KEYS
+    json.dumps([saved, restored, exported, imported])
+
+
 def test_save_refuses_volatile_memory(env: Env, booted: str) -> None:
     # The `booted` VM keeps its RAM on tmpfs (/dev/shm): a save would not survive
     # a host reboot, so it is refused, and the VM keeps running.
@@ -259,7 +296,8 @@ def test_save_restore_from_fresh_processes(env: Env) -> None:
     pid = record(env, "a").pid
 
     saved = json.loads(env.cli("save", "a", "--json", check=True).stdout)
-    assert saved["state"] == "saved"
+    assert set(saved) >= SAVE_KEYS and set(saved["migration"]) >= MIGRATION_KEYS
+    assert saved["state"] == "saved" and saved["migration"]["status"] == "completed"
     assert 0 < saved["state_size"] <= 1_000_000
     assert Path(saved["state_file"]).stat().st_size == saved["state_size"]
     assert not process_alive(pid)
@@ -271,6 +309,7 @@ def test_save_restore_from_fresh_processes(env: Env) -> None:
 
     time.sleep(3)  # the guest clock falls behind while saved
     restored = json.loads(env.cli("restore", "a", "--json", check=True).stdout)
+    assert set(restored) >= RESTORE_KEYS
     assert restored["state"] == "running" and restored["clock_synced"]
     assert ls(env)["a"]["state"] == "running"
     assert md5_of(env, "a") == md5
@@ -430,6 +469,7 @@ def test_export_import_round_trip(env: Env) -> None:
 
     out = json.loads(env.cli("snapshot", "export", "a", str(live), "--json",
                              check=True).stdout)
+    assert set(out) >= EXPORT_KEYS and set(out["migration"]) >= MIGRATION_KEYS
     assert out["allocated"] < out["size"]  # sparse: zero pages take no space
     assert ls(env)["a"]["state"] == "running"
     p = env.cli("snapshot", "export", "a", str(live))
@@ -443,6 +483,7 @@ def test_export_import_round_trip(env: Env) -> None:
         name = f"b{i}"
         got = json.loads(env.cli("snapshot", "import", str(f), name, "--json",
                                  check=True).stdout)
+        assert set(got) >= IMPORT_KEYS
         assert got["state"] == "running" and got["clock_synced"]
         assert md5_of(env, name) == md5
         assert record(env, name).spec.vmgenid != record(env, "a").spec.vmgenid

@@ -233,7 +233,7 @@ async def export(store: Store, name: str, file: Path | str,
         raise InvalidInput(f"directory {str(dest.parent)!r} does not exist")
     check_name(name)
     with store.lock(name, wait=False):
-        rec = vm.reconcile(store, await recover(store, store.get_vm(name)))
+        rec = vm.reconcile(store, await recover(store, store.get_vm(name), timeouts))
         spec = rec.spec
         check_exportable(spec)
         blob_files = {k: Path(v) for k, v in (("kernel", spec.kernel),

@@ -70,11 +70,10 @@ def state_paths(store: Store, name: str) -> tuple[Path, Path]:
     return d / STATE_FILE, d / MANIFEST_FILE
 
 
-
-
 async def _checkpoint(step: str) -> None:
     """A named point in save/restore. Tests stall vmfork here (``STALL_ENV``)
-    to kill it, or replace this function to kill QEMU."""
+    to kill it, or replace this function to kill QEMU. The stall is an hour:
+    a test kills vmfork long before, and a forgotten variable still ends."""
     if os.environ.get(STALL_ENV) == step:
         log.warning("stalling at %s (%s is set)", step, STALL_ENV)
         await asyncio.sleep(3600)
@@ -147,14 +146,15 @@ def _manifest_matches(store: Store, rec: VMRecord) -> SavedState | None:
         return None
 
 
-async def _kill_stale(store: Store, rec: VMRecord) -> None:
+async def _kill_stale(store: Store, rec: VMRecord, timeouts: Timeouts) -> None:
     """End a QEMU left behind by a killed vmfork command (it never ran the guest)."""
     if rec.pid and process_alive(rec.pid, rec.pid_start):
-        m = Machine(rec.spec, vm.paths_for(store, rec), vm.qemu_log(store, rec.name), rec.pid)
+        m = Machine(rec.spec, vm.paths_for(store, rec), vm.qemu_log(store, rec.name), rec.pid,
+                    timeouts=timeouts)
         await m.shutdown(force=True)
 
 
-async def recover(store: Store, rec: VMRecord) -> VMRecord:
+async def recover(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> VMRecord:
     """Repair what a killed save or restore left; the caller holds the VM's lock.
 
     * A VM whose QEMU is gone but whose manifest is complete (vmfork died after
@@ -167,7 +167,7 @@ async def recover(store: Store, rec: VMRecord) -> VMRecord:
         _, manifest = state_paths(store, rec.name)
         alive = process_alive(rec.pid, rec.pid_start)
         if manifest.exists():
-            await _kill_stale(store, rec)
+            await _kill_stale(store, rec, timeouts)
             rec.state, rec.pid, rec.pid_start = "saved", None, None
         else:
             rec.state = "paused" if alive else "dead"
@@ -348,7 +348,7 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
     t0 = time.monotonic()
     check_name(name)
     with store.lock(name, wait=False):
-        rec = vm.reconcile(store, await recover(store, store.get_vm(name)))
+        rec = vm.reconcile(store, await recover(store, store.get_vm(name), timeouts))
         if rec.state != "saved":
             raise StateError(f"{name} is {rec.state}, not saved")
         saved = verify(store, rec)
