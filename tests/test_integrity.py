@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import snapshots as snapshot
 from vmfork import templates as template
 from vmfork import update, vm
+from vmfork.snapshots import save as saving
 
 from .conftest import Env, run
 
@@ -73,9 +73,9 @@ def test_save_restore_keeps_ram_unchanged(env: Env, tmp_path: Path) -> None:
     run(vm.pause(s, "p"))
     before = tmp_path / "before.ram"
     digest = run(_dump(env, "p", before))
-    run(snapshot.save(s, "p"))
+    run(saving.save(s, "p"))
     assert s.get_vm("p").state == "saved"
-    run(snapshot.restore(s, "p", sync_clock=False))
+    run(saving.restore(s, "p", sync_clock=False))
     after = tmp_path / "after.ram"
     if run(_dump(env, "p", after)) != digest:
         pages = _differing_pages(before, after)

@@ -1,4 +1,4 @@
-"""Save/restore and portable snapshots (issue 5), on real QEMU where it matters.
+"""Save/restore and portable snapshots, on real QEMU where it matters.
 
 Unit tests cover the pure parts (file-system checks, the export header and
 its hashing); the rest runs the demo guest under TCG and checks that guest
@@ -25,23 +25,42 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 
 from vmfork import bench, vm
-from vmfork import snapshots as snapshot
 from vmfork import templates as template
 from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
 from vmfork.qemu.machine import process_alive
+from vmfork.results import ExportResult, ImportResult, MigrationStats, RestoreResult, SaveResult
+from vmfork.snapshots import export, imports
+from vmfork.snapshots import save as saving
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
 from vmfork.store import Store
+from vmfork.timeouts import DEFAULT
 
 if TYPE_CHECKING:
     from conftest import Env
 
 T = TypeVar("T")
 VMFORK = str(Path(sys.executable).with_name("vmfork"))
+#: How long one vmfork save or restore may take by its own deadlines (QEMU
+#: start, state load, clock), scaled like them by VMFORK_TIMEOUT_SCALE.
+OP_DEADLINE = DEFAULT.start + DEFAULT.migrate + DEFAULT.clock_agent + DEFAULT.clock_exec
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
+
+#: The keys of each command's --json output (more may be added, none dropped).
+SAVE_KEYS = {"name", "state", "state_file", "state_size", "sha256", "memory_file",
+             "memory_size", "seconds", "downtime_seconds", "preflush_seconds",
+             "flush_seconds", "migration"}
+RESTORE_KEYS = {"name", "state", "pid", "seconds", "running_seconds", "check_seconds",
+                "spawn_seconds", "load_seconds", "clock_synced"}
+EXPORT_KEYS = {"name", "file", "size", "allocated", "memory_mib", "seconds", "migration"}
+IMPORT_KEYS = {"name", "state", "pid", "file", "memory_file", "memory_mib", "seconds",
+               "check_seconds", "load_seconds", "clock_synced"}
+#: The nested "migration" of save and export: what QEMU reported.
+MIGRATION_KEYS = {"status", "seconds", "total_time_ms", "downtime_ms", "ram_bytes",
+                  "total_bytes"}
 
 COUNTER = ("(i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.2; done)"
            " </dev/null >/dev/null 2>&1 &")
@@ -103,12 +122,12 @@ def put_byte(path: Path, offset: int, value: bytes) -> None:
 def stalled_cli(env: Env, step: str, *args: str) -> Iterator[subprocess.Popen[str]]:
     """Start ``vmfork ARGS`` that stalls at *step*; yield it once it got there."""
     log = env.home / f"stall-{step}.log"
-    environ = {**env.environ, snapshot.STALL_ENV: step, "COLUMNS": "200"}
+    environ = {**env.environ, saving.STALL_ENV: step, "COLUMNS": "200"}
     with open(log, "w") as errf:
         p = subprocess.Popen([VMFORK, *args], env=environ, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=errf, text=True)
     try:
-        t_end = time.monotonic() + 60
+        t_end = time.monotonic() + OP_DEADLINE
         while "stalling at" not in log.read_text():
             assert p.poll() is None, f"vmfork ended before {step}: {log.read_text()}"
             assert time.monotonic() < t_end, f"vmfork never reached {step}"
@@ -153,8 +172,8 @@ def test_hash_range_reads_holes_as_zeros(tmp_path: Path) -> None:
         w.write(b"tail")
     content = f.read_bytes()
     with open(f, "rb") as r:
-        assert snapshot._hash_range(r, 0, len(content)) == hashlib.sha256(content).hexdigest()
-        assert snapshot._hash_range(r, 100, 4 << 20) == \
+        assert export.hash_range(r, 0, len(content)) == hashlib.sha256(content).hexdigest()
+        assert export.hash_range(r, 100, 4 << 20) == \
             hashlib.sha256(content[100:4 << 20]).hexdigest()
 
 
@@ -162,7 +181,59 @@ def test_read_header_refuses_other_files(tmp_path: Path) -> None:
     f = tmp_path / "x"
     f.write_bytes(b"not a snapshot" * 100)
     with pytest.raises(MigrationError, match="not a vmfork snapshot"):
-        snapshot.read_header(f)
+        export.read_header(f)
+
+
+def make_header(spec: VMSpec, blobs: dict[str, export.Part] | None = None,
+                ram: export.Part | None = None) -> export.Header:
+    return export.Header(name=spec.name, created=1.5, memory_mib=spec.memory_mib,
+                         qemu_version="10.0.2", machine="pc-q35-10.0", spec=spec,
+                         blobs=blobs or {}, ram=ram or export.Part(export.HEADER_SIZE, 0, ""))
+
+
+def test_header_round_trip_and_corrupt_headers(tmp_path: Path) -> None:
+    spec = VMSpec(name="h", memory_mib=256, memory=MemorySpec(path="/m"), kernel="/k")
+    header = make_header(spec, {"kernel": export.Part(65536, 10, "ab")},
+                         export.Part(1 << 20, 4096, "cd"))
+    f = tmp_path / "snap"
+    f.write_bytes(header.encode())
+    assert f.stat().st_size == export.HEADER_SIZE
+    assert export.read_header(f) == header
+    on_disk = json.loads(f.read_bytes()[len(export.MAGIC):].rstrip(b"\0"))
+    assert sorted(on_disk) == ["blobs", "capabilities", "created", "format", "machine",
+                               "memory_mib", "name", "qemu_version", "ram", "spec"]
+    assert on_disk["ram"] == {"offset": 1 << 20, "size": 4096, "sha256": "cd"}
+
+    for d, error in (({**on_disk, "format": 2}, "format 2 is not supported"),
+                     ({k: v for k, v in on_disk.items() if k != "ram"}, "corrupt.*'ram'"),
+                     ({**on_disk, "blobs": {"kernel": {"offset": 1}}}, "corrupt")):
+        f.write_bytes(export.MAGIC + json.dumps(d).encode() + b"\0")
+        with pytest.raises(MigrationError, match=error):
+            export.read_header(f)
+
+
+def test_check_export_finds_truncated_and_corrupt_parts(tmp_path: Path) -> None:
+    spec = VMSpec(name="h", memory_mib=256, memory=MemorySpec(path="/m"), kernel="/k")
+    kernel, ram = b"kernel bytes", b"\1" * 5000
+    k_at, r_at = export.HEADER_SIZE, 1 << 20
+    header = make_header(spec, {"kernel": export.Part(k_at, len(kernel),
+                                                      hashlib.sha256(kernel).hexdigest())},
+                         export.Part(r_at, len(ram), hashlib.sha256(ram).hexdigest()))
+    f = tmp_path / "snap"
+    with open(f, "wb") as w:
+        w.write(header.encode())
+        w.seek(k_at)
+        w.write(kernel)
+        w.seek(r_at)
+        w.write(ram)
+    assert export.check_export(f) == header
+    flip_byte(f, k_at + 3)
+    with pytest.raises(MigrationError, match="corrupt: the kernel sha256"):
+        export.check_export(f)
+    flip_byte(f, k_at + 3)
+    os.truncate(f, r_at + len(ram) - 1)
+    with pytest.raises(MigrationError, match=f"truncated: RAM ends at byte {r_at + len(ram)}"):
+        export.check_export(f)
 
 
 def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
@@ -172,23 +243,45 @@ def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
     spec = VMSpec(name="d", memory_mib=256, memory=MemorySpec(path="/m"), kernel="/k",
                   disks=(disk,))
     with pytest.raises(StateError, match=r"d: it has disks \(/v/disk0.qcow2\).*vmfork save"):
-        snapshot.check_exportable(spec)
-    snapshot.check_exportable(spec.with_(disks=()))
+        export.check_exportable(spec)
+    export.check_exportable(spec.with_(disks=()))
     f = tmp_path / "snap"
-    header = {"format": snapshot.EXPORT_FORMAT, "spec": json.loads(spec.to_json())}
-    f.write_bytes(snapshot.EXPORT_MAGIC + json.dumps(header).encode() + b"\0")
+    f.write_bytes(make_header(spec).encode())
     store = Store(tmp_path / "home", tmp_path / "mem")
     with pytest.raises(MigrationError, match="had disks"):
-        run(snapshot.import_(store, f, "imp"))
+        run(imports.import_(store, f, "imp"))
     assert not store.has_vm("imp")
     store.close()
+
+
+def test_results_have_the_json_keys() -> None:
+    """The --json output of save, restore, export and import is the result's
+    to_dict(): it keeps every key scripts read (checked on real runs below)."""
+    mig = MigrationStats(status="completed", seconds=0.1, total_time_ms=100, downtime_ms=5,
+                         ram_bytes=0, total_bytes=300_000)
+    saved = SaveResult(name="a", state="saved", state_file="/s", state_size=1, sha256="ab",
+                       memory_file="/m", memory_size=2, seconds=1.0, downtime_seconds=0.5,
+                       preflush_seconds=0.1, flush_seconds=0.1, migration=mig).to_dict()
+    assert set(saved) >= SAVE_KEYS and set(saved["migration"]) >= MIGRATION_KEYS
+    restored = RestoreResult(name="a", state="running", pid=1, seconds=1.0,
+                             running_seconds=0.5, check_seconds=0.1, spawn_seconds=0.1,
+                             load_seconds=0.1, clock_synced=True).to_dict()
+    assert set(restored) >= RESTORE_KEYS
+    exported = ExportResult(name="a", file="/f", size=3, allocated=1, memory_mib=256,
+                            seconds=1.0, migration=mig).to_dict()
+    assert set(exported) >= EXPORT_KEYS and set(exported["migration"]) >= MIGRATION_KEYS
+    imported = ImportResult(name="b", state="running", pid=1, file="/f", memory_file="/m",
+                            memory_mib=256, seconds=1.0, check_seconds=0.1, load_seconds=0.1,
+                            clock_synced=True).to_dict()
+    assert set(imported) >= IMPORT_KEYS
+    json.dumps([saved, restored, exported, imported])
 
 
 def test_save_refuses_volatile_memory(env: Env, booted: str) -> None:
     # The `booted` VM keeps its RAM on tmpfs (/dev/shm): a save would not survive
     # a host reboot, so it is refused, and the VM keeps running.
     with pytest.raises(StateError, match=r"tmpfs.*--persistent"):
-        run(snapshot.save(env.store(), booted))
+        run(saving.save(env.store(), booted))
     assert vm.get_live(env.store(), booted).state == "running"
 
 
@@ -203,7 +296,8 @@ def test_save_restore_from_fresh_processes(env: Env) -> None:
     pid = record(env, "a").pid
 
     saved = json.loads(env.cli("save", "a", "--json", check=True).stdout)
-    assert saved["state"] == "saved"
+    assert set(saved) >= SAVE_KEYS and set(saved["migration"]) >= MIGRATION_KEYS
+    assert saved["state"] == "saved" and saved["migration"]["status"] == "completed"
     assert 0 < saved["state_size"] <= 1_000_000
     assert Path(saved["state_file"]).stat().st_size == saved["state_size"]
     assert not process_alive(pid)
@@ -215,6 +309,7 @@ def test_save_restore_from_fresh_processes(env: Env) -> None:
 
     time.sleep(3)  # the guest clock falls behind while saved
     restored = json.loads(env.cli("restore", "a", "--json", check=True).stdout)
+    assert set(restored) >= RESTORE_KEYS
     assert restored["state"] == "running" and restored["clock_synced"]
     assert ls(env)["a"]["state"] == "running"
     assert md5_of(env, "a") == md5
@@ -239,18 +334,18 @@ def test_restore_refuses_bad_files_and_a_second_restore(env: Env) -> None:
     start_vm(env)
     md5 = fill(env, "a")
     s = env.store()
-    saved = run(snapshot.save(s, "a"))
+    saved = run(saving.save(s, "a"))
     state, mem = Path(saved.state_file), Path(saved.memory_file)
 
     old = flip_byte(state, saved.state_size // 2)
     with pytest.raises(MigrationError, match=r"state file .* is corrupt: sha256"):
-        run(snapshot.restore(s, "a"))
+        run(saving.restore(s, "a"))
     put_byte(state, saved.state_size // 2, old)
     assert record(env, "a").state == "saved"
 
     os.truncate(mem, mem.stat().st_size + 4096)
     with pytest.raises(MigrationError, match=r"memory file .* is 268439552 bytes, expected"):
-        run(snapshot.restore(s, "a"))
+        run(saving.restore(s, "a"))
     os.truncate(mem, 256 << 20)
 
     mem.rename(mem.with_suffix(".away"))
@@ -260,17 +355,15 @@ def test_restore_refuses_bad_files_and_a_second_restore(env: Env) -> None:
     assert record(env, "a").state == "saved"
 
     # Someone else is working on the VM: refused at once, not after waiting.
-    with s.lock("a"):
-        t0 = time.monotonic()
-        with pytest.raises(StateError, match="busy"):
-            run(snapshot.restore(env.store(), "a"))
-        assert time.monotonic() - t0 < 5
+    with s.lock("a"), pytest.raises(StateError, match="busy") as busy:
+        run(saving.restore(env.store(), "a"))
+    assert "waited" not in str(busy.value)
 
     # Two restores at the same time: one wins, the other is refused.
     procs = [subprocess.Popen([VMFORK, "restore", "a"], env=env.environ, text=True,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for _ in range(2)]
-    results = [(p.wait(120), p.stderr.read() if p.stderr else "") for p in procs]
+    results = [(p.wait(OP_DEADLINE), p.stderr.read() if p.stderr else "") for p in procs]
     for p in procs:
         for stream in (p.stdout, p.stderr):
             if stream:
@@ -285,7 +378,7 @@ def test_restore_refuses_bad_files_and_a_second_restore(env: Env) -> None:
 
 # -- kill -9 at each step --------------------------------------------------------------
 def _kill_qemu_at(monkeypatch: pytest.MonkeyPatch, env: Env, at: str) -> None:
-    real = snapshot._checkpoint
+    real = saving._checkpoint
 
     async def checkpoint(step: str) -> None:
         if step == at:
@@ -296,7 +389,7 @@ def _kill_qemu_at(monkeypatch: pytest.MonkeyPatch, env: Env, at: str) -> None:
                 time.sleep(0.01)
         await real(step)
 
-    monkeypatch.setattr(snapshot, "_checkpoint", checkpoint)
+    monkeypatch.setattr(saving, "_checkpoint", checkpoint)
 
 
 def test_qemu_killed_after_state_written_still_saves(env: Env,
@@ -304,10 +397,10 @@ def test_qemu_killed_after_state_written_still_saves(env: Env,
     start_vm(env)
     md5 = fill(env, "a")
     _kill_qemu_at(monkeypatch, env, "state-written")
-    run(snapshot.save(env.store(), "a"))
+    run(saving.save(env.store(), "a"))
     monkeypatch.undo()
     assert record(env, "a").state == "saved"
-    run(snapshot.restore(env.store(), "a"))
+    run(saving.restore(env.store(), "a"))
     assert md5_of(env, "a") == md5
 
 
@@ -316,10 +409,10 @@ def test_qemu_killed_during_save_leaves_no_saved_vm(env: Env,
     start_vm(env)
     _kill_qemu_at(monkeypatch, env, "paused")
     with pytest.raises((MigrationError, StateError)):
-        run(snapshot.save(env.store(), "a"))
+        run(saving.save(env.store(), "a"))
     monkeypatch.undo()
     assert ls(env)["a"]["state"] == "dead"
-    assert not (env.home / "vms" / "a" / snapshot.MANIFEST_FILE).exists()
+    assert not (env.home / "vms" / "a" / saving.MANIFEST_FILE).exists()
     p = env.cli("restore", "a")
     assert p.returncode == 1 and "a is dead, not saved" in p.stderr
 
@@ -376,6 +469,7 @@ def test_export_import_round_trip(env: Env) -> None:
 
     out = json.loads(env.cli("snapshot", "export", "a", str(live), "--json",
                              check=True).stdout)
+    assert set(out) >= EXPORT_KEYS and set(out["migration"]) >= MIGRATION_KEYS
     assert out["allocated"] < out["size"]  # sparse: zero pages take no space
     assert ls(env)["a"]["state"] == "running"
     p = env.cli("snapshot", "export", "a", str(live))
@@ -389,6 +483,7 @@ def test_export_import_round_trip(env: Env) -> None:
         name = f"b{i}"
         got = json.loads(env.cli("snapshot", "import", str(f), name, "--json",
                                  check=True).stdout)
+        assert set(got) >= IMPORT_KEYS
         assert got["state"] == "running" and got["clock_synced"]
         assert md5_of(env, name) == md5
         assert record(env, name).spec.vmgenid != record(env, "a").spec.vmgenid
@@ -398,8 +493,9 @@ def test_export_import_round_trip(env: Env) -> None:
     env.cli("restore", "a", check=True)
     assert md5_of(env, "a") == md5
 
-    header = snapshot.read_header(live)
-    flip_byte(live, header["ram"]["offset"] + header["ram"]["size"] - 10)
+    header = export.read_header(live)
+    assert header.name == "a" and header.spec == record(env, "a").spec
+    flip_byte(live, header.ram.end - 10)
     p = env.cli("snapshot", "import", str(live), "c")
     assert p.returncode == 1 and "corrupt: the RAM sha256" in p.stderr
     assert "c" not in ls(env)

@@ -1,22 +1,52 @@
-"""Per-phase deadlines, in one place (seconds)."""
+"""Per-phase deadlines, in one place (seconds).
+
+:class:`Timeouts` is a value object with one field per kind of wait; every
+wait that crosses a process boundary takes its deadline from one of them.
+:data:`DEFAULT` is the set every command uses, stretched by
+``VMFORK_TIMEOUT_SCALE`` (:func:`scale`) for slow hosts.
+"""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+
+from vmfork.errors import InvalidInput
+
+#: Environment variable: a factor (finite, > 0) applied to every deadline.
+SCALE_ENV = "VMFORK_TIMEOUT_SCALE"
 
 
 def scale() -> float:
-    """Slow hosts may stretch every deadline with ``VMFORK_TIMEOUT_SCALE``."""
-    try:
-        return max(0.1, float(os.environ.get("VMFORK_TIMEOUT_SCALE", "1")))
-    except ValueError:
+    """The factor from ``VMFORK_TIMEOUT_SCALE`` (1.0 when unset or empty);
+    raise InvalidInput if it is not a finite number above 0."""
+    raw = os.environ.get(SCALE_ENV, "").strip()
+    if not raw:
         return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidInput(f"{SCALE_ENV}={raw!r}: expected a number above 0 that stretches "
+                           "every deadline (e.g. 2 on a slow host)")
+    return value
+
+
+def _seconds(v: object) -> bool:
+    """Whether *v* can be a deadline: a finite int or float above 0."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    return math.isfinite(v) and v > 0
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    """How long each kind of wait may take before :class:`VmforkTimeout`."""
+    """How long each kind of wait may take before :class:`VmforkTimeout`.
+
+    Every field must be a finite number of seconds above 0 (InvalidInput
+    otherwise)."""
 
     start: float = 15.0      # QEMU process up and QMP greeting received
     qmp: float = 10.0        # one QMP command
@@ -26,14 +56,35 @@ class Timeouts:
     exec: float = 60.0       # one guest command via the agent
     agent: float = 10.0      # connect to the guest agent
 
+    # -- snapshots: save/restore, export/import, bench save --------------------------
+    # Setting the guest clock after a restore or import is best effort: a
+    # guest whose agent does not answer must not hold the command up for the
+    # full agent and exec deadlines, so the clock has short ones of its own.
+    clock_agent: float = 5.0   # connect to the guest agent to set the clock
+    clock_exec: float = 10.0   # the guest command that sets the clock
+    # A migration that copies all guest RAM through a file (snapshot export and
+    # import, bench save's full-RAM baseline) takes longer than a device-state
+    # save, and grows with the RAM size.
+    ram_copy: float = 360.0
+    # A guest command that reads GiBs of guest data (bench save's md5sum of
+    # what it wrote), several times longer than an ordinary command.
+    checksum: float = 300.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not _seconds(v):
+                raise InvalidInput(f"timeout {f.name}={v!r}: expected a finite number of "
+                                   "seconds above 0")
+
     def scaled(self) -> Timeouts:
+        """These deadlines stretched by :func:`scale`."""
         s = scale()
         if s == 1.0:
             return self
-        return replace(self, **{k: v * s for k, v in self.__dict__.items()})
+        return replace(self, **{f.name: getattr(self, f.name) * s for f in fields(self)})
 
 
 #: The deadlines every command uses, stretched by ``VMFORK_TIMEOUT_SCALE``
-#: (read once, at import). Until stop 9 only ``vmfork update`` applied the
-#: scale: a Debian boot on a busy host hit the unscaled 120 s.
+#: (read once, at import: a bad value makes importing vmfork fail).
 DEFAULT = Timeouts().scaled()

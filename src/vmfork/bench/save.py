@@ -34,13 +34,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vmfork import snapshots as snapshot
 from vmfork import vm
 from vmfork.bench import fill_guest, ratio
 from vmfork.errors import GuestError, MigrationError
 from vmfork.files import fsync_path
 from vmfork.qemu import migration
 from vmfork.records import VMRecord
+from vmfork.snapshots import save as saving
 from vmfork.spec import MemorySpec
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -95,19 +95,19 @@ async def _one_size(store: Store, name: str, mib: int, bdir: Path, p: SaveBench,
         try:
             md5 = await fill_guest(store, name, data_mb)
         except GuestError:  # the answer was lost in transit; the data is written
-            md5 = (await vm.exec_(store, name, "md5sum /root/data",
+            md5 = (await vm.exec_(store, name, "md5sum /root/data", timeout=timeouts.checksum,
                                   timeouts=timeouts)).text.split()[0]
         row["fill_s"] = time.monotonic() - t
 
         p.progress(f"{mib} MiB: vmfork save/restore")
-        cold = await snapshot.save(store, name, timeouts)
+        cold = await saving.save(store, name, timeouts)
         row["cold_save_s"] = cold.seconds
         row["cold_preflush_s"] = cold.preflush_seconds
-        await snapshot.restore(store, name, timeouts)
+        await saving.restore(store, name, timeouts)
         saves, downs, restores, responsive, states = [], [], [], [], []
         for _ in range(p.samples):
-            s = await snapshot.save(store, name, timeouts)
-            r = await snapshot.restore(store, name, timeouts)
+            s = await saving.save(store, name, timeouts)
+            r = await saving.restore(store, name, timeouts)
             saves.append(s.seconds)
             downs.append(s.downtime_seconds)
             states.append(s.state_size)
@@ -116,7 +116,8 @@ async def _one_size(store: Store, name: str, mib: int, bdir: Path, p: SaveBench,
         row.update(save_s=_median(saves), save_downtime_s=_median(downs),
                    restore_s=_median(restores), restore_clock_s=_median(responsive),
                    state_bytes=max(states))
-        got = (await vm.exec_(store, name, "md5sum /root/data", timeouts=timeouts)).text
+        got = (await vm.exec_(store, name, "md5sum /root/data", timeout=timeouts.checksum,
+                              timeouts=timeouts)).text
         row["data_intact"] = md5 in got
 
         p.progress(f"{mib} MiB: full-RAM save/restore (baseline)")
@@ -139,7 +140,7 @@ async def _full_ram(store: Store, name: str, md5: str, bdir: Path,
         await m.pause()
         await migration.set_capabilities(m, x_ignore_shared=False)
         await migration.set_parameters(m, mode="normal")
-        stats = await migration.migrate(m, {"uri": f"file:{path}"}, timeouts.migrate * 3,
+        stats = await migration.migrate(m, {"uri": f"file:{path}"}, timeouts.ram_copy,
                                         "full-RAM save")
         await asyncio.to_thread(fsync_path, path)
         save_s = time.monotonic() - t0
@@ -153,10 +154,11 @@ async def _full_ram(store: Store, name: str, md5: str, bdir: Path,
     try:
         await migration.set_capabilities(m2, x_ignore_shared=False)
         await migration.start_incoming(m2, f"file:{path}")
-        await migration.wait_incoming(m2, timeouts.migrate * 3)
+        await migration.wait_incoming(m2, timeouts.ram_copy)
         await m2.resume()
         restore_s = time.monotonic() - t0
-        r = await vm.agent_for(store, frec, timeouts).exec("md5sum /root/data", 300)
+        r = await vm.agent_for(store, frec, timeouts).exec("md5sum /root/data",
+                                                           timeouts.checksum)
         intact = md5 in r.text
     finally:
         await m2.shutdown()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
-from vmfork import snapshots as snapshot
 from vmfork.cli import bench, emit_json, main, out, report, run_async, store
+from vmfork.snapshots.export import export
+from vmfork.snapshots.imports import import_, import_template
+from vmfork.snapshots.save import restore, save
 
 
 @main.command("save")
@@ -14,7 +16,7 @@ from vmfork.cli import bench, emit_json, main, out, report, run_async, store
 def save_cmd(name: str, as_json: bool) -> None:
     """Save VM NAME: device state only, QEMU ends, RAM stays in its memory file
     (flushed to disk). The VM is listed as saved until 'vmfork restore'."""
-    result = run_async(snapshot.save(store(), name))
+    result = run_async(save(store(), name))
     if as_json:
         emit_json(result)
     else:
@@ -30,7 +32,7 @@ def restore_cmd(name: str, as_json: bool) -> None:
     """Restore saved VM NAME on its memory file; the guest continues where it
     stopped and its clock is corrected. A VM saved while paused comes back
     paused ('vmfork resume' runs it)."""
-    result = run_async(snapshot.restore(store(), name))
+    result = run_async(restore(store(), name))
     if as_json:
         emit_json(result)
     elif result.state == "paused":
@@ -54,7 +56,7 @@ def snapshot_group() -> None:
 def export_cmd(name: str, file: str, as_json: bool) -> None:
     """Write VM NAME (running, paused or saved) with its RAM to FILE (sparse:
     zero pages take no space). A running VM is paused for the copy."""
-    result = run_async(snapshot.export(store(), name, file))
+    result = run_async(export(store(), name, file))
     if as_json:
         emit_json(result)
     else:
@@ -76,13 +78,12 @@ def import_cmd(file: str, name: str, as_template: bool, persistent: bool,
     """Bring snapshot FILE back as running VM NAME (or template NAME)."""
     s = store()
     if as_template:
-        manifest = run_async(snapshot.import_template(s, file, name, persistent=persistent,
-                                                      memory_dir=memory_dir))
+        manifest = run_async(import_template(s, file, name, persistent=persistent,
+                                             memory_dir=memory_dir))
         report(as_json, manifest, f"template {name}: imported from {file} (memory file "
                                   f"{manifest['memory_file']})")
         return
-    result = run_async(snapshot.import_(s, file, name, persistent=persistent,
-                                        memory_dir=memory_dir))
+    result = run_async(import_(s, file, name, persistent=persistent, memory_dir=memory_dir))
     report(as_json, result, f"{name}: running (pid {result.pid}), imported from {file} "
                             f"in {result.seconds:.2f} s")
 
