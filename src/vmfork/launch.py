@@ -14,8 +14,9 @@ member), a pool member itself, import, restore — goes through :class:`Launch`:
    sockets, memory file, the catalog row), or, for a restore, the VM goes
    back to ``saved``.
 
-Entries (:class:`NewVM`, :class:`SavedVM`, :class:`NewPoolMember`) say what
-"reserve", "record" and "undo" mean for their kind of catalog row.
+Entries (:class:`NewVM`, :class:`SavedVM`, :class:`NewPoolMember`,
+:class:`Transient`) say what "reserve", "record" and "undo" mean for their
+kind of catalog row.
 """
 
 from __future__ import annotations
@@ -180,6 +181,23 @@ class NewPoolMember:
         self.store.take_pool_member(self.name)
         shutil.rmtree(self.store.run_dir(self.name), ignore_errors=True)
         shutil.rmtree(self.store.vm_dir(self.name), ignore_errors=True)
+
+
+class Transient:
+    """A QEMU process that no catalog row owns (exporting a saved VM from its
+    state file, a benchmark's baseline): the caller ends it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def reserve(self) -> None:
+        pass
+
+    def record(self, pid: int, start: float | None) -> None:
+        pass
+
+    def undo(self) -> None:
+        pass
 
 
 # -- the transaction ------------------------------------------------------------------

@@ -23,13 +23,12 @@ from vmfork.errors import InvalidInput, StateError, VmforkError
 from vmfork.guest.qga import GuestAgent
 from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import demo_image
-from vmfork.launch import Launch, NewVM, SavedVM
+from vmfork.launch import Launch, NewVM, Transient
 from vmfork.launch import create_overlays as create_overlays
 from vmfork.launch import paths_for as paths_for
 from vmfork.launch import qemu_log as qemu_log
 from vmfork.launch import remove_vm_files as remove_vm_files
-from vmfork.listing import LIVE_STATES as LIVE_STATES
-from vmfork.listing import describe, observed_state
+from vmfork.listing import LIVE_STATES, describe, observed_state
 from vmfork.qemu.accel import resolve_accel
 from vmfork.qemu.machine import Machine, process_alive
 from vmfork.records import VMInfo, VMRecord
@@ -206,11 +205,10 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
 
 
 async def launch_recorded(store: Store, rec: VMRecord, incoming: tuple[str, ...] = (),
-                          timeouts: Timeouts = DEFAULT, gen: int = 0,
-                          spec: VMSpec | None = None) -> Machine:
-    """Spawn QEMU for an existing record (paused, QMP connected)."""
-    launch = Launch(store, SavedVM(store, rec), spec or rec.spec, timeouts=timeouts, gen=gen)
-    return await launch.spawn(incoming)
+                          timeouts: Timeouts = DEFAULT) -> Machine:
+    """Spawn QEMU for *rec* (paused, QMP connected); the caller records it."""
+    return await Launch(store, Transient(rec.name), rec.spec,
+                        timeouts=timeouts).spawn(incoming)
 
 
 async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> VMStatus:

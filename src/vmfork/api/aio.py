@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import overload
 
-from vmfork import listing, snapshots, templates, vm
+from vmfork import listing, templates, vm
 from vmfork import update as live_update
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.guest.serial import ExecResult
@@ -33,6 +33,7 @@ from vmfork.results import (
     UpdateReport,
     VMStatus,
 )
+from vmfork.snapshots import export, imports, save
 from vmfork.spec import check_name, parse_memory
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -134,14 +135,14 @@ class AsyncHost:
     async def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,
                               memory_dir: Path | str | None = None) -> AsyncVM:
         """Start VM *name* from a snapshot file (``vmfork snapshot import``)."""
-        await snapshots.import_(self.store, file, name, persistent=persistent,
+        await imports.import_(self.store, file, name, persistent=persistent,
                                 memory_dir=memory_dir, timeouts=self.timeouts)
         return AsyncVM(self, name)
 
     async def import_template(self, file: Path | str, name: str, *, persistent: bool = False,
                               memory_dir: Path | str | None = None) -> AsyncTemplate:
         """Make template *name* from a snapshot file (``snapshot import --as-template``)."""
-        await snapshots.import_template(self.store, file, name, persistent=persistent,
+        await imports.import_template(self.store, file, name, persistent=persistent,
                                         memory_dir=memory_dir, timeouts=self.timeouts)
         return AsyncTemplate(self, name)
 
@@ -232,16 +233,16 @@ class AsyncVM:
         """Write the device state of a persistent VM; its QEMU ends, RAM stays
         in the memory file on disk."""
         await self._settle()
-        return await snapshots.save(self._store, self.name, self.host.timeouts)
+        return await save.save(self._store, self.name, self.host.timeouts)
 
     async def restore(self) -> RestoreResult:
         """Start a saved VM again from its memory file and device state."""
-        return await snapshots.restore(self._store, self.name, self.host.timeouts)
+        return await save.restore(self._store, self.name, self.host.timeouts)
 
     async def export(self, file: Path | str) -> ExportResult:
         """Write the VM (kernel, initrd, RAM, device state) into one snapshot file."""
         await self._settle()
-        return await snapshots.export(self._store, self.name, file, self.host.timeouts)
+        return await export.export(self._store, self.name, file, self.host.timeouts)
 
     async def make_template(self, name: str, *, on_clone: str | None = None) -> AsyncTemplate:
         """Freeze this VM into template *name*: device state saved, RAM left in

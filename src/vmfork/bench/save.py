@@ -38,6 +38,7 @@ from vmfork import vm
 from vmfork.bench import fill_guest, ratio
 from vmfork.errors import GuestError, MigrationError
 from vmfork.files import fsync_path
+from vmfork.launch import Launch, Transient
 from vmfork.qemu import migration
 from vmfork.records import VMRecord
 from vmfork.snapshots import save as saving
@@ -150,7 +151,8 @@ async def _full_ram(store: Store, name: str, md5: str, bdir: Path,
         backend="file", path=str(vm.memory_file_path(bdir, rname)), share=True))
     frec = VMRecord(name=rname, spec=spec, state="starting")
     t0 = time.monotonic()
-    m2 = await vm.launch_recorded(store, frec, incoming=("defer",), timeouts=timeouts)
+    m2 = await Launch(store, Transient(rname), spec,
+                      timeouts=timeouts).spawn(incoming=("defer",))
     try:
         await migration.set_capabilities(m2, x_ignore_shared=False)
         await migration.start_incoming(m2, f"file:{path}")

@@ -36,8 +36,9 @@ from typing import Any, BinaryIO
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, StateError, VmforkError
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
+from vmfork.launch import Launch, Transient, attach
+from vmfork.listing import LIVE_STATES
 from vmfork.qemu import migration
-from vmfork.qemu.machine import Machine
 from vmfork.results import ExportResult
 from vmfork.snapshots.save import load_incoming, recover, verify
 from vmfork.spec import MIB, MemorySpec, VMSpec, check_name
@@ -256,12 +257,11 @@ async def export(store: Store, name: str, file: Path | str,
             saved = verify(store, rec)
             private = spec.with_(memory=MemorySpec(backend="file", path=spec.memory.path,
                                                    share=False, readonly=True))
-            m = await vm.launch_recorded(store, rec, incoming=("defer",), timeouts=timeouts,
-                                         spec=private)
-        elif rec.state in vm.LIVE_STATES:
+            m = await Launch(store, Transient(name), private,
+                             timeouts=timeouts).spawn(incoming=("defer",))
+        elif rec.state in LIVE_STATES:
             assert rec.pid is not None
-            m = await Machine.attach(spec, vm.paths_for(store, rec),
-                                     vm.qemu_log(store, name), rec.pid, timeouts=timeouts)
+            m = await attach(store, rec, timeouts)
         else:
             raise StateError(f"{name} is {rec.state}; only a running, paused or saved VM "
                              "can be exported")

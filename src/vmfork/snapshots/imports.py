@@ -23,8 +23,8 @@ from typing import Any
 
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, VmforkError
+from vmfork.launch import Launch, NewVM
 from vmfork.qemu import migration
-from vmfork.qemu.machine import Machine
 from vmfork.records import VMInfo, VMRecord
 from vmfork.results import ImportResult
 from vmfork.snapshots.export import Header, check_export, read_header
@@ -72,15 +72,11 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
                           share=True))
     rec = VMRecord(name=name, spec=spec, state="starting",
                    info=VMInfo(owns_memory=True, imported_from=str(src)))
-    store.add_vm(rec)  # reserves the name
-    m: Machine | None = None
-    try:
+    async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
         with store.lock(name, wait=False):
             vdir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(_extract_blobs, src, header, files)
-            m = await vm.launch_recorded(store, rec, incoming=("defer",), timeouts=timeouts)
-            rec.pid, rec.pid_start = m.pid, m.start_time
-            store.update_vm(rec)
+            m = await launch.spawn(incoming=("defer",))
             t_spawned = time.monotonic()
             await load_incoming(m, f"file:{src},offset={header.ram.offset}",
                                 timeouts.ram_copy, {}, x_ignore_shared=False, mapped_ram=True)
@@ -91,12 +87,6 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
             rec.state = "running" if resume else "paused"
             store.update_vm(rec)
             await m.disconnect()
-    except BaseException:
-        if m is not None:
-            await m.kill()
-        vm.remove_vm_files(store, rec)
-        store.remove_vm(name)
-        raise
     clock = await sync_guest_clock(store, rec, timeouts) if resume else False
     log.info("%s: imported from %s", name, src)
     return ImportResult(name=name, state=rec.state, pid=rec.pid, file=str(src),

@@ -47,6 +47,8 @@ from vmfork import vm
 from vmfork.errors import GuestError, MigrationError, StateError, VmforkError, VmforkTimeout
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
 from vmfork.guest import identity
+from vmfork.launch import Launch, SavedVM
+from vmfork.listing import LIVE_STATES
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, process_alive
 from vmfork.records import SAVE_MODE, SavedState, VMInfo, VMRecord
@@ -174,7 +176,7 @@ async def recover(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> 
         store.update_vm(rec)
         log.warning("%s: interrupted restore recovered -> %s", rec.name, rec.state)
         return rec
-    if rec.state in (*vm.LIVE_STATES, "dead") and not process_alive(rec.pid, rec.pid_start):
+    if rec.state in (*LIVE_STATES, "dead") and not process_alive(rec.pid, rec.pid_start):
         saved = _manifest_matches(store, rec)
         if saved is not None:
             await asyncio.to_thread(fsync_path, saved.memory_file)
@@ -354,25 +356,13 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
         saved = verify(store, rec)
         state, manifest = state_paths(store, name)
         t_checked = time.monotonic()
-        if not store.set_state_if(name, "saved", "restoring"):
-            raise StateError(f"{name} is being restored by another vmfork command")
-        rec.state = "restoring"
-        m: Machine | None = None
-        try:
-            m = await vm.launch_recorded(store, rec, incoming=("defer",), timeouts=timeouts,
-                                         gen=rec.info.gen)
-            rec.pid, rec.pid_start = m.pid, m.start_time
-            store.update_vm(rec)
+        async with Launch(store, SavedVM(store, rec), rec.spec, timeouts=timeouts,
+                          gen=rec.info.gen) as launch:
+            m = await launch.spawn(incoming=("defer",))
             t_spawned = time.monotonic()
             await _checkpoint("restore-spawned")
             await load_incoming(m, f"file:{state}", timeouts.migrate, {"mode": saved.mode},
                                 x_ignore_shared=True)
-        except BaseException:
-            if m is not None:
-                await m.kill()
-            rec.state, rec.pid, rec.pid_start = "saved", None, None
-            store.update_vm(rec)
-            raise
         t_loaded = time.monotonic()
         try:
             # The state is consumed: from here on the memory file moves on.
