@@ -59,7 +59,7 @@ def test_sync_api(env: Env) -> None:
         with pytest.raises(vmfork.NotFound):
             host.vm("a")  # the VM became the template
         with tpl.clone() as c:
-            assert c.name == "t-1" and c.timings.running > 0
+            assert c.name == "t-1" and c.result.running > 0
             assert c.exec("cat /root/x").stdout == "data\n"
             pid = c.status().pid
             assert pid is not None and [p.pid for p in qemu_processes(str(env.home))] == [pid]

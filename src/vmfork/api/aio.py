@@ -29,6 +29,7 @@ from vmfork.results import (
     ExportResult,
     PoolStatus,
     RestoreResult,
+    Result,
     SaveResult,
     UpdateReport,
     VMStatus,
@@ -81,18 +82,16 @@ class AsyncHost:
 
         *image* names a guest vmfork builds (``"demo"``, ``"debian"``); or
         boot your own with *kernel* (and *initrd*, *append*) and/or *disks*.
-        With none of these, the demo guest. *memory* is a size (``"512M"``,
-        ``"1G"``, or a number of MiB)."""
-        if image is None and not kernel and not disks:
-            image = "demo"
+        *memory* is a size (``"512M"``, ``"1G"``, or a number of MiB). The
+        handle's :attr:`~AsyncVM.result` is the VM's status when it was ready."""
         opts = vm.RunOptions(
             name=name, memory_mib=parse_memory(memory), cpus=cpus, kernel=kernel,
             initrd=initrd, append=append, disks=tuple(disks), net=net, ports=tuple(ports),
             memory_dir=memory_dir, memory_backend=memory_backend, accel=accel, qemu=qemu,
             wait_ready=wait_ready, persistent=persistent, image=image, overlay=overlay,
             qga=qga)
-        await vm.run(self.store, opts, self.timeouts)
-        return AsyncVM(self, name)
+        status = await vm.run(self.store, opts, self.timeouts)
+        return AsyncVM(self, name, status)
 
     async def vm(self, name: str) -> AsyncVM:
         """The VM *name* (NotFound if there is none)."""
@@ -135,9 +134,9 @@ class AsyncHost:
     async def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,
                               memory_dir: Path | str | None = None) -> AsyncVM:
         """Start VM *name* from a snapshot file (``vmfork snapshot import``)."""
-        await imports.import_(self.store, file, name, persistent=persistent,
-                                memory_dir=memory_dir, timeouts=self.timeouts)
-        return AsyncVM(self, name)
+        result = await imports.import_(self.store, file, name, persistent=persistent,
+                                       memory_dir=memory_dir, timeouts=self.timeouts)
+        return AsyncVM(self, name, result)
 
     async def import_template(self, file: Path | str, name: str, *, persistent: bool = False,
                               memory_dir: Path | str | None = None) -> AsyncTemplate:
@@ -163,11 +162,14 @@ class AsyncHost:
 
 
 class AsyncVM:
-    """A handle on one VM: its name and its host."""
+    """A handle on one VM: its name and its host. :attr:`result` is the
+    result of the call that returned the handle (the run's :class:`VMStatus`,
+    an :class:`ImportResult`, ...; None from :meth:`AsyncHost.vm`)."""
 
-    def __init__(self, host: AsyncHost, name: str) -> None:
+    def __init__(self, host: AsyncHost, name: str, result: Result | None = None) -> None:
         self.host = host
         self.name = name
+        self.result = result
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -190,6 +192,11 @@ class AsyncVM:
             rec = self._store.get_vm(self.name)
             if rec.state == "updating" or rec.info.retire is not None:
                 await recovery.recover(self._store, rec, self.host.timeouts)
+
+    async def console_socket(self) -> str:
+        """The UNIX socket of the VM's serial console (a live VM's)."""
+        rec = vm.get_live(self._store, self.name)
+        return vm.paths_for(self._store, rec).console
 
     async def status(self) -> VMStatus:
         """The VM as the catalog and the host see it now."""
@@ -254,11 +261,12 @@ class AsyncVM:
 
 
 class AsyncClone(AsyncVM):
-    """A VM just cloned from a template, with the timings of its clone."""
+    """A VM just cloned from a template; :attr:`result` has its timings."""
+
+    result: CloneResult
 
     def __init__(self, host: AsyncHost, result: CloneResult) -> None:
-        super().__init__(host, result.name)
-        self.timings = result
+        super().__init__(host, result.name, result)
 
 
 class AsyncTemplate:

@@ -27,6 +27,7 @@ from vmfork.results import (
     ExportResult,
     PoolStatus,
     RestoreResult,
+    Result,
     SaveResult,
     UpdateReport,
     VMStatus,
@@ -196,6 +197,12 @@ class VM:
     def name(self) -> str:
         return self._a.name
 
+    @property
+    def result(self) -> Result | None:
+        """The result of the call that returned this handle (see
+        :class:`vmfork.AsyncVM`)."""
+        return self._a.result
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
 
@@ -207,6 +214,10 @@ class VM:
         """Leaving ``with`` stops the VM (it may be gone already)."""
         with contextlib.suppress(NotFound):
             self.stop()
+
+    def console_socket(self) -> str:
+        """The UNIX socket of the VM's serial console."""
+        return self.host._run(self._a.console_socket())
 
     def status(self) -> VMStatus:
         return self.host._run(self._a.status())
@@ -247,12 +258,12 @@ class VM:
 
 
 class Clone(VM):
-    """A VM just cloned from a template, with the timings of its clone."""
+    """A VM just cloned from a template; :attr:`result` has its timings."""
 
     @property
-    def timings(self) -> CloneResult:
+    def result(self) -> CloneResult:
         assert isinstance(self._a, AsyncClone)
-        return self._a.timings
+        return self._a.result
 
 
 class Template:
