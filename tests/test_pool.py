@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from vmfork import templates as tpl
 from vmfork import vm
 from vmfork.qemu.machine import Machine, process_alive
+from vmfork.templates import catalog, clone, pool
 
 from .conftest import Env, run
 from .test_template import generation_id, make_template
@@ -27,7 +27,7 @@ def test_warm_pool_members_are_clones_in_waiting(env: Env) -> None:
     (member,) = s.pool_members("t")
     # A warm member's guest has run and is paused again, with the state loaded.
     assert run(_status_of(env, member.id, member.pid)) == "paused"
-    (res,) = run(tpl.clone(s, "t", names=["w1"]))
+    (res,) = run(clone.clone(s, "t", names=["w1"]))
     assert res.pooled and res.pid == member.pid
     assert res.state_loaded < res.running <= res.responsive
     assert env.exec("w1", "md5sum /root/data | cut -d' ' -f1") == \
@@ -38,23 +38,23 @@ def test_warm_pool_members_are_clones_in_waiting(env: Env) -> None:
     assert run(generation_id(env, "w1")) == member.spec.vmgenid
     # The pool refills with a warm member; switching to cold replaces it.
     deadline = time.monotonic() + 120
-    while not (tpl.pool_status(s, "t").ready == 1
-               and tpl.pool_status(s, "t").members[0].id != member.id):
+    while not (pool.pool_status(s, "t").ready == 1
+               and pool.pool_status(s, "t").members[0].id != member.id):
         assert time.monotonic() < deadline, "pool did not refill"
         time.sleep(0.2)
     (warm2,) = s.pool_members("t")
     assert warm2.warm
-    assert run(tpl.set_pool(s, "t", 1, warm=False)) == 1
+    assert run(pool.set_pool(s, "t", 1, warm=False)) == 1
     (cold,) = s.pool_members("t")
     assert not cold.warm and not process_alive(warm2.pid, warm2.pid_start)
-    (res2,) = run(tpl.clone(s, "t", names=["c1"]))
+    (res2,) = run(clone.clone(s, "t", names=["c1"]))
     assert res2.pooled and res2.pid == cold.pid
     assert env.exec("c1", "hostname").strip() == "c1"
     assert run(generation_id(env, "c1")) != run(generation_id(env, "w1"))
-    assert run(tpl.set_pool(s, "t", 0)) == 0
+    assert run(pool.set_pool(s, "t", 0)) == 0
     for name in ("w1", "c1"):
         run(vm.stop(s, name))
-    run(tpl.remove(s, "t"))
+    run(catalog.remove(s, "t"))
 
 
 async def _status_of(env: Env, member_id: str, pid: int) -> str:
@@ -66,3 +66,4 @@ async def _status_of(env: Env, member_id: str, pid: int) -> str:
         return await m.status()
     finally:
         await m.disconnect()
+

@@ -26,11 +26,11 @@ import pytest
 
 from vmfork import bench, vm
 from vmfork import snapshots as snapshot
-from vmfork import templates as template
 from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
 from vmfork.qemu.machine import process_alive
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
 from vmfork.store import Store
+from vmfork.templates import catalog
 
 if TYPE_CHECKING:
     from conftest import Env
@@ -413,11 +413,12 @@ def test_import_as_template(env: Env) -> None:
     env.cli("stop", "a", check=True)
     try:
         env.cli("snapshot", "import", str(f), "t", "--as-template", check=True)
-        assert [m["name"] for m in env.store().list_templates()] == ["t"]
+        assert [m.name for m in env.store().list_templates()] == ["t"]
+        assert env.store().get_template("t").imported_from == str(f.absolute())
         assert not [r.name for r in env.store().list_vms()]  # no temporary VM left
         env.cli("clone", "t", "c", check=True)
         assert md5_of(env, "c") == md5
         env.cli("stop", "c", check=True)
     finally:
         if env.store().has_template("t"):
-            run(template.remove(env.store(), "t", force=True))
+            run(catalog.remove(env.store(), "t", force=True))

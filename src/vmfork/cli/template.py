@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 from rich.table import Table
 
-from vmfork import templates as tpl
 from vmfork.cli import bench, emit_json, err, main, out, run_async, store
 from vmfork.errors import InvalidInput
 from vmfork.spec import parse_memory
+from vmfork.templates import catalog, clone, create, pool
 
 
 @main.group()
@@ -45,48 +43,44 @@ def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
         raise InvalidInput("--prepare goes with --demo (with --from, prepare the VM first)")
     s = store()
     if demo:
-        manifest = run_async(tpl.create_demo(s, name, parse_memory(memory), prepare, accel,
-                                             on_clone=on_clone))
+        manifest = run_async(create.create_demo(s, name, parse_memory(memory), prepare, accel,
+                                                on_clone=on_clone))
     else:
         assert from_vm is not None
-        manifest = run_async(tpl.create_from_vm(s, name, from_vm, on_clone=on_clone))
+        manifest = run_async(create.create_from_vm(s, name, from_vm, on_clone=on_clone))
     if as_json:
         emit_json(manifest)
     else:
-        out.print(f"template {name}: state {manifest['state_size'] / 1024:.0f} KiB saved in "
-                  f"{manifest['save']['seconds'] * 1000:.0f} ms; memory file "
-                  f"{manifest['memory_file']} ({manifest['memory_size'] >> 20} MiB)"
-                  + (f"; {len(manifest['disks'])} disk overlays" if manifest["disks"] else "")
-                  + ("; file systems frozen" if manifest["frozen"] else ""), markup=False)
+        out.print(f"template {name}: state {manifest.state_size / 1024:.0f} KiB saved in "
+                  f"{manifest.save.migration.seconds * 1000:.0f} ms; memory file "
+                  f"{manifest.memory_file} ({manifest.memory_size >> 20} MiB)"
+                  + (f"; {len(manifest.disks)} disk overlays" if manifest.disks else "")
+                  + ("; file systems frozen" if manifest.frozen else ""), markup=False)
 
 
 @template.command("ls")
 @click.option("--json", "as_json", is_flag=True)
 def template_ls(as_json: bool) -> None:
     """List templates."""
-    s = store()
-    rows = [{"name": m["name"], "memory_mib": m["memory_size"] >> 20,
-             "state_kib": round(m["state_size"] / 1024), "clones": len(tpl.users(s, m["name"])),
-             "pool": s.pool_target(m["name"]), "qemu": m["qemu_version"],
-             "age_seconds": round(time.time() - m["created"])} for m in s.list_templates()]
+    rows = catalog.statuses(store())
     if as_json:
         emit_json(rows)
         return
     table = Table("NAME", "MEMORY", "STATE", "CLONES", "POOL", "QEMU", box=None)
     for r in rows:
-        table.add_row(str(r["name"]), f"{r['memory_mib']}M", f"{r['state_kib']}K",
-                      str(r["clones"]), str(r["pool"]), str(r["qemu"]))
+        table.add_row(r.name, f"{r.memory_mib}M", f"{r.state_kib}K", str(r.clones),
+                      str(r.pool), r.qemu)
     out.print(table)
 
 
 @template.command("inspect")
 @click.argument("name")
 def template_inspect(name: str) -> None:
-    """Print a template's manifest (JSON)."""
+    """Print a template's manifest (JSON), with its clones and its pool."""
     s = store()
-    manifest = dict(tpl.get(s, name))
-    manifest["clones"] = tpl.users(s, name)
-    manifest["pool"] = tpl.pool_status(s, name)
+    manifest = catalog.get(s, name).to_dict()
+    manifest["clones"] = catalog.users(s, name)
+    manifest["pool"] = pool.pool_status(s, name)
     emit_json(manifest)
 
 
@@ -97,7 +91,7 @@ def template_rm(name: str, force: bool) -> None:
     """Remove a template and its files (refused while clones or pool processes
     use it, and even with --force while a template made from one of its clones
     exists)."""
-    run_async(tpl.remove(store(), name, force=force))
+    run_async(catalog.remove(store(), name, force=force))
     out.print(f"template {name}: removed")
 
 
@@ -121,8 +115,8 @@ def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
     names = None
     if name:
         names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
-    results = run_async(tpl.clone(store(), template, names=names, count=count,
-                                  use_pool=not no_pool, on_clone=on_clone))
+    results = run_async(clone.clone(store(), template, names=names, count=count,
+                                    use_pool=not no_pool, on_clone=on_clone))
     if as_json:
         emit_json([r.to_dict() for r in results])
         return
@@ -150,13 +144,13 @@ def pool_cmd(template: str, size: int | None, warm: bool | None, refill: bool,
              as_json: bool) -> None:
     """Show or set the pool of QEMU processes kept ready for TEMPLATE."""
     s = store()
-    tpl.get(s, template)
+    catalog.get(s, template)
     if size is not None or warm is not None:
-        run_async(tpl.set_pool(s, template, s.pool_target(template) if size is None else size,
-                               warm=warm))
+        run_async(pool.set_pool(s, template, s.pool_target(template) if size is None else size,
+                                warm=warm))
     elif refill:
-        run_async(tpl.fill_pool(s, template))
-    status = tpl.pool_status(s, template)
+        run_async(pool.fill_pool(s, template))
+    status = pool.pool_status(s, template)
     if as_json:
         emit_json(status)
     else:
