@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 import click
 from rich.table import Table
 
 from vmfork.cli import bench, emit_json, err, main, out, run_async, store
 from vmfork.errors import InvalidInput
+from vmfork.results import PoolStatus
 from vmfork.spec import parse_memory
+from vmfork.store import Store
 from vmfork.templates import catalog, clone, create, pool
 
 
@@ -138,24 +143,47 @@ def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
                    "command already, so a clone from them answers at once (TCG translates "
                    "guest code afresh in every new process); cold members (the default) "
                    "wait for the state. Without either, the pool keeps its kind.")
-@click.option("--refill", is_flag=True, hidden=True, help="Top up to the set size.")
+@click.option("--keep", is_flag=True,
+              help="Stay in the foreground and keep the pool at its size: replace members "
+                   "taken by clones or whose QEMU died. SIGINT/SIGTERM stop it; the "
+                   "members stay. Without --keep the pool is filled once (a clone does "
+                   "not refill it).")
 @click.option("--json", "as_json", is_flag=True)
-def pool_cmd(template: str, size: int | None, warm: bool | None, refill: bool,
+def pool_cmd(template: str, size: int | None, warm: bool | None, keep: bool,
              as_json: bool) -> None:
     """Show or set the pool of QEMU processes kept ready for TEMPLATE."""
     s = store()
     catalog.get(s, template)
-    if size is not None or warm is not None:
-        run_async(pool.set_pool(s, template, s.pool_target(template) if size is None else size,
-                                warm=warm))
-    elif refill:
-        run_async(pool.fill_pool(s, template))
-    status = pool.pool_status(s, template)
+    if keep:
+        status = run_async(_keep_until_signalled(s, template, size, warm))
+    else:
+        if size is not None or warm is not None:
+            run_async(pool.set_pool(s, template,
+                                    s.pool_target(template) if size is None else size,
+                                    warm=warm))
+        status = pool.pool_status(s, template)
     if as_json:
         emit_json(status)
     else:
         kind = "warm" if status.warm else "cold"
         out.print(f"pool {template}: {status.ready} ready of {status.target} ({kind})")
+
+
+async def _keep_until_signalled(s: Store, template: str, size: int | None,
+                                warm: bool | None) -> PoolStatus:
+    """Run the pool keeper until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        err.print(f"pool {template}: keeping it filled; Ctrl-C or SIGTERM stops",
+                  markup=False)
+        return await pool.keep(s, template, size, warm, stop=stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 @bench.command("clone")

@@ -15,8 +15,8 @@ one you need (``from vmfork.templates import clone``):
 * :mod:`~vmfork.templates.clone`: start clones, give each its own identity,
   run the on-clone hook (``clone``).
 * :mod:`~vmfork.templates.pool`: pool members (cold or warm), the pool's
-  target and status, filling it (``set_pool``, ``fill_pool``,
-  ``pool_status``).
+  target and status, filling it once and keeping it filled (``set_pool``,
+  ``fill_pool``, ``keep``, ``pool_status``).
 * :mod:`~vmfork.templates.catalog`: look templates up, who uses them, the
   ``template ls`` rows, and removing one (``get``, ``users``,
   ``children_of``, ``statuses``, ``remove``).

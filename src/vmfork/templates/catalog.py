@@ -78,7 +78,8 @@ async def remove(store: Store, name: str, force: bool = False,
                          "stop them or use --force")
     for c in clones:
         await vm.stop(store, c, force=True, timeouts=timeouts)
-    # Under the pool lock: no member is spawned meanwhile.
+    # Under the pool lock: no member is spawned meanwhile, and a keeper
+    # (vmfork.templates.pool.keep) finds the template gone and ends.
     async with store.lock_async(f"pool.{name}"):
         store.set_pool_target(name, 0)
         for member in store.pool_members(name):

@@ -7,8 +7,8 @@ then it is thawed if the template was frozen, given its own identity
 (hostname, machine-id, MAC, clock: :mod:`vmfork.guest.identity`; the VM
 generation ID is new per QEMU process, so the guest reseeds its RNG), and its
 on-clone hook runs. A clone is an ordinary VM record (``template`` set,
-memory not owned). A clone that took a pool member starts a refill in a
-detached process (:func:`vmfork.templates.pool.spawn_refill`).
+memory not owned). Taking a pool member does not refill the pool
+(:func:`vmfork.templates.pool.keep` does).
 
 Hooks: a shell command (``on_clone``) run in each clone after its identity,
 before :func:`clone` returns; a template keeps a default one, a call may
@@ -65,7 +65,8 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
     """Start clones of *template*; return when all of them run (and their
     hook has run). *on_clone* replaces the template's default hook for this
     call ("" runs none). With *use_pool* a clone takes a pool member if one
-    is ready. If one clone fails, all of this call are removed."""
+    is ready (the pool is not refilled). If one clone fails, all of this call
+    are removed."""
     manifest = store.get_template(check_name(template, "template"))
     if count < 1:
         raise InvalidInput(f"invalid clone count {count}: must be at least 1")
@@ -90,8 +91,6 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
                 with contextlib.suppress(Exception):
                     await vm.stop(store, r.name, force=True)
         raise errors[0]
-    if use_pool and store.pool_target(template) > 0:
-        pool.spawn_refill(store, template)
     return [r for r in results if isinstance(r, CloneResult)]
 
 

@@ -4,9 +4,14 @@ Owns the pool members (a process per member, recorded as a
 :class:`~vmfork.records.PoolMember`): spawning one (*cold*: waiting for the
 template's state; *warm*: state loaded, guest run through one agent command,
 paused again), handing one to a clone (:func:`take_member`), killing one;
-the pool's target (size and kind), its status, and filling it
-(:func:`fill_pool`; :func:`spawn_refill` in a detached process after a clone
-took a member).
+the pool's target (size and kind) and its status; and keeping the pool at its
+target: :func:`fill_pool` tops it up once, :func:`keep` keeps it there until
+it is stopped or cancelled.
+
+Taking a member does not refill the pool: whoever runs :func:`keep` (``vmfork
+pool T --keep``, or a service) replaces members taken by clones or whose QEMU
+died. Members outlive the process that spawned them; they end when the pool
+shrinks, changes kind, or its template is removed.
 
 The pool of a template is changed under the lock ``pool.<template>``
 (members are spawned and killed holding it); a clone takes a member without
@@ -17,18 +22,16 @@ never waits for a refill.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from vmfork import vm
-from vmfork.errors import GuestError, InvalidInput
+from vmfork.errors import GuestError, InvalidInput, TemplateError, VmforkError
 from vmfork.guest import identity
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, process_alive
@@ -40,9 +43,15 @@ from vmfork.templates.manifest import TemplateManifest, check, clone_spec
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template.pool")
+T = TypeVar("T")
 
 #: Largest pool of one template.
 MAX_POOL = 64
+#: Seconds :func:`keep` waits between two looks at the pool.
+KEEP_INTERVAL = 1.0
+#: Longest wait of :func:`keep` after refills that failed in a row (the wait
+#: doubles from KEEP_INTERVAL with each failure).
+KEEP_BACKOFF_MAX = 60.0
 
 
 # -- members ------------------------------------------------------------------
@@ -207,11 +216,66 @@ def pool_status(store: Store, template: str) -> PoolStatus:
                                     for m in members))
 
 
-def spawn_refill(store: Store, template: str) -> None:
-    """Refill the pool in a detached process, so ``clone`` returns at once."""
-    env = dict(os.environ, VMFORK_HOME=str(store.home), VMFORK_MEMORY_DIR=str(store.memory_dir))
-    log_path = store.home / "pool-refill.log"
-    with open(log_path, "ab") as logf:
-        subprocess.Popen([sys.executable, "-m", "vmfork", "pool", template, "--refill"],
-                         stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                         env=env, start_new_session=True)
+async def _unless_stopped(aw: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """Await *aw*, unless *stop* is set first: then cancel it, wait until its
+    cleanup has run, and return None. Cancelling the caller cancels *aw* the
+    same way (and waits for its cleanup) before the cancellation propagates."""
+    task = asyncio.ensure_future(aw)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+async def keep(store: Store, template: str, size: int | None = None,
+               warm: bool | None = None, *, interval: float = KEEP_INTERVAL,
+               stop: asyncio.Event | None = None,
+               timeouts: Timeouts = DEFAULT) -> PoolStatus:
+    """Keep the pool of *template* at its target until *stop* is set or the
+    task is cancelled; return the pool's status then.
+
+    *size* and *warm*, if given, set the target first (as :func:`set_pool`).
+    Every *interval* seconds the pool is filled (:func:`fill_pool`), which
+    replaces members taken by clones or whose QEMU died. Stopping or
+    cancelling interrupts a refill in progress: the member being spawned is
+    killed and removed; the members already in the pool stay for later
+    clones. Ends by itself when the template is removed. A refill that fails
+    is retried (with a growing wait, up to :data:`KEEP_BACKOFF_MAX` s), except
+    a TemplateError (the template no longer matches its files or QEMU),
+    which ends the keeper."""
+    check_name(template, "template")
+    store.get_template(template)
+    if size is not None or warm is not None:
+        store.set_pool_target(template, store.pool_target(template) if size is None
+                              else check_size(size), warm)
+    stop = stop if stop is not None else asyncio.Event()
+    log.info("pool %s: keeping %d %s member(s)", template, store.pool_target(template),
+             "warm" if store.pool_warm(template) else "cold")
+    failures = 0
+    try:
+        while not stop.is_set() and store.has_template(template):
+            try:
+                filled = await _unless_stopped(fill_pool(store, template, timeouts), stop)
+            except TemplateError:
+                raise
+            except VmforkError as exc:
+                failures += 1
+                log.warning("pool %s: refill failed (%s); retrying", template, exc)
+            else:
+                if filled is None:
+                    break
+                failures = 0
+            pause = min(interval * 2 ** failures, max(interval, KEEP_BACKOFF_MAX))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await stop.wait()
+    finally:
+        log.info("pool %s: keeper stopped", template)
+    return pool_status(store, template)
