@@ -154,6 +154,8 @@ def pool_cmd(template: str, size: int | None, warm: bool | None, keep: bool,
     """Show or set the pool of QEMU processes kept ready for TEMPLATE."""
     s = store()
     catalog.get(s, template)
+    if size is not None:
+        pool.check_size(size)
     if keep:
         status = run_async(_keep_until_signalled(s, template, size, warm))
     else:

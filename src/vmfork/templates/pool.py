@@ -156,6 +156,7 @@ def take_member(store: Store, template: str) -> PoolMember | None:
 
 # -- the pool -----------------------------------------------------------------
 def check_size(size: int) -> int:
+    """*size* if it is a valid pool size, else InvalidInput."""
     if not 0 <= size <= MAX_POOL:
         raise InvalidInput(f"invalid pool size {size}: must be 0-{MAX_POOL}")
     return size
