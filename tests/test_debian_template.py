@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from vmfork import templates as tpl
 from vmfork import vm
 from vmfork.errors import GuestError
 from vmfork.images.debian import DiskImage
+from vmfork.templates import clone
 from vmfork.timeouts import Timeouts
 
 from .conftest import Env, module_env, qemu_processes, run
@@ -214,7 +214,7 @@ def test_per_call_hook_replaces_default_and_failure_is_clean(dt: DebianTemplate)
     # (20 s: the same deadline holds for the identity command before it,
     # which took over 10 s on a host busy with other VMs.)
     with pytest.raises(GuestError, match="slow: the on-clone hook did not finish within 20 s"):
-        run(tpl.clone(s, "T", names=["slow"], on_clone="sleep 120",
+        run(clone.clone(s, "T", names=["slow"], on_clone="sleep 120",
                       timeouts=Timeouts(exec=20)))
     assert not s.has_vm("slow") and not s.vm_dir("slow").exists()
     assert not [q for q in qemu_processes(str(env.home)) if "/run/slow/" in " ".join(q.cmdline())]
@@ -307,7 +307,7 @@ def test_template_rm_refuses_a_parent(dt: DebianTemplate) -> None:
 def test_removing_everything_leaves_nothing(dt: DebianTemplate) -> None:
     env = dt.env
     s = env.store()
-    overlays = [Path(m["disks"][0]["path"]) for m in s.list_templates()]
+    overlays = [Path(m.disks[0].path) for m in s.list_templates()]
     assert len(overlays) == 2 and all(o.exists() for o in overlays)
     env.cli("template", "rm", "T2", "--force", check=True, timeout=120)
     env.cli("template", "rm", "T", "--force", check=True, timeout=120)

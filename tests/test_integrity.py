@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import templates as template
 from vmfork import update, vm
 from vmfork.snapshots import save as saving
+from vmfork.templates import catalog, clone, create
 
 from .conftest import Env, run
 
@@ -45,8 +45,8 @@ def test_update_modes_move_a_clones_ram_unchanged(env: Env, tmp_path: Path) -> N
     s = env.store()
     run(vm.run(s, vm.RunOptions(name="src", memory_mib=MIB, demo=True, accel="tcg")))
     env.exec("src", "head -c 8388608 /dev/urandom > /root/data")
-    run(template.create_from_vm(s, "t", "src"))
-    run(template.clone(s, "t", ["c"]))
+    run(create.create_from_vm(s, "t", "src"))
+    run(clone.clone(s, "t", ["c"]))
     run(vm.pause(s, "c"))
     before = tmp_path / "before.ram"
     digest = run(_dump(env, "c", before))
@@ -61,7 +61,7 @@ def test_update_modes_move_a_clones_ram_unchanged(env: Env, tmp_path: Path) -> N
         after.unlink()
     assert run(vm.status(s, "c")) == "paused"
     run(vm.stop(s, "c"))
-    run(template.remove(s, "t"))
+    run(catalog.remove(s, "t"))
 
 
 def test_save_restore_keeps_ram_unchanged(env: Env, tmp_path: Path) -> None:

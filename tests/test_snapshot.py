@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 
 from vmfork import bench, vm
-from vmfork import templates as template
 from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
 from vmfork.qemu.machine import process_alive
 from vmfork.results import ExportResult, ImportResult, MigrationStats, RestoreResult, SaveResult
@@ -33,6 +32,7 @@ from vmfork.snapshots import export, imports
 from vmfork.snapshots import save as saving
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
 from vmfork.store import Store
+from vmfork.templates import catalog
 from vmfork.timeouts import DEFAULT
 
 if TYPE_CHECKING:
@@ -509,11 +509,12 @@ def test_import_as_template(env: Env) -> None:
     env.cli("stop", "a", check=True)
     try:
         env.cli("snapshot", "import", str(f), "t", "--as-template", check=True)
-        assert [m["name"] for m in env.store().list_templates()] == ["t"]
+        assert [m.name for m in env.store().list_templates()] == ["t"]
+        assert env.store().get_template("t").imported_from == str(f.absolute())
         assert not [r.name for r in env.store().list_vms()]  # no temporary VM left
         env.cli("clone", "t", "c", check=True)
         assert md5_of(env, "c") == md5
         env.cli("stop", "c", check=True)
     finally:
         if env.store().has_template("t"):
-            run(template.remove(env.store(), "t", force=True))
+            run(catalog.remove(env.store(), "t", force=True))

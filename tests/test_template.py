@@ -3,6 +3,7 @@ and every refusal (corrupt state, changed memory file, other QEMU, in use)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import templates as tpl
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound, StateError, TemplateError
 from vmfork.qemu.machine import Machine, process_alive
+from vmfork.templates import catalog, clone, create, pool
+from vmfork.templates.manifest import TemplateManifest
 
 from .conftest import Env, qemu_processes, run
 
@@ -21,8 +23,8 @@ PREPARE = ("head -c 4194304 /dev/urandom > /root/data && md5sum /root/data | cut
            "> /root/data.md5")
 
 
-def make_template(env: Env, name: str = "t", prepare: str = PREPARE) -> dict[str, object]:
-    return run(tpl.create_demo(env.store(), name, memory_mib=256, prepare=prepare,
+def make_template(env: Env, name: str = "t", prepare: str = PREPARE) -> TemplateManifest:
+    return run(create.create_demo(env.store(), name, memory_mib=256, prepare=prepare,
                                accel="tcg"))
 
 
@@ -48,11 +50,11 @@ async def announce_rounds(env: Env, name: str) -> int:
 
 def test_clones_share_template_data_and_write_privately(env: Env) -> None:
     manifest = make_template(env)
-    mem = str(manifest["memory_file"])
+    mem = manifest.memory_file
     assert Path(mem).stat().st_mode & 0o222 == 0, "template memory file must be read-only"
-    assert int(manifest["state_size"]) < 1_000_000  # device state only, RAM bypassed
+    assert manifest.state_size < 1_000_000  # device state only, RAM bypassed
     before = file_sha256(mem)
-    results = run(tpl.clone(env.store(), "t", names=["c1", "c2"]))
+    results = run(clone.clone(env.store(), "t", names=["c1", "c2"]))
     assert [r.name for r in results] == ["c1", "c2"]
     for c in ("c1", "c2"):
         assert env.exec(c, "md5sum /root/data | cut -d' ' -f1") == \
@@ -66,17 +68,17 @@ def test_clones_share_template_data_and_write_privately(env: Env) -> None:
     assert file_sha256(mem) == before, "a clone's write reached the template file"
     for c in ("c1", "c2"):
         run(vm.stop(env.store(), c))
-    run(tpl.remove(env.store(), "t"))
+    run(catalog.remove(env.store(), "t"))
     assert not Path(mem).exists()
 
 
 def test_clone_identity_reseed_generation_id_hostname_machine_id(env: Env) -> None:
     make_template(env, prepare="true")
-    run(tpl.clone(env.store(), "t", names=["c1", "c2"]))
+    run(clone.clone(env.store(), "t", names=["c1", "c2"]))
     ids = {c: run(generation_id(env, c)) for c in ("c1", "c2")}
     assert ids["c1"] != ids["c2"]
     manifest = env.store().get_template("t")
-    assert manifest["spec"]["vmgenid"] not in ids.values()
+    assert manifest.spec.vmgenid not in ids.values()
     for c in ("c1", "c2"):
         assert "crng reseeded due to virtual machine fork" in env.exec(c, "dmesg")
         assert env.exec(c, "hostname").strip() == c
@@ -87,41 +89,42 @@ def test_clone_identity_reseed_generation_id_hostname_machine_id(env: Env) -> No
     assert run(announce_rounds(env, "c1")) == 0
     for c in ("c1", "c2"):
         run(vm.stop(env.store(), c))
-    run(tpl.remove(env.store(), "t"))
+    run(catalog.remove(env.store(), "t"))
 
 
 def test_clone_clock_follows_host_not_template(env: Env) -> None:
     # A template whose guest clock is far in the past stands for an old template.
     make_template(env, prepare="date -u -s 2001-01-01 >/dev/null && date +%Y")
-    run(tpl.clone(env.store(), "t", names=["c1"]))
+    run(clone.clone(env.store(), "t", names=["c1"]))
     guest = int(env.exec("c1", "date +%s"))
     assert abs(guest - time.time()) <= 2
-    run(tpl.remove(env.store(), "t", force=True))
+    run(catalog.remove(env.store(), "t", force=True))
     assert not env.store().has_vm("c1")
 
 
-def test_pool_serves_clones_and_refills(env: Env) -> None:
+def test_pool_serves_clones_and_is_filled_on_request(env: Env) -> None:
     make_template(env)
     s = env.store()
-    assert run(tpl.set_pool(s, "t", 2)) == 2
+    assert run(pool.set_pool(s, "t", 2)) == 2
     members = s.pool_members("t")
     assert len(members) == 2 and all(process_alive(m.pid, m.pid_start) for m in members)
-    (res,) = run(tpl.clone(s, "t", names=["p1"]))
+    (res,) = run(clone.clone(s, "t", names=["p1"]))
     assert res.pooled and res.pid in {m.pid for m in members}
     assert env.exec("p1", "md5sum /root/data | cut -d' ' -f1") == \
         env.exec("p1", "cat /root/data.md5")
-    deadline = time.monotonic() + 60
-    while tpl.pool_status(s, "t").ready < 2:
-        assert time.monotonic() < deadline, "pool did not refill"
-        time.sleep(0.2)
-    (res2,) = run(tpl.clone(s, "t", names=["p2"], use_pool=False))
+    # Taking a member does not refill the pool; fill_pool (or a keeper) does.
+    status = pool.pool_status(s, "t")
+    assert (status.target, status.ready) == (2, 1)
+    assert run(pool.fill_pool(s, "t")) == 2
+    assert pool.pool_status(s, "t").ready == 2
+    (res2,) = run(clone.clone(s, "t", names=["p2"], use_pool=False))
     assert not res2.pooled
     pids = [m.pid for m in s.pool_members("t")]
-    assert run(tpl.set_pool(s, "t", 0)) == 0
+    assert run(pool.set_pool(s, "t", 0)) == 0
     assert not any(process_alive(p) for p in pids)
     with pytest.raises(StateError, match="in use"):
-        run(tpl.remove(s, "t"))
-    run(tpl.remove(s, "t", force=True))
+        run(catalog.remove(s, "t"))
+    run(catalog.remove(s, "t", force=True))
     assert s.list_vms() == []
 
 
@@ -133,45 +136,49 @@ def _no_clone_started(env: Env) -> None:
 def test_refuses_changed_template_and_starts_nothing(env: Env) -> None:
     manifest = make_template(env, prepare="true")
     s = env.store()
-    state = Path(str(manifest["state_file"]))
+    state = manifest.state_path
     good = state.read_bytes()
     state.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
     with pytest.raises(TemplateError, match="corrupt"):
-        run(tpl.clone(s, "t", names=["c1"]))
+        run(clone.clone(s, "t", names=["c1"]))
     _no_clone_started(env)
     state.write_bytes(good)
-    mem = Path(str(manifest["memory_file"]))
+    mem = manifest.memory_path
     mem.chmod(0o644)
     with open(mem, "r+b") as f:
         f.truncate(mem.stat().st_size - 4096)
     with pytest.raises(TemplateError, match="resized"):
-        run(tpl.clone(s, "t", names=["c1"]))
+        run(clone.clone(s, "t", names=["c1"]))
     _no_clone_started(env)
     mem.unlink()
     with pytest.raises(TemplateError, match="missing"):
-        run(tpl.clone(s, "t", names=["c1"]))
+        run(clone.clone(s, "t", names=["c1"]))
     _no_clone_started(env)
-    run(tpl.remove(s, "t"))
+    run(catalog.remove(s, "t"))
 
 
 def test_refuses_other_qemu_version(env: Env) -> None:
     make_template(env, prepare="true")
     s = env.store()
-    manifest = s.get_template("t")
-    manifest["qemu_version"] = "9.9.9"
+    manifest = dataclasses.replace(s.get_template("t"), qemu_version="9.9.9")
     s.remove_template("t")
-    s.add_template("t", manifest)
+    s.add_template(manifest)
     r = env.cli("clone", "t", "c1")
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "QEMU 9.9.9" in r.stderr
     _no_clone_started(env)
-    run(tpl.remove(s, "t"))
+    run(catalog.remove(s, "t"))
 
 
 def test_cli_template_story_and_bad_input(env: Env) -> None:
     r = env.cli("template", "create", "t", "--demo", "--memory", "256M", "--accel", "tcg",
                 "--prepare", "echo hi > /root/hi", "--json", check=True)
-    assert json.loads(r.stdout)["state_size"] < 1_000_000
+    created = json.loads(r.stdout)
+    assert created["state_size"] < 1_000_000 and created["version"] == 1
+    (row,) = json.loads(env.cli("template", "ls", "--json", check=True).stdout)
+    assert row == {"name": "t", "memory_mib": 256, "state_kib": round(created["state_size"] / 1024),
+                   "clones": 0, "pool": 0, "qemu": created["qemu_version"],
+                   "age_seconds": row["age_seconds"]}
     r = env.cli("clone", "t", "x", "-n", "2", "--json", check=True)
     clones = json.loads(r.stdout)
     assert [c["name"] for c in clones] == ["x-1", "x-2"]
@@ -195,7 +202,11 @@ def test_cli_template_story_and_bad_input(env: Env) -> None:
         assert r.returncode != 0, args
         assert message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
     assert len(json.loads(env.cli("ls", "--json").stdout)) == 2
-    assert json.loads(env.cli("template", "inspect", "t").stdout)["clones"] == ["x-1", "x-2"]
+    inspected = json.loads(env.cli("template", "inspect", "t").stdout)
+    assert inspected["clones"] == ["x-1", "x-2"]
+    assert inspected["pool"] == {"template": "t", "target": 0, "warm": False, "ready": 0,
+                                 "members": []}
+    assert {k: v for k, v in inspected.items() if k not in ("clones", "pool")} == created
     env.cli("template", "rm", "t", "--force", check=True)
     assert json.loads(env.cli("ls", "--json").stdout) == []
 
@@ -211,32 +222,32 @@ def test_failed_prepare_leaves_nothing(env: Env) -> None:
 def test_clone_of_dead_pool_member_falls_back(env: Env) -> None:
     make_template(env, prepare="true")
     s = env.store()
-    run(tpl.set_pool(s, "t", 1))
+    run(pool.set_pool(s, "t", 1))
     (member,) = s.pool_members("t")
     m = Machine(member.spec, s.run_paths(member.id), s.run_dir(member.id) / "qemu.log",
                 member.pid)
     run(m.kill())
-    (res,) = run(tpl.clone(s, "t", names=["c1"]))
+    (res,) = run(clone.clone(s, "t", names=["c1"]))
     assert not res.pooled
     assert env.exec("c1", "echo ok").strip() == "ok"
-    run(tpl.set_pool(s, "t", 0))
-    run(tpl.remove(s, "t", force=True))
+    run(pool.set_pool(s, "t", 0))
+    run(catalog.remove(s, "t", force=True))
 
 
 def test_bad_names_and_missing(env: Env) -> None:
     s = env.store()
     with pytest.raises(NotFound):
-        run(tpl.clone(s, "missing"))
+        run(clone.clone(s, "missing"))
     with pytest.raises(InvalidInput):
-        run(tpl.create_from_vm(s, "a b", "x"))
+        run(create.create_from_vm(s, "a b", "x"))
     with pytest.raises(NotFound):
-        run(tpl.create_from_vm(s, "ok", "ghost"))
+        run(create.create_from_vm(s, "ok", "ghost"))
     make_template(env, prepare="true")
     with pytest.raises(AlreadyExists):
-        run(tpl.create_demo(s, "t", 256, accel="tcg"))
+        run(create.create_demo(s, "t", 256, accel="tcg"))
     with pytest.raises(InvalidInput):
-        run(tpl.set_pool(s, "t", -1))
-    run(tpl.remove(s, "t"))
+        run(pool.set_pool(s, "t", -1))
+    run(catalog.remove(s, "t"))
 
 
 def test_clones_with_nic_get_their_own_mac(env: Env) -> None:
@@ -244,31 +255,31 @@ def test_clones_with_nic_get_their_own_mac(env: Env) -> None:
     run(vm.run(s, vm.RunOptions(name="src", demo=True, net=True, accel="tcg")))
     src_mac = s.get_vm("src").spec.net.mac  # type: ignore[union-attr]
     assert env.exec("src", "cat /sys/class/net/eth0/address").strip() == src_mac
-    run(tpl.create_from_vm(s, "t", "src"))
-    run(tpl.clone(s, "t", names=["c1", "c2"]))
+    run(create.create_from_vm(s, "t", "src"))
+    run(clone.clone(s, "t", names=["c1", "c2"]))
     seen = {}
     for c in ("c1", "c2"):
         spec_mac = s.get_vm(c).spec.net.mac  # type: ignore[union-attr]
         seen[c] = env.exec(c, "cat /sys/class/net/eth0/address").strip()
         assert seen[c] == spec_mac
     assert len({src_mac, *seen.values()}) == 3
-    run(tpl.remove(s, "t", force=True))
+    run(catalog.remove(s, "t", force=True))
 
 
 def test_chained_template_from_a_clone(env: Env) -> None:
     """A clone's RAM is private; it is moved to a shared file first, then frozen."""
     make_template(env)
     s = env.store()
-    run(tpl.clone(s, "t", names=["c1"]))
+    run(clone.clone(s, "t", names=["c1"]))
     env.exec("c1", "echo second > /root/layer2")
-    manifest2 = run(tpl.create_from_vm(s, "t2", "c1"))
-    assert manifest2["parent"] == "t"
-    assert manifest2["memory_file"] != s.get_template("t")["memory_file"]
+    manifest2 = run(create.create_from_vm(s, "t2", "c1"))
+    assert manifest2.parent == "t"
+    assert manifest2.memory_file != s.get_template("t").memory_file
     assert not s.has_vm("c1")
-    run(tpl.clone(s, "t2", names=["d1"]))
+    run(clone.clone(s, "t2", names=["d1"]))
     assert env.exec("d1", "cat /root/layer2").strip() == "second"
     assert env.exec("d1", "md5sum /root/data | cut -d' ' -f1") == \
         env.exec("d1", "cat /root/data.md5")
     assert "crng reseeded due to virtual machine fork" in env.exec("d1", "dmesg")
-    run(tpl.remove(s, "t2", force=True))
-    run(tpl.remove(s, "t"))
+    run(catalog.remove(s, "t2", force=True))
+    run(catalog.remove(s, "t"))

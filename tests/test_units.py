@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -156,12 +158,13 @@ def test_store_vm_crud(tmp_path: Path) -> None:
 
 def test_store_template_crud(tmp_path: Path) -> None:
     s = Store(tmp_path, tmp_path / "mem")
-    s.add_template("t1", {"name": "t1", "memory_mib": 256})
+    t1 = sample_manifest("t1")
+    s.add_template(t1)
     assert s.has_template("t1")
-    assert s.get_template("t1") == {"name": "t1", "memory_mib": 256}
+    assert s.get_template("t1") == t1
     with pytest.raises(errors.AlreadyExists):
-        s.add_template("t1", {})
-    assert s.list_templates() == [{"name": "t1", "memory_mib": 256}]
+        s.add_template(sample_manifest("t1", parent="x"))
+    assert s.list_templates() == [t1]
     s.remove_template("t1")
     with pytest.raises(errors.NotFound):
         s.get_template("t1")
@@ -427,9 +430,11 @@ def test_agent_unreachable(tmp_path: Path) -> None:
 
 
 # -- templates with disks, clone identity, hooks (no QEMU) ------------------------------
-from vmfork import templates as tpl  # noqa: E402
 from vmfork.guest import identity  # noqa: E402
+from vmfork.results import CloneResult, MigrationStats  # noqa: E402
 from vmfork.spec import DiskSpec, NetSpec  # noqa: E402
+from vmfork.templates import catalog, clone, create  # noqa: E402
+from vmfork.templates import manifest as tm  # noqa: E402
 
 
 def fake_sysfs(tmp_path: Path, nics: dict[str, tuple[str, bool]]) -> Path:
@@ -522,7 +527,122 @@ def test_identity_command_edits_hosts_and_machine_id(tmp_path: Path) -> None:
     assert (root / "dbus/machine-id").read_text() == "0f8fad5bd9cb469fa16570867728950e\n"
 
 
-def disk_template_manifest(tmp_path: Path) -> dict[str, object]:
+def sample_manifest(name: str, parent: str | None = None,
+                    spec: VMSpec | None = None) -> tm.TemplateManifest:
+    """A manifest as create_from_vm makes one (no files behind it)."""
+    spec = spec or VMSpec(name=name, memory_mib=256, kernel="/k", machine="pc-q35-10.0",
+                          memory=MemorySpec(path=f"/m/{name}.mem", share=False, readonly=True))
+    stats = MigrationStats(status="completed", seconds=0.0071, total_time_ms=7,
+                           downtime_ms=7, ram_bytes=0, total_bytes=300_000)
+    return tm.TemplateManifest(
+        name=name, created=1_700_000_000.25, source_vm=f"{name}.build", parent=parent,
+        memory_file=f"/m/{name}.mem", memory_size=256 << 20, state_file=f"/h/{name}/state",
+        state_size=300_000, state_sha256="ab" * 32, qemu_version="10.0.2",
+        machine="pc-q35-10.0", qemu="qemu-system-x86_64", spec=spec,
+        save=tm.TemplateSave(stats, freeze_seconds=0.0, total_seconds=0.0093))
+
+
+#: A manifest as vmfork wrote it before manifests were typed and versioned
+#: (the catalog and manifest.json hold this dict): no ``version`` key.
+UNVERSIONED_MANIFEST: dict[str, object] = {
+    "name": "t", "created": 1764000000.5, "source_vm": "src", "parent": None,
+    "memory_file": "/dev/shm/vmfork/tpl-t-1a2b3c4d.mem", "memory_size": 268435456,
+    "state_file": "/h/templates/t/state", "state_sha256": "0f" * 32, "state_size": 651264,
+    "disks": [{"index": 0, "path": "/h/templates/t/disk0.qcow2", "size": 2752512,
+               "mtime_ns": 1764000000123456789, "backing": "/img/base.qcow2",
+               "backing_size": 1073741824, "backing_mtime_ns": 1763000000000000000}],
+    "frozen": True, "on_clone": "echo hi", "qemu_version": "10.0.2",
+    "machine": "pc-q35-10.0", "qemu": "qemu-system-x86_64",
+    "spec": {"accel": "tcg", "append": "", "aux_ram_share": True, "cpu": "qemu64,+rdrand",
+             "cpus": 1, "disks": [{"backing": "/img/base.qcow2", "backing_format": "qcow2",
+                                   "format": "qcow2", "path": "/h/templates/t/disk0.qcow2",
+                                   "readonly": False}],
+             "initrd": "/i", "kernel": "/k", "machine": "pc-q35-10.0",
+             "memory": {"backend": "file", "path": "/dev/shm/vmfork/tpl-t-1a2b3c4d.mem",
+                        "readonly": True, "share": False},
+             "memory_mib": 256, "name": "t", "net": {"mac": "52:54:00:12:34:56", "ports": []},
+             "qemu": "qemu-system-x86_64", "qga": True,
+             "vmgenid": "888bbf89-cbcd-4f53-ac5f-20a6dc90f1c5"},
+    "guest": "debian",
+    "save": {"status": "completed", "seconds": 0.0113, "total_time_ms": 11,
+             "downtime_ms": 11, "ram_bytes": 0, "total_bytes": 651264,
+             "freeze_seconds": 0.0421, "total_seconds": 0.0587},
+}
+
+
+def test_manifest_round_trips_and_the_catalog_keeps_it(tmp_path: Path) -> None:
+    m = disk_template_manifest(tmp_path)
+    d = m.to_dict()
+    assert d["version"] == tm.MANIFEST_VERSION
+    assert tm.TemplateManifest.from_dict(d) == m
+    assert tm.TemplateManifest.from_json(m.to_json()) == m
+    assert json.loads(json.dumps(d)) == d  # plain JSON
+    s = Store(tmp_path / "home", tmp_path / "mem")
+    s.add_template(m)
+    assert s.get_template("t") == m and s.list_templates() == [m]
+    s.close()
+
+
+def test_unversioned_manifest_still_loads(tmp_path: Path) -> None:
+    s = Store(tmp_path / "home", tmp_path / "mem")
+    # As the previous store wrote a template row.
+    s._db.execute("INSERT INTO templates (name, manifest, created) VALUES (?, ?, ?)",
+                  ("t", json.dumps(UNVERSIONED_MANIFEST), 1764000000.5))
+    m = s.get_template("t")
+    s.close()
+    assert m.version == tm.MANIFEST_VERSION
+    assert (m.name, m.parent, m.frozen, m.on_clone, m.guest) == ("t", None, True, "echo hi",
+                                                                 "debian")
+    assert m.memory_path == Path("/dev/shm/vmfork/tpl-t-1a2b3c4d.mem")
+    assert m.disks == (tm.TemplateDisk(0, "/h/templates/t/disk0.qcow2", 2752512,
+                                       1764000000123456789, "/img/base.qcow2", 1073741824,
+                                       1763000000000000000),)
+    assert m.spec.machine == m.machine == "pc-q35-10.0" and m.spec.qga
+    assert m.save.migration.seconds == 0.0113 and m.save.freeze_seconds == 0.0421
+    assert tm.template_mac(m) == "52:54:00:12:34:56"
+    # Every key keeps its value (template inspect / create --json); two are added.
+    d = m.to_dict()
+    assert {k: d[k] for k in UNVERSIONED_MANIFEST} == UNVERSIONED_MANIFEST
+    assert set(d) - set(UNVERSIONED_MANIFEST) == {"version", "imported_from"}
+
+
+def test_first_release_manifest_loads_with_defaults() -> None:
+    """The first manifests had no disks, freeze, hook or total save time."""
+    old = {k: v for k, v in UNVERSIONED_MANIFEST.items()
+           if k not in ("disks", "frozen", "on_clone", "guest")}
+    old["save"] = {"status": "completed", "seconds": 0.009, "total_time_ms": 9,
+                   "downtime_ms": 9, "ram_bytes": 0, "total_bytes": 300000}
+    m = tm.TemplateManifest.from_dict(old)
+    assert (m.disks, m.frozen, m.on_clone, m.guest) == ((), False, None, "demo")
+    assert (m.save.freeze_seconds, m.save.total_seconds) == (0.0, 0.009)
+    tm.check_disks(m)
+
+
+def test_manifest_refuses_newer_or_incomplete() -> None:
+    with pytest.raises(errors.TemplateError, match="template t: its manifest is version 99"):
+        tm.TemplateManifest.from_dict({**UNVERSIONED_MANIFEST, "version": 99})
+    broken = {k: v for k, v in UNVERSIONED_MANIFEST.items() if k != "state_sha256"}
+    with pytest.raises(errors.TemplateError, match="template t: its manifest is unreadable"):
+        tm.TemplateManifest.from_dict(broken)
+    with pytest.raises(errors.TemplateError, match="not JSON"):
+        tm.TemplateManifest.from_json("{")
+
+
+def test_check_refuses_a_spec_of_another_machine_type(tmp_path: Path) -> None:
+    mem, state = tmp_path / "t.mem", tmp_path / "state"
+    mem.write_bytes(b"\0" * 4096)
+    state.write_bytes(b"device state")
+    m = dataclasses.replace(sample_manifest("t"), memory_file=str(mem), memory_size=4096,
+                            state_file=str(state), state_size=12,
+                            state_sha256=hashlib.sha256(b"device state").hexdigest(),
+                            qemu_version=tm.qemu_binary_version("qemu-system-x86_64"))
+    tm.check(m)
+    other = dataclasses.replace(m, spec=m.spec.with_(machine="pc-i440fx-9.2"))
+    with pytest.raises(errors.TemplateError, match=r"machine type pc-i440fx-9\.2"):
+        tm.check(other)
+
+
+def disk_template_manifest(tmp_path: Path) -> tm.TemplateManifest:
     tdir = tmp_path / "templates" / "t"
     tdir.mkdir(parents=True)
     base = tmp_path / "base.qcow2"
@@ -534,48 +654,48 @@ def disk_template_manifest(tmp_path: Path) -> dict[str, object]:
                   kernel="/k", net=NetSpec(mac="52:54:00:00:00:01"),
                   disks=(DiskSpec(path=str(overlay), backing=str(base), backing_format="qcow2"),
                          DiskSpec(path="/iso/tools.raw", format="raw", readonly=True)))
-    return {"name": "t", "memory_file": "/m/t.mem", "spec": json.loads(spec.to_json()),
-            "disks": [tpl.disk_record(overlay, 0, str(base))]}
+    return dataclasses.replace(sample_manifest("t", spec=spec),
+                               disks=(tm.disk_record(overlay, 0, str(base)),))
 
 
 def test_clone_spec_gives_each_clone_its_own_overlays(tmp_path: Path) -> None:
     manifest = disk_template_manifest(tmp_path)
     vdir = tmp_path / "vms" / "c1"
-    spec = tpl.clone_spec(manifest, "c1", vdir)
+    spec = tm.clone_spec(manifest, "c1", vdir)
     overlay, iso = spec.disks
     assert overlay == DiskSpec(path=str(vdir / "disk0.qcow2"), format="qcow2",
                                backing=str(tmp_path / "templates/t/disk0.qcow2"),
                                backing_format="qcow2")
     assert iso == DiskSpec(path="/iso/tools.raw", format="raw", readonly=True)
     assert spec.net is not None and spec.net.mac != "52:54:00:00:00:01"
-    assert tpl.template_mac(manifest) == "52:54:00:00:00:01"
+    assert tm.template_mac(manifest) == "52:54:00:00:00:01"
     assert spec.memory == MemorySpec(path="/m/t.mem", share=False, readonly=True)
     # A pool member's directory renamed to its clone's: the disk paths follow.
-    moved = tpl.move_disks(spec, vdir, tmp_path / "vms" / "c2")
+    moved = tm.move_disks(spec, vdir, tmp_path / "vms" / "c2")
     assert moved.disks[0].path == str(tmp_path / "vms/c2/disk0.qcow2")
     assert moved.disks[0].backing == overlay.backing and moved.disks[1] == iso
 
 
 def test_check_disks_refuses_missing_or_changed_overlays(tmp_path: Path) -> None:
     manifest = disk_template_manifest(tmp_path)
-    tpl.check_disks(manifest)
+    tm.check_disks(manifest)
     overlay = tmp_path / "templates/t/disk0.qcow2"
     with open(overlay, "ab") as f:
         f.write(b"x")
     with pytest.raises(errors.TemplateError, match=r"disk0\.qcow2 was modified"):
-        tpl.check_disks(manifest)
+        tm.check_disks(manifest)
     overlay.unlink()
     with pytest.raises(errors.TemplateError, match=r"disk0\.qcow2 is missing"):
-        tpl.check_disks(manifest)
+        tm.check_disks(manifest)
     manifest = disk_template_manifest(tmp_path / "again")
     base = tmp_path / "again/base.qcow2"
     base.write_bytes(b"rebuilt base")
     with pytest.raises(errors.TemplateError, match=r"base\.qcow2 under its disk changed"):
-        tpl.check_disks(manifest)
+        tm.check_disks(manifest)
     base.unlink()
     with pytest.raises(errors.TemplateError, match=r"base\.qcow2 under its disk is missing"):
-        tpl.check_disks(manifest)
-    tpl.check_disks({"name": "old"})  # a template without disks
+        tm.check_disks(manifest)
+    tm.check_disks(sample_manifest("old"))  # a template without disks
 
 
 def test_adopt_files_moves_overlays_read_only(tmp_path: Path) -> None:
@@ -591,12 +711,12 @@ def test_adopt_files_moves_overlays_read_only(tmp_path: Path) -> None:
                   disks=(DiskSpec(path=str(src / "disk0.qcow2"), backing=str(base),
                                   backing_format="raw"),
                          DiskSpec(path="/iso.raw", format="raw", readonly=True)))
-    disks, entries, files = tpl._adopt_files(spec, src, tdir)
+    disks, entries, files = create._adopt_files(spec, src, tdir)
     assert disks[0].path == str(tdir / "disk0.qcow2") and disks[0].backing == str(base)
     assert disks[1] == spec.disks[1]
     assert (tdir / "disk0.qcow2").stat().st_mode & 0o777 == 0o444
     assert not (src / "disk0.qcow2").exists()
-    assert entries == [tpl.disk_record(tdir / "disk0.qcow2", 0, str(base))]
+    assert entries == [tm.disk_record(tdir / "disk0.qcow2", 0, str(base))]
     assert files == {"kernel": str(tdir / "kernel")}
     # A failure puts back what was moved.
     (tdir / "disk0.qcow2").chmod(0o644)
@@ -605,7 +725,7 @@ def test_adopt_files_moves_overlays_read_only(tmp_path: Path) -> None:
     (tdir / "kernel").mkdir()
     (tdir / "kernel" / "x").write_text("in the way")
     with pytest.raises(OSError):
-        tpl._adopt_files(spec.with_(kernel=str(src / "kernel")), src, tdir / "kernel" / "x")
+        create._adopt_files(spec.with_(kernel=str(src / "kernel")), src, tdir / "kernel" / "x")
     assert (src / "disk0.qcow2").read_bytes() == b"overlay"
 
 
@@ -613,32 +733,32 @@ def test_templates_need_overlays() -> None:
     spec = VMSpec(name="v", memory_mib=256, memory=MemorySpec(path="/m"),
                   disks=(DiskSpec(path="/img.raw", format="raw"),))
     with pytest.raises(errors.TemplateError, match="without an overlay"):
-        tpl.check_disks_templatable(spec)
-    tpl.check_disks_templatable(spec.with_(disks=(DiskSpec(path="/img.raw", readonly=True),)))
+        create.check_disks_templatable(spec)
+    create.check_disks_templatable(spec.with_(disks=(DiskSpec(path="/img.raw", readonly=True),)))
 
 
 def test_hook_failure_message_is_one_line() -> None:
-    msg = tpl.hook_failure("c-1", 5, "step one\nstep two\n\nit broke\n")
+    msg = clone.hook_failure("c-1", 5, "step one\nstep two\n\nit broke\n")
     assert msg == "c-1: the on-clone hook failed with status 5: step one | step two | it broke"
-    long = tpl.hook_failure("c-1", 1, "x" * 1000 + "\nend")
+    long = clone.hook_failure("c-1", 1, "x" * 1000 + "\nend")
     assert "\n" not in long and long.endswith("x | end") and len(long) < 400
-    assert tpl.hook_failure("c", 2, "") == "c: the on-clone hook failed with status 2 (no output)"
+    assert clone.hook_failure("c", 2, "") == "c: the on-clone hook failed with status 2 (no output)"
 
 
 def test_clone_result_json_has_hook_fields() -> None:
-    r = tpl.CloneResult("c", 1, False, 0.1, 0.2, 0.3, 0.44444, hook_status=0,
+    r = CloneResult("c", 1, False, 0.1, 0.2, 0.3, 0.44444, hook_status=0,
                         hook_output="hi\n", hook_done=0.55556)
     assert r.to_dict()["hook_output"] == "hi\n" and r.to_dict()["hook_done"] == 0.5556
-    assert tpl.CloneResult("c", 1, True, 0, 0, 0, 0).to_dict()["hook_status"] is None
+    assert CloneResult("c", 1, True, 0, 0, 0, 0).to_dict()["hook_status"] is None
 
 
 def test_template_rm_refuses_a_parent(tmp_path: Path) -> None:
     s = Store(tmp_path / "home", tmp_path / "mem")
-    s.add_template("t1", {"name": "t1", "parent": None, "memory_file": "/m/1"})
-    s.add_template("t2", {"name": "t2", "parent": "t1", "memory_file": "/m/2"})
+    s.add_template(sample_manifest("t1"))
+    s.add_template(sample_manifest("t2", parent="t1"))
     with pytest.raises(errors.StateError, match=r"t1 has child templates \(t2\)"):
-        asyncio.run(tpl.remove(s, "t1", force=True))
-    assert s.has_template("t1") and tpl.children_of(s, "t1") == ["t2"]
+        asyncio.run(catalog.remove(s, "t1", force=True))
+    assert s.has_template("t1") and catalog.children_of(s, "t1") == ["t2"]
     s.close()
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import templates as tpl
 from vmfork import vm
 from vmfork.errors import GuestError, InvalidInput, LaunchError, VmforkError, VmforkTimeout
 from vmfork.qemu.machine import process_alive
 from vmfork.spec import MemorySpec, VMSpec
+from vmfork.templates import catalog, clone, create
 from vmfork.timeouts import Timeouts
 from vmfork.update import QemuFeatures, UpdateReport, choose_mode, update
 
@@ -255,9 +255,9 @@ def test_memfd_vm_updates_by_cpr_transfer(env: Env) -> None:
 def test_update_a_clone(env: Env) -> None:
     s = env.store()
     prepare = FILL.format(mb=16) + " && " + MD5 + " > /root/data.md5"
-    manifest = run(tpl.create_demo(s, "t", memory_mib=256, prepare=prepare, accel="tcg"))
+    manifest = run(create.create_demo(s, "t", memory_mib=256, prepare=prepare, accel="tcg"))
     try:
-        run(tpl.clone(s, "t", names=["c"], use_pool=False))
+        run(clone.clone(s, "t", names=["c"], use_pool=False))
         md5 = exec_retry(env, "c", "cat /root/data.md5").strip()
         assert exec_retry(env, "c", MD5).strip() == md5
         env.exec("c", "echo mine > /root/own")
@@ -268,8 +268,8 @@ def test_update_a_clone(env: Env) -> None:
         assert "twice" in r.reason
         rec = s.get_vm("c")
         assert rec.info.owns_memory and rec.spec.memory.share
-        assert rec.spec.memory.path != manifest["memory_file"]
-        assert Path(str(manifest["memory_file"])).exists()
+        assert rec.spec.memory.path != manifest.memory_file
+        assert manifest.memory_path.exists()
         assert exec_retry(env, "c", MD5).strip() == md5
         assert env.exec("c", "cat /root/own").strip() == "mine"
         r2 = do_update(env, "c")  # it owns a share=on file now: no copy
@@ -280,7 +280,7 @@ def test_update_a_clone(env: Env) -> None:
     finally:
         if s.has_vm("c"):
             run(vm.stop(s, "c", force=True))
-        run(tpl.remove(s, "t", force=True))
+        run(catalog.remove(s, "t", force=True))
 
 
 # -- rollback, by injection ----------------------------------------------------------------

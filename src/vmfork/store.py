@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from vmfork import locking
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound
 from vmfork.records import PoolMember, VMInfo, VMRecord
 from vmfork.spec import RunPaths, VMSpec, check_name
+from vmfork.templates.manifest import TemplateManifest
 from vmfork.timeouts import scale
 
 #: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
@@ -146,6 +147,17 @@ class Store:
         Waits up to :data:`LOCK_WAIT` seconds (or *wait* seconds) for another
         process to finish; ``wait=False`` raises StateError at once if the
         lock is held."""
+        with locking.held(*self._lock_args(name, wait)):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def lock_async(self, name: str, wait: bool | float = True) -> AsyncIterator[None]:
+        """:meth:`lock` without blocking the event loop while it waits."""
+        async with locking.held_async(*self._lock_args(name, wait)):
+            yield
+
+    def _lock_args(self, name: str, wait: bool | float) -> tuple[Path, float, str]:
+        """The lock file, the seconds to wait and the message if still busy."""
         if not name or "/" in name or "\0" in name or name.startswith("."):
             raise InvalidInput(f"invalid lock name {name!r}")  # it becomes a file name
         locks = self.home / "locks"
@@ -154,8 +166,7 @@ class Store:
         busy = f"{name} is busy: another vmfork command is working on it"
         if seconds:
             busy += f" (waited {seconds:g} s)"
-        with locking.held(locks / f"{name}.lock", seconds, busy):
-            yield
+        return locks / f"{name}.lock", seconds, busy
 
     # -- VMs --------------------------------------------------------------
     def add_vm(self, rec: VMRecord) -> None:
@@ -208,28 +219,29 @@ class Store:
                         info=VMInfo.from_dict(json.loads(row[7])))
 
     # -- templates --------------------------------------------------------
-    def add_template(self, name: str, manifest: dict[str, Any]) -> None:
+    def add_template(self, manifest: TemplateManifest) -> None:
         try:
             self._db.execute("INSERT INTO templates (name, manifest, created) VALUES (?, ?, ?)",
-                             (name, json.dumps(manifest), time.time()))
+                             (manifest.name, json.dumps(manifest.to_dict()), manifest.created))
         except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"a template named {name!r} exists already") from exc
+            raise AlreadyExists(f"a template named {manifest.name!r} exists already") from exc
 
-    def get_template(self, name: str) -> dict[str, Any]:
+    def get_template(self, name: str) -> TemplateManifest:
+        """The manifest of template *name* (any version vmfork wrote, read into
+        the current layout; TemplateError if unreadable)."""
         row = self._db.execute("SELECT manifest FROM templates WHERE name=?",
                                (name,)).fetchone()
         if row is None:
             raise NotFound(f"no template named {name!r}")
-        result: dict[str, Any] = json.loads(row[0])
-        return result
+        return TemplateManifest.from_json(row[0])
 
     def has_template(self, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM templates WHERE name=?",
                                 (name,)).fetchone() is not None
 
-    def list_templates(self) -> list[dict[str, Any]]:
+    def list_templates(self) -> list[TemplateManifest]:
         rows = self._db.execute("SELECT manifest FROM templates ORDER BY created").fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [TemplateManifest.from_json(r[0]) for r in rows]
 
     def remove_template(self, name: str) -> None:
         self._db.execute("DELETE FROM templates WHERE name=?", (name,))

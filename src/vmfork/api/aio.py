@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import overload
 
-from vmfork import listing, templates, vm
+from vmfork import listing, vm
 from vmfork import update as live_update
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.guest.serial import ExecResult
@@ -31,12 +31,15 @@ from vmfork.results import (
     RestoreResult,
     Result,
     SaveResult,
+    TemplateStatus,
     UpdateReport,
     VMStatus,
 )
 from vmfork.snapshots import export, imports, save
 from vmfork.spec import check_name, parse_memory
 from vmfork.store import Store
+from vmfork.templates import catalog, clone, create, pool
+from vmfork.templates.manifest import TemplateManifest
 from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.update import recovery
 
@@ -110,12 +113,12 @@ class AsyncHost:
     # -- templates --------------------------------------------------------------
     async def template(self, name: str) -> AsyncTemplate:
         """The template *name* (NotFound if there is none)."""
-        templates.get(self.store, name)
+        catalog.get(self.store, name)
         return AsyncTemplate(self, name)
 
     async def templates(self) -> list[AsyncTemplate]:
         """Every template of this home, oldest first."""
-        return [AsyncTemplate(self, m["name"]) for m in self.store.list_templates()]
+        return [AsyncTemplate(self, m.name) for m in self.store.list_templates()]
 
     async def create_template(self, name: str, *, image: str = "demo",
                               memory: str | int = "512M", prepare: str | None = None,
@@ -126,9 +129,9 @@ class AsyncHost:
         if image != "demo":
             raise InvalidInput(f"create_template boots the demo image; for {image!r}, "
                                "run a VM and call make_template on it")
-        await templates.create_demo(self.store, name, parse_memory(memory), prepare, accel,
-                                    self.timeouts, on_clone=on_clone)
-        return AsyncTemplate(self, name)
+        manifest = await create.create_demo(self.store, name, parse_memory(memory), prepare,
+                                            accel, self.timeouts, on_clone=on_clone)
+        return AsyncTemplate(self, name, manifest)
 
     # -- snapshot files ---------------------------------------------------------
     async def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,
@@ -141,9 +144,10 @@ class AsyncHost:
     async def import_template(self, file: Path | str, name: str, *, persistent: bool = False,
                               memory_dir: Path | str | None = None) -> AsyncTemplate:
         """Make template *name* from a snapshot file (``snapshot import --as-template``)."""
-        await imports.import_template(self.store, file, name, persistent=persistent,
-                                        memory_dir=memory_dir, timeouts=self.timeouts)
-        return AsyncTemplate(self, name)
+        manifest = await imports.import_template(self.store, file, name,
+                                                 persistent=persistent, memory_dir=memory_dir,
+                                                 timeouts=self.timeouts)
+        return AsyncTemplate(self, name, manifest)
 
     # -- images -----------------------------------------------------------------
     async def image(self, name: str = "demo", *, rebuild: bool = False) -> GuestImage:
@@ -255,9 +259,9 @@ class AsyncVM:
         """Freeze this VM into template *name*: device state saved, RAM left in
         place as the template's memory. The VM ends."""
         await self._settle()
-        await templates.create_from_vm(self._store, name, self.name, self.host.timeouts,
-                                       on_clone=on_clone)
-        return AsyncTemplate(self.host, name)
+        manifest = await create.create_from_vm(self._store, name, self.name,
+                                               self.host.timeouts, on_clone=on_clone)
+        return AsyncTemplate(self.host, name, manifest)
 
 
 class AsyncClone(AsyncVM):
@@ -270,11 +274,14 @@ class AsyncClone(AsyncVM):
 
 
 class AsyncTemplate:
-    """A handle on one template: its name and its host."""
+    """A handle on one template: its name and its host. :attr:`result` is the
+    manifest when the call that returned the handle made the template."""
 
-    def __init__(self, host: AsyncHost, name: str) -> None:
+    def __init__(self, host: AsyncHost, name: str,
+                 result: TemplateManifest | None = None) -> None:
         self.host = host
         self.name = name
+        self.result = result
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -283,12 +290,18 @@ class AsyncTemplate:
     def _store(self) -> Store:
         return self.host.store
 
-    async def inspect(self) -> dict[str, object]:
-        """The template's manifest, with its clones and pool."""
-        manifest = dict(templates.get(self._store, self.name))
-        manifest["clones"] = templates.users(self._store, self.name)
-        manifest["pool"] = templates.pool_status(self._store, self.name).to_dict()
-        return manifest
+    async def inspect(self) -> TemplateManifest:
+        """The template's manifest: what it was made from and what a clone checks."""
+        return catalog.get(self._store, self.name)
+
+    async def status(self) -> TemplateStatus:
+        """The template as ``vmfork template ls`` shows it."""
+        return catalog.status(self._store, catalog.get(self._store, self.name))
+
+    async def clones(self) -> list[AsyncVM]:
+        """The VMs cloned from this template that exist now."""
+        catalog.get(self._store, self.name)
+        return [AsyncVM(self.host, n) for n in catalog.users(self._store, self.name)]
 
     @overload
     async def clone(self, count: None = None, *, name: str | None = None,
@@ -314,9 +327,9 @@ class AsyncTemplate:
         names = None
         if name:
             names = [name] if count is None else [f"{name}-{i}" for i in range(1, n + 1)]
-        results = await templates.clone(self._store, self.name, names=names, count=n,
-                                        use_pool=use_pool, timeouts=self.host.timeouts,
-                                        on_clone=on_clone)
+        results = await clone.clone(self._store, self.name, names=names, count=n,
+                                    use_pool=use_pool, timeouts=self.host.timeouts,
+                                    on_clone=on_clone)
         clones = [AsyncClone(self.host, r) for r in results]
         return clones[0] if count is None else clones
 
@@ -325,17 +338,23 @@ class AsyncTemplate:
         once; return its status. Without arguments: only the status."""
         if size is not None or warm is not None:
             target = self._store.pool_target(self.name) if size is None else size
-            await templates.set_pool(self._store, self.name, target, self.host.timeouts,
-                                     warm=warm)
+            await pool.set_pool(self._store, self.name, target, self.host.timeouts, warm=warm)
         else:
-            templates.get(self._store, self.name)
-        return templates.pool_status(self._store, self.name)
+            catalog.get(self._store, self.name)
+        return pool.pool_status(self._store, self.name)
+
+    async def keep_pool(self, size: int | None = None, *, warm: bool | None = None,
+                        stop: asyncio.Event | None = None) -> PoolStatus:
+        """Keep the pool at its target (*size*, *warm*; None keeps each) until
+        *stop* is set or the call is cancelled: members taken by clones or
+        whose QEMU died are replaced. Members stay when it ends."""
+        return await pool.keep(self._store, self.name, size, warm, stop=stop,
+                               timeouts=self.host.timeouts)
 
     async def remove(self, *, force: bool = False) -> None:
         """Remove the template and its files (refused while clones or pool
         members use it; *force* stops them first)."""
-        await templates.remove(self._store, self.name, force=force,
-                               timeouts=self.host.timeouts)
+        await catalog.remove(self._store, self.name, force=force, timeouts=self.host.timeouts)
 
 
 def open_async(home: Path | str | None = None, memory_dir: Path | str | None = None,

@@ -29,9 +29,11 @@ from vmfork.results import (
     RestoreResult,
     Result,
     SaveResult,
+    TemplateStatus,
     UpdateReport,
     VMStatus,
 )
+from vmfork.templates.manifest import TemplateManifest
 from vmfork.timeouts import DEFAULT, Timeouts
 
 T = TypeVar("T")
@@ -280,8 +282,20 @@ class Template:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
 
-    def inspect(self) -> dict[str, object]:
+    @property
+    def result(self) -> TemplateManifest | None:
+        """The manifest when the call that returned this handle made the template."""
+        return self._a.result
+
+    def inspect(self) -> TemplateManifest:
         return self.host._run(self._a.inspect())
+
+    def status(self) -> TemplateStatus:
+        return self.host._run(self._a.status())
+
+    def clones(self) -> list[VM]:
+        """The VMs cloned from this template that exist now."""
+        return [VM(self.host, v) for v in self.host._run(self._a.clones())]
 
     @overload
     def clone(self, count: None = None, *, name: str | None = None, use_pool: bool = True,
@@ -303,7 +317,12 @@ class Template:
         return [Clone(self.host, c) for c in many]
 
     def pool(self, size: int | None = None, *, warm: bool | None = None) -> PoolStatus:
+        """Set the pool's target and fill it once; without arguments, its status."""
         return self.host._run(self._a.pool(size, warm=warm))
+
+    def keep_pool(self, size: int | None = None, *, warm: bool | None = None) -> PoolStatus:
+        """Keep the pool at its target until interrupted (Ctrl-C); members stay."""
+        return self.host._run(self._a.keep_pool(size, warm=warm))
 
     def remove(self, *, force: bool = False) -> None:
         self.host._run(self._a.remove(force=force))

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmfork import templates as tpl
 from vmfork import vm
 from vmfork.bench import fill_guest, pss_bytes, ratio
 from vmfork.errors import GuestError, InvalidInput
 from vmfork.store import Store
+from vmfork.templates import catalog, clone, create, pool
 from vmfork.timeouts import DEFAULT, Timeouts
 
 #: Guests the bench can run (``vmfork run --image``).
@@ -137,16 +137,16 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
         build = f"{tname}-src"
         await vm.run(store, p.run_options(build), timeouts)
         md5s = await _fill(store, build, p)
-        manifest = await tpl.create_from_vm(store, tname, build, timeouts)
-        out["template_state_bytes"] = manifest["state_size"]
-        out["template_save_s"] = manifest["save"]["seconds"]
+        manifest = await create.create_from_vm(store, tname, build, timeouts)
+        out["template_state_bytes"] = manifest.state_size
+        out["template_save_s"] = manifest.save.migration.seconds
 
         # Clone to running / responsive, fresh processes.
         fresh = []
         for i in range(p.samples):
             p.progress(f"clone {i + 1}/{p.samples}")
-            (r,) = await tpl.clone(store, tname, names=[f"{tname}-f{i}"], use_pool=False,
-                                   timeouts=timeouts)
+            (r,) = await clone.clone(store, tname, names=[f"{tname}-f{i}"], use_pool=False,
+                                     timeouts=timeouts)
             fresh.append(r)
             await vm.stop(store, r.name, timeouts=timeouts)
         out["clone_running_s"] = _median([r.running for r in fresh])
@@ -155,42 +155,41 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
 
         # From the warm pool.
         pooled = []
-        await tpl.set_pool(store, tname, 1, timeouts)
+        await pool.set_pool(store, tname, 1, timeouts)
         for i in range(p.samples):
             p.progress(f"pool clone {i + 1}/{p.samples}")
-            await tpl.fill_pool(store, tname, timeouts)
-            (r,) = await tpl.clone(store, tname, names=[f"{tname}-p{i}"], timeouts=timeouts)
+            await pool.fill_pool(store, tname, timeouts)
+            (r,) = await clone.clone(store, tname, names=[f"{tname}-p{i}"], timeouts=timeouts)
             pooled.append(r)
             await vm.stop(store, r.name, timeouts=timeouts)
-        await tpl.set_pool(store, tname, 0, timeouts)
+        await pool.set_pool(store, tname, 0, timeouts)
         out["pool_running_s"] = _median([r.running for r in pooled if r.pooled])
         out["pool_responsive_s"] = _median([r.responsive for r in pooled if r.pooled])
 
         # From warm pool members (state loaded, guest run once, paused).
         warm = []
-        await tpl.set_pool(store, tname, 1, timeouts, warm=True)
+        await pool.set_pool(store, tname, 1, timeouts, warm=True)
         for i in range(p.samples):
             p.progress(f"warm pool clone {i + 1}/{p.samples}")
-            await tpl.fill_pool(store, tname, timeouts)
-            (r,) = await tpl.clone(store, tname, names=[f"{tname}-w{i}"], timeouts=timeouts)
+            await pool.fill_pool(store, tname, timeouts)
+            (r,) = await clone.clone(store, tname, names=[f"{tname}-w{i}"], timeouts=timeouts)
             warm.append(r)
             if i == 0:
                 await _check_data(store, r.name, md5s, timeouts)
             await vm.stop(store, r.name, timeouts=timeouts)
-        await tpl.set_pool(store, tname, 0, timeouts, warm=False)
+        await pool.set_pool(store, tname, 0, timeouts, warm=False)
         out["warm_pool_running_s"] = _median([r.running for r in warm if r.pooled])
         out["warm_pool_responsive_s"] = _median([r.responsive for r in warm if r.pooled])
 
         # Memory of N clones against N cold VMs holding the same data.
-        tpl_bytes = _allocated(manifest["memory_file"])
+        tpl_bytes = _allocated(manifest.memory_file)
         out["template_file_bytes"] = tpl_bytes
-        tpl_disks = [Path(d["path"]) for d in manifest.get("disks", ())
-                     if isinstance(d, dict) and d.get("path")]
+        tpl_disks = [Path(d.path) for d in manifest.disks]
         mem_rows = []
         for n in p.counts:
             while len(clone_names) < n:
                 name = f"{tname}-m{len(clone_names)}"
-                await tpl.clone(store, tname, names=[name], use_pool=False, timeouts=timeouts)
+                await clone.clone(store, tname, names=[name], use_pool=False, timeouts=timeouts)
                 clone_names.append(name)
             p.progress(f"{n} clones up")
             while len(cold_names) < n:
@@ -227,7 +226,7 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
                     await vm.stop(store, name, force=True, timeouts=timeouts)
         if store.has_template(tname):
             with contextlib.suppress(Exception):
-                await tpl.remove(store, tname, force=True, timeouts=timeouts)
+                await catalog.remove(store, tname, force=True, timeouts=timeouts)
     out["ratios"] = {
         "pool_vs_cold_boot": ratio(out["cold_boot_s"], out["pool_running_s"]),
         "clone_vs_cold_boot": ratio(out["cold_boot_s"], out["clone_running_s"]),

@@ -81,7 +81,7 @@ def import_cmd(file: str, name: str, as_template: bool, persistent: bool,
         manifest = run_async(import_template(s, file, name, persistent=persistent,
                                              memory_dir=memory_dir))
         report(as_json, manifest, f"template {name}: imported from {file} (memory file "
-                                  f"{manifest['memory_file']})")
+                                  f"{manifest.memory_file})")
         return
     result = run_async(import_(s, file, name, persistent=persistent, memory_dir=memory_dir))
     report(as_json, result, f"{name}: running (pid {result.pid}), imported from {file} "

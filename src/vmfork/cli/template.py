@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
+import signal
 
 import click
 from rich.table import Table
 
-from vmfork import templates as tpl
 from vmfork.cli import bench, emit_json, err, main, out, run_async, store
 from vmfork.errors import InvalidInput
+from vmfork.results import PoolStatus
 from vmfork.spec import parse_memory
+from vmfork.store import Store
+from vmfork.templates import catalog, clone, create, pool
 
 
 @main.group()
@@ -45,48 +48,44 @@ def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
         raise InvalidInput("--prepare goes with --demo (with --from, prepare the VM first)")
     s = store()
     if demo:
-        manifest = run_async(tpl.create_demo(s, name, parse_memory(memory), prepare, accel,
-                                             on_clone=on_clone))
+        manifest = run_async(create.create_demo(s, name, parse_memory(memory), prepare, accel,
+                                                on_clone=on_clone))
     else:
         assert from_vm is not None
-        manifest = run_async(tpl.create_from_vm(s, name, from_vm, on_clone=on_clone))
+        manifest = run_async(create.create_from_vm(s, name, from_vm, on_clone=on_clone))
     if as_json:
         emit_json(manifest)
     else:
-        out.print(f"template {name}: state {manifest['state_size'] / 1024:.0f} KiB saved in "
-                  f"{manifest['save']['seconds'] * 1000:.0f} ms; memory file "
-                  f"{manifest['memory_file']} ({manifest['memory_size'] >> 20} MiB)"
-                  + (f"; {len(manifest['disks'])} disk overlays" if manifest["disks"] else "")
-                  + ("; file systems frozen" if manifest["frozen"] else ""), markup=False)
+        out.print(f"template {name}: state {manifest.state_size / 1024:.0f} KiB saved in "
+                  f"{manifest.save.migration.seconds * 1000:.0f} ms; memory file "
+                  f"{manifest.memory_file} ({manifest.memory_size >> 20} MiB)"
+                  + (f"; {len(manifest.disks)} disk overlays" if manifest.disks else "")
+                  + ("; file systems frozen" if manifest.frozen else ""), markup=False)
 
 
 @template.command("ls")
 @click.option("--json", "as_json", is_flag=True)
 def template_ls(as_json: bool) -> None:
     """List templates."""
-    s = store()
-    rows = [{"name": m["name"], "memory_mib": m["memory_size"] >> 20,
-             "state_kib": round(m["state_size"] / 1024), "clones": len(tpl.users(s, m["name"])),
-             "pool": s.pool_target(m["name"]), "qemu": m["qemu_version"],
-             "age_seconds": round(time.time() - m["created"])} for m in s.list_templates()]
+    rows = catalog.statuses(store())
     if as_json:
         emit_json(rows)
         return
     table = Table("NAME", "MEMORY", "STATE", "CLONES", "POOL", "QEMU", box=None)
     for r in rows:
-        table.add_row(str(r["name"]), f"{r['memory_mib']}M", f"{r['state_kib']}K",
-                      str(r["clones"]), str(r["pool"]), str(r["qemu"]))
+        table.add_row(r.name, f"{r.memory_mib}M", f"{r.state_kib}K", str(r.clones),
+                      str(r.pool), r.qemu)
     out.print(table)
 
 
 @template.command("inspect")
 @click.argument("name")
 def template_inspect(name: str) -> None:
-    """Print a template's manifest (JSON)."""
+    """Print a template's manifest (JSON), with its clones and its pool."""
     s = store()
-    manifest = dict(tpl.get(s, name))
-    manifest["clones"] = tpl.users(s, name)
-    manifest["pool"] = tpl.pool_status(s, name)
+    manifest = catalog.get(s, name).to_dict()
+    manifest["clones"] = catalog.users(s, name)
+    manifest["pool"] = pool.pool_status(s, name)
     emit_json(manifest)
 
 
@@ -97,7 +96,7 @@ def template_rm(name: str, force: bool) -> None:
     """Remove a template and its files (refused while clones or pool processes
     use it, and even with --force while a template made from one of its clones
     exists)."""
-    run_async(tpl.remove(store(), name, force=force))
+    run_async(catalog.remove(store(), name, force=force))
     out.print(f"template {name}: removed")
 
 
@@ -121,8 +120,8 @@ def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
     names = None
     if name:
         names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
-    results = run_async(tpl.clone(store(), template, names=names, count=count,
-                                  use_pool=not no_pool, on_clone=on_clone))
+    results = run_async(clone.clone(store(), template, names=names, count=count,
+                                    use_pool=not no_pool, on_clone=on_clone))
     if as_json:
         emit_json([r.to_dict() for r in results])
         return
@@ -144,24 +143,49 @@ def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
                    "command already, so a clone from them answers at once (TCG translates "
                    "guest code afresh in every new process); cold members (the default) "
                    "wait for the state. Without either, the pool keeps its kind.")
-@click.option("--refill", is_flag=True, hidden=True, help="Top up to the set size.")
+@click.option("--keep", is_flag=True,
+              help="Stay in the foreground and keep the pool at its size: replace members "
+                   "taken by clones or whose QEMU died. SIGINT/SIGTERM stop it; the "
+                   "members stay. Without --keep the pool is filled once (a clone does "
+                   "not refill it).")
 @click.option("--json", "as_json", is_flag=True)
-def pool_cmd(template: str, size: int | None, warm: bool | None, refill: bool,
+def pool_cmd(template: str, size: int | None, warm: bool | None, keep: bool,
              as_json: bool) -> None:
     """Show or set the pool of QEMU processes kept ready for TEMPLATE."""
     s = store()
-    tpl.get(s, template)
-    if size is not None or warm is not None:
-        run_async(tpl.set_pool(s, template, s.pool_target(template) if size is None else size,
-                               warm=warm))
-    elif refill:
-        run_async(tpl.fill_pool(s, template))
-    status = tpl.pool_status(s, template)
+    catalog.get(s, template)
+    if size is not None:
+        pool.check_size(size)
+    if keep:
+        status = run_async(_keep_until_signalled(s, template, size, warm))
+    else:
+        if size is not None or warm is not None:
+            run_async(pool.set_pool(s, template,
+                                    s.pool_target(template) if size is None else size,
+                                    warm=warm))
+        status = pool.pool_status(s, template)
     if as_json:
         emit_json(status)
     else:
         kind = "warm" if status.warm else "cold"
         out.print(f"pool {template}: {status.ready} ready of {status.target} ({kind})")
+
+
+async def _keep_until_signalled(s: Store, template: str, size: int | None,
+                                warm: bool | None) -> PoolStatus:
+    """Run the pool keeper until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        err.print(f"pool {template}: keeping it filled; Ctrl-C or SIGTERM stops",
+                  markup=False)
+        return await pool.keep(s, template, size, warm, stop=stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 @bench.command("clone")

@@ -19,7 +19,6 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, VmforkError
@@ -31,6 +30,8 @@ from vmfork.snapshots.export import Header, check_export, read_header
 from vmfork.snapshots.save import load_incoming, sync_guest_clock
 from vmfork.spec import MemorySpec, check_name
 from vmfork.store import Store
+from vmfork.templates import create
+from vmfork.templates.manifest import TemplateManifest, template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.snapshot")
@@ -113,25 +114,24 @@ def _extract_blobs(src: Path, header: Header, files: dict[str, str]) -> None:
 
 async def import_template(store: Store, file: Path | str, name: str,
                           persistent: bool = False, memory_dir: Path | str | None = None,
-                          timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
+                          timeouts: Timeouts = DEFAULT) -> TemplateManifest:
     """Bring an export file back as template *name*: import it as a paused
     temporary VM (the guest does not run) and freeze that with
-    :func:`vmfork.templates.create_from_vm`."""
-    from vmfork import templates as template
-
+    :func:`vmfork.templates.create.create_from_vm`."""
     check_name(name, "template")
     if store.has_template(name):
         raise AlreadyExists(f"a template named {name!r} exists already")
     tmp_name = f"import-{secrets.token_hex(4)}"
     # Kernel and initrd go straight to the template's directory, which the
-    # template owns (template.remove deletes it).
-    tdir = template.template_dir(store, name)
+    # template owns (removing the template deletes it).
+    tdir = template_dir(store, name)
     tdir.mkdir(parents=True, exist_ok=True)
     try:
         await import_(store, file, tmp_name, persistent=persistent, memory_dir=memory_dir,
                       resume=False, files_dir=tdir, timeouts=timeouts)
         try:
-            manifest = await template.create_from_vm(store, name, tmp_name, timeouts)
+            return await create.create_from_vm(store, name, tmp_name, timeouts,
+                                               imported_from=str(Path(file).absolute()))
         except BaseException:
             with contextlib.suppress(VmforkError):
                 await vm.stop(store, tmp_name, force=True)
@@ -139,8 +139,6 @@ async def import_template(store: Store, file: Path | str, name: str,
     except BaseException:
         shutil.rmtree(tdir, ignore_errors=True)
         raise
-    manifest["imported_from"] = str(Path(file).absolute())
-    return manifest
 
 
 __all__ = ["import_", "import_template"]

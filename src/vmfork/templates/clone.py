@@ -1,0 +1,203 @@
+"""Clones of a template: copy-on-write VMs started from its device state.
+
+Owns starting clones (:func:`clone`): each one is a QEMU process that maps the
+template's memory file privately (``share=off``, copy-on-write) and loads its
+device state, or a pool member taken over (:mod:`vmfork.templates.pool`);
+then it is thawed if the template was frozen, given its own identity
+(hostname, machine-id, MAC, clock: :mod:`vmfork.guest.identity`; the VM
+generation ID is new per QEMU process, so the guest reseeds its RNG), and its
+on-clone hook runs. A clone is an ordinary VM record (``template`` set,
+memory not owned). Taking a pool member does not refill the pool
+(:func:`vmfork.templates.pool.keep` does).
+
+Hooks: a shell command (``on_clone``) run in each clone after its identity,
+before :func:`clone` returns; a template keeps a default one, a call may
+replace it. A clone whose hook fails is removed, with the others of its call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+
+from vmfork import vm
+from vmfork.errors import AlreadyExists, GuestError, InvalidInput, VmforkTimeout
+from vmfork.guest import identity
+from vmfork.qemu import migration
+from vmfork.qemu.machine import Machine, deadline
+from vmfork.records import PoolMember, VMInfo, VMRecord
+from vmfork.results import CloneResult
+from vmfork.spec import check_name
+from vmfork.store import Store
+from vmfork.templates import pool
+from vmfork.templates.manifest import (
+    TemplateManifest,
+    check,
+    clone_spec,
+    move_disks,
+    template_mac,
+)
+from vmfork.timeouts import DEFAULT, Timeouts
+
+log = logging.getLogger("vmfork.template.clone")
+
+
+def next_clone_names(store: Store, template: str, count: int) -> list[str]:
+    """*count* free names ``TEMPLATE-k``, lowest *k* first."""
+    names: list[str] = []
+    i = 1
+    while len(names) < count:
+        n = f"{template}-{i}"
+        if not store.has_vm(n) and n not in names:
+            names.append(n)
+        i += 1
+    return names
+
+
+async def clone(store: Store, template: str, names: list[str] | None = None,
+                count: int = 1, use_pool: bool = True, set_identity: bool = True,
+                timeouts: Timeouts = DEFAULT,
+                on_clone: str | None = None) -> list[CloneResult]:
+    """Start clones of *template*; return when all of them run (and their
+    hook has run). *on_clone* replaces the template's default hook for this
+    call ("" runs none). With *use_pool* a clone takes a pool member if one
+    is ready (the pool is not refilled). If one clone fails, all of this call
+    are removed."""
+    manifest = store.get_template(check_name(template, "template"))
+    if count < 1:
+        raise InvalidInput(f"invalid clone count {count}: must be at least 1")
+    if names is None:
+        names = next_clone_names(store, template, count)
+    for n in names:
+        check_name(n)
+        if store.has_vm(n):
+            raise AlreadyExists(f"a VM named {n!r} exists already")
+    if len(set(names)) != len(names):
+        raise InvalidInput("clone names must differ")
+    check(manifest, timeouts=timeouts)
+    hook = manifest.on_clone if on_clone is None else on_clone
+    results = await asyncio.gather(
+        *(_clone_one(store, manifest, n, use_pool, set_identity, timeouts, hook or None)
+          for n in names),
+        return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for r in results:
+            if isinstance(r, CloneResult):
+                with contextlib.suppress(Exception):
+                    await vm.stop(store, r.name, force=True)
+        raise errors[0]
+    return [r for r in results if isinstance(r, CloneResult)]
+
+
+def hook_failure(name: str, status: int, output: str, limit: int = 300) -> str:
+    """One-line message for an on-clone hook that failed in clone *name*."""
+    tail = " | ".join(ln.strip() for ln in output.strip().splitlines() if ln.strip())
+    if len(tail) > limit:
+        tail = "..." + tail[-limit:]
+    return f"{name}: the on-clone hook failed with status {status}" + (
+        f": {tail}" if tail else " (no output)")
+
+
+async def run_hook(store: Store, rec: VMRecord, hook: str,
+                   timeouts: Timeouts = DEFAULT) -> tuple[int, str]:
+    """Run an on-clone hook in the guest; return its status and output, or
+    raise GuestError (one line, naming the VM) if it fails or times out
+    (after ``timeouts.exec``; the deadline around the whole call adds the
+    time allowed for reaching the agent, ``timeouts.agent``)."""
+    try:
+        r = await deadline(vm.guest_exec(store, rec, hook, timeouts.exec, timeouts),
+                           timeouts.exec + timeouts.agent, f"the on-clone hook of {rec.name}")
+    except VmforkTimeout as exc:
+        raise GuestError(f"{rec.name}: the on-clone hook did not finish within "
+                         f"{timeouts.exec:g} s") from exc
+    if r.status != 0:
+        raise GuestError(hook_failure(rec.name, r.status, r.text))
+    return r.status, r.text
+
+
+def _adopt_member_dirs(store: Store, member: PoolMember, name: str) -> None:
+    """Rename a pool member's directories to its clone's. Its QEMU keeps
+    working: a bound UNIX socket is found by its inode, and open disk images
+    by their file descriptors."""
+    os.rename(store.run_dir(member.id), store.run_dir(name))
+    old = store.vm_dir(member.id)
+    if old.exists():
+        new = store.vm_dir(name)
+        shutil.rmtree(new, ignore_errors=True)  # a leftover: the name is reserved now
+        new.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(old, new)
+
+
+async def _clone_one(store: Store, manifest: TemplateManifest, name: str, use_pool: bool,
+                     set_identity: bool, timeouts: Timeouts,
+                     hook: str | None = None) -> CloneResult:
+    t0 = time.monotonic()
+    member = pool.take_member(store, manifest.name) if use_pool else None
+    if member:
+        spec = move_disks(member.spec.with_(name=name), store.vm_dir(member.id),
+                          store.vm_dir(name))
+    else:
+        spec = clone_spec(manifest, name, store.vm_dir(name))
+    rec = VMRecord(name=name, spec=spec, state="starting", template=manifest.name,
+                   info=VMInfo(owns_memory=False, guest=manifest.guest))
+    try:
+        store.add_vm(rec)
+    except AlreadyExists:
+        if member:
+            await pool.kill_member(store, member)
+        raise
+    m: Machine | None = None
+    hook_result: tuple[int, str] | None = None
+    t_hook: float | None = None
+    try:
+        if member:
+            _adopt_member_dirs(store, member, name)
+            m = await Machine.attach(spec, store.run_paths(name), vm.qemu_log(store, name),
+                                     member.pid, timeouts=timeouts)
+        else:
+            await asyncio.to_thread(vm.create_overlays, spec, True)
+            m = await vm.launch_recorded(store, rec, incoming=("defer",), timeouts=timeouts)
+        rec.pid, rec.pid_start = m.pid, m.start_time
+        store.update_vm(rec)
+        t_spawn = time.monotonic() - t0
+        if not (member and member.warm):  # a warm member has its state already
+            await migration.load_state(m, manifest.state_path, timeouts.migrate,
+                                       x_ignore_shared=True)
+        t_loaded = time.monotonic() - t0
+        await m.resume()
+        t_running = time.monotonic() - t0
+        rec.state = "running"
+        store.update_vm(rec)
+        await m.disconnect()
+        # A warm pool member thawed its file systems when it was warmed up.
+        frozen = manifest.frozen and not (member and member.warm)
+        if set_identity:
+            await identity.make_unique(store, rec, timeouts, old_mac=template_mac(manifest),
+                                       thaw_first=frozen)
+        elif frozen:
+            await identity.thaw(store, rec, timeouts)
+        t_resp = time.monotonic() - t0
+        if hook:
+            hook_result = await run_hook(store, rec, hook, timeouts)
+            t_hook = time.monotonic() - t0
+    except BaseException:
+        if m is not None:
+            await m.kill()
+        elif member:
+            await pool.kill_member(store, member)
+        vm.remove_vm_files(store, rec)
+        store.remove_vm(name)
+        raise
+    log.info("%s: cloned from %s in %.3f s (%s)", name, manifest.name, t_running,
+             "pool" if member else "spawned")
+    return CloneResult(name=name, pid=m.pid, pooled=member is not None,
+                       spawn=0.0 if member else t_spawn, state_loaded=t_loaded,
+                       running=t_running, responsive=t_resp,
+                       hook_status=hook_result[0] if hook_result else None,
+                       hook_output=hook_result[1] if hook_result else None,
+                       hook_done=t_hook)
