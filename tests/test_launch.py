@@ -19,7 +19,7 @@ import pytest
 
 from vmfork import vm
 from vmfork.errors import VmforkTimeout
-from vmfork.qemu.machine import process_alive
+from vmfork.qemu.machine import process_alive, process_start_time
 from vmfork.timeouts import Timeouts
 
 from .conftest import VMFORK, Env, qemu_processes, run
@@ -88,3 +88,34 @@ def test_cancelled_launch_leaves_nothing(env: Env, tmp_path: Path) -> None:
     run(cancel_during_handshake())
     assert not s.has_vm("a") and qemu_processes(str(env.home)) == []
     assert not (env.home / "run" / "a").exists() and os.listdir(env.memory_dir) == []
+
+
+def test_a_pool_member_left_not_ready_is_ended_by_the_next_fill(env: Env,
+                                                                 tmp_path: Path) -> None:
+    """A filler killed mid-spawn leaves a member recorded but not ready: no
+    clone takes it, and the next fill (which holds the pool's lock) ends it."""
+    from vmfork.records import PoolMember
+    from vmfork.templates import catalog, clone, pool
+
+    from .test_template import make_template
+
+    make_template(env)
+    s = env.store()
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
+                              str(env.home)], stdin=subprocess.DEVNULL)
+    try:
+        spec = s.get_template("t").spec.with_(name="pool.t.stray")
+        s.add_pool_member(PoolMember("pool.t.stray", "t", spec, stray.pid,
+                                     process_start_time(stray.pid), time.time(),
+                                     ready=False))
+        assert pool.take_member(s, "t") is None  # not ready: no clone takes it
+        run(pool.set_pool(s, "t", 1))
+        wait_for(lambda: stray.poll() is not None, 10)  # ended (and reaped)
+        (member,) = s.pool_members("t")
+        assert member.id != "pool.t.stray" and member.ready
+        (c,) = run(clone.clone(s, "t", names=["c"]))
+        assert c.pooled and c.pid == member.pid
+        run(catalog.remove(s, "t", force=True))
+    finally:
+        stray.kill()
+        stray.wait()

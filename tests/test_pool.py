@@ -81,7 +81,7 @@ def wait_for_member(s: Store, template: str, known: set[str],
     end = time.monotonic() + timeout
     while True:
         fresh = [m for m in s.pool_members(template)
-                 if m.id not in known and process_alive(m.pid, m.pid_start)]
+                 if m.id not in known and m.ready and process_alive(m.pid, m.pid_start)]
         if fresh:
             return fresh[0]
         assert time.monotonic() < end, f"no new pool member within {timeout} s"
@@ -159,7 +159,9 @@ def test_keeper_stopped_mid_spawn_leaves_nothing_half_started(
                     await keeper
 
     run(go())
-    assert len(seen["qemu"]) == 1 and seen["members"] == []  # it was mid-spawn
+    # It was mid-spawn: recorded (its pid known from the start), not ready.
+    assert len(seen["qemu"]) == 1
+    assert [(m.pid, m.ready) for m in seen["members"]] == [(seen["qemu"][0], False)]
     assert not process_alive(seen["qemu"][0])
     assert s.pool_members("t") == [] and not qemu_processes(str(env.home))
     assert not list(s.home.glob("run/pool.*")) and not list(s.home.glob("vms/pool.*"))

@@ -27,9 +27,10 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from vmfork.errors import InvalidInput, SetupError, StateError
 from vmfork.qemu.machine import Machine, process_alive
@@ -101,6 +102,18 @@ def _memory_dir_ready(spec: VMSpec) -> None:
                 from exc
 
 
+async def finish_in_thread(fn: Callable[..., object], *args: Any) -> None:
+    """Run *fn* in a thread. If the caller is cancelled meanwhile, wait for
+    the thread to finish before re-raising, so that the caller's cleanup does
+    not race with it (a thread cannot be stopped)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
+
+
 # -- entries -------------------------------------------------------------------------
 class Entry(Protocol):
     """The catalog side of a launch."""
@@ -165,7 +178,7 @@ class SavedVM:
 class NewPoolMember:
     """A QEMU process kept for a template's pool. Its row is written as soon
     as the process exists, not ready (no clone takes it) until the caller
-    marks it ready."""
+    marks it ready (:meth:`Store.set_pool_member_ready`)."""
 
     def __init__(self, store: Store, member: PoolMember) -> None:
         self.store, self.member, self.name = store, member, member.id
@@ -175,6 +188,7 @@ class NewPoolMember:
 
     def record(self, pid: int, start: float | None) -> None:
         self.member.pid, self.member.pid_start = pid, start
+        self.member.ready = False
         self.store.add_pool_member(self.member)
 
     def undo(self) -> None:
@@ -203,21 +217,32 @@ class Transient:
 # -- the transaction ------------------------------------------------------------------
 class Launch:
     """``async with Launch(store, entry, spec) as launch:`` reserves *entry*;
-    :meth:`spawn` (or :meth:`adopt`) gives it a QEMU process; leaving the block
-    with an exception kills that process and undoes the entry."""
+    :meth:`spawn` gives it a QEMU process; leaving the block with an exception
+    kills that process and undoes the entry.
+
+    *adopt* (pid, start time) hands the launch a QEMU that runs already (a
+    pool member taken for a clone): the launch owns it from the start — it is
+    killed if the entry cannot be reserved — and :meth:`attach` connects it."""
 
     def __init__(self, store: Store, entry: Entry, spec: VMSpec, *,
-                 timeouts: Timeouts = DEFAULT, gen: int = 0) -> None:
+                 timeouts: Timeouts = DEFAULT, gen: int = 0,
+                 adopt: tuple[int, float | None] | None = None) -> None:
         self.store = store
         self.entry = entry
         self.spec = spec
         self.timeouts = timeouts
         self.gen = gen
         self.machine: Machine | None = None
-        self._pid: tuple[int, float | None] | None = None
+        self._pid: tuple[int, float | None] | None = adopt
 
     async def __aenter__(self) -> Launch:
-        self.entry.reserve()
+        try:
+            self.entry.reserve()
+        except BaseException:
+            self._kill_pid()
+            raise
+        if self._pid is not None:
+            self.entry.record(*self._pid)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -230,10 +255,14 @@ class Launch:
     async def _undo(self) -> None:
         if self.machine is not None:
             await self.machine.kill()
-        elif self._pid is not None and process_alive(*self._pid):
+        else:
+            self._kill_pid()
+        self.entry.undo()
+
+    def _kill_pid(self) -> None:
+        if self._pid is not None and process_alive(*self._pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid[0], signal.SIGKILL)
-        self.entry.undo()
 
     def _record(self, pid: int, start: float | None) -> None:
         self._pid = (pid, start)
@@ -248,19 +277,19 @@ class Launch:
         """Start QEMU for the entry, paused, its QMP monitor connected."""
         _memory_dir_ready(self.spec)
         if fresh_overlays:
-            await asyncio.to_thread(create_overlays, self.spec, True)
+            await finish_in_thread(create_overlays, self.spec, True)
         Path(self.paths.qmp).parent.mkdir(parents=True, exist_ok=True)
         self.machine = await Machine.launch(
             self.spec, self.paths, qemu_log(self.store, self.entry.name), incoming=incoming,
             timeouts=self.timeouts, pass_fds=pass_fds, on_spawn=self._record)
         return self.machine
 
-    async def adopt(self, pid: int) -> Machine:
-        """Take over a QEMU process that is already running (a pool member's)."""
-        m = Machine(self.spec, self.paths, qemu_log(self.store, self.entry.name), pid,
-                    timeouts=self.timeouts)
-        self._record(pid, m.start_time)
-        self.machine = m
-        await m.connect()
-        return m
+    async def attach(self) -> Machine:
+        """Connect to the adopted QEMU's QMP monitor."""
+        if self._pid is None:
+            raise StateError(f"{self.entry.name}: nothing to attach to")
+        self.machine = Machine(self.spec, self.paths, qemu_log(self.store, self.entry.name),
+                               self._pid[0], timeouts=self.timeouts)
+        await self.machine.connect()
+        return self.machine
 

@@ -177,3 +177,7 @@ class PoolMember:
     pid_start: float | None
     created: float
     warm: bool = False
+    #: False while it is being started (or warmed up): no clone takes it. A
+    #: member left not ready belongs to a filler that died; the next fill of
+    #: the pool (under its lock) ends it.
+    ready: bool = True

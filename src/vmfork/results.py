@@ -181,6 +181,8 @@ class PoolMemberStatus(Result):
     id: str
     pid: int
     warm: bool
+    #: False while it is being started: no clone takes it yet.
+    ready: bool = True
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS pool_targets (
 """
 #: Columns added after the first release: (table, column, declaration).
 _ADDED_COLUMNS = (("pool_members", "warm", "INTEGER NOT NULL DEFAULT 0"),
+                  ("pool_members", "ready", "INTEGER NOT NULL DEFAULT 1"),
                   ("pool_targets", "warm", "INTEGER NOT NULL DEFAULT 0"))
 
 
@@ -250,16 +251,23 @@ class Store:
     # -- warm pool ----------------------------------------------------------
     def add_pool_member(self, m: PoolMember) -> None:
         self._db.execute(
-            "INSERT INTO pool_members (id, template, spec, pid, pid_start, created, warm)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (m.id, m.template, m.spec.to_json(), m.pid, m.pid_start, m.created, int(m.warm)))
+            "INSERT INTO pool_members (id, template, spec, pid, pid_start, created, warm, ready)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (m.id, m.template, m.spec.to_json(), m.pid, m.pid_start, m.created, int(m.warm),
+             int(m.ready)))
+
+    def set_pool_member_ready(self, member_id: str) -> None:
+        self._db.execute("UPDATE pool_members SET ready=1 WHERE id=?", (member_id,))
 
     def pool_members(self, template: str | None = None) -> list[PoolMember]:
-        q = "SELECT id, template, spec, pid, pid_start, created, warm FROM pool_members"
-        rows = self._db.execute(q + " WHERE template=? ORDER BY created", (template,)) \
-            if template else self._db.execute(q + " ORDER BY created")
-        return [PoolMember(r[0], r[1], VMSpec.from_json(r[2]), r[3], r[4], r[5], bool(r[6]))
-                for r in rows.fetchall()]
+        """Members of *template*'s pool (of every pool without), oldest first,
+        ready or not (:attr:`PoolMember.ready`)."""
+        q = ("SELECT id, template, spec, pid, pid_start, created, warm, ready"
+             " FROM pool_members")
+        rows = (self._db.execute(q + " WHERE template=? ORDER BY created", (template,))
+                if template else self._db.execute(q + " ORDER BY created"))
+        return [PoolMember(r[0], r[1], VMSpec.from_json(r[2]), r[3], r[4], r[5], bool(r[6]),
+                           bool(r[7])) for r in rows.fetchall()]
 
     def take_pool_member(self, member_id: str) -> bool:
         """Remove a member from the pool; False if another process took it first."""

@@ -23,7 +23,7 @@ from vmfork.errors import InvalidInput, StateError, VmforkError
 from vmfork.guest.qga import GuestAgent
 from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import demo_image
-from vmfork.launch import Launch, NewVM, Transient
+from vmfork.launch import Launch, NewVM
 from vmfork.launch import create_overlays as create_overlays
 from vmfork.launch import paths_for as paths_for
 from vmfork.launch import qemu_log as qemu_log
@@ -202,13 +202,6 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
                   accel=accel, qemu=opts.qemu, qga=opts.qga)
 
 
-
-
-async def launch_recorded(store: Store, rec: VMRecord, incoming: tuple[str, ...] = (),
-                          timeouts: Timeouts = DEFAULT) -> Machine:
-    """Spawn QEMU for *rec* (paused, QMP connected); the caller records it."""
-    return await Launch(store, Transient(rec.name), rec.spec,
-                        timeouts=timeouts).spawn(incoming)
 
 
 async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> VMStatus:

@@ -306,9 +306,16 @@ class Machine:
         t_end = time.monotonic() + timeout
         while time.monotonic() < t_end:
             if not process_alive(self.pid, self.start_time):
+                self._reap()
                 return True
             await asyncio.sleep(0.02)
         return not process_alive(self.pid, self.start_time)
+
+    def _reap(self) -> None:
+        """Collect the exit status if QEMU was a child of this process (spawned
+        through another Machine object), so that it leaves no zombie."""
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)
 
     def _signal(self, sig: int) -> None:
         if self.alive():

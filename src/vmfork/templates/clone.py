@@ -27,8 +27,9 @@ import time
 from vmfork import vm
 from vmfork.errors import AlreadyExists, GuestError, InvalidInput, VmforkTimeout
 from vmfork.guest import identity
+from vmfork.launch import Launch, NewVM
 from vmfork.qemu import migration
-from vmfork.qemu.machine import Machine, deadline
+from vmfork.qemu.machine import deadline
 from vmfork.records import PoolMember, VMInfo, VMRecord
 from vmfork.results import CloneResult
 from vmfork.spec import check_name
@@ -145,53 +146,41 @@ async def _clone_one(store: Store, manifest: TemplateManifest, name: str, use_po
         spec = clone_spec(manifest, name, store.vm_dir(name))
     rec = VMRecord(name=name, spec=spec, state="starting", template=manifest.name,
                    info=VMInfo(owns_memory=False, guest=manifest.guest))
-    try:
-        store.add_vm(rec)
-    except AlreadyExists:
-        if member:
-            await pool.kill_member(store, member)
-        raise
-    m: Machine | None = None
+    adopt = (member.pid, member.pid_start) if member else None
     hook_result: tuple[int, str] | None = None
     t_hook: float | None = None
     try:
-        if member:
-            _adopt_member_dirs(store, member, name)
-            m = await Machine.attach(spec, store.run_paths(name), vm.qemu_log(store, name),
-                                     member.pid, timeouts=timeouts)
-        else:
-            await asyncio.to_thread(vm.create_overlays, spec, True)
-            m = await vm.launch_recorded(store, rec, incoming=("defer",), timeouts=timeouts)
-        rec.pid, rec.pid_start = m.pid, m.start_time
-        store.update_vm(rec)
-        t_spawn = time.monotonic() - t0
-        if not (member and member.warm):  # a warm member has its state already
-            await migration.load_state(m, manifest.state_path, timeouts.migrate,
-                                       x_ignore_shared=True)
-        t_loaded = time.monotonic() - t0
-        await m.resume()
-        t_running = time.monotonic() - t0
-        rec.state = "running"
-        store.update_vm(rec)
-        await m.disconnect()
-        # A warm pool member thawed its file systems when it was warmed up.
-        frozen = manifest.frozen and not (member and member.warm)
-        if set_identity:
-            await identity.make_unique(store, rec, timeouts, old_mac=template_mac(manifest),
-                                       thaw_first=frozen)
-        elif frozen:
-            await identity.thaw(store, rec, timeouts)
-        t_resp = time.monotonic() - t0
-        if hook:
-            hook_result = await run_hook(store, rec, hook, timeouts)
-            t_hook = time.monotonic() - t0
+        async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts,
+                          adopt=adopt) as launch:
+            if member:
+                _adopt_member_dirs(store, member, name)
+                m = await launch.attach()
+            else:
+                m = await launch.spawn(incoming=("defer",), fresh_overlays=True)
+            t_spawn = time.monotonic() - t0
+            if not (member and member.warm):  # a warm member has its state already
+                await migration.load_state(m, manifest.state_path, timeouts.migrate,
+                                           x_ignore_shared=True)
+            t_loaded = time.monotonic() - t0
+            await m.resume()
+            t_running = time.monotonic() - t0
+            rec.state = "running"
+            store.update_vm(rec)
+            await m.disconnect()
+            # A warm pool member thawed its file systems when it was warmed up.
+            frozen = manifest.frozen and not (member and member.warm)
+            if set_identity:
+                await identity.make_unique(store, rec, timeouts,
+                                           old_mac=template_mac(manifest), thaw_first=frozen)
+            elif frozen:
+                await identity.thaw(store, rec, timeouts)
+            t_resp = time.monotonic() - t0
+            if hook:
+                hook_result = await run_hook(store, rec, hook, timeouts)
+                t_hook = time.monotonic() - t0
     except BaseException:
-        if m is not None:
-            await m.kill()
-        elif member:
-            await pool.kill_member(store, member)
-        vm.remove_vm_files(store, rec)
-        store.remove_vm(name)
+        if member:  # its files, if they were not moved to the clone's
+            pool.discard_member_files(store, member)
         raise
     log.info("%s: cloned from %s in %.3f s (%s)", name, manifest.name, t_running,
              "pool" if member else "spawned")

@@ -27,12 +27,13 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from vmfork import vm
 from vmfork.errors import GuestError, InvalidInput, TemplateError, VmforkError
 from vmfork.guest import identity
+from vmfork.launch import Launch, NewPoolMember
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, process_alive
 from vmfork.records import PoolMember, VMInfo, VMRecord
@@ -55,16 +56,6 @@ KEEP_BACKOFF_MAX = 60.0
 
 
 # -- members ------------------------------------------------------------------
-async def _finish_in_thread(fn: Callable[..., object], *args: Any) -> None:
-    """Run *fn* in a thread. If the caller is cancelled meanwhile, wait for
-    the thread to finish before re-raising, so that the caller's cleanup does
-    not race with it (a thread cannot be stopped)."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await asyncio.wait({fut})
-        raise
 
 
 async def _spawn_member(store: Store, manifest: TemplateManifest, timeouts: Timeouts,
@@ -74,23 +65,14 @@ async def _spawn_member(store: Store, manifest: TemplateManifest, timeouts: Time
     before the exception propagates: nothing half-started stays."""
     mid = f"pool.{manifest.name}.{secrets.token_hex(3)}"
     spec = clone_spec(manifest, mid, store.vm_dir(mid))
-    paths = store.run_paths(mid)
-    m: Machine | None = None
-    try:
-        await _finish_in_thread(vm.create_overlays, spec, True)
-        m = await Machine.launch(spec, paths, store.run_dir(mid) / "qemu.log",
-                                 incoming=("defer",), timeouts=timeouts)
+    member = PoolMember(mid, manifest.name, spec, 0, None, time.time(), warm=warm)
+    async with Launch(store, NewPoolMember(store, member), spec, timeouts=timeouts) as launch:
+        m = await launch.spawn(incoming=("defer",), fresh_overlays=True)
         if warm:
             await _warm_up(store, manifest, mid, m, timeouts)
         await m.disconnect()
-        member = PoolMember(mid, manifest.name, spec, m.pid, m.start_time, time.time(),
-                            warm=warm)
-        store.add_pool_member(member)
-    except BaseException:
-        if m is not None:
-            await m.kill()
-        _discard_files(store, mid)
-        raise
+        store.set_pool_member_ready(mid)
+        member.ready = True
     log.info("pool %s: %s ready (pid %d, %s)", manifest.name, mid, member.pid,
              "warm" if warm else "cold")
     return member
@@ -146,6 +128,8 @@ def take_member(store: Store, template: str) -> PoolMember | None:
     (the oldest first); None if there is none. Members found dead on the way
     are dropped with their files. Does not refill the pool."""
     for member in store.pool_members(template):
+        if not member.ready:
+            continue  # still being started
         if not store.take_pool_member(member.id):
             continue  # another process took it first
         if process_alive(member.pid, member.pid_start):
@@ -176,7 +160,8 @@ async def fill_pool(store: Store, template: str, timeouts: Timeouts = DEFAULT) -
         live = []
         for member in store.pool_members(template):
             alive = process_alive(member.pid, member.pid_start)
-            if alive and member.warm == warm:
+            # A member not ready under our lock was left by a filler that died.
+            if alive and member.warm == warm and member.ready:
                 live.append(member)
             elif store.take_pool_member(member.id):
                 if not alive:
@@ -212,9 +197,10 @@ def pool_status(store: Store, template: str) -> PoolStatus:
     members = store.pool_members(template)
     return PoolStatus(template=template, target=store.pool_target(template),
                       warm=store.pool_warm(template),
-                      ready=sum(1 for m in members if process_alive(m.pid, m.pid_start)),
-                      members=tuple(PoolMemberStatus(id=m.id, pid=m.pid, warm=m.warm)
-                                    for m in members))
+                      ready=sum(1 for m in members
+                                if m.ready and process_alive(m.pid, m.pid_start)),
+                      members=tuple(PoolMemberStatus(id=m.id, pid=m.pid, warm=m.warm,
+                                                     ready=m.ready) for m in members))
 
 
 async def _unless_stopped(aw: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
