@@ -23,7 +23,7 @@ from vmfork.errors import InvalidInput, StateError, VmforkError
 from vmfork.guest.qga import GuestAgent
 from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import demo_image
-from vmfork.launch import Launch, NewVM
+from vmfork.launch import Launch, NewVM, attach, machine_for
 from vmfork.launch import create_overlays as create_overlays
 from vmfork.launch import paths_for as paths_for
 from vmfork.launch import qemu_log as qemu_log
@@ -255,9 +255,7 @@ async def attached(store: Store, name: str,
     """Lock the VM, check it is alive and connect to its QMP monitor."""
     with store.lock(check_name(name)):
         rec = get_live(store, name)
-        assert rec.pid is not None
-        m = await Machine.attach(rec.spec, paths_for(store, rec), qemu_log(store, name),
-                                 rec.pid, timeouts=timeouts)
+        m = await attach(store, rec, timeouts)
         try:
             yield rec, m
         finally:
@@ -300,8 +298,7 @@ async def stop(store: Store, name: str, force: bool = False,
             with contextlib.suppress(VmforkError):
                 rec = await recover(store, rec, timeouts)
         if rec.pid and process_alive(rec.pid, rec.pid_start):
-            m = Machine(rec.spec, paths_for(store, rec), qemu_log(store, name), rec.pid,
-                        timeouts=timeouts)
+            m = machine_for(store, rec, timeouts)
             if not force:
                 with contextlib.suppress(Exception):
                     await m.connect()

@@ -47,7 +47,7 @@ from vmfork import vm
 from vmfork.errors import GuestError, MigrationError, StateError, VmforkError, VmforkTimeout
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
 from vmfork.guest import identity
-from vmfork.launch import Launch, SavedVM
+from vmfork.launch import Launch, SavedVM, attach, machine_for
 from vmfork.listing import LIVE_STATES
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, process_alive
@@ -151,8 +151,7 @@ def _manifest_matches(store: Store, rec: VMRecord) -> SavedState | None:
 async def _kill_stale(store: Store, rec: VMRecord, timeouts: Timeouts) -> None:
     """End a QEMU left behind by a killed vmfork command (it never ran the guest)."""
     if rec.pid and process_alive(rec.pid, rec.pid_start):
-        m = Machine(rec.spec, vm.paths_for(store, rec), vm.qemu_log(store, rec.name), rec.pid,
-                    timeouts=timeouts)
+        m = machine_for(store, rec, timeouts)
         await m.shutdown(force=True)
 
 
@@ -206,9 +205,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
         mem = check_saveable(rec)
         state, manifest = state_paths(store, name)
         state.parent.mkdir(parents=True, exist_ok=True)
-        assert rec.pid is not None
-        m = await Machine.attach(rec.spec, vm.paths_for(store, rec), vm.qemu_log(store, name),
-                                 rec.pid, timeouts=timeouts)
+        m = await attach(store, rec, timeouts)
         stats: MigrationStats | None = None
         try:
             status = await m.status()

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from vmfork import vm
 from vmfork.errors import GuestError, InvalidInput, TemplateError, VmforkError
 from vmfork.guest import identity
-from vmfork.launch import Launch, NewPoolMember
+from vmfork.launch import Launch, NewPoolMember, qemu_log
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, process_alive
 from vmfork.records import PoolMember, VMInfo, VMRecord
@@ -117,8 +117,8 @@ async def kill_member(store: Store, member: PoolMember) -> None:
     """End a member's QEMU (if it still runs) and remove its files; the
     caller has taken it out of the catalog (:meth:`Store.take_pool_member`)."""
     if process_alive(member.pid, member.pid_start):
-        m = Machine(member.spec, store.run_paths(member.id),
-                    store.run_dir(member.id) / "qemu.log", member.pid)
+        m = Machine(member.spec, store.run_paths(member.id), qemu_log(store, member.id),
+                    member.pid)
         await m.kill()
     discard_member_files(store, member)
 
