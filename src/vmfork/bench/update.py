@@ -24,7 +24,8 @@ from vmfork.guest.serial import CutShort
 from vmfork.results import UpdateReport
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
-from vmfork.update import NO_COPY, update
+from vmfork.update.live import update
+from vmfork.update.modes import NO_COPY
 
 MB = 1_000_000
 MIB = 1024 * 1024

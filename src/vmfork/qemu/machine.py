@@ -70,6 +70,20 @@ def process_alive(pid: int | None, start_time: float | None = None) -> bool:
         return False
 
 
+def find_qemu(qmp_path: str) -> int | None:
+    """The pid of the QEMU whose command line names *qmp_path* (its monitor):
+    finds a QEMU whose pid was never recorded (a killed vmfork started it)."""
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(qmp_path in a for a in (p.info["cmdline"] or []) if "unix:" in a):
+                return int(p.pid)
+        except psutil.Error:
+            continue
+    return None
+
+
 def process_start_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()

@@ -26,8 +26,12 @@ from qemu.qmp import EventListener
 
 from vmfork.errors import MigrationError, QMPCommandError, VmforkError, VmforkTimeout
 from vmfork.files import fsync_path, sha256_file
+from vmfork.qemu.features import qemu_identity as qemu_identity
 from vmfork.qemu.machine import Machine, deadline
 from vmfork.results import MigrationStats
+
+# qemu_identity (imported above) lives in vmfork.qemu.features, the one place
+# that asks QEMU its version; templates and snapshots call it from here too.
 
 FINAL = ("completed", "failed", "cancelled")
 #: ``query-migrate`` statuses of a QEMU with no migration under way.
@@ -171,15 +175,3 @@ async def save_state(m: Machine, path: Path, timeout: float,
             tmp.unlink()
         raise
     return stats, digest
-
-
-async def qemu_identity(m: Machine) -> dict[str, str]:
-    """QEMU version and the concrete machine type (alias resolved)."""
-    ver = await m.qmp("query-version")
-    q = ver["qemu"]
-    machine = m.spec.machine
-    for entry in await m.qmp("query-machines"):
-        if entry.get("alias") == machine:
-            machine = entry["name"]
-            break
-    return {"qemu_version": f"{q['major']}.{q['minor']}.{q['micro']}", "machine": machine}
