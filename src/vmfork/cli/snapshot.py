@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vmfork import snapshots as snapshot
-from vmfork.cli import bench, emit_json, main, out, report, run_async, store
+from vmfork.cli import bench, emit_json, main, out, report, run_async, settled, store
 
 
 @main.command("save")
@@ -14,7 +14,7 @@ from vmfork.cli import bench, emit_json, main, out, report, run_async, store
 def save_cmd(name: str, as_json: bool) -> None:
     """Save VM NAME: device state only, QEMU ends, RAM stays in its memory file
     (flushed to disk). The VM is listed as saved until 'vmfork restore'."""
-    result = run_async(snapshot.save(store(), name))
+    result = run_async(snapshot.save(settled(name), name))
     if as_json:
         emit_json(result)
     else:

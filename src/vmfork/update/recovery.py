@@ -18,9 +18,10 @@ over QMP, settling either
 An update that died after its commit may have left the old QEMU running in
 ``postmigrate`` (``info.retire``); settling ends it.
 
-Run under the VM's lock, by ``vmfork update`` on an ``updating`` VM, by
-``vmfork stop`` (:func:`recover`), and by ``vmfork ls`` for VMs whose lock is
-free (:func:`recover_interrupted`).
+Settling is an explicit step, never a side effect of looking: listing VMs
+shows an interrupted update as ``updating`` and changes nothing. Commands
+that act on a VM call :func:`settle` first (:func:`vmfork.update.live.update`
+does it itself); :func:`settle_all` settles every VM no command is working on.
 """
 
 from __future__ import annotations
@@ -192,9 +193,4 @@ async def _undo(store: Store, rec: VMRecord, new: Machine | None, old: Machine |
     return rec
 
 
-recover = settle_held
-recover_interrupted = settle_all
-
-
-__all__ = ["pending", "recover", "recover_interrupted", "retire_old", "settle", "settle_all",
-           "settle_held"]
+__all__ = ["pending", "retire_old", "settle", "settle_all", "settle_held"]
