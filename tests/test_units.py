@@ -22,7 +22,7 @@ import pytest
 from vmfork import cli, errors, vm
 from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import Cpio
-from vmfork.qemu import accel
+from vmfork.qemu import accel, features
 from vmfork.qemu.machine import log_tail, process_alive
 from vmfork.records import RetiredQemu, SavedState, UpdateIntent, VMInfo, VMRecord
 from vmfork.spec import MemorySpec, VMSpec
@@ -635,7 +635,7 @@ def test_check_refuses_a_spec_of_another_machine_type(tmp_path: Path) -> None:
     m = dataclasses.replace(sample_manifest("t"), memory_file=str(mem), memory_size=4096,
                             state_file=str(state), state_size=12,
                             state_sha256=hashlib.sha256(b"device state").hexdigest(),
-                            qemu_version=tm.qemu_binary_version("qemu-system-x86_64"))
+                            qemu_version=features.binary_version("qemu-system-x86_64"))
     tm.check(m)
     other = dataclasses.replace(m, spec=m.spec.with_(machine="pc-i440fx-9.2"))
     with pytest.raises(errors.TemplateError, match=r"machine type pc-i440fx-9\.2"):

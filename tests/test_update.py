@@ -5,22 +5,37 @@ the guest intact (plus unit tests of mode selection)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from vmfork import vm
-from vmfork.errors import GuestError, InvalidInput, LaunchError, VmforkError, VmforkTimeout
+from vmfork.errors import (
+    InvalidInput,
+    LaunchError,
+    MigrationError,
+    QMPCommandError,
+    VmforkError,
+    VmforkTimeout,
+)
+from vmfork.guest.serial import CutShort
+from vmfork.qemu import features, migration
+from vmfork.qemu.features import QemuFeatures
 from vmfork.qemu.machine import process_alive
+from vmfork.results import UpdateReport
 from vmfork.spec import MemorySpec, VMSpec
 from vmfork.templates import catalog, clone, create
 from vmfork.timeouts import Timeouts
-from vmfork.update import QemuFeatures, UpdateReport, choose_mode, update
+from vmfork.update.live import update
+from vmfork.update.modes import choose_mode
 
 from .conftest import Env, run
 
@@ -33,7 +48,7 @@ MD5 = "md5sum /root/data | cut -d' ' -f1"
 
 
 # -- unit tests: choosing the mode ------------------------------------------------------
-def features(cpr: bool = True, ignore: bool = True, aux: bool = True) -> QemuFeatures:
+def features_of(cpr: bool = True, ignore: bool = True, aux: bool = True) -> QemuFeatures:
     return QemuFeatures(version="10.0.2", cpr_transfer=cpr, ignore_shared=ignore,
                         aux_ram_share=aux, machines=("pc-q35-10.0",))
 
@@ -48,13 +63,13 @@ CLONE = MemorySpec(path="/dev/shm/t.mem", share=False, readonly=True)
 
 
 @pytest.mark.parametrize(("memory", "old", "new", "expected"), [
-    (FILE, features(), features(), "ignore-shared"),
-    (FILE, features(), features(ignore=False), "cpr-transfer"),
-    (FILE, features(cpr=False, ignore=False), features(), "copy"),
-    (MEMFD, features(), features(), "cpr-transfer"),
-    (MEMFD, features(), features(cpr=False), "copy"),
-    (MEMFD, features(aux=False), features(), "copy"),
-    (CLONE, features(), features(), "copy"),
+    (FILE, features_of(), features_of(), "ignore-shared"),
+    (FILE, features_of(), features_of(ignore=False), "cpr-transfer"),
+    (FILE, features_of(cpr=False, ignore=False), features_of(), "copy"),
+    (MEMFD, features_of(), features_of(), "cpr-transfer"),
+    (MEMFD, features_of(), features_of(cpr=False), "copy"),
+    (MEMFD, features_of(aux=False), features_of(), "copy"),
+    (CLONE, features_of(), features_of(), "copy"),
 ])
 def test_auto_picks_the_best_supported_mode(memory: MemorySpec, old: QemuFeatures,
                                             new: QemuFeatures, expected: str) -> None:
@@ -65,7 +80,8 @@ def test_auto_picks_the_best_supported_mode(memory: MemorySpec, old: QemuFeature
 
 
 def test_auto_needs_aux_ram_share_for_cpr() -> None:
-    assert choose_mode("auto", spec_with(MEMFD, aux=False), features(), features())[0] == "copy"
+    mode, _ = choose_mode("auto", spec_with(MEMFD, aux=False), features_of(), features_of())
+    assert mode == "copy"
 
 
 @pytest.mark.parametrize(("memory", "mode", "words"), [
@@ -76,12 +92,38 @@ def test_auto_needs_aux_ram_share_for_cpr() -> None:
 ])
 def test_impossible_mode_is_refused(memory: MemorySpec, mode: str, words: str) -> None:
     with pytest.raises(InvalidInput, match=words):
-        choose_mode(mode, spec_with(memory), features(), features())
+        choose_mode(mode, spec_with(memory), features_of(), features_of())
 
 
 def test_a_binary_without_cpr_is_named() -> None:
     with pytest.raises(InvalidInput, match=r"new QEMU .* lacks migration mode cpr-transfer"):
-        choose_mode("cpr-transfer", spec_with(MEMFD), features(), features(cpr=False))
+        choose_mode("cpr-transfer", spec_with(MEMFD), features_of(), features_of(cpr=False))
+
+
+def test_feature_cache_keeps_answers_per_binary(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(features, "_MEMORY", {})
+    cache = features.FeatureCache(tmp_path)
+    assert cache.get("1:2:3:4") is None
+    cache.put("1:2:3:4", features_of())
+    monkeypatch.setattr(features, "_MEMORY", {})  # another process: only the file
+    assert features.FeatureCache(tmp_path).get("1:2:3:4") == features_of()
+    assert features.FeatureCache(tmp_path).get("5:6:7:8") is None
+    (tmp_path / "qemu-features.json").write_text("[not a cache")
+    monkeypatch.setattr(features, "_MEMORY", {})
+    assert features.FeatureCache(tmp_path).get("1:2:3:4") is None
+
+
+def test_binary_version_refuses_what_is_not_a_qemu(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(InvalidInput, match="not found"):
+        features.binary_version(str(tmp_path / "no-such-qemu"))
+    bad = wrapper(tmp_path, "qemu-broken", "echo 'broken on purpose' >&2; exit 3")
+    with pytest.raises(LaunchError, match="broken on purpose") as exc:
+        features.binary_version(bad)
+    assert exc.value.exitcode == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qemu-broken"], "probe log left"
 
 
 # -- helpers for the QEMU tests ------------------------------------------------------------
@@ -121,14 +163,11 @@ class Guest:
         return exec_retry(self.env, self.name, command)
 
 
-def exec_retry(env: Env, name: str, command: str) -> str:
-    for attempt in range(3):
-        try:
+def exec_retry(env: Env, name: str, command: str, tries: int = 3) -> str:
+    for _ in range(tries - 1):
+        with contextlib.suppress(CutShort):
             return env.exec(name, command)
-        except GuestError as exc:
-            if "cut short" not in str(exc) or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    return env.exec(name, command)
 
 
 def run_files(env: Env, name: str) -> list[str]:
@@ -380,3 +419,31 @@ def test_update_refusals(env: Env, booted: str) -> None:
     with pytest.raises(InvalidInput, match="invalid update mode"):
         do_update(env, booted, mode="bogus")
     assert env.store().get_vm(booted).info.gen == 0
+
+
+# -- what QEMU says about itself, and how its refusals surface -----------------------------
+def test_features_and_qmp_errors_of_a_running_qemu(env: Env, booted: str) -> None:
+    s = env.store()
+    qemu = shutil.which("qemu-system-x86_64")
+    assert qemu is not None
+    version = features.binary_version(qemu)
+
+    async def ask() -> tuple[QemuFeatures, dict[str, str]]:
+        async with vm.attached(s, booted) as (_rec, m):
+            running = await features.query_features(m.name, m.qmp)
+            ident = await features.qemu_identity(m)
+            with pytest.raises(QMPCommandError) as exc:
+                await m.qmp("no-such-command")
+            assert exc.value.command == "no-such-command"
+            assert exc.value.error_class == "CommandNotFound"
+            with pytest.raises(MigrationError) as mig:
+                await migration.set_capabilities(m, no_such_capability=True)
+            assert isinstance(mig.value.__cause__, QMPCommandError)
+            assert await m.status() == "running"
+            return running, ident
+
+    running, ident = run(ask())
+    assert running.version == version == ident["qemu_version"]
+    assert ident["machine"] in running.machines
+    assert running.ignore_shared and running.cpr_transfer and running.aux_ram_share
+    assert run(features.probe(qemu)) == running

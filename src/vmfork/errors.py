@@ -9,6 +9,7 @@
      +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
      +-- LaunchError           QEMU refused to start (exit code, argv, log tail)
      +-- StateError            the operation does not fit the VM's current state
+     |    +-- QMPCommandError  QEMU refused a QMP command, or its monitor went away
      +-- GuestError            the guest agent failed or the guest is unreachable
      +-- MigrationError        a state save/load or a migration failed
      +-- TemplateError         a template is unusable (manifest, checksum, files)
@@ -62,6 +63,22 @@ class LaunchError(VmforkError):
 
 class StateError(VmforkError):
     """The operation does not fit the VM's state (e.g. resume a running VM)."""
+
+
+class QMPCommandError(StateError):
+    """A QMP command failed: QEMU answered with an error (``error_class`` is
+    QEMU's class, e.g. ``GenericError``, ``CommandNotFound``) or the monitor
+    connection broke before the answer (``error_class`` None: QEMU is gone).
+    Either way the VM's QEMU could not do it in its current state. Raised by
+    :meth:`vmfork.qemu.machine.Machine.qmp`; modules that give the failure a
+    meaning (a migration failed) wrap it with ``raise ... from``."""
+
+    def __init__(self, vm: str, command: str, error_class: str | None, desc: str) -> None:
+        self.vm = vm
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"{vm}: QMP {command} failed: {desc}")
 
 
 class GuestError(VmforkError):

@@ -108,6 +108,12 @@ class Store:
         return self.home / "images"
 
     @property
+    def cache_dir(self) -> Path:
+        """What vmfork learned about this host (QEMU binaries' features, the
+        accelerator probe)."""
+        return self.home / "cache"
+
+    @property
     def templates_dir(self) -> Path:
         return self.home / "templates"
 

@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmfork.errors import InvalidInput, StateError, VmforkError
+from vmfork.errors import InvalidInput, StateError
+from vmfork.files import unlink_quietly
 from vmfork.guest.qga import GuestAgent
 from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import demo_image
@@ -30,7 +31,7 @@ from vmfork.launch import qemu_log as qemu_log
 from vmfork.launch import remove_vm_files as remove_vm_files
 from vmfork.listing import LIVE_STATES, describe, observed_state
 from vmfork.qemu.accel import resolve_accel
-from vmfork.qemu.machine import Machine, process_alive
+from vmfork.qemu.machine import Machine, find_qemu, process_alive
 from vmfork.records import VMInfo, VMRecord
 from vmfork.results import VMStatus
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, check_name, new_mac
@@ -288,24 +289,41 @@ async def status(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> str:
 
 async def stop(store: Store, name: str, force: bool = False,
                timeouts: Timeouts = DEFAULT) -> None:
-    """End a VM's QEMU (if it runs) and remove the VM and its files."""
+    """End a VM's QEMU (if it runs) and remove the VM and its files, with
+    whatever an interrupted live update left (:func:`_end_update_leftovers`)."""
     check_name(name)
     with store.lock(name):
         rec = store.get_vm(name)
-        if rec.state == "updating" or rec.info.retire is not None:
-            # An interrupted update may have left a second QEMU: settle first.
-            from vmfork.update.recovery import recover
-            with contextlib.suppress(VmforkError):
-                rec = await recover(store, rec, timeouts)
         if rec.pid and process_alive(rec.pid, rec.pid_start):
             m = machine_for(store, rec, timeouts)
             if not force:
                 with contextlib.suppress(Exception):
                     await m.connect()
             await m.shutdown(force=force)
+        await _end_update_leftovers(store, rec, timeouts)
         remove_vm_files(store, rec)
         store.remove_vm(name)
     log.info("%s: removed", name)
+
+
+async def _end_update_leftovers(store: Store, rec: VMRecord, timeouts: Timeouts) -> None:
+    """Kill the QEMU processes an unsettled live update left beside the VM's
+    own (the new one of ``info.update``, the old one of ``info.retire``) and
+    remove a copy's new memory file. The VM is being removed: nothing is left
+    to settle (:mod:`vmfork.update.recovery` would otherwise)."""
+    intent, retired = rec.info.update, rec.info.retire
+    if intent is not None:
+        paths = store.run_paths(rec.name, intent.gen)
+        pid = find_qemu(paths.qmp)
+        if pid is not None and pid != rec.pid:
+            await Machine(intent.spec, paths, qemu_log(store, rec.name), pid,
+                          timeouts=timeouts).kill()
+        if intent.new_memory_file and intent.new_memory_file != rec.spec.memory.path:
+            unlink_quietly(intent.new_memory_file)
+    stale = retired is not None and process_alive(retired.pid, retired.pid_start)
+    if retired is not None and stale and retired.pid != rec.pid:
+        await Machine(rec.spec, store.run_paths(rec.name, retired.gen),
+                      qemu_log(store, rec.name), retired.pid, timeouts=timeouts).kill()
 
 
 def agent_for(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> SerialAgent:

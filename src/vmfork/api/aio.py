@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import overload
 
 from vmfork import listing, vm
-from vmfork import update as live_update
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.guest.serial import ExecResult
 from vmfork.images.demo import GuestImage, demo_image
@@ -41,6 +40,7 @@ from vmfork.store import Store
 from vmfork.templates import catalog, clone, create, pool
 from vmfork.templates.manifest import TemplateManifest
 from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.update import live as live_update
 from vmfork.update import recovery
 
 #: Named guest images (``image=`` of :meth:`AsyncHost.run`).
@@ -162,7 +162,7 @@ class AsyncHost:
     async def settle(self) -> list[str]:
         """Finish or undo every update that a killed vmfork left half done;
         return the VMs it settled."""
-        return await recovery.recover_interrupted(self.store, self.timeouts)
+        return await recovery.settle_all(self.store, self.timeouts)
 
 
 class AsyncVM:
@@ -192,10 +192,7 @@ class AsyncVM:
         return self.host.store
 
     async def _settle(self) -> None:
-        with self._store.lock(check_name(self.name)):
-            rec = self._store.get_vm(self.name)
-            if rec.state == "updating" or rec.info.retire is not None:
-                await recovery.recover(self._store, rec, self.host.timeouts)
+        await recovery.settle(self._store, check_name(self.name), self.host.timeouts)
 
     async def console_socket(self) -> str:
         """The UNIX socket of the VM's serial console (a live VM's)."""

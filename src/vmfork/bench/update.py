@@ -8,6 +8,7 @@ every mode alike); the median of each figure is reported, with ratios to
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -19,9 +20,12 @@ from rich.console import Console
 from vmfork import vm
 from vmfork.bench import print_table, ratio
 from vmfork.errors import GuestError
+from vmfork.guest.serial import CutShort
 from vmfork.results import UpdateReport
 from vmfork.store import Store
-from vmfork.update import NO_COPY, update
+from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.update.live import update
+from vmfork.update.modes import NO_COPY
 
 MB = 1_000_000
 MIB = 1024 * 1024
@@ -49,64 +53,69 @@ def _median(reports: Sequence[UpdateReport], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-async def _exec(store: Store, name: str, command: str, timeout: float = 60) -> str:
+#: Tries of an idempotent guest command whose output the serial agent lost.
+EXEC_TRIES = 3
+
+
+async def _exec(store: Store, name: str, command: str, timeout: float) -> str:
     """Run an idempotent guest command; again if the serial agent lost its output."""
-    for attempt in range(3):
-        try:
-            r = await vm.exec_(store, name, command, timeout=timeout)
-        except GuestError as exc:
-            if "cut short" in str(exc) and attempt < 2:
-                continue
-            raise
-        if r.status != 0:
-            raise GuestError(f"{name}: {command[:40]!r} failed: {r.text.strip()[-200:]}")
-        return r.text.strip()
-    raise AssertionError("unreachable")  # pragma: no cover
+    for _ in range(EXEC_TRIES - 1):
+        with contextlib.suppress(CutShort):
+            return await _exec_once(store, name, command, timeout)
+    return await _exec_once(store, name, command, timeout)
 
 
-async def _fill(store: Store, name: str, mb: int) -> None:
+async def _exec_once(store: Store, name: str, command: str, timeout: float) -> str:
+    r = await vm.exec_(store, name, command, timeout=timeout)
+    if r.status != 0:
+        raise GuestError(f"{name}: {command[:40]!r} failed: {r.text.strip()[-200:]}")
+    return r.text.strip()
+
+
+async def _fill(store: Store, name: str, mb: int, timeouts: Timeouts) -> None:
     try:
+        # Writing guest RAM under TCG runs at a few MB/s: the deadline grows with mb.
         r = await vm.exec_(store, name, FILL_CMD.format(mb=mb, file="/root/data"),
-                           timeout=120 + mb / 4)
+                           timeout=timeouts.exec * (2 + mb / 240))
         if r.status != 0:
             raise GuestError(f"{name}: filling guest memory failed: {r.text.strip()[-200:]}")
-    except GuestError as exc:  # lost output is fine: the size check below decides
-        if "cut short" not in str(exc):
-            raise
-    size = await _exec(store, name, SIZE_CMD)
+    except CutShort:  # lost output is fine: the size check below decides
+        pass
+    size = await _exec(store, name, SIZE_CMD, timeouts.exec)
     if not size.isdigit() or int(size) < mb * MIB:
         raise GuestError(f"{name}: filling guest memory failed (/root/data: {size})")
 
 
 async def measure_size(store: Store, memory_mib: int, modes: Sequence[str], fill: float,
-                       repeat: int, progress: bool) -> dict[str, Any]:
+                       repeat: int, progress: bool,
+                       timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
     name = f"bench-update-{memory_mib}"
     if store.has_vm(name):
-        await vm.stop(store, name, force=True)
+        await vm.stop(store, name, force=True, timeouts=timeouts)
     t0 = time.monotonic()
     _say(progress, f"{memory_mib} MiB: booting")
-    await vm.run(store, vm.RunOptions(name=name, demo=True, memory_mib=memory_mib))
+    await vm.run(store, vm.RunOptions(name=name, demo=True, memory_mib=memory_mib), timeouts)
     reports: dict[str, list[UpdateReport]] = {m: [] for m in modes}
     try:
         # The guest's files live in its RAM next to the kernel: leave it room.
         fill_mb = min(int(memory_mib * fill), memory_mib - GUEST_RESERVE_MIB)
         _say(progress, f"{memory_mib} MiB: writing {fill_mb} MiB of guest data")
         t_fill = time.monotonic()
-        await _fill(store, name, fill_mb)
+        await _fill(store, name, fill_mb, timeouts)
         fill_s = time.monotonic() - t_fill
         for rnd in range(repeat):
             for mode in modes:
-                r = await update(store, name, mode=mode)
+                r = await update(store, name, mode=mode, timeouts=timeouts)
                 reports[mode].append(r)
                 _say(progress, f"{memory_mib} MiB: round {rnd + 1} {mode}: "
                      f"pause {r.pause_host_ms} ms, total {r.total_seconds:.3f} s, "
                      f"sent {r.bytes_transferred / MB:.2f} MB, "
                      f"peak {r.peak_memory_bytes / MB:.0f} MB")
-        size = await _exec(store, name, SIZE_CMD)
+        size = await _exec(store, name, SIZE_CMD, timeouts.exec)
         if not size.isdigit() or int(size) < fill_mb * MIB:
             raise GuestError(f"{name}: the guest data is gone after the updates: {size}")
     finally:
-        await vm.stop(store, name)
+        await vm.stop(store, name, timeouts=timeouts)
     return {
         "memory_mib": memory_mib, "data_mib": fill_mb, "fill_seconds": round(fill_s, 1),
         "seconds": round(time.monotonic() - t0, 1),
@@ -149,10 +158,12 @@ def _targets(sizes: list[dict[str, Any]], modes: Sequence[str]) -> list[dict[str
 
 
 async def run(store: Store, sizes_mib: Sequence[int], modes: Sequence[str],
-              fill: float = 0.55, repeat: int = 3, progress: bool = True) -> dict[str, Any]:
+              fill: float = 0.55, repeat: int = 3, progress: bool = True,
+              timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
     """Measure every mode at every size; return the medians, ratios and targets."""
     t0 = time.monotonic()
-    sizes = [await measure_size(store, m, modes, fill, repeat, progress) for m in sizes_mib]
+    sizes = [await measure_size(store, m, modes, fill, repeat, progress, timeouts)
+             for m in sizes_mib]
     return {"sizes": sizes, "targets": _targets(sizes, modes), "repeat": repeat,
             "fill": fill, "seconds": round(time.monotonic() - t0, 1)}
 

@@ -26,6 +26,7 @@ from vmfork.errors import (
     LaunchError,
     MigrationError,
     NotFound,
+    QMPCommandError,
     SetupError,
     StateError,
     TemplateError,
@@ -36,6 +37,7 @@ from vmfork.images.demo import demo_image
 from vmfork.results import Result
 from vmfork.spec import parse_memory
 from vmfork.store import Store
+from vmfork.update.recovery import settle
 
 T = TypeVar("T")
 out = Console(highlight=False, soft_wrap=True)
@@ -44,8 +46,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 #: Error class -> exit status. Usage-type errors exit 2, the rest 1.
 EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
     (InvalidInput, 2), (NotFound, 1), (AlreadyExists, 1), (SetupError, 1), (LaunchError, 1),
-    (StateError, 1), (GuestError, 1), (MigrationError, 1), (TemplateError, 1),
-    (VmforkTimeout, 1), (VmforkError, 1),
+    (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (MigrationError, 1),
+    (TemplateError, 1), (VmforkTimeout, 1), (VmforkError, 1),
 )
 
 
@@ -92,6 +94,14 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 def store() -> Store:
     return Store()
+
+
+def settled(name: str) -> Store:
+    """The store, once an interrupted live update of VM *name* is finished or
+    undone: every command that acts on a VM starts with it (listing does not)."""
+    s = store()
+    run_async(settle(s, name))
+    return s
 
 
 def _json_default(obj: Any) -> Any:
@@ -224,8 +234,6 @@ def run(name: str, demo: bool, kernel: str | None, initrd: str | None, append: s
 def ls(as_json: bool) -> None:
     """List VMs (a VM whose QEMU died shows as dead)."""
     s = store()
-    from vmfork.update.recovery import recover_interrupted
-    run_async(recover_interrupted(s))  # updates whose vmfork died: finish or undo them
     recs = vm.list_vms(s)
     rows = [listing.describe(r).to_dict() for r in recs]
     if as_json:
@@ -249,7 +257,7 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float | None, agent: 
     """Run COMMAND in the guest; print its output and exit with its status."""
     import shlex
     cmd = command[0] if len(command) == 1 else shlex.join(command)
-    result = run_async(vm.exec_(store(), name, cmd, timeout=timeout, agent=agent))
+    result = run_async(vm.exec_(settled(name), name, cmd, timeout=timeout, agent=agent))
     sys.stdout.buffer.write(result.output)
     sys.stdout.flush()
     sys.exit(result.status)
@@ -260,7 +268,7 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float | None, agent: 
 def console(name: str) -> None:
     """Attach to the serial console (Ctrl-] detaches)."""
     from vmfork.cli.console import bridge
-    s = store()
+    s = settled(name)
     rec = vm.get_live(s, name)
     bridge(vm.paths_for(s, rec).console)
 
@@ -269,7 +277,7 @@ def console(name: str) -> None:
 @click.argument("name")
 def pause(name: str) -> None:
     """Pause the guest's vCPUs."""
-    run_async(vm.pause(store(), name))
+    run_async(vm.pause(settled(name), name))
     out.print(f"{name}: paused")
 
 
@@ -277,7 +285,7 @@ def pause(name: str) -> None:
 @click.argument("name")
 def resume(name: str) -> None:
     """Resume a paused guest."""
-    run_async(vm.resume(store(), name))
+    run_async(vm.resume(settled(name), name))
     out.print(f"{name}: running")
 
 

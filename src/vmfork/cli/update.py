@@ -6,11 +6,12 @@ import dataclasses
 
 import click
 
-from vmfork import update as upd
 from vmfork.bench import update as bench_update
 from vmfork.cli import bench, emit_json, main, out, run_async, store
 from vmfork.spec import parse_memory_list
 from vmfork.timeouts import DEFAULT
+from vmfork.update.live import update
+from vmfork.update.modes import MODES
 
 
 def _mb(n: int | None) -> str:
@@ -24,7 +25,7 @@ def _ms(v: float | None) -> str:
 @main.command("update")
 @click.argument("name")
 @click.option("--qemu", help="QEMU binary for the new process [default: the VM's].")
-@click.option("--mode", type=click.Choice(upd.MODES), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
               help="cpr-transfer and ignore-shared copy no RAM; copy (for clones, whose "
                    "RAM is private) needs twice the guest memory while it runs.")
 @click.option("--timeout", type=float, default=None,
@@ -36,12 +37,13 @@ def update_cmd(name: str, qemu: str | None, mode: str, timeout: float | None,
     """Move VM NAME's guest into a new QEMU process (live update).
 
     The VM keeps its name, console and exec. If anything fails, the old QEMU
-    keeps running the guest and the command fails naming the cause.
+    keeps running the guest and the command fails naming the cause. An
+    earlier update that was interrupted is finished or undone first.
     """
     timeouts = DEFAULT
     if timeout is not None:
         timeouts = dataclasses.replace(timeouts, migrate=timeout)
-    r = run_async(upd.update(store(), name, qemu=qemu, mode=mode, timeouts=timeouts))
+    r = run_async(update(store(), name, qemu=qemu, mode=mode, timeouts=timeouts))
     if as_json:
         emit_json(r.to_dict())
         return

@@ -14,11 +14,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from vmfork.errors import InvalidInput
+from vmfork.errors import InvalidInput, SetupError
+from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.accel")
 PROBE_MARKER = b"VMFORK-PROBE-OK"
-PROBE_SECONDS = 20.0
 
 
 def kvm_usable_device() -> bool:
@@ -30,8 +30,9 @@ def kvm_usable_device() -> bool:
     return True
 
 
-def probe_kvm(qemu: str, kernel: str, initrd: str, seconds: float = PROBE_SECONDS) -> bool:
-    """Boot *kernel* under KVM; True if its init reached user space."""
+def probe_kvm(qemu: str, kernel: str, initrd: str, seconds: float = DEFAULT.accel_probe) -> bool:
+    """Boot *kernel* under KVM; True if its init reached user space within
+    *seconds*."""
     argv = [qemu, "-nodefaults", "-no-user-config", "-nographic", "-accel", "kvm",
             "-cpu", "host", "-m", "256M", "-serial", "stdio", "-no-reboot",
             "-kernel", kernel, "-initrd", initrd,
@@ -46,8 +47,10 @@ def probe_kvm(qemu: str, kernel: str, initrd: str, seconds: float = PROBE_SECOND
     return PROBE_MARKER in out
 
 
-def resolve_accel(choice: str, qemu: str, kernel: str, initrd: str, cache_dir: Path) -> str:
-    """Turn ``auto|kvm|tcg`` into ``kvm`` or ``tcg``."""
+def resolve_accel(choice: str, qemu: str, kernel: str, initrd: str, cache_dir: Path,
+                  timeouts: Timeouts = DEFAULT) -> str:
+    """Turn ``auto|kvm|tcg`` into ``kvm`` or ``tcg`` (``auto`` may boot a
+    probe for up to ``timeouts.accel_probe`` seconds, once per cache key)."""
     if choice in ("kvm", "tcg"):
         return choice
     if choice != "auto":
@@ -56,16 +59,24 @@ def resolve_accel(choice: str, qemu: str, kernel: str, initrd: str, cache_dir: P
         log.info("accel: /dev/kvm unusable, using tcg")
         return "tcg"
     cache = cache_dir / "accel.json"
-    key = f"{qemu}|{os.path.realpath(kernel)}|{os.stat(kernel).st_size}|{os.uname().release}"
+    try:
+        size = os.stat(kernel).st_size
+    except OSError as exc:
+        raise SetupError(f"the probe kernel {kernel} is unreadable: {exc.strerror}") from exc
+    key = f"{qemu}|{os.path.realpath(kernel)}|{size}|{os.uname().release}"
     try:
         data = json.loads(cache.read_text())
-        if data.get("key") == key:
+        fresh = isinstance(data, dict) and data.get("key") == key
+        if fresh and data.get("accel") in ("kvm", "tcg"):
             return str(data["accel"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         pass
-    accel = "kvm" if probe_kvm(qemu, kernel, initrd) else "tcg"
+    accel = "kvm" if probe_kvm(qemu, kernel, initrd, timeouts.accel_probe) else "tcg"
     log.info("accel: probe boot under KVM %s, using %s",
              "succeeded" if accel == "kvm" else "failed", accel)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "accel": accel}))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "accel": accel}))
+    except OSError as exc:  # the verdict holds; the next run probes again
+        log.warning("accel: cannot cache the probe verdict in %s: %s", cache, exc.strerror)
     return accel

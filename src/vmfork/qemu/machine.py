@@ -9,6 +9,9 @@ launch kills the process and raises :class:`LaunchError` with exit status,
 argv and log tail. Every await that crosses the process boundary has a
 deadline (:mod:`vmfork.timeouts`).
 
+It is also the QMP boundary: :func:`qmp_execute` is the one place where
+qemu.qmp's exceptions become vmfork's (:class:`QMPCommandError`).
+
 It knows nothing of the catalog: callers (:mod:`vmfork.vm`) record what it
 returns.
 """
@@ -32,7 +35,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from vmfork.errors import LaunchError, MigrationError, StateError, VmforkError, VmforkTimeout
+from vmfork.errors import LaunchError, QMPCommandError, StateError, VmforkError, VmforkTimeout
 from vmfork.spec import RunPaths, VMSpec, build_argv
 from vmfork.timeouts import DEFAULT, Timeouts
 
@@ -67,6 +70,20 @@ def process_alive(pid: int | None, start_time: float | None = None) -> bool:
         return False
 
 
+def find_qemu(qmp_path: str) -> int | None:
+    """The pid of the QEMU whose command line names *qmp_path* (its monitor):
+    finds a QEMU whose pid was never recorded (a killed vmfork started it)."""
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(qmp_path in a for a in (p.info["cmdline"] or []) if "unix:" in a):
+                return int(p.pid)
+        except psutil.Error:
+            continue
+    return None
+
+
 def process_start_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -87,6 +104,27 @@ async def deadline(aw: Awaitable[T], seconds: float, phase: str, detail: str = "
             return await aw
     except TimeoutError as exc:
         raise VmforkTimeout(phase, seconds, detail) from exc
+
+
+async def qmp_execute(client: QMPClient, who: str, cmd: str, args: dict[str, Any] | None,
+                      timeout: float) -> Any:
+    """Run one QMP command on *client* within *timeout* seconds.
+
+    The one place where qemu.qmp's exceptions become vmfork's: QEMU's error
+    answer, a broken connection, or arguments that are not JSON raise
+    :class:`QMPCommandError`; the deadline raises :class:`VmforkTimeout`.
+    Callers that know what the failure means (a migration failed) wrap
+    :class:`QMPCommandError` in their own class."""
+    try:
+        return await deadline(client.execute(cmd, args), timeout, f"QMP {cmd} on {who}")
+    except ExecuteError as exc:
+        err = exc.error.error
+        raise QMPCommandError(who, cmd, err.class_, err.desc) from exc
+    except (QMPError, EOFError, OSError) as exc:
+        why = str(exc) or type(exc).__name__
+        raise QMPCommandError(who, cmd, None, f"no answer ({why})") from exc
+    except (TypeError, ValueError) as exc:
+        raise QMPCommandError(who, cmd, None, f"arguments not sent ({exc})") from exc
 
 
 def remove_sockets(paths: RunPaths) -> None:
@@ -215,17 +253,10 @@ class Machine:
     # -- QMP --------------------------------------------------------------
     async def qmp(self, cmd: str, args: dict[str, Any] | None = None,
                   timeout: float | None = None) -> Any:
-        """Run one QMP command with a deadline; QMP errors become VmforkError."""
-        t = timeout or self.timeouts.qmp
-        try:
-            return await deadline(self._qmp.execute(cmd, args), t, f"QMP {cmd} on {self.name}")
-        except ExecuteError as exc:
-            msg = f"{self.name}: QMP {cmd} failed: {exc.error.error.desc}"
-            if cmd.startswith("migrate"):
-                raise MigrationError(msg) from exc
-            raise StateError(msg) from exc
-        except QMPError as exc:
-            raise StateError(f"{self.name}: QMP {cmd} failed: {exc}") from exc
+        """Run one QMP command within *timeout* (default ``timeouts.qmp``);
+        see :func:`qmp_execute` for what it raises."""
+        return await qmp_execute(self._qmp, self.name, cmd, args,
+                                 timeout or self.timeouts.qmp)
 
     @property
     def events(self) -> Any:
@@ -329,8 +360,8 @@ class Machine:
         """
         try:
             if not force and self.alive():
-                with contextlib.suppress(VmforkError, QMPError, OSError):
-                    await deadline(self._qmp.execute("quit"), self.timeouts.stop, "quit")
+                with contextlib.suppress(VmforkError):  # QEMU may hang up before answering
+                    await self.qmp("quit", timeout=self.timeouts.stop)
                 if await self._wait_exit(self.timeouts.stop):
                     return
             for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -3,8 +3,13 @@
 Owns the QMP sequences every feature shares (templates, clones, update,
 save/restore): set migration capabilities and parameters, start a migration
 to a URI or a file, wait for it with QEMU's MIGRATION events (no polling),
-load an incoming state, and read what QEMU reports (bytes, downtime). Saves to
-a file are atomic: a temporary name, fsync, rename, then a sha256.
+load an incoming state, cancel a running migration, and read what QEMU
+reports (bytes, downtime). Saves to a file are atomic: a temporary name,
+fsync, rename, then a sha256.
+
+A QMP command that fails here (:class:`QMPCommandError`) is wrapped, with its
+cause, into a :class:`MigrationError` at this module's boundary; waits raise
+:class:`VmforkTimeout`.
 """
 
 from __future__ import annotations
@@ -19,23 +24,51 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from vmfork.errors import MigrationError, VmforkTimeout
+from vmfork.errors import MigrationError, QMPCommandError, VmforkError, VmforkTimeout
 from vmfork.files import fsync_path, sha256_file
 from vmfork.qemu.machine import Machine, deadline
 from vmfork.results import MigrationStats
 
 FINAL = ("completed", "failed", "cancelled")
+#: ``query-migrate`` statuses of a QEMU with no migration under way.
+IDLE = (None, "none", *FINAL)
 
+
+async def command(m: Machine, cmd: str, args: dict[str, Any] | None = None) -> Any:
+    """Run one migration QMP command; QEMU's refusal becomes a MigrationError."""
+    try:
+        return await m.qmp(cmd, args)
+    except QMPCommandError as exc:
+        raise MigrationError(str(exc)) from exc
 
 
 async def set_capabilities(m: Machine, **caps: bool) -> None:
     caps.setdefault("events", True)
-    await m.qmp("migrate-set-capabilities", {"capabilities": [
+    await command(m, "migrate-set-capabilities", {"capabilities": [
         {"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()]})
 
 
 async def set_parameters(m: Machine, **params: Any) -> None:
-    await m.qmp("migrate-set-parameters", {k.replace("_", "-"): v for k, v in params.items()})
+    await command(m, "migrate-set-parameters",
+                  {k.replace("_", "-"): v for k, v in params.items()})
+
+
+async def query(m: Machine) -> dict[str, Any]:
+    """QEMU's ``query-migrate`` answer (``status`` absent: none ever ran)."""
+    info = await command(m, "query-migrate")
+    return info if isinstance(info, dict) else {}
+
+
+async def cancel(m: Machine, timeout: float) -> None:
+    """Cancel *m*'s migration if one is under way and wait until it has ended."""
+    async def wait_idle() -> None:
+        cancelled = False
+        while (await query(m)).get("status") not in IDLE:
+            if not cancelled:
+                await command(m, "migrate_cancel")
+                cancelled = True
+            await asyncio.sleep(0.01)
+    await deadline(wait_idle(), timeout, f"cancelling the migration of {m.name}")
 
 
 async def _wait_final(listener: EventListener, m: Machine, timeout: float, phase: str) -> str:
@@ -49,8 +82,8 @@ async def _wait_final(listener: EventListener, m: Machine, timeout: float, phase
     try:
         return await deadline(wait(), timeout, phase)
     except VmforkTimeout:
-        with contextlib.suppress(Exception):
-            await m.qmp("migrate_cancel")
+        with contextlib.suppress(VmforkError):
+            await command(m, "migrate_cancel")
         raise
 
 
@@ -65,12 +98,12 @@ async def migrate(m: Machine, args: dict[str, Any], timeout: float,
     t0 = time.monotonic()
     listener = EventListener("MIGRATION")
     with m.events.listen(listener):
-        await m.qmp("migrate", args)
+        await command(m, "migrate", args)
         if on_started is not None:
             await on_started()
         status = await _wait_final(listener, m, timeout, f"{phase} of {m.name}")
     seconds = time.monotonic() - t0
-    info = await m.qmp("query-migrate")
+    info = await query(m)
     if status != "completed":
         raise MigrationError(f"{m.name}: {phase} {status}: "
                              f"{info.get('error-desc', 'no reason given')}")
@@ -89,14 +122,14 @@ def _device_bytes(info: dict[str, Any]) -> int:
 async def start_incoming(m: Machine, uri: str | None = None,
                          channels: list[dict[str, Any]] | None = None) -> None:
     args: dict[str, Any] = {"channels": channels} if channels else {"uri": uri}
-    await m.qmp("migrate-incoming", args)
+    await command(m, "migrate-incoming", args)
 
 
 async def wait_incoming(m: Machine, timeout: float) -> str:
     """Wait until an incoming migration has been loaded; return the run state."""
     async def poll() -> str:
         while True:
-            st = await m.status()
+            st = str((await command(m, "query-status"))["status"])
             if st != "inmigrate":
                 return st
             await asyncio.sleep(0.002)
@@ -111,8 +144,6 @@ async def load_state(m: Machine, path: Path, timeout: float, **caps: bool) -> st
     await set_capabilities(m, **caps)
     await start_incoming(m, f"file:{path}")
     return await wait_incoming(m, timeout)
-
-
 
 
 async def save_state(m: Machine, path: Path, timeout: float,
@@ -140,15 +171,3 @@ async def save_state(m: Machine, path: Path, timeout: float,
             tmp.unlink()
         raise
     return stats, digest
-
-
-async def qemu_identity(m: Machine) -> dict[str, str]:
-    """QEMU version and the concrete machine type (alias resolved)."""
-    ver = await m.qmp("query-version")
-    q = ver["qemu"]
-    machine = m.spec.machine
-    for entry in await m.qmp("query-machines"):
-        if entry.get("alias") == machine:
-            machine = entry["name"]
-            break
-    return {"qemu_version": f"{q['major']}.{q['minor']}.{q['micro']}", "machine": machine}

@@ -38,7 +38,7 @@ from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, StateErro
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
 from vmfork.launch import Launch, Transient, attach
 from vmfork.listing import LIVE_STATES
-from vmfork.qemu import migration
+from vmfork.qemu import features, migration
 from vmfork.results import ExportResult
 from vmfork.snapshots.save import load_incoming, recover, verify
 from vmfork.spec import MIB, MemorySpec, VMSpec, check_name
@@ -274,7 +274,7 @@ async def export(store: Store, name: str, file: Path | str,
                 if was_running:
                     await m.pause()
             await migration.set_parameters(m, mode="normal")
-            ident = await migration.qemu_identity(m)
+            ident = await features.qemu_identity(m)
             await migration.set_capabilities(m, x_ignore_shared=False, mapped_ram=True)
             try:
                 stats = await migration.migrate(

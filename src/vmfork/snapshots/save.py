@@ -49,7 +49,7 @@ from vmfork.files import fsync_path, sha256_file, unlink_quietly
 from vmfork.guest import identity
 from vmfork.launch import Launch, SavedVM, attach, machine_for
 from vmfork.listing import LIVE_STATES
-from vmfork.qemu import migration
+from vmfork.qemu import features, migration
 from vmfork.qemu.machine import Machine, deadline, process_alive
 from vmfork.records import SAVE_MODE, SavedState, VMInfo, VMRecord
 from vmfork.results import MigrationStats, RestoreResult, SaveResult
@@ -237,7 +237,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
                     await m.pause()
                 await _checkpoint("paused")
                 try:
-                    ident = await migration.qemu_identity(m)
+                    ident = await features.qemu_identity(m)
                     stats, digest = await migration.save_state(
                         m, state, timeouts.migrate, parameters={"mode": SAVE_MODE},
                         x_ignore_shared=True)

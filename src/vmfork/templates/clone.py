@@ -79,7 +79,7 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
             raise AlreadyExists(f"a VM named {n!r} exists already")
     if len(set(names)) != len(names):
         raise InvalidInput("clone names must differ")
-    check(manifest, timeouts=timeouts)
+    check(manifest, timeouts=timeouts, cache_dir=store.cache_dir)
     hook = manifest.on_clone if on_clone is None else on_clone
     results = await asyncio.gather(
         *(_clone_one(store, manifest, n, use_pool, set_identity, timeouts, hook or None)

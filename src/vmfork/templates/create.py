@@ -29,7 +29,7 @@ from pathlib import Path
 from vmfork import update, vm
 from vmfork.errors import AlreadyExists, GuestError, TemplateError, VmforkTimeout
 from vmfork.files import write_atomic
-from vmfork.qemu import migration
+from vmfork.qemu import features, migration
 from vmfork.records import VMRecord
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec, check_name
 from vmfork.store import Store
@@ -71,7 +71,7 @@ async def create_from_vm(store: Store, name: str, vm_name: str,
     try:
         async with vm.attached(store, vm_name, timeouts) as (rec, m):
             was_running = await m.status() == "running"
-            ident = await migration.qemu_identity(m)
+            ident = await features.qemu_identity(m)
             if was_running and rec.spec.qga and any(not d.readonly for d in rec.spec.disks):
                 await _freeze(store, rec, timeouts)
                 frozen = True

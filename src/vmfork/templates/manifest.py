@@ -24,16 +24,14 @@ Manifest versions (``version``):
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmfork.errors import InvalidInput, TemplateError
+from vmfork.errors import InvalidInput, LaunchError, TemplateError
 from vmfork.files import sha256_file
+from vmfork.qemu import features
 from vmfork.results import MigrationStats, Result
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, check_name, new_mac
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -211,33 +209,8 @@ def template_dir(store: Store, name: str) -> Path:
 
 
 # -- checks -------------------------------------------------------------------
-_QEMU_VERSIONS: dict[tuple[str, float], str] = {}
-
-
-def qemu_binary_version(qemu: str, timeouts: Timeouts = DEFAULT) -> str:
-    """Version of a QEMU binary (from ``--version``; cached per path and mtime)."""
-    path = shutil.which(qemu) or qemu
-    try:
-        key = (path, os.stat(path).st_mtime)
-    except OSError as exc:
-        raise TemplateError(f"QEMU binary {qemu!r} not found") from exc
-    if key not in _QEMU_VERSIONS:
-        try:
-            out = subprocess.run([path, "--version"], capture_output=True, text=True,
-                                 timeout=timeouts.probe).stdout
-        except subprocess.TimeoutExpired as exc:
-            raise TemplateError(f"QEMU binary {path} did not answer --version within "
-                                f"{timeouts.probe:g} s") from exc
-        except OSError as exc:
-            raise TemplateError(f"QEMU binary {path} cannot run: {exc.strerror}") from exc
-        words = out.split()
-        at = words.index("version") + 1 if "version" in words else len(words)
-        _QEMU_VERSIONS[key] = words[at] if at < len(words) else "unknown"
-    return _QEMU_VERSIONS[key]
-
-
 def check(manifest: TemplateManifest, qemu: str | None = None,
-          timeouts: Timeouts = DEFAULT) -> None:
+          timeouts: Timeouts = DEFAULT, cache_dir: Path | None = None) -> None:
     """Refuse (TemplateError) a template whose files or QEMU no longer match
     its manifest: memory file missing or resized, state file missing or
     corrupt, disks changed, another QEMU version, or a spec whose machine type
@@ -262,7 +235,10 @@ def check(manifest: TemplateManifest, qemu: str | None = None,
         raise TemplateError(f"template {name}: its spec has machine type "
                             f"{manifest.spec.machine}, the state was saved with "
                             f"{manifest.machine}")
-    ver = qemu_binary_version(qemu or manifest.qemu, timeouts)
+    try:
+        ver = features.binary_version(qemu or manifest.qemu, cache_dir, timeouts)
+    except (InvalidInput, LaunchError) as exc:
+        raise TemplateError(f"template {name}: {exc}") from exc
     if ver != manifest.qemu_version:
         raise TemplateError(f"template {name} was made with QEMU {manifest.qemu_version}, "
                             f"this QEMU is {ver}")

@@ -172,7 +172,7 @@ async def fill_pool(store: Store, template: str, timeouts: Timeouts = DEFAULT) -
                 await kill_member(store, member)
         live = live[:target]
         if len(live) < target:
-            check(manifest, timeouts=timeouts)
+            check(manifest, timeouts=timeouts, cache_dir=store.cache_dir)
         while len(live) < target:
             live.append(await _spawn_member(store, manifest, timeouts, warm))
         return len(live)
