@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import update, vm
+from vmfork import vm
 from vmfork.snapshots import save as saving
 from vmfork.templates import catalog, clone, create
+from vmfork.update import live
 
 from .conftest import Env, run
 
@@ -51,7 +52,7 @@ def test_update_modes_move_a_clones_ram_unchanged(env: Env, tmp_path: Path) -> N
     before = tmp_path / "before.ram"
     digest = run(_dump(env, "c", before))
     for mode in ("copy", "ignore-shared", "cpr-transfer"):
-        rep = run(update.update(s, "c", mode=mode))
+        rep = run(live.update(s, "c", mode=mode))
         assert rep.mode == mode
         after = tmp_path / f"{mode}.ram"
         if run(_dump(env, "c", after)) != digest:

@@ -14,8 +14,8 @@ import pytest
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound, StateError, TemplateError
 from vmfork.qemu.machine import Machine, process_alive
+from vmfork.records import TemplateManifest
 from vmfork.templates import catalog, clone, create, pool
-from vmfork.templates.manifest import TemplateManifest
 
 from .conftest import Env, qemu_processes, run
 

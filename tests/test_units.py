@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import cli, errors, vm
+from vmfork import errors, records, vm
+from vmfork.cli import app, vms
 from vmfork.guest.serial import ExecResult, SerialAgent
 from vmfork.images.demo import Cpio
 from vmfork.qemu import accel, features
@@ -95,15 +96,15 @@ def test_cpio_readable_by_gnu_cpio(tmp_path: Path) -> None:
     (errors.TemplateError("x"), 1), (errors.VmforkTimeout("boot", 3), 1),
     (errors.VmforkError("x"), 1)])
 def test_exit_codes(exc: errors.VmforkError, code: int) -> None:
-    assert cli.exit_code(exc) == code
+    assert app.exit_code(exc) == code
 
 
 def test_exit_table_covers_every_error_class() -> None:
     classes = {c for c in vars(errors).values()
                if isinstance(c, type) and issubclass(c, errors.VmforkError)}
-    assert classes == {cls for cls, _ in cli.EXIT_CODES}
+    assert classes == {cls for cls, _ in app.EXIT_CODES}
     # The root comes last, so it never shadows a subclass.
-    assert cli.EXIT_CODES[-1][0] is errors.VmforkError
+    assert app.EXIT_CODES[-1][0] is errors.VmforkError
 
 
 def test_launch_error_message_is_one_line() -> None:
@@ -343,10 +344,10 @@ def test_build_spec_kernel_and_disk(tmp_path: Path) -> None:
                                           ("1:2:3", None), ("70000:22", None)])
 def test_parse_port(text: str, ok: tuple[int, int] | None) -> None:
     if ok:
-        assert cli.parse_port(text) == ok
+        assert vms.parse_port(text) == ok
     else:
         with pytest.raises(errors.InvalidInput, match="HOST:GUEST"):
-            cli.parse_port(text)
+            vms.parse_port(text)
 
 
 # -- the guest agent's framing, against a fake agent ------------------------------------
@@ -528,18 +529,18 @@ def test_identity_command_edits_hosts_and_machine_id(tmp_path: Path) -> None:
 
 
 def sample_manifest(name: str, parent: str | None = None,
-                    spec: VMSpec | None = None) -> tm.TemplateManifest:
+                    spec: VMSpec | None = None) -> records.TemplateManifest:
     """A manifest as create_from_vm makes one (no files behind it)."""
     spec = spec or VMSpec(name=name, memory_mib=256, kernel="/k", machine="pc-q35-10.0",
                           memory=MemorySpec(path=f"/m/{name}.mem", share=False, readonly=True))
     stats = MigrationStats(status="completed", seconds=0.0071, total_time_ms=7,
                            downtime_ms=7, ram_bytes=0, total_bytes=300_000)
-    return tm.TemplateManifest(
+    return records.TemplateManifest(
         name=name, created=1_700_000_000.25, source_vm=f"{name}.build", parent=parent,
         memory_file=f"/m/{name}.mem", memory_size=256 << 20, state_file=f"/h/{name}/state",
         state_size=300_000, state_sha256="ab" * 32, qemu_version="10.0.2",
         machine="pc-q35-10.0", qemu="qemu-system-x86_64", spec=spec,
-        save=tm.TemplateSave(stats, freeze_seconds=0.0, total_seconds=0.0093))
+        save=records.TemplateSave(stats, freeze_seconds=0.0, total_seconds=0.0093))
 
 
 #: A manifest as vmfork wrote it before manifests were typed and versioned
@@ -573,9 +574,9 @@ UNVERSIONED_MANIFEST: dict[str, object] = {
 def test_manifest_round_trips_and_the_catalog_keeps_it(tmp_path: Path) -> None:
     m = disk_template_manifest(tmp_path)
     d = m.to_dict()
-    assert d["version"] == tm.MANIFEST_VERSION
-    assert tm.TemplateManifest.from_dict(d) == m
-    assert tm.TemplateManifest.from_json(m.to_json()) == m
+    assert d["version"] == records.MANIFEST_VERSION
+    assert records.TemplateManifest.from_dict(d) == m
+    assert records.TemplateManifest.from_json(m.to_json()) == m
     assert json.loads(json.dumps(d)) == d  # plain JSON
     s = Store(tmp_path / "home", tmp_path / "mem")
     s.add_template(m)
@@ -590,11 +591,11 @@ def test_unversioned_manifest_still_loads(tmp_path: Path) -> None:
                   ("t", json.dumps(UNVERSIONED_MANIFEST), 1764000000.5))
     m = s.get_template("t")
     s.close()
-    assert m.version == tm.MANIFEST_VERSION
+    assert m.version == records.MANIFEST_VERSION
     assert (m.name, m.parent, m.frozen, m.on_clone, m.guest) == ("t", None, True, "echo hi",
                                                                  "debian")
     assert m.memory_path == Path("/dev/shm/vmfork/tpl-t-1a2b3c4d.mem")
-    assert m.disks == (tm.TemplateDisk(0, "/h/templates/t/disk0.qcow2", 2752512,
+    assert m.disks == (records.TemplateDisk(0, "/h/templates/t/disk0.qcow2", 2752512,
                                        1764000000123456789, "/img/base.qcow2", 1073741824,
                                        1763000000000000000),)
     assert m.spec.machine == m.machine == "pc-q35-10.0" and m.spec.qga
@@ -612,7 +613,7 @@ def test_first_release_manifest_loads_with_defaults() -> None:
            if k not in ("disks", "frozen", "on_clone", "guest")}
     old["save"] = {"status": "completed", "seconds": 0.009, "total_time_ms": 9,
                    "downtime_ms": 9, "ram_bytes": 0, "total_bytes": 300000}
-    m = tm.TemplateManifest.from_dict(old)
+    m = records.TemplateManifest.from_dict(old)
     assert (m.disks, m.frozen, m.on_clone, m.guest) == ((), False, None, "demo")
     assert (m.save.freeze_seconds, m.save.total_seconds) == (0.0, 0.009)
     tm.check_disks(m)
@@ -620,12 +621,12 @@ def test_first_release_manifest_loads_with_defaults() -> None:
 
 def test_manifest_refuses_newer_or_incomplete() -> None:
     with pytest.raises(errors.TemplateError, match="template t: its manifest is version 99"):
-        tm.TemplateManifest.from_dict({**UNVERSIONED_MANIFEST, "version": 99})
+        records.TemplateManifest.from_dict({**UNVERSIONED_MANIFEST, "version": 99})
     broken = {k: v for k, v in UNVERSIONED_MANIFEST.items() if k != "state_sha256"}
     with pytest.raises(errors.TemplateError, match="template t: its manifest is unreadable"):
-        tm.TemplateManifest.from_dict(broken)
+        records.TemplateManifest.from_dict(broken)
     with pytest.raises(errors.TemplateError, match="not JSON"):
-        tm.TemplateManifest.from_json("{")
+        records.TemplateManifest.from_json("{")
 
 
 def test_check_refuses_a_spec_of_another_machine_type(tmp_path: Path) -> None:
@@ -642,7 +643,7 @@ def test_check_refuses_a_spec_of_another_machine_type(tmp_path: Path) -> None:
         tm.check(other)
 
 
-def disk_template_manifest(tmp_path: Path) -> tm.TemplateManifest:
+def disk_template_manifest(tmp_path: Path) -> records.TemplateManifest:
     tdir = tmp_path / "templates" / "t"
     tdir.mkdir(parents=True)
     base = tmp_path / "base.qcow2"

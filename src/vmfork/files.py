@@ -4,9 +4,7 @@ directory entry, checksums. Nothing here knows about VMs."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import secrets
 from pathlib import Path
 
 
@@ -21,7 +19,7 @@ def fsync_path(path: Path | str) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write *data* to *path* via a temporary name, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(3).hex()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -36,6 +34,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def sha256_file(path: Path | str) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -2,17 +2,20 @@
 
 Listing only reads: a VM whose QEMU process is gone shows as ``dead``, but
 its record is left as it is (the next operation on it records that). Kept
-light on imports (no asyncio, no QMP, no psutil), so that ``vmfork ls``
-starts fast."""
+light on imports (no asyncio, no QMP, no psutil; the record types are loaded
+with the first record), so that ``vmfork ls`` starts fast."""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from vmfork import proc
-from vmfork.records import VMRecord
-from vmfork.results import VMStatus
-from vmfork.store import Store
+
+if TYPE_CHECKING:
+    from vmfork.records import VMRecord
+    from vmfork.results import VMStatus
+    from vmfork.store import Store
 
 #: States in which a VM has (or is about to have) a QEMU process.
 LIVE_STATES = ("starting", "running", "paused", "updating")
@@ -30,6 +33,8 @@ def observed_state(rec: VMRecord) -> str:
 
 def describe(rec: VMRecord) -> VMStatus:
     """The public view of one catalog record."""
+    from vmfork.results import VMStatus
+
     spec = rec.spec
     return VMStatus(name=rec.name, state=observed_state(rec), pid=rec.pid,
                     memory_mib=spec.memory_mib, memory_file=spec.memory.path,

@@ -8,7 +8,6 @@ lock and for the guest agent channels (one client at a time).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import time
@@ -54,6 +53,8 @@ def acquire(path: Path, timeout: float | None, busy: str) -> IO[str]:
 
 async def acquire_async(path: Path, timeout: float | None, busy: str) -> IO[str]:
     """:func:`acquire` without blocking the event loop while waiting."""
+    import asyncio  # here: the synchronous callers (listing VMs) need no event loop
+
     f, end = _open(path), time.monotonic() + (timeout or 0.0)
     while not _try(f, end, busy):
         await asyncio.sleep(RETRY)

@@ -1,6 +1,7 @@
-"""What the catalog keeps about each VM, typed: :class:`VMRecord` with its
+"""What the catalog keeps, typed: each VM's :class:`VMRecord` with its
 :class:`VMInfo` (memory ownership, QEMU generation, an update in flight, a
-saved state), and the saved-state manifest :class:`SavedState`.
+saved state), the saved-state manifest :class:`SavedState`, each template's
+versioned :class:`TemplateManifest`, and pool members (:class:`PoolMember`).
 
 Records are plain values; :mod:`vmfork.store` reads and writes them. Every
 ``from_dict`` accepts what older vmfork versions wrote (unknown keys are
@@ -14,8 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vmfork.errors import MigrationError
+from vmfork.errors import InvalidInput, MigrationError, TemplateError
 from vmfork.files import write_atomic
+from vmfork.results import MigrationStats, Result
 from vmfork.spec import VMSpec
 
 #: The QEMU migration mode of a save (RAM stays in the memory file).
@@ -181,3 +183,151 @@ class PoolMember:
     #: member left not ready belongs to a filler that died; the next fill of
     #: the pool (under its lock) ends it.
     ready: bool = True
+
+
+# -- templates ----------------------------------------------------------------------
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TemplateDisk:
+    """A disk overlay the template took over (read-only, ``disk{index}.qcow2``
+    in its directory), with what is needed to notice that it, or the image
+    under it, changed."""
+
+    index: int
+    path: str
+    size: int
+    mtime_ns: int
+    backing: str | None = None
+    backing_size: int | None = None
+    backing_mtime_ns: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.backing_size is None:  # no image under it: the keys are left out
+            del d["backing_size"], d["backing_mtime_ns"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TemplateDisk:
+        return cls(**_known(cls, d))
+
+
+@dataclass(frozen=True)
+class TemplateSave:
+    """How the template's state save went (manifest key ``save``): QEMU's
+    statistics of the save (``seconds``: the save alone), the file system
+    freeze before the pause, and the whole request until the state was saved
+    (freeze included), in seconds."""
+
+    migration: MigrationStats
+    freeze_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.migration.to_dict(), "freeze_seconds": round(self.freeze_seconds, 4),
+                "total_seconds": round(self.total_seconds, 4)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TemplateSave:
+        stats = MigrationStats(**_known(MigrationStats, d))
+        # A save without a freeze: the save was the whole request.
+        return cls(stats, float(d.get("freeze_seconds", 0.0)),
+                   float(d.get("total_seconds", stats.seconds)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateManifest(Result):
+    """What a template is: its files, the QEMU that made it, the spec its
+    clones start from, and how it was made. ``to_dict()`` is the JSON of the
+    catalog, of ``manifest.json`` and of ``vmfork template create --json``."""
+
+    version: int = MANIFEST_VERSION
+    name: str
+    #: Wall-clock time of creation (seconds since the epoch).
+    created: float
+    #: The VM frozen into this template (it ended).
+    source_vm: str
+    #: The template the source VM was cloned from (a chained template).
+    parent: str | None = None
+    #: The read-only memory file every clone maps privately, and its size.
+    memory_file: str
+    memory_size: int
+    #: The device state (x-ignore-shared: no RAM), its size and sha256.
+    state_file: str
+    state_size: int
+    state_sha256: str
+    #: QEMU's version and the concrete machine type (alias resolved) at the save.
+    qemu_version: str
+    machine: str
+    #: The QEMU binary.
+    qemu: str
+    #: The template's own spec; a clone's is derived with :func:`clone_spec`.
+    spec: VMSpec
+    #: The guest image kind ("demo", "debian").
+    guest: str = "demo"
+    save: TemplateSave
+    disks: tuple[TemplateDisk, ...] = ()
+    #: The guest's file systems were frozen at the pause (each clone thaws).
+    frozen: bool = False
+    #: The default on-clone hook (a shell command run in each clone).
+    on_clone: str | None = None
+    #: The snapshot file this template was imported from.
+    imported_from: str | None = None
+
+    @property
+    def memory_path(self) -> Path:
+        return Path(self.memory_file)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_file)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["spec"] = json.loads(self.spec.to_json())
+        d["save"] = self.save.to_dict()
+        d["disks"] = [disk.to_dict() for disk in self.disks]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TemplateManifest:
+        """Read a manifest of any version up to :data:`MANIFEST_VERSION`
+        (the result has the current layout); TemplateError if it is newer
+        or lacks what a template needs."""
+        name = d.get("name", "?")
+        version = d.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TemplateError(f"template {name}: manifest version {version!r} is not a number")
+        if version > MANIFEST_VERSION:
+            raise TemplateError(f"template {name}: its manifest is version {version}, newer "
+                                f"than this vmfork reads ({MANIFEST_VERSION})")
+        try:
+            return cls(
+                name=d["name"], created=float(d["created"]), source_vm=d["source_vm"],
+                parent=d.get("parent"), memory_file=d["memory_file"],
+                memory_size=int(d["memory_size"]), state_file=d["state_file"],
+                state_size=int(d["state_size"]), state_sha256=d["state_sha256"],
+                qemu_version=d["qemu_version"], machine=d["machine"], qemu=d["qemu"],
+                spec=VMSpec.from_dict(d["spec"]), guest=d.get("guest") or "demo",
+                save=TemplateSave.from_dict(d["save"]),
+                disks=tuple(TemplateDisk.from_dict(x) for x in d.get("disks") or ()),
+                frozen=bool(d.get("frozen", False)), on_clone=d.get("on_clone"),
+                imported_from=d.get("imported_from"))
+        except (KeyError, TypeError, ValueError, InvalidInput) as exc:
+            raise TemplateError(f"template {name}: its manifest is unreadable "
+                                f"({type(exc).__name__}: {exc})") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> TemplateManifest:
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise TemplateError(f"a template manifest is not JSON: {exc}") from exc
+        if not isinstance(d, dict):
+            raise TemplateError("a template manifest is not a JSON object")
+        return cls.from_dict(d)

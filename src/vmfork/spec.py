@@ -8,14 +8,14 @@ so it is unit-tested without QEMU.
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from vmfork.errors import InvalidInput
+from vmfork.names import check_name
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MIB = 1024 * 1024
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": MIB, "K": 1024, "M": MIB, "G": 1024 * MIB, "T": 1024 * 1024 * MIB}
@@ -26,15 +26,6 @@ MAX_MEMORY_MIB = 1024 * 1024
 #: the guest RNG initialises early and a VM generation ID change reseeds it.
 DEFAULT_CPU = "qemu64,+rdrand"
 DEFAULT_MACHINE = "q35"
-
-
-def check_name(name: str, what: str = "VM") -> str:
-    """Return *name* if it is a valid VM or template name, else raise InvalidInput."""
-    if not NAME_RE.fullmatch(name or ""):
-        raise InvalidInput(
-            f"invalid {what} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit")
-    return name
 
 
 def parse_size(text: str | int) -> int:
@@ -71,9 +62,16 @@ def parse_memory_list(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def new_guid() -> str:
+    """A random UUID (a VM generation ID)."""
+    import uuid  # here: imported only when a spec is made, not when one is read
+
+    return str(uuid.uuid4())
+
+
 def new_mac() -> str:
     """A random locally administered unicast MAC in QEMU's 52:54:00 style."""
-    b = uuid.uuid4().bytes
+    b = os.urandom(16)
     return "52:54:" + ":".join(f"{x:02x}" for x in b[:4])
 
 
@@ -143,7 +141,7 @@ class VMSpec:
     machine: str = DEFAULT_MACHINE
     cpu: str = DEFAULT_CPU
     aux_ram_share: bool = True
-    vmgenid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    vmgenid: str = field(default_factory=new_guid)
     qemu: str = "qemu-system-x86_64"
     #: Add a virtio-serial port for qemu-guest-agent (socket ``RunPaths.qga``).
     qga: bool = False

@@ -16,14 +16,18 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmfork import locking
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound
-from vmfork.records import PoolMember, VMInfo, VMRecord
-from vmfork.spec import RunPaths, VMSpec, check_name
-from vmfork.templates.manifest import TemplateManifest
+from vmfork.names import check_name
 from vmfork.timeouts import scale
+
+# The record types are imported where records are read: listing an empty
+# catalog (``vmfork ls`` on a new host) then never loads them.
+if TYPE_CHECKING:
+    from vmfork.records import PoolMember, TemplateManifest, VMRecord
+    from vmfork.spec import RunPaths
 
 #: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
 MAX_SOCKET_PATH = 107
@@ -130,6 +134,8 @@ class Store:
     def run_paths(self, name: str, generation: int = 0) -> RunPaths:
         """Socket and log paths for a VM; *generation* separates the QEMU
         processes of one VM that live side by side during an update."""
+        from vmfork.spec import RunPaths
+
         d = self.run_dir(name)
         sfx = f".{generation}" if generation else ""
         paths = RunPaths(qmp=str(d / f"qmp{sfx}.sock"), console=str(d / f"console{sfx}.sock"),
@@ -221,6 +227,9 @@ class Store:
 
     @staticmethod
     def _vm(row: tuple[Any, ...]) -> VMRecord:
+        from vmfork.records import VMInfo, VMRecord
+        from vmfork.spec import VMSpec
+
         return VMRecord(name=row[0], spec=VMSpec.from_json(row[1]), state=row[2], pid=row[3],
                         pid_start=row[4], template=row[5], created=row[6],
                         info=VMInfo.from_dict(json.loads(row[7])))
@@ -236,6 +245,8 @@ class Store:
     def get_template(self, name: str) -> TemplateManifest:
         """The manifest of template *name* (any version vmfork wrote, read into
         the current layout; TemplateError if unreadable)."""
+        from vmfork.records import TemplateManifest
+
         row = self._db.execute("SELECT manifest FROM templates WHERE name=?",
                                (name,)).fetchone()
         if row is None:
@@ -247,6 +258,8 @@ class Store:
                                 (name,)).fetchone() is not None
 
     def list_templates(self) -> list[TemplateManifest]:
+        from vmfork.records import TemplateManifest
+
         rows = self._db.execute("SELECT manifest FROM templates ORDER BY created").fetchall()
         return [TemplateManifest.from_json(r[0]) for r in rows]
 
@@ -268,6 +281,9 @@ class Store:
     def pool_members(self, template: str | None = None) -> list[PoolMember]:
         """Members of *template*'s pool (of every pool without), oldest first,
         ready or not (:attr:`PoolMember.ready`)."""
+        from vmfork.records import PoolMember
+        from vmfork.spec import VMSpec
+
         q = ("SELECT id, template, spec, pid, pid_start, created, warm, ready"
              " FROM pool_members")
         rows = (self._db.execute(q + " WHERE template=? ORDER BY created", (template,))

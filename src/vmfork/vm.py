@@ -30,11 +30,12 @@ from vmfork.launch import paths_for as paths_for
 from vmfork.launch import qemu_log as qemu_log
 from vmfork.launch import remove_vm_files as remove_vm_files
 from vmfork.listing import LIVE_STATES, describe, observed_state
+from vmfork.names import check_name
 from vmfork.qemu.accel import resolve_accel
 from vmfork.qemu.machine import Machine, find_qemu, process_alive
 from vmfork.records import VMInfo, VMRecord
 from vmfork.results import VMStatus
-from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, check_name, new_mac
+from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, new_mac
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 

@@ -23,6 +23,8 @@ from vmfork import listing, vm
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.guest.serial import ExecResult
 from vmfork.images.demo import GuestImage, demo_image
+from vmfork.names import check_name
+from vmfork.records import TemplateManifest
 from vmfork.results import (
     CloneResult,
     ExportResult,
@@ -35,10 +37,9 @@ from vmfork.results import (
     VMStatus,
 )
 from vmfork.snapshots import export, imports, save
-from vmfork.spec import check_name, parse_memory
+from vmfork.spec import parse_memory
 from vmfork.store import Store
 from vmfork.templates import catalog, clone, create, pool
-from vmfork.templates.manifest import TemplateManifest
 from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.update import live as live_update
 from vmfork.update import recovery

@@ -22,6 +22,7 @@ from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate, AsyncVM
 from vmfork.errors import NotFound, StateError
 from vmfork.guest.serial import ExecResult
 from vmfork.images.demo import GuestImage
+from vmfork.records import TemplateManifest
 from vmfork.results import (
     CloneResult,
     ExportResult,
@@ -33,7 +34,6 @@ from vmfork.results import (
     UpdateReport,
     VMStatus,
 )
-from vmfork.templates.manifest import TemplateManifest
 from vmfork.timeouts import DEFAULT, Timeouts
 
 T = TypeVar("T")

@@ -38,10 +38,11 @@ from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, StateErro
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
 from vmfork.launch import Launch, Transient, attach
 from vmfork.listing import LIVE_STATES
+from vmfork.names import check_name
 from vmfork.qemu import features, migration
 from vmfork.results import ExportResult
 from vmfork.snapshots.save import load_incoming, recover, verify
-from vmfork.spec import MIB, MemorySpec, VMSpec, check_name
+from vmfork.spec import MIB, MemorySpec, VMSpec
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 

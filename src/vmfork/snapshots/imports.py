@@ -23,15 +23,16 @@ from pathlib import Path
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, VmforkError
 from vmfork.launch import Launch, NewVM
+from vmfork.names import check_name
 from vmfork.qemu import migration
-from vmfork.records import VMInfo, VMRecord
+from vmfork.records import TemplateManifest, VMInfo, VMRecord
 from vmfork.results import ImportResult
 from vmfork.snapshots.export import Header, check_export, read_header
 from vmfork.snapshots.save import load_incoming, sync_guest_clock
-from vmfork.spec import MemorySpec, check_name
+from vmfork.spec import MemorySpec
 from vmfork.store import Store
 from vmfork.templates import create
-from vmfork.templates.manifest import TemplateManifest, template_dir
+from vmfork.templates.manifest import template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.snapshot")

@@ -49,11 +49,12 @@ from vmfork.files import fsync_path, sha256_file, unlink_quietly
 from vmfork.guest import identity
 from vmfork.launch import Launch, SavedVM, attach, machine_for
 from vmfork.listing import LIVE_STATES
+from vmfork.names import check_name
 from vmfork.qemu import features, migration
 from vmfork.qemu.machine import Machine, deadline, process_alive
 from vmfork.records import SAVE_MODE, SavedState, VMInfo, VMRecord
 from vmfork.results import MigrationStats, RestoreResult, SaveResult
-from vmfork.spec import MIB, check_name
+from vmfork.spec import MIB
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 

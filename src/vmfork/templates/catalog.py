@@ -17,11 +17,12 @@ import time
 
 from vmfork import vm
 from vmfork.errors import StateError
+from vmfork.names import check_name
+from vmfork.records import TemplateManifest
 from vmfork.results import TemplateStatus
-from vmfork.spec import check_name
 from vmfork.store import Store
 from vmfork.templates import pool
-from vmfork.templates.manifest import TemplateManifest, template_dir
+from vmfork.templates.manifest import template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template")

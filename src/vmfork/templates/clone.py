@@ -28,20 +28,14 @@ from vmfork import vm
 from vmfork.errors import AlreadyExists, GuestError, InvalidInput, VmforkTimeout
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewVM
+from vmfork.names import check_name
 from vmfork.qemu import migration
 from vmfork.qemu.machine import deadline
-from vmfork.records import PoolMember, VMInfo, VMRecord
+from vmfork.records import PoolMember, TemplateManifest, VMInfo, VMRecord
 from vmfork.results import CloneResult
-from vmfork.spec import check_name
 from vmfork.store import Store
 from vmfork.templates import pool
-from vmfork.templates.manifest import (
-    TemplateManifest,
-    check,
-    clone_spec,
-    move_disks,
-    template_mac,
-)
+from vmfork.templates.manifest import check, clone_spec, move_disks, template_mac
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template.clone")

@@ -26,21 +26,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from vmfork import update, vm
+from vmfork import vm
 from vmfork.errors import AlreadyExists, GuestError, TemplateError, VmforkTimeout
 from vmfork.files import write_atomic
+from vmfork.names import check_name
 from vmfork.qemu import features, migration
-from vmfork.records import VMRecord
-from vmfork.spec import DiskSpec, MemorySpec, VMSpec, check_name
+from vmfork.records import TemplateDisk, TemplateManifest, TemplateSave, VMRecord
+from vmfork.spec import DiskSpec, MemorySpec, VMSpec
 from vmfork.store import Store
-from vmfork.templates.manifest import (
-    TemplateDisk,
-    TemplateManifest,
-    TemplateSave,
-    disk_record,
-    template_dir,
-)
+from vmfork.templates.manifest import disk_record, template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.update import live
 
 log = logging.getLogger("vmfork.template")
 
@@ -207,7 +203,7 @@ async def _thaw_quietly(store: Store, rec: VMRecord, timeouts: Timeouts) -> None
 async def _share_memory(store: Store, rec: VMRecord, timeouts: Timeouts) -> VMRecord:
     """Give a VM with private memory (a clone) a shared memory file of its own
     by a local copy migration, so it can become a template (chained templates)."""
-    await update.update(store, rec.name, mode="copy", timeouts=timeouts)
+    await live.update(store, rec.name, mode="copy", timeouts=timeouts)
     new = store.get_vm(rec.name)
     if new.spec.memory.backend != "file" or not new.spec.memory.share:
         raise TemplateError(f"{rec.name}: could not move its memory to a shared file")

@@ -34,13 +34,13 @@ from vmfork import vm
 from vmfork.errors import GuestError, InvalidInput, TemplateError, VmforkError
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewPoolMember, qemu_log
+from vmfork.names import check_name
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, process_alive
-from vmfork.records import PoolMember, VMInfo, VMRecord
+from vmfork.records import PoolMember, TemplateManifest, VMInfo, VMRecord
 from vmfork.results import PoolMemberStatus, PoolStatus
-from vmfork.spec import check_name
 from vmfork.store import Store
-from vmfork.templates.manifest import TemplateManifest, check, clone_spec
+from vmfork.templates.manifest import check, clone_spec
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template.pool")

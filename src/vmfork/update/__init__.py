@@ -12,14 +12,4 @@ The package, one job per module (arrows point down)::
 
 What a QEMU binary supports is learned in :mod:`vmfork.qemu.features`;
 migrations are run by :mod:`vmfork.qemu.migration`.
-
-``update`` and ``MODES`` are re-exported here for callers that only run an
-update; everything else is imported from its module.
 """
-
-from __future__ import annotations
-
-from vmfork.update.live import update
-from vmfork.update.modes import MODES
-
-__all__ = ["MODES", "update"]

@@ -19,12 +19,13 @@ from typing import Any
 
 from vmfork import vm
 from vmfork.errors import InvalidInput, LaunchError, StateError, VmforkError
+from vmfork.names import check_name
 from vmfork.qemu import features, migration
 from vmfork.qemu.features import QemuFeatures
 from vmfork.qemu.machine import Machine, deadline
 from vmfork.records import UpdateIntent, VMRecord
 from vmfork.results import UpdateReport
-from vmfork.spec import MemorySpec, NetSpec, check_name
+from vmfork.spec import MemorySpec, NetSpec
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.update import recovery

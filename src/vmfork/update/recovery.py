@@ -33,10 +33,11 @@ import signal
 
 from vmfork import vm
 from vmfork.errors import StateError, VmforkError
+from vmfork.names import check_name
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, find_qemu, process_alive, remove_sockets
 from vmfork.records import UpdateIntent, VMRecord
-from vmfork.spec import VMSpec, check_name
+from vmfork.spec import VMSpec
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.update.commit import commit

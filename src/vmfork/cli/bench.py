@@ -1,0 +1,124 @@
+"""``vmfork bench clone|update|save``: benchmarks reported as ratios against a
+baseline measured in the same run (the measurements live in :mod:`vmfork.bench`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from vmfork.cli.output import configure_logging, emit_json, say
+from vmfork.errors import InvalidInput
+
+ACCELS = click.Choice(["auto", "kvm", "tcg"])
+
+
+def _progress(msg: str) -> None:
+    click.echo(f"bench: {msg}", err=True)
+
+
+@click.group("bench")
+def bench_cmd() -> None:
+    """Benchmarks, reported as ratios against a baseline measured in the same run."""
+    configure_logging()
+
+
+@bench_cmd.command("clone")
+@click.option("--image", type=click.Choice(["demo", "debian"]), default="demo",
+              show_default=True, help="Guest: busybox demo or systemd Debian (disk).")
+@click.option("--memory", default="512M", show_default=True, help="Guest RAM.")
+@click.option("--data", "data_mb", default=200, show_default=True,
+              help="MB of guest data in RAM.")
+@click.option("--disk-data", "disk_mb", default=32, show_default=True,
+              help="With --image debian: MB of data on disk (synced).")
+@click.option("--counts", default="1,10,20", show_default=True,
+              help="Clone counts for the memory comparison.")
+@click.option("--samples", default=5, show_default=True)
+@click.option("--accel", type=ACCELS, default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_clone(image: str, memory: str, data_mb: int, disk_mb: int, counts: str,
+                samples: int, accel: str, as_json: bool) -> None:
+    """Cold boot vs clone vs pool clone; memory of N clones vs N cold VMs."""
+    from vmfork.bench import clone as bc
+    from vmfork.bench import print_table
+    from vmfork.spec import parse_memory
+    from vmfork.store import Store
+
+    try:
+        cs = tuple(int(c) for c in counts.split(","))
+    except ValueError as exc:
+        raise InvalidInput(f"invalid --counts {counts!r}: use e.g. 1,10,20") from exc
+    if not cs or min(cs) < 1 or list(cs) != sorted(cs):
+        raise InvalidInput(f"invalid --counts {counts!r}: ascending positive numbers")
+    if samples < 1:
+        raise InvalidInput(f"invalid --samples {samples}: at least 1")
+    params = bc.CloneBench(memory_mib=parse_memory(memory), data_mb=data_mb, counts=cs,
+                           samples=samples, accel=accel, image=image, disk_mb=disk_mb,
+                           progress=_progress)
+    params.check()
+    result = asyncio.run(bc.run(Store(), params))
+    if as_json:
+        emit_json(result)
+        return
+    print_table(bc.title(result), ["metric", "vmfork", "baseline", "ratio"], bc.rows(result))
+    for target, ok in result["targets"].items():
+        say(f"target {target}: {'met' if ok else 'NOT met'}")
+
+
+@bench_cmd.command("update")
+@click.option("--sizes", default="256M,1G,4G", show_default=True,
+              help="Guest RAM sizes, comma separated.")
+@click.option("--fill", default=0.55, show_default=True, type=float,
+              help="Share of guest RAM filled with data.")
+@click.option("--repeat", default=3, show_default=True, type=int,
+              help="Updates per mode and size (the median is reported).")
+@click.option("--modes", default="cpr-transfer,ignore-shared,copy", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_update(sizes: str, fill: float, repeat: int, modes: str, as_json: bool) -> None:
+    """Live update in each mode at several RAM sizes, with ratios to copy."""
+    from vmfork.bench import update as bu
+    from vmfork.spec import parse_memory_list
+    from vmfork.store import Store
+
+    size_list = list(parse_memory_list(sizes))
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    result = asyncio.run(bu.run(Store(), size_list, mode_list, fill=fill, repeat=repeat,
+                                progress=not as_json))
+    if as_json:
+        emit_json(result)
+    else:
+        bu.print_result(result)
+
+
+@bench_cmd.command("save")
+@click.option("--sizes", default="256M,1G,4G", show_default=True,
+              help="Guest RAM sizes, comma-separated.")
+@click.option("--fill", default=0.5, show_default=True, type=float,
+              help="Share of guest RAM filled with incompressible data.")
+@click.option("--samples", default=3, show_default=True, type=int,
+              help="Save/restore cycles per size (median reported).")
+@click.option("--accel", type=ACCELS, default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_save(sizes: str, fill: float, samples: int, accel: str, as_json: bool) -> None:
+    """vmfork save/restore against a full-RAM save to a file and its restore."""
+    from vmfork.bench import save as bs
+    from vmfork.spec import parse_memory_list
+    from vmfork.store import Store
+
+    params = bs.SaveBench(sizes_mib=parse_memory_list(sizes), fill=fill, samples=samples,
+                          accel=accel)
+    if not as_json:
+        params.progress = _progress
+    result = asyncio.run(bs.run(Store(), params))
+    if as_json:
+        emit_json(result)
+    else:
+        bs.print_report(result)
+
+
+@bench_cmd.command("all")
+@click.pass_context
+def bench_all(ctx: click.Context) -> None:
+    """Every benchmark at its defaults: clone, update, save."""
+    for command in (bench_clone, bench_update, bench_save):
+        ctx.invoke(command)

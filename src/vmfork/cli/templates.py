@@ -1,0 +1,191 @@
+"""``vmfork template create|ls|inspect|rm``, ``clone`` and ``pool``."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import TYPE_CHECKING
+
+import click
+
+from vmfork.cli.output import emit_json, on_host, report, say, table
+from vmfork.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate
+    from vmfork.records import TemplateManifest
+    from vmfork.results import PoolStatus, TemplateStatus
+
+
+@click.group("template")
+def template_cmd() -> None:
+    """Templates: frozen VMs that clones start from."""
+
+
+@template_cmd.command("create")
+@click.argument("name")
+@click.option("--from", "from_vm", help="Freeze this running VM (it ends).")
+@click.option("--demo", is_flag=True, help="Boot the demo guest and freeze it.")
+@click.option("--memory", default="512M", show_default=True, help="With --demo: guest RAM.")
+@click.option("--prepare", help="With --demo: shell command run in the guest first.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+              show_default=True)
+@click.option("--on-clone", "on_clone", metavar="CMD",
+              help="Default hook: shell command run in each clone after its identity is "
+                   "set, before 'clone' returns; a clone whose hook fails is removed. "
+                   "'vmfork clone --on-clone' replaces it for one call.")
+@click.option("--json", "as_json", is_flag=True)
+def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
+                    prepare: str | None, accel: str, on_clone: str | None,
+                    as_json: bool) -> None:
+    """Freeze a VM into template NAME (device state only; RAM stays in its file).
+
+    The VM's disk overlays become the template's (read-only; each clone gets
+    its own overlay over them). With qemu-guest-agent the guest's file systems
+    are frozen at the pause, and each clone thaws them first."""
+    if bool(from_vm) == bool(demo):
+        raise InvalidInput("give exactly one of --from VM or --demo")
+    if prepare and not demo:
+        raise InvalidInput("--prepare goes with --demo (with --from, prepare the VM first)")
+
+    async def go(host: AsyncHost) -> TemplateManifest:
+        if from_vm:
+            tpl = await (await host.vm(from_vm)).make_template(name, on_clone=on_clone)
+        else:
+            tpl = await host.create_template(name, memory=memory, prepare=prepare,
+                                             accel=accel, on_clone=on_clone)
+        return tpl.result or await tpl.inspect()
+    m = on_host(go)
+    report(as_json, m, f"template {name}: state {m.state_size / 1024:.0f} KiB saved in "
+                       f"{m.save.migration.seconds * 1000:.0f} ms; memory file "
+                       f"{m.memory_file} ({m.memory_size >> 20} MiB)"
+                       + (f"; {len(m.disks)} disk overlays" if m.disks else "")
+                       + ("; file systems frozen" if m.frozen else ""))
+
+
+@template_cmd.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def template_ls(as_json: bool) -> None:
+    """List templates."""
+    async def go(host: AsyncHost) -> list[TemplateStatus]:
+        return [await t.status() for t in await host.templates()]
+    rows = on_host(go)
+    if as_json:
+        emit_json(rows)
+        return
+    table(("NAME", "MEMORY", "STATE", "CLONES", "POOL", "QEMU"),
+          [(r.name, f"{r.memory_mib}M", f"{r.state_kib}K", r.clones, r.pool, r.qemu)
+           for r in rows])
+
+
+@template_cmd.command("inspect")
+@click.argument("name")
+def template_inspect(name: str) -> None:
+    """Print a template's manifest (JSON), with its clones and its pool."""
+    async def go(host: AsyncHost) -> dict[str, object]:
+        tpl = await host.template(name)
+        manifest = (await tpl.inspect()).to_dict()
+        manifest["clones"] = [c.name for c in await tpl.clones()]
+        manifest["pool"] = await tpl.pool()
+        return manifest
+    emit_json(on_host(go))
+
+
+@template_cmd.command("rm")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Stop its clones and pool processes first.")
+def template_rm(name: str, force: bool) -> None:
+    """Remove a template and its files (refused while clones or pool processes
+    use it, and even with --force while a template made from one of its clones
+    exists)."""
+    async def go(host: AsyncHost) -> None:
+        await (await host.template(name)).remove(force=force)
+    on_host(go)
+    say(f"template {name}: removed")
+
+
+@click.command("clone")
+@click.argument("template")
+@click.argument("name", required=False)
+@click.option("-n", "--count", default=1, show_default=True, type=int,
+              help="How many clones (named NAME-1..N, or TEMPLATE-k).")
+@click.option("--no-pool", is_flag=True, help="Spawn fresh QEMU processes even if pooled.")
+@click.option("--on-clone", "on_clone", metavar="CMD",
+              help="Hook for this call: shell command run in each clone after its identity "
+                   "is set. It REPLACES the template's default hook (--on-clone '' runs "
+                   "none). A clone whose hook fails (status != 0, timeout) is removed, and "
+                   "with it the other clones of this call.")
+@click.option("--json", "as_json", is_flag=True)
+def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
+              on_clone: str | None, as_json: bool) -> None:
+    """Start clones of TEMPLATE; return when they run (and their hook has run)."""
+    if count < 1:
+        raise InvalidInput(f"invalid clone count {count}: must be at least 1")
+
+    async def go(host: AsyncHost) -> list[AsyncClone]:
+        tpl = await host.template(template)
+        if count == 1:
+            return [await tpl.clone(name=name, use_pool=not no_pool, on_clone=on_clone)]
+        return await tpl.clone(count, name=name, use_pool=not no_pool, on_clone=on_clone)
+    results = [c.result for c in on_host(go)]
+    if as_json:
+        emit_json(results)
+        return
+    for r in results:
+        say(f"{r.name}: running (pid {r.pid}{', from pool' if r.pooled else ''}) — "
+            f"state loaded {r.state_loaded * 1000:.0f} ms, running "
+            f"{r.running * 1000:.0f} ms, responsive {r.responsive * 1000:.0f} ms")
+        if r.hook_status is not None:
+            say(f"{r.name}: on-clone hook exited {r.hook_status}")
+            if r.hook_output:
+                say(r.hook_output.rstrip("\n"))
+
+
+@click.command("pool")
+@click.argument("template")
+@click.option("--size", type=int, help="Keep this many QEMU processes ready (0 drains).")
+@click.option("--warm/--cold", default=None,
+              help="Warm members have the state loaded and the guest run through one "
+                   "command already, so a clone from them answers at once (TCG translates "
+                   "guest code afresh in every new process); cold members (the default) "
+                   "wait for the state. Without either, the pool keeps its kind.")
+@click.option("--keep", is_flag=True,
+              help="Stay in the foreground and keep the pool at its size: replace members "
+                   "taken by clones or whose QEMU died. SIGINT/SIGTERM stop it; the "
+                   "members stay. Without --keep the pool is filled once (a clone does "
+                   "not refill it).")
+@click.option("--json", "as_json", is_flag=True)
+def pool_cmd(template: str, size: int | None, warm: bool | None, keep: bool,
+             as_json: bool) -> None:
+    """Show or set the pool of QEMU processes kept ready for TEMPLATE."""
+    from vmfork.templates.pool import check_size
+
+    if size is not None:
+        check_size(size)
+
+    async def go(host: AsyncHost) -> PoolStatus:
+        tpl = await host.template(template)
+        if keep:
+            return await _keep_until_signalled(tpl, size, warm)
+        return await tpl.pool(size, warm=warm)
+    status = on_host(go)
+    kind = "warm" if status.warm else "cold"
+    report(as_json, status, f"pool {template}: {status.ready} ready of {status.target} "
+                            f"({kind})")
+
+
+async def _keep_until_signalled(tpl: AsyncTemplate, size: int | None,
+                                warm: bool | None) -> PoolStatus:
+    """Run the pool keeper until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        click.echo(f"pool {tpl.name}: keeping it filled; Ctrl-C or SIGTERM stops", err=True)
+        return await tpl.keep_pool(size, warm=warm, stop=stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
