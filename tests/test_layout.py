@@ -147,3 +147,23 @@ def test_import_vmfork_loads_nothing_else() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ls_on_an_empty_home_imports_little(tmp_path: Path) -> None:
+    """What keeps ``vmfork ls`` fast (the README gives its timing): no event
+    loop, no QMP, no logging, no rich, no record types for an empty catalog."""
+    code = ("import sys\n"
+            "sys.argv = ['vmfork', 'ls', '--json']\n"
+            "from vmfork.cli.main import main\n"
+            "try:\n"
+            "    main()\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "heavy = ('asyncio', 'qemu', 'logging', 'rich', 'psutil', 'vmfork.records',\n"
+            "         'vmfork.api', 'vmfork.vm')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(heavy)), file=sys.stderr)\n")
+    env = {"VMFORK_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env, check=True)
+    assert p.stdout.strip() == "[]"
+    assert p.stderr.strip() == "[]"

@@ -1,5 +1,5 @@
 """``python -m vmfork`` runs the CLI."""
 
-from vmfork.cli import main
+from vmfork.cli.main import main
 
 main()
