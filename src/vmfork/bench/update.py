@@ -58,9 +58,10 @@ async def _exec(store: Store, name: str, command: str, timeout: float = 60) -> s
             if "cut short" in str(exc) and attempt < 2:
                 continue
             raise
-        if r.status != 0:
-            raise GuestError(f"{name}: {command[:40]!r} failed: {r.text.strip()[-200:]}")
-        return r.text.strip()
+        if r.exit_code != 0:
+            raise GuestError(f"{name}: {command[:40]!r} failed: "
+                             f"{(r.stderr or r.stdout).strip()[-200:]}")
+        return r.stdout.strip()
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -68,8 +69,9 @@ async def _fill(store: Store, name: str, mb: int) -> None:
     try:
         r = await vm.exec_(store, name, FILL_CMD.format(mb=mb, file="/root/data"),
                            timeout=120 + mb / 4)
-        if r.status != 0:
-            raise GuestError(f"{name}: filling guest memory failed: {r.text.strip()[-200:]}")
+        if r.exit_code != 0:
+            raise GuestError(f"{name}: filling guest memory failed: "
+                             f"{(r.stderr or r.stdout).strip()[-200:]}")
     except GuestError as exc:  # lost output is fine: the size check below decides
         if "cut short" not in str(exc):
             raise

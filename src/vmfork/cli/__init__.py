@@ -246,13 +246,16 @@ def ls(as_json: bool) -> None:
               help="Guest agent: qemu-guest-agent where the VM has one, else the serial "
                    "agent.")
 def exec_cmd(name: str, command: tuple[str, ...], timeout: float | None, agent: str) -> None:
-    """Run COMMAND in the guest; print its output and exit with its status."""
+    """Run COMMAND in the guest; write its stdout and stderr to ours, and exit
+    with its exit code."""
     import shlex
     cmd = command[0] if len(command) == 1 else shlex.join(command)
     result = run_async(vm.exec_(store(), name, cmd, timeout=timeout, agent=agent))
-    sys.stdout.buffer.write(result.output)
+    sys.stdout.buffer.write(result.stdout.encode(errors="surrogateescape"))
     sys.stdout.flush()
-    sys.exit(result.status)
+    sys.stderr.buffer.write(result.stderr.encode(errors="surrogateescape"))
+    sys.stderr.flush()
+    sys.exit(result.exit_code)
 
 
 @main.command()

@@ -271,9 +271,9 @@ async def create_demo(store: Store, name: str, memory_mib: int = 512,
     try:
         if prepare:
             r = await vm.exec_(store, build, prepare, timeouts=timeouts)
-            if r.status != 0:
-                raise TemplateError(f"--prepare failed with status {r.status}: "
-                                    f"{r.text.strip()[-200:]}")
+            if r.exit_code != 0:
+                raise TemplateError(f"--prepare failed with status {r.exit_code}: "
+                                    f"{(r.stderr or r.stdout).strip()[-200:]}")
         return await create_from_vm(store, name, build, timeouts, on_clone=on_clone)
     finally:
         if store.has_vm(build):
@@ -480,9 +480,10 @@ async def run_hook(store: Store, rec: VMRecord, hook: str,
     except VmforkTimeout as exc:
         raise GuestError(f"{rec.name}: the on-clone hook did not finish within "
                          f"{timeouts.exec:g} s") from exc
-    if r.status != 0:
-        raise GuestError(hook_failure(rec.name, r.status, r.text))
-    return r.status, r.text
+    output = r.stdout + r.stderr
+    if r.exit_code != 0:
+        raise GuestError(hook_failure(rec.name, r.exit_code, output))
+    return r.exit_code, output
 
 
 async def _clone_one(store: Store, manifest: dict[str, Any], name: str, use_pool: bool,
@@ -603,8 +604,9 @@ async def _warm_up(store: Store, manifest: dict[str, Any], mid: str, m: Machine,
         # command while the file systems are frozen.
         await identity.thaw(store, rec, timeouts)
     r = await vm.guest_exec(store, rec, "true", timeouts.exec, timeouts)
-    if r.status != 0:
-        raise GuestError(f"{mid}: the warm-up command failed ({r.status}): {r.text.strip()}")
+    if r.exit_code != 0:
+        raise GuestError(f"{mid}: the warm-up command failed ({r.exit_code}): "
+                         f"{(r.stderr or r.stdout).strip()}")
     await m.pause()
 
 
