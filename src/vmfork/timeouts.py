@@ -25,6 +25,7 @@ class Timeouts:
     migrate: float = 120.0   # a state save, load or migration to complete
     exec: float = 60.0       # one guest command via the agent
     agent: float = 10.0      # connect to the guest agent
+    agent_attempt: float = 3.0  # one try to reach a guest agent that may not be up yet
 
     def scaled(self) -> Timeouts:
         s = scale()
@@ -34,6 +35,5 @@ class Timeouts:
 
 
 #: The deadlines every command uses, stretched by ``VMFORK_TIMEOUT_SCALE``
-#: (read once, at import). Until stop 9 only ``vmfork update`` applied the
-#: scale: a Debian boot on a busy host hit the unscaled 120 s.
+#: (read once, at import).
 DEFAULT = Timeouts().scaled()

@@ -82,7 +82,7 @@ class GuestAgent:
     """
 
     def __init__(self, socket_path: str, lock_path: Path, name: str = "guest",
-                 timeout: float = 10.0, lock_timeout: float | None = None) -> None:
+                 timeout: float = DEFAULT.agent, lock_timeout: float | None = None) -> None:
         self.socket_path = socket_path
         self.lock_path = lock_path
         self.name = name
@@ -201,7 +201,7 @@ class GuestAgent:
         result: dict[str, Any] = await self.execute("guest-info")
         return result
 
-    async def exec(self, command: str | list[str], timeout: float = 60.0,
+    async def exec(self, command: str | list[str], timeout: float = DEFAULT.exec,
                    input: bytes | None = None, cwd: str | None = None) -> ExecResult:
         """Run *command* in the guest; return its exit code, stdout and stderr.
 
@@ -269,7 +269,7 @@ class GuestAgent:
 
 
 async def wait_qga(socket_path: str, lock_path: Path, name: str, timeout: float,
-                   attempt: float = 3.0) -> float:
+                   attempt: float = DEFAULT.agent_attempt) -> float:
     """Wait until the guest agent answers a sync; return the seconds it took.
 
     Each try may take *attempt* seconds, all of them *timeout*."""

@@ -40,6 +40,7 @@ from vmfork import locking
 from vmfork.errors import GuestError, InvalidInput
 from vmfork.qemu.machine import deadline
 from vmfork.results import ExecResult
+from vmfork.timeouts import DEFAULT
 
 MAX_COMMAND = 3000
 #: How often to ask the agent to resend an answer that arrived incomplete.
@@ -115,13 +116,13 @@ class SerialAgent:
     """Client of the agent listening on a VM's agent socket."""
 
     def __init__(self, socket_path: str, lock_path: Path, name: str = "guest",
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = DEFAULT.agent) -> None:
         self.socket_path = socket_path
         self.lock_path = lock_path
         self.name = name
         self.connect_timeout = connect_timeout
 
-    async def exec(self, command: str, timeout: float = 60.0) -> ExecResult:
+    async def exec(self, command: str, timeout: float = DEFAULT.exec) -> ExecResult:
         """Run *command* with ``sh`` in the guest (in ``/root``, stdin empty);
         return its exit code, stdout and stderr."""
         payload = base64.b64encode(command.encode())
