@@ -245,9 +245,9 @@ def test_cli_run_exec_stop(env: Env) -> None:
                        stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
-    assert result.name == "a" and result.boot_seconds > 0
+    assert result["name"] == "a" and result["boot_seconds"] > 0
     # The VM outlives the command that started it.
-    assert process_alive(result.pid)
+    assert process_alive(result["pid"])
     ex = env.cli("exec", "a", "--", "cat", "/proc/version")
     assert ex.returncode == 0 and ex.stdout.startswith("Linux version"), ex
     ex = env.cli("exec", "a", "echo out; echo err >&2; exit 3")
@@ -258,10 +258,10 @@ def test_cli_run_exec_stop(env: Env) -> None:
                          stdin=subprocess.DEVNULL)
     assert (raw.returncode, raw.stdout, raw.stderr) == (0, b"\xffo\n", b"\xfee")
     ls = json.loads(env.cli("ls", "--json", check=True).stdout)
-    assert [(r["name"], r["state"], r["pid"]) for r in ls] == [("a", "running", result.pid)]
+    assert [(r["name"], r["state"], r["pid"]) for r in ls] == [("a", "running", result["pid"])]
     st = env.cli("stop", "a")
     assert st.returncode == 0 and st.stderr == "", st
-    assert not process_alive(result.pid)
+    assert not process_alive(result["pid"])
     assert_nothing_left(env, "a")
 
 
