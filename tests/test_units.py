@@ -414,8 +414,8 @@ def test_answer_keeps_stdout_and_stderr_apart() -> None:
 
 
 def test_answer_of_the_old_agent_is_all_stdout() -> None:
-    assert read_answer(old_frame(b"n1", b"out\nerr\n", 7, 8)) == \
-        serial.Answer(7, b"out\nerr\n", b"")
+    old = old_frame(b"n1", b"out\nerr\n", 7, 8)
+    assert read_answer(old) == serial.Answer(7, b"out\nerr\n", b"")
     assert read_answer(old_frame(b"n1", b"hi\n", 1)) == serial.Answer(1, b"hi\n", b"")
     with pytest.raises(serial.CutShort, match="cut short in transit"):
         read_answer(drop_lines(old_frame(b"n1", b"x" * 1000, 0, 1000), 3, 4))
@@ -444,6 +444,22 @@ def test_answer_cut_short_is_detected(lost: str) -> None:
 def test_answer_without_err_line_is_cut_short() -> None:
     with pytest.raises(serial.CutShort):
         read_answer(drop_lines(frame(b"n1", b"out\n", 0, b"err\n"), 2))
+
+
+def test_answer_after_the_echo_of_the_request() -> None:
+    """A request that reaches the guest before the agent turned the tty's
+    echo off comes back (in part, without its newline) before the answer."""
+    echo = b"n1 " + base64.b64encode(b"true")
+    glued = echo[:5] + frame(b"n1", b"out\n", 0, b"err\n")
+    assert read_answer(glued) == serial.Answer(0, b"out\n", b"err\n")
+    whole = echo + b"\r\n" + frame(b"n1", b"", 1)
+    assert read_answer(whole) == serial.Answer(1, b"", b"")
+
+
+def test_answer_without_begin_line() -> None:
+    assert read_answer(drop_lines(frame(b"n1", b"", 4), 0)) == serial.Answer(4, b"", b"")
+    with pytest.raises(serial.CutShort):
+        read_answer(drop_lines(frame(b"n1", b"out\n", 0), 0))
 
 
 def test_answer_cut_short_within_a_line() -> None:

@@ -66,6 +66,8 @@ class AnswerReader:
     Feed it the lines as they come (:meth:`feed`); it returns the
     :class:`Answer` at the answer's END line, raises :class:`CutShort` if
     that answer lost bytes, :class:`GuestError` if its END line is garbled.
+    Base64 lines never hold a space, so a line with ``NONCE `` in it is a
+    marker (or the echo of our request) and any other line is data.
     """
 
     def __init__(self, nonce: bytes, name: str = "guest") -> None:
@@ -78,17 +80,23 @@ class AnswerReader:
 
     def feed(self, line: bytes) -> Answer | None:
         line = line.strip()
-        head, _, rest = line.partition(b" ")
-        if head == self.nonce:
-            if rest == b"BEGIN":
-                self._out, self._err = [], []
-                self._section = self._out
-            elif rest == b"ERR" and self._section is not None:
-                self._section = self._err
-            elif rest.startswith(b"END ") and self._section is not None:
-                return self._end(rest.split()[1:])
-        elif self._section is not None:
-            self._section.append(line)
+        # A marker may come glued to the end of a partial line: the tty
+        # echoes a request that arrives before the agent turned echo off.
+        at = line.rfind(self.nonce + b" ")
+        if at < 0:
+            if self._section is not None:
+                self._section.append(line)
+            return None
+        marker = line[at + len(self.nonce) + 1:]
+        if marker == b"BEGIN":
+            self._out, self._err = [], []
+            self._section = self._out
+        elif marker == b"ERR":
+            self._section = self._err
+        elif marker.startswith(b"END "):
+            # Also without BEGIN or ERR (lost in transit): the sizes tell
+            # whether anything of the output went missing with them.
+            return self._end(marker.split()[1:])
         return None
 
     def _end(self, fields: list[bytes]) -> Answer:
