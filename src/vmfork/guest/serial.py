@@ -53,9 +53,9 @@ class CutShort(GuestError):
 
 @dataclass(frozen=True)
 class Answer:
-    """One answer of the agent, as sent: exit status, stdout, stderr."""
+    """One answer of the agent, as sent: exit code, stdout, stderr."""
 
-    status: int
+    exit_code: int
     stdout: bytes
     stderr: bytes
 
@@ -173,7 +173,7 @@ class SerialAgent:
                     await writer.wait_closed()
         finally:
             lockf.close()
-        return ExecResult.from_bytes(answer.status, answer.stdout, answer.stderr,
+        return ExecResult.from_bytes(answer.exit_code, answer.stdout, answer.stderr,
                                      time.monotonic() - t0)
 
     async def _answer(self, reader: asyncio.StreamReader, nonce: bytes) -> Answer:
