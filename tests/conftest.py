@@ -106,10 +106,10 @@ class Env:
         return p
 
     def exec(self, name: str, command: str) -> str:
-        """Run a guest command through the library; assert status 0; return output."""
+        """Run a guest command through the library; assert exit code 0; return stdout."""
         r = run(vm.exec_(self.store(), name, command))
-        assert r.status == 0, f"{command!r} exited {r.status}: {r.text}"
-        return r.text
+        assert r.exit_code == 0, f"{command!r} exited {r.exit_code}: {r.stderr}{r.stdout}"
+        return r.stdout
 
 
 @pytest.fixture

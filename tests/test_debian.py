@@ -31,7 +31,7 @@ from vmfork.images.debian import DEBIAN_APPEND, DiskImage, debian_image, debian_
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, RunPaths, VMSpec, build_argv
 from vmfork.timeouts import Timeouts
 
-from .conftest import Env, module_env, qemu_processes, run
+from .conftest import VMFORK, Env, module_env, qemu_processes, run
 
 CACHE = Path(os.environ.get("VMFORK_TEST_CACHE", "/var/tmp/vmfork-test"))
 
@@ -100,22 +100,23 @@ def test_overlay_created_over_base(tmp_path: Path) -> None:
 
 def test_qga_shell_wrapper_runs_like_the_serial_agent(tmp_path: Path) -> None:
     """The wrapper QGA runs shell commands in (here with the host's sh):
-    stdout and stderr in order, the status, the directory, stdin passed on,
-    done when the shell ends though a background process lives on, no file
-    left behind."""
-    def wrapped(cmd: str, cwd: str = "", stdin: str = "") -> tuple[int, str, float]:
+    stdout and stderr apart, the status, the directory, stdin passed on,
+    done when the shell ends though a background process lives on (holding
+    both its stdout and stderr), no file left behind."""
+    def wrapped(cmd: str, cwd: str = "", stdin: str = "") -> tuple[int, str, str, float]:
         t0 = time.monotonic()
         p = subprocess.run(["/bin/sh", "-c", SHELL_WRAPPER, "vmfork-exec", cmd, cwd],
                            input=stdin, capture_output=True, text=True, timeout=30)
-        return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
+        return p.returncode, p.stdout, p.stderr, time.monotonic() - t0
 
-    assert wrapped("echo a; echo b >&2; echo c; exit 3") == (3, "a\nb\nc\n", ANY)
-    assert wrapped("pwd", str(tmp_path))[:2] == (0, f"{tmp_path}\n")
-    assert wrapped("pwd", str(tmp_path / "missing"))[0] == 0
-    assert wrapped("cat", stdin="in")[:2] == (0, "in")
-    assert wrapped("kill -9 $$")[:2] == (137, "")
-    status, out, seconds = wrapped(f"sleep 5 & echo $! > {tmp_path}/bg; echo started")
-    assert (status, out) == (0, "started\n") and seconds < 4
+    assert wrapped("echo a; echo b >&2; echo c; exit 3") == (3, "a\nc\n", "b\n", ANY)
+    assert wrapped("pwd", str(tmp_path))[:3] == (0, f"{tmp_path}\n", "")
+    assert wrapped("pwd", str(tmp_path / "missing"))[:3] == (0, f"{os.getcwd()}\n", "")
+    assert wrapped("cat", stdin="in")[:3] == (0, "in", "")
+    assert wrapped("kill -9 $$")[:3] == (137, "", "")
+    assert wrapped("echo x >&3")[:3] == (2, "", ANY)  # fd 3 is the wrapper's, closed here
+    status, out, err, seconds = wrapped(f"sleep 5 & echo $! > {tmp_path}/bg; echo started")
+    assert (status, out, err) == (0, "started\n", "") and seconds < 4
     os.kill(int((tmp_path / "bg").read_text()), 9)
     time.sleep(0.2)
     assert not list(Path("/run").glob("vmfork-exec.*")) + list(Path("/tmp").glob(
@@ -225,7 +226,7 @@ def exec_latency(env: Env, name: str, agent: str, n: int = 7) -> list[float]:
         t0 = time.monotonic()
         r = run(vm.guest_exec(s, rec, "true", agent=agent))
         times.append(time.monotonic() - t0)
-        assert r.status == 0
+        assert r.exit_code == 0
     s.close()
     return sorted(times)
 
@@ -234,8 +235,8 @@ def exec_latency(env: Env, name: str, agent: str, n: int = 7) -> list[float]:
 @pytest.mark.debian
 def test_exec_via_cli_and_latency(debian: DebianVMs) -> None:
     p = debian.env.cli("exec", "deb", "uname -r; echo to-stderr >&2; exit 3")
-    assert p.returncode == 3
-    assert debian.img.kernel_version in p.stdout and "to-stderr" in p.stdout
+    assert (p.returncode, p.stderr) == (3, "to-stderr\n")
+    assert p.stdout == debian.img.kernel_version + "\n"
     lat = {a: exec_latency(debian.env, "deb", a) for a in ("serial", "qga")}
     print("\n[exec latency of 'true', session included: " + ", ".join(
         f"{a} min {t[0] * 1000:.0f} ms median {t[len(t) // 2] * 1000:.0f} ms"
@@ -247,17 +248,25 @@ def test_exec_via_cli_and_latency(debian: DebianVMs) -> None:
 @pytest.mark.debian
 def test_exec_same_through_both_agents(debian: DebianVMs) -> None:
     """``vmfork exec`` on the Debian guest (qemu-guest-agent by default) and
-    through its serial agent: same output lines, status, working directory,
-    and the same one-line errors for a timeout and a paused VM."""
+    through its serial agent, and the library through each: same stdout,
+    stderr (apart), exit code, working directory and empty stdin, and the
+    same one-line errors for a timeout and a paused VM."""
     env = debian.env
+    s = env.store()
+    for agent in ("serial", "qga"):
+        r = run(vm.exec_(s, "deb", "echo out; echo err >&2; exit 3", agent=agent))
+        assert (r.exit_code, r.stdout, r.stderr) == (3, "out\n", "err\n"), agent
+    s.close()
     cmd = "pwd; echo out; echo err >&2; cat; exit 5"
-    got = {}
     for agent in ("auto", "serial", "qga"):
         p = env.cli("exec", "deb", "--agent", agent, "--", cmd)
-        assert p.returncode == 5, (agent, p.stderr)
-        assert p.stderr == ""
-        got[agent] = sorted(p.stdout.splitlines())
-    assert got["auto"] == got["serial"] == got["qga"] == ["/root", "err", "out"]
+        assert (p.returncode, p.stdout, p.stderr) == (5, "/root\nout\n", "err\n"), agent
+    # Bytes that are not UTF-8 come back as written.
+    for agent in ("serial", "qga"):
+        b = subprocess.run([VMFORK, "exec", "deb", "--agent", agent, "--",
+                            r"printf '\377o\n'; printf '\376e' >&2"], env=env.environ,
+                           capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert (b.returncode, b.stdout, b.stderr) == (0, b"\xffo\n", b"\xfee"), agent
     for agent in ("serial", "qga"):  # a background process does not hold the command
         t0 = time.monotonic()
         p = env.cli("exec", "deb", "--agent", agent, "--", "sleep 6 & echo started")
@@ -281,7 +290,7 @@ def test_exec_same_through_both_agents(debian: DebianVMs) -> None:
     time.sleep(3)  # the serial agent finishes the abandoned 'sleep 4' first
     assert env.exec("deb", "echo back").strip() == "back"
     r = run(vm.exec_(env.store(), "deb", "echo back", agent="serial"))
-    assert (r.status, r.text.strip()) == (0, "back")
+    assert (r.exit_code, r.stdout.strip()) == (0, "back")
 
 
 @pytest.mark.slow
@@ -357,7 +366,7 @@ def test_qga_exec_time_and_fsfreeze(debian: DebianVMs) -> None:
             r = await qga.exec("echo out; echo err >&2; exit 7")
             res["exec"] = r
             r2 = await qga.exec(["/bin/cat"], input=b"stdin-data")
-            res["stdin"] = r2.output
+            res["stdin"] = r2.stdout
             target = time.time_ns() - 3600 * 10**9
             await qga.set_time(target)
             res["set_delta"] = abs(await qga.get_time() - target) / 1e9
@@ -379,8 +388,8 @@ def test_qga_exec_time_and_fsfreeze(debian: DebianVMs) -> None:
     res = run(go())
     s.close()
     r = res["exec"]
-    assert r.status == 7 and r.output == b"out\nerr\n"  # type: ignore[attr-defined]
-    assert res["stdin"] == b"stdin-data"
+    assert (r.exit_code, r.stdout, r.stderr) == (7, "out\n", "err\n")  # type: ignore[attr-defined]
+    assert res["stdin"] == "stdin-data"
     assert res["set_delta"] < 5 and res["now_delta"] < 5  # type: ignore[operator]
     assert res["frozen"] >= 1 and res["status_frozen"] == "frozen"  # type: ignore[operator]
     assert res["thawed"] >= 1 and res["status_after"] == "thawed"  # type: ignore[operator]
@@ -499,8 +508,8 @@ def test_hung_identity_command_is_diagnosed(debian: DebianVMs) -> None:
 
     async def serial(cmd: str) -> str:
         r = await vm.guest_exec(s, rec, cmd, 30, agent="serial")
-        assert r.status == 0, r.text
-        return r.text
+        assert r.exit_code == 0, r.stderr
+        return r.stdout
 
     run(serial("fsfreeze -f / && echo frozen"))
     try:

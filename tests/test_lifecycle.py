@@ -107,13 +107,13 @@ def test_stop_removes_everything(env: Env, booted: str) -> None:
 def test_exec_output_status_and_data(env: Env, booted: str) -> None:
     s = env.store()
     r = run(vm.exec_(s, booted, "echo out; echo err >&2; exit 7"))
-    assert (r.status, r.text) == (7, "out\nerr\n")
+    assert (r.exit_code, r.stdout, r.stderr) == (7, "out\n", "err\n")
     assert "Linux version" in env.exec(booted, "cat /proc/version")
     # Large output arrives whole, or (QEMU's virtconsole drops data when the
     # host reads too slowly) the loss is reported - never silently cut.
     try:
         big = run(vm.exec_(s, booted, "head -c 300000 /dev/zero | tr '\\0' x"))
-        assert big.status == 0 and big.output == b"x" * 300000
+        assert (big.exit_code, big.stdout, big.stderr) == (0, "x" * 300000, "")
     except GuestError as exc:
         assert "cut short in transit" in str(exc)
     # Data written in the guest is readable back, byte for byte.
@@ -186,7 +186,7 @@ def test_commas_in_paths(env: Env, session_images: Path) -> None:
     assert Path(result.memory_file).stat().st_size == 128 * 1024 * 1024
     assert run(vm.status(s, "c1")) == "running"
     r = run(vm.exec_(s, "c1", "echo hi"))
-    assert r.text == "hi\n"
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "hi\n", "")
     run(vm.stop(s, "c1"))
     assert not s.has_vm("c1") and list(mdir.iterdir()) == []
     assert list(home.rglob("*.sock")) == []
@@ -251,7 +251,12 @@ def test_cli_run_exec_stop(env: Env) -> None:
     ex = env.cli("exec", "a", "--", "cat", "/proc/version")
     assert ex.returncode == 0 and ex.stdout.startswith("Linux version"), ex
     ex = env.cli("exec", "a", "echo out; echo err >&2; exit 3")
-    assert (ex.returncode, ex.stdout) == (3, "out\nerr\n")
+    assert (ex.returncode, ex.stdout, ex.stderr) == (3, "out\n", "err\n")
+    # Bytes that are not UTF-8 come back as written.
+    raw = subprocess.run([VMFORK, "exec", "a", r"printf '\377o\n'; printf '\376e' >&2"],
+                         env=env.environ, capture_output=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert (raw.returncode, raw.stdout, raw.stderr) == (0, b"\xffo\n", b"\xfee")
     ls = json.loads(env.cli("ls", "--json", check=True).stdout)
     assert [(r["name"], r["state"], r["pid"]) for r in ls] == [("a", "running", result["pid"])]
     st = env.cli("stop", "a")

@@ -91,8 +91,8 @@ def md5_of(env: Env, name: str) -> str:
         except GuestError:
             if attempt == 2:
                 raise
-    assert r.status == 0, r.text
-    return r.text.split()[0]
+    assert r.exit_code == 0, r.stderr
+    return r.stdout.split()[0]
 
 
 def record(env: Env, name: str) -> vm.VMRecord:

@@ -21,11 +21,13 @@ import pytest
 
 from vmfork import errors, records, vm
 from vmfork.cli import app, vms
-from vmfork.guest.serial import ExecResult, SerialAgent
+from vmfork.guest import serial
+from vmfork.guest.serial import SerialAgent
 from vmfork.images.demo import Cpio
 from vmfork.qemu import accel, features
 from vmfork.qemu.machine import log_tail, process_alive
 from vmfork.records import RetiredQemu, SavedState, UpdateIntent, VMInfo, VMRecord
+from vmfork.results import ExecResult
 from vmfork.spec import MemorySpec, VMSpec
 from vmfork.store import MAX_SOCKET_PATH, Store
 
@@ -380,43 +382,124 @@ def fake_agent_exec(tmp_path: Path, answer: Callable[[bytes], bytes],
     return asyncio.run(main())
 
 
-def frame(nonce: bytes, output: bytes, status: int, size: int | None = None) -> bytes:
+def frame(nonce: bytes, out: bytes, status: int, err: bytes = b"") -> bytes:
+    """An answer of the agent: stdout and stderr apart, with their sizes."""
+    return (nonce + b" BEGIN\n" + base64.encodebytes(out) + nonce + b" ERR\n"
+            + base64.encodebytes(err) + b"%s END %d %d %d\n" % (nonce, status, len(out), len(err)))
+
+
+def old_frame(nonce: bytes, output: bytes, status: int, size: int | None = None) -> bytes:
+    """An answer of the agent that interleaved stdout and stderr (it may run
+    in a template saved before): one section, ``END STATUS [SIZE]``."""
     end = b"%s END %d" % (nonce, status) + (b" %d" % size if size is not None else b"")
     return nonce + b" BEGIN\n" + base64.encodebytes(output) + end + b"\n"
 
 
+def drop_lines(answer: bytes, *index: int) -> bytes:
+    """*answer* with the lines at *index* lost in transit."""
+    lines = answer.split(b"\n")
+    return b"\n".join(ln for i, ln in enumerate(lines) if i not in index)
+
+
+def read_answer(data: bytes, nonce: bytes = b"n1") -> serial.Answer | None:
+    parser = serial.AnswerReader(nonce, "g")
+    for line in data.splitlines(keepends=True):
+        answer = parser.feed(line)
+        if answer is not None:
+            return answer
+    return None
+
+
+def test_answer_keeps_stdout_and_stderr_apart() -> None:
+    assert read_answer(frame(b"n1", b"out\n", 3, b"err\n")) == serial.Answer(3, b"out\n", b"err\n")
+    assert read_answer(frame(b"n1", b"", 0)) == serial.Answer(0, b"", b"")
+    big = bytes(range(256)) * 40  # many base64 lines, bytes that are not UTF-8
+    assert read_answer(frame(b"n1", big, 0, big[::-1])) == serial.Answer(0, big, big[::-1])
+
+
+def test_answer_of_the_old_agent_is_all_stdout() -> None:
+    old = old_frame(b"n1", b"out\nerr\n", 7, 8)
+    assert read_answer(old) == serial.Answer(7, b"out\nerr\n", b"")
+    assert read_answer(old_frame(b"n1", b"hi\n", 1)) == serial.Answer(1, b"hi\n", b"")
+    with pytest.raises(serial.CutShort, match="cut short in transit"):
+        read_answer(drop_lines(old_frame(b"n1", b"x" * 1000, 0, 1000), 3, 4))
+
+
+def test_answer_skips_other_nonces() -> None:
+    data = (frame(b"n0", b"late\n", 0, b"late err\n") + b"garbage\n"
+            + frame(b"n1", b"hi\n", 0))
+    assert read_answer(data) == serial.Answer(0, b"hi\n", b"")
+    assert read_answer(frame(b"n0", b"late\n", 0)) is None
+
+
+@pytest.mark.parametrize("lost", ["stdout line", "two stdout lines", "last stdout line",
+                                  "ERR line", "stderr line"])
+def test_answer_cut_short_is_detected(lost: str) -> None:
+    """Lines lost from stdout, from stderr, or the ERR line (then stderr
+    would count as stdout) never pass unnoticed."""
+    answer = frame(b"n1", b"o" * 1000, 0, b"e" * 100)
+    err = answer.split(b"\n").index(b"n1 ERR")
+    index = {"stdout line": (1,), "two stdout lines": (2, 3), "last stdout line": (err - 1,),
+             "ERR line": (err,), "stderr line": (err + 1,)}[lost]
+    with pytest.raises(serial.CutShort):
+        read_answer(drop_lines(answer, *index))
+
+
+def test_answer_without_err_line_is_cut_short() -> None:
+    with pytest.raises(serial.CutShort):
+        read_answer(drop_lines(frame(b"n1", b"out\n", 0, b"err\n"), 2))
+
+
+def test_answer_after_the_echo_of_the_request() -> None:
+    """A request that reaches the guest before the agent turned the tty's
+    echo off comes back (in part, without its newline) before the answer."""
+    echo = b"n1 " + base64.b64encode(b"true")
+    glued = echo[:5] + frame(b"n1", b"out\n", 0, b"err\n")
+    assert read_answer(glued) == serial.Answer(0, b"out\n", b"err\n")
+    whole = echo + b"\r\n" + frame(b"n1", b"", 1)
+    assert read_answer(whole) == serial.Answer(1, b"", b"")
+
+
+def test_answer_without_begin_line() -> None:
+    assert read_answer(drop_lines(frame(b"n1", b"", 4), 0)) == serial.Answer(4, b"", b"")
+    with pytest.raises(serial.CutShort):
+        read_answer(drop_lines(frame(b"n1", b"out\n", 0), 0))
+
+
+def test_answer_cut_short_within_a_line() -> None:
+    answer = frame(b"n1", b"o" * 100, 0, b"e" * 100)
+    with pytest.raises(serial.CutShort):
+        read_answer(answer.replace(b"b2", b"", 1))  # two bytes of stdout's base64 lost
+
+
 def test_agent_answer(tmp_path: Path) -> None:
-    r = fake_agent_exec(tmp_path, lambda n: frame(n, b"hi\n" * 100, 3, 300))
-    assert (r.status, r.output) == (3, b"hi\n" * 100)
+    r = fake_agent_exec(tmp_path, lambda n: frame(n, b"hi\n" * 100, 3, b"\xffe\n"))
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "hi\n" * 100, "\udcffe\n")
+    assert r.stderr.encode(errors="surrogateescape") == b"\xffe\n"
 
 
 def test_agent_skips_stale_answers(tmp_path: Path) -> None:
-    r = fake_agent_exec(tmp_path, lambda n: frame(b"0123456789ab", b"late\n", 0, 5)
-                        + b"garbage\n" + frame(n, b"hi\n", 0, 3))
-    assert (r.status, r.output) == (0, b"hi\n")
+    r = fake_agent_exec(tmp_path, lambda n: frame(b"0123456789ab", b"late\n", 0)
+                        + b"garbage\n" + frame(n, b"hi\n", 0))
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "hi\n", "")
 
 
-def test_agent_accepts_answers_without_size(tmp_path: Path) -> None:
-    r = fake_agent_exec(tmp_path, lambda n: frame(n, b"hi\n", 1))
-    assert (r.status, r.output) == (1, b"hi\n")
+def test_agent_accepts_answers_of_the_old_agent(tmp_path: Path) -> None:
+    r = fake_agent_exec(tmp_path, lambda n: old_frame(n, b"hi\n", 1))
+    assert (r.exit_code, r.stdout, r.stderr) == (1, "hi\n", "")
+    r = fake_agent_exec(tmp_path, lambda n: old_frame(n, b"out\nerr\n", 2, 8))
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "out\nerr\n", "")
 
 
 def test_agent_detects_output_lost_in_transit(tmp_path: Path) -> None:
-    def cut(n: bytes) -> bytes:
-        lines = frame(n, b"x" * 1000, 0, 1000).split(b"\n")
-        return b"\n".join(lines[:3] + lines[5:])  # two base64 lines dropped
-
     with pytest.raises(errors.GuestError, match="cut short in transit"):
-        fake_agent_exec(tmp_path, cut)
+        fake_agent_exec(tmp_path, lambda n: drop_lines(frame(n, b"x" * 1000, 0), 3, 4))
 
 
 def test_agent_asks_again_for_output_lost_in_transit(tmp_path: Path) -> None:
-    def cut(n: bytes) -> bytes:
-        lines = frame(n, b"x" * 1000, 0, 1000).split(b"\n")
-        return b"\n".join(lines[:3] + lines[5:])
-
-    r = fake_agent_exec(tmp_path, cut, resend=lambda n: frame(n, b"x" * 1000, 0, 1000))
-    assert (r.status, r.output) == (0, b"x" * 1000)
+    r = fake_agent_exec(tmp_path, lambda n: drop_lines(frame(n, b"x" * 1000, 0, b"e"), 3, 4),
+                        resend=lambda n: frame(n, b"x" * 1000, 0, b"e"))
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "x" * 1000, "e")
 
 
 def test_agent_garbled_status(tmp_path: Path) -> None:

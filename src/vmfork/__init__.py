@@ -33,7 +33,7 @@ _EXPORTS = {
     "AsyncVM": "vmfork.api.aio", "AsyncClone": "vmfork.api.aio",
     "AsyncTemplate": "vmfork.api.aio",
     # results
-    "Result": "vmfork.results", "ExecResult": "vmfork.guest.serial",
+    "Result": "vmfork.results", "ExecResult": "vmfork.results",
     "VMStatus": "vmfork.results", "CloneResult": "vmfork.results",
     "UpdateReport": "vmfork.results", "SaveResult": "vmfork.results",
     "RestoreResult": "vmfork.results", "ExportResult": "vmfork.results",
@@ -121,10 +121,10 @@ if TYPE_CHECKING:
         VmforkError,
         VmforkTimeout,
     )
-    from vmfork.guest.serial import ExecResult
     from vmfork.images.demo import GuestImage
     from vmfork.results import (
         CloneResult,
+        ExecResult,
         ExportResult,
         ImportResult,
         MigrationStats,

@@ -32,6 +32,29 @@ class Result:
 
 
 @dataclass(frozen=True)
+class ExecResult(Result):
+    """A guest command's exit code, its stdout and stderr (kept apart by both
+    guest agents) and the seconds it took, host side.
+
+    The guest's bytes are decoded as UTF-8 with ``errors="surrogateescape"``:
+    text reads as text, and bytes that are not UTF-8 become lone surrogates,
+    so ``stdout.encode(errors="surrogateescape")`` gives back exactly the
+    bytes the command wrote (``vmfork exec`` writes those)."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @classmethod
+    def from_bytes(cls, exit_code: int, stdout: bytes, stderr: bytes,
+                   seconds: float) -> ExecResult:
+        """The result of a command that wrote the bytes *stdout* and *stderr*."""
+        return cls(exit_code, stdout.decode(errors="surrogateescape"),
+                   stderr.decode(errors="surrogateescape"), seconds)
+
+
+@dataclass(frozen=True)
 class MigrationStats(Result):
     """What QEMU reports about a finished migration (a state save counts)."""
 

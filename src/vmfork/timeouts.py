@@ -55,6 +55,7 @@ class Timeouts:
     migrate: float = 120.0   # a state save, load or migration to complete
     exec: float = 60.0       # one guest command via the agent
     agent: float = 10.0      # connect to the guest agent
+    agent_attempt: float = 3.0  # one try to reach a guest agent that may not be up yet
     accel_probe: float = 20.0  # one probe boot of the demo kernel under KVM (accel auto)
 
     # -- snapshots: save/restore, export/import, bench save --------------------------

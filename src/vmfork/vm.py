@@ -22,7 +22,7 @@ from pathlib import Path
 from vmfork.errors import InvalidInput, StateError
 from vmfork.files import unlink_quietly
 from vmfork.guest.qga import GuestAgent
-from vmfork.guest.serial import ExecResult, SerialAgent
+from vmfork.guest.serial import SerialAgent
 from vmfork.images.demo import demo_image
 from vmfork.launch import Launch, NewVM, attach, machine_for
 from vmfork.launch import create_overlays as create_overlays
@@ -34,7 +34,7 @@ from vmfork.names import check_name
 from vmfork.qemu.accel import resolve_accel
 from vmfork.qemu.machine import Machine, find_qemu, process_alive
 from vmfork.records import VMInfo, VMRecord
-from vmfork.results import VMStatus
+from vmfork.results import ExecResult, VMStatus
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, new_mac
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -351,8 +351,8 @@ def agent_kind(rec: VMRecord, agent: str = "auto") -> str:
 async def guest_exec(store: Store, rec: VMRecord, command: str, timeout: float | None = None,
                      timeouts: Timeouts = DEFAULT, agent: str = "auto") -> ExecResult:
     """Run *command* with ``sh`` in the guest of *rec* (in ``/root``) through
-    its guest agent; return output (stdout and stderr interleaved) and exit
-    status. Both agents run it alike (:data:`vmfork.qga.SHELL_WRAPPER`)."""
+    its guest agent; return its exit code, stdout and stderr. Both agents run
+    it alike (:data:`vmfork.guest.qga.SHELL_WRAPPER`)."""
     t = timeout or timeouts.exec
     if agent_kind(rec, agent) == "qga":
         async with qga_for(store, rec, timeouts) as g:

@@ -21,12 +21,12 @@ from typing import overload
 
 from vmfork import listing, vm
 from vmfork.errors import InvalidInput, NotFound
-from vmfork.guest.serial import ExecResult
 from vmfork.images.demo import GuestImage, demo_image
 from vmfork.names import check_name
 from vmfork.records import TemplateManifest
 from vmfork.results import (
     CloneResult,
+    ExecResult,
     ExportResult,
     PoolStatus,
     RestoreResult,

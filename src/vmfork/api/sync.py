@@ -20,11 +20,11 @@ from typing import Any, TypeVar, overload
 
 from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate, AsyncVM
 from vmfork.errors import NotFound, StateError
-from vmfork.guest.serial import ExecResult
 from vmfork.images.demo import GuestImage
 from vmfork.records import TemplateManifest
 from vmfork.results import (
     CloneResult,
+    ExecResult,
     ExportResult,
     PoolStatus,
     RestoreResult,

@@ -30,9 +30,10 @@ FILL_CMD = ("head -c 1048576 /dev/urandom > /run/blk && i=0 && "
 async def fill_guest(store: Store, name: str, mb: int, file: str = "/root/data") -> str:
     """Write *mb* MiB of data to *file* in the guest; return its md5."""
     r = await vm.exec_(store, name, FILL_CMD.format(mb=mb, file=file), timeout=60 + mb)
-    if r.status != 0:
-        raise GuestError(f"{name}: filling guest memory failed: {r.text.strip()[-200:]}")
-    return r.text.strip()
+    if r.exit_code != 0:
+        raise GuestError(f"{name}: filling guest memory failed: "
+                         f"{(r.stderr or r.stdout).strip()[-200:]}")
+    return r.stdout.strip()
 
 
 def pss_bytes(pids: Iterable[int]) -> int:

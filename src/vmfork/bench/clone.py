@@ -84,8 +84,8 @@ async def _fill(store: Store, name: str, p: CloneBench) -> dict[str, str]:
     md5s = {path: await fill_guest(store, name, mb, path) for path, mb in p.data_files()}
     if p.image != "demo":
         r = await vm.exec_(store, name, "sync")
-        if r.status != 0:
-            raise GuestError(f"{name}: sync failed: {r.text.strip()[-200:]}")
+        if r.exit_code != 0:
+            raise GuestError(f"{name}: sync failed: {(r.stderr or r.stdout).strip()[-200:]}")
     return md5s
 
 
@@ -93,9 +93,9 @@ async def _check_data(store: Store, name: str, md5s: dict[str, str],
                       timeouts: Timeouts) -> None:
     paths = " ".join(md5s)
     r = await vm.exec_(store, name, f"md5sum {paths}", timeouts=timeouts)
-    got = {f: m for m, f in (ln.split() for ln in r.text.splitlines() if len(ln.split()) == 2)}
-    if r.status != 0 or got != md5s:
-        raise GuestError(f"{name}: data md5 {got or r.text.strip()[-200:]} differs from the "
+    got = {f: m for m, f in (ln.split() for ln in r.stdout.splitlines() if len(ln.split()) == 2)}
+    if r.exit_code != 0 or got != md5s:
+        raise GuestError(f"{name}: data md5 {got or r.stderr.strip()[-200:]} differs from the "
                          f"template's {md5s}")
 
 
@@ -200,7 +200,7 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
             marker = p.data_files()[-1][0]  # written last
             for name in cold_names[:n]:
                 has = await vm.exec_(store, name, f"test -f {marker}", timeouts=timeouts)
-                if has.status != 0:
+                if has.exit_code != 0:
                     await _fill(store, name, p)
             await _check_data(store, clone_names[0], md5s, timeouts)
             clones_pss = pss_bytes(_pids(store, clone_names[:n]))

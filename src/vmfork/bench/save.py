@@ -97,7 +97,7 @@ async def _one_size(store: Store, name: str, mib: int, bdir: Path, p: SaveBench,
             md5 = await fill_guest(store, name, data_mb)
         except GuestError:  # the answer was lost in transit; the data is written
             md5 = (await vm.exec_(store, name, "md5sum /root/data", timeout=timeouts.checksum,
-                                  timeouts=timeouts)).text.split()[0]
+                                  timeouts=timeouts)).stdout.split()[0]
         row["fill_s"] = time.monotonic() - t
 
         p.progress(f"{mib} MiB: vmfork save/restore")
@@ -118,7 +118,7 @@ async def _one_size(store: Store, name: str, mib: int, bdir: Path, p: SaveBench,
                    restore_s=_median(restores), restore_clock_s=_median(responsive),
                    state_bytes=max(states))
         got = (await vm.exec_(store, name, "md5sum /root/data", timeout=timeouts.checksum,
-                              timeouts=timeouts)).text
+                              timeouts=timeouts)).stdout
         row["data_intact"] = md5 in got
 
         p.progress(f"{mib} MiB: full-RAM save/restore (baseline)")
@@ -161,7 +161,7 @@ async def _full_ram(store: Store, name: str, md5: str, bdir: Path,
         restore_s = time.monotonic() - t0
         r = await vm.agent_for(store, frec, timeouts).exec("md5sum /root/data",
                                                            timeouts.checksum)
-        intact = md5 in r.text
+        intact = md5 in r.stdout
     finally:
         await m2.shutdown()
         with contextlib.suppress(FileNotFoundError):

@@ -67,9 +67,10 @@ async def _exec(store: Store, name: str, command: str, timeout: float) -> str:
 
 async def _exec_once(store: Store, name: str, command: str, timeout: float) -> str:
     r = await vm.exec_(store, name, command, timeout=timeout)
-    if r.status != 0:
-        raise GuestError(f"{name}: {command[:40]!r} failed: {r.text.strip()[-200:]}")
-    return r.text.strip()
+    if r.exit_code != 0:
+        raise GuestError(f"{name}: {command[:40]!r} failed: "
+                         f"{(r.stderr or r.stdout).strip()[-200:]}")
+    return r.stdout.strip()
 
 
 async def _fill(store: Store, name: str, mb: int, timeouts: Timeouts) -> None:
@@ -77,8 +78,9 @@ async def _fill(store: Store, name: str, mb: int, timeouts: Timeouts) -> None:
         # Writing guest RAM under TCG runs at a few MB/s: the deadline grows with mb.
         r = await vm.exec_(store, name, FILL_CMD.format(mb=mb, file="/root/data"),
                            timeout=timeouts.exec * (2 + mb / 240))
-        if r.status != 0:
-            raise GuestError(f"{name}: filling guest memory failed: {r.text.strip()[-200:]}")
+        if r.exit_code != 0:
+            raise GuestError(f"{name}: filling guest memory failed: "
+                             f"{(r.stderr or r.stdout).strip()[-200:]}")
     except CutShort:  # lost output is fine: the size check below decides
         pass
     size = await _exec(store, name, SIZE_CMD, timeouts.exec)

@@ -12,8 +12,7 @@ from vmfork.errors import InvalidInput
 
 if TYPE_CHECKING:
     from vmfork.api.aio import AsyncHost
-    from vmfork.guest.serial import ExecResult
-    from vmfork.results import VMStatus
+        from vmfork.results import ExecResult, VMStatus
 
 ACCELS = click.Choice(["auto", "kvm", "tcg"])
 

@@ -64,7 +64,7 @@ async def diagnose(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) ->
         try:
             r = await vm.guest_exec(store, rec, GUEST_COMMAND, 3 * timeouts.agent, timeouts,
                                     agent="serial")
-            parts.append("== guest (serial agent)\n" + r.text)
+            parts.append("== guest (serial agent)\n" + r.stdout + r.stderr)
         except VmforkError as exc:
             parts.append(f"== guest: the serial agent did not answer either: {exc}\n")
     try:

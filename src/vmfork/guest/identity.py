@@ -92,8 +92,9 @@ async def sync_clock(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) 
     ``hwclock -w`` in the guest, which took 2.4-3.8 s in a fresh Debian clone
     under TCG (the emulated RTC follows the host clock anyway)."""
     r = await vm.guest_exec(store, rec, clock_command(), timeouts.exec, timeouts)
-    if r.status != 0:
-        raise GuestError(f"{rec.name}: setting the guest clock failed: {_one_line(r.text)}")
+    if r.exit_code != 0:
+        raise GuestError(f"{rec.name}: setting the guest clock failed: "
+                         f"{_one_line(r.stderr or r.stdout)}")
 
 
 async def make_unique(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT,
@@ -114,9 +115,9 @@ async def make_unique(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT,
         where = await diagnosis.diagnose(store, rec, timeouts)
         raise GuestError(f"{rec.name}: giving the clone its identity did not finish: timed "
                          f"out after {exc.seconds:g} s waiting for {exc.phase}{where}") from exc
-    if r.status != 0:
+    if r.exit_code != 0:
         raise GuestError(f"{rec.name}: giving the clone its identity failed "
-                         f"(status {r.status}): {_one_line(r.text)}")
+                         f"(status {r.exit_code}): {_one_line(r.stderr or r.stdout)}")
     return time.monotonic() - t0
 
 

@@ -6,8 +6,9 @@ capability negotiation turned off (QGA has neither). The handshake cannot go
 through qemu.qmp: its answer starts with a 0xFF byte that is not JSON, and a
 session must first skip whatever an earlier client left in the channel.
 
-On top of it: ``guest-exec`` + ``guest-exec-status`` (output and exit status;
-shell commands run as the serial agent runs them, :data:`SHELL_WRAPPER`),
+On top of it: ``guest-exec`` + ``guest-exec-status`` (exit status, stdout and
+stderr apart; shell commands run as the serial agent runs them,
+:data:`SHELL_WRAPPER`),
 ``guest-set-time`` and ``guest-fsfreeze-freeze``/``-thaw``. The socket takes
 one client at a time, so sessions on one VM are serialised by a file lock
 (waited for with a deadline, :mod:`vmfork.locking`).
@@ -34,8 +35,8 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from vmfork import locking
 from vmfork.errors import GuestError, VmforkTimeout
-from vmfork.guest.serial import ExecResult
 from vmfork.qemu.machine import deadline
+from vmfork.results import ExecResult
 from vmfork.timeouts import DEFAULT
 
 log = logging.getLogger("vmfork.qga")
@@ -49,19 +50,25 @@ DELIMITER = b"\xff"
 POLL_FIRST = 0.002
 POLL_MAX = 0.05
 #: How a shell command runs through QGA, as the serial agent runs it: its
-#: output goes to a file on tmpfs (/run, which fsfreeze leaves alone) that is
-#: printed when the shell ends. QGA alone would wait until every process
-#: holding the output pipe closed it (``daemon &`` would hold the command
-#: until the daemon ends), and would return stdout and stderr apart. ``$1`` is
-#: the command, ``$2`` the directory. The file is named after the wrapper's
-#: pid and removed in the background (an external command costs ~20 ms under
-#: TCG).
+#: stdout and stderr go to two files on tmpfs (/run, which fsfreeze leaves
+#: alone) that are printed, apart, to QGA's pipes when the shell ends. QGA
+#: alone would wait until every process holding those pipes closed them
+#: (``daemon &`` would hold the command until the daemon ends). ``$1`` is the
+#: command, ``$2`` the directory (ignored if it does not exist). The
+#: wrapper's own messages (``cd``'s, a shell's report of a command killed by
+#: a signal) go to /dev/null; fd 3 keeps QGA's stderr pipe for the command's
+#: stderr and is closed for everything else. ``true``, not ``:``, creates the
+#: files: dash exits on a redirection error of a special built-in. The files
+#: are named after the wrapper's pid and removed in the background (an
+#: external command costs ~20 ms under TCG).
 SHELL_WRAPPER = (
-    'o=/run/vmfork-exec.$$; { : >"$o"; } 2>/dev/null || o=/tmp/vmfork-exec.$$; '
-    ': >"$o" || { echo "vmfork: cannot write $o in the guest" >&2; exit 125; }; '
-    'exec 2>/dev/null; '
-    '( [ -z "$2" ] || cd "$2" 2>/dev/null; exec /bin/sh -c "$1" ) >"$o" 2>&1; s=$?; '
-    'cat "$o"; rm -f "$o" </dev/null >/dev/null 2>&1 & exit $s')
+    'exec 3>&2 2>/dev/null; '
+    'o=/run/vmfork-exec.$$; true >"$o" || o=/tmp/vmfork-exec.$$; e=$o.err; '
+    '{ true >"$o" && true >"$e"; } || '
+    '{ echo "vmfork: cannot write $o in the guest" >&3; exit 125; }; '
+    '( [ -z "$2" ] || cd "$2"; exec /bin/sh -c "$1" 2>"$e" ) >"$o" 3>&-; s=$?; '
+    'cat "$o"; [ ! -s "$e" ] || cat "$e" >&3; '
+    'rm -f "$o" "$e" </dev/null >/dev/null 3>&- & exit $s')
 #: Longest QGA answer accepted: guest-exec-status carries the output (which
 #: QGA caps at 16 MiB) in base64.
 READBUFLEN = 24 * 1024 * 1024
@@ -75,15 +82,14 @@ class GuestAgent:
     """
 
     def __init__(self, socket_path: str, lock_path: Path, name: str = "guest",
-                 timeout: float = 10.0, lock_timeout: float | None = None) -> None:
+                 timeout: float = DEFAULT.agent, lock_timeout: float | None = None) -> None:
         self.socket_path = socket_path
         self.lock_path = lock_path
         self.name = name
         self.timeout = timeout
         #: How long to wait for another session on this VM to end (by default
         #: about as long as that session's command may take).
-        self.lock_timeout = lock_timeout if lock_timeout is not None \
-            else DEFAULT.exec + timeout
+        self.lock_timeout = DEFAULT.exec + timeout if lock_timeout is None else lock_timeout
         self._lockf: IO[str] | None = None
         self._client: QMPClient | None = None
 
@@ -195,16 +201,15 @@ class GuestAgent:
         result: dict[str, Any] = await self.execute("guest-info")
         return result
 
-    async def exec(self, command: str | list[str], timeout: float = 60.0,
+    async def exec(self, command: str | list[str], timeout: float = DEFAULT.exec,
                    input: bytes | None = None, cwd: str | None = None) -> ExecResult:
-        """Run *command* in the guest and return its output and status.
+        """Run *command* in the guest; return its exit code, stdout and stderr.
 
         A string is a shell command, run as the serial agent runs it
-        (:data:`SHELL_WRAPPER`): in *cwd* if given and it exists, stdout and
-        stderr interleaved as written, and done when the shell ends even if
-        it left a background process. A list is an argv, run as is: its
-        output is stdout, then stderr, and it is done when every process
-        holding its output has closed it.
+        (:data:`SHELL_WRAPPER`): in *cwd* if given and it exists, and done
+        when the shell ends even if it left a background process. A list is
+        an argv, run as is (*cwd* does not apply): it is done when every
+        process holding its stdout or stderr has closed it.
 
         A command killed by a signal reports status 128 + signal, as a shell
         does. Gives up (the command keeps running) after *timeout* seconds.
@@ -231,11 +236,12 @@ class GuestAgent:
                     return st
                 pause = min(pause * 2, POLL_MAX)
         st = await deadline(wait(), timeout, f"guest command on {self.name}", label[:60])
-        out = b"".join(base64.b64decode(st.get(k, "")) for k in ("out-data", "err-data"))
+        out = base64.b64decode(st.get("out-data", ""))
+        err = base64.b64decode(st.get("err-data", ""))
         if st.get("out-truncated") or st.get("err-truncated"):
             log.warning("%s: QGA truncated the output of %s", self.name, argv[0])
         status = int(st["exitcode"]) if "exitcode" in st else 128 + int(st.get("signal", 0))
-        return ExecResult(status, out, time.monotonic() - t0)
+        return ExecResult.from_bytes(status, out, err, time.monotonic() - t0)
 
     async def set_time(self, ns: int | None = None, timeout: float | None = None) -> None:
         """Set the guest clock to *ns* (default: the host's time now) and the RTC.
@@ -263,8 +269,10 @@ class GuestAgent:
 
 
 async def wait_qga(socket_path: str, lock_path: Path, name: str, timeout: float,
-                   attempt: float = 3.0) -> float:
-    """Wait until the guest agent answers a sync; return the seconds it took."""
+                   attempt: float = DEFAULT.agent_attempt) -> float:
+    """Wait until the guest agent answers a sync; return the seconds it took.
+
+    Each try may take *attempt* seconds, all of them *timeout*."""
     t0 = time.monotonic()
 
     async def loop() -> None:

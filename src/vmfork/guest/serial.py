@@ -1,10 +1,28 @@
-"""Talking to the guest: the serial agent of the demo guest.
+"""Talking to the guest: vmfork's serial agent (demo and Debian guests).
 
-Owns the request framing: a request is ``NONCE BASE64(CMD)\\n``; the answer is
-``NONCE BEGIN``, base64 of the output, ``NONCE END STATUS SIZE``. Lines that carry
-another nonce (answers to requests given up on earlier) are skipped. Calls on
-one VM are serialised by a file lock, because the agent socket takes one
-client at a time.
+Owns the request framing of the agent (:file:`images/guestfs/agent`). A
+request is ``NONCE BASE64(CMD)\\n``; the answer is::
+
+    NONCE BEGIN
+    base64 of the command's stdout (any number of lines)
+    NONCE ERR
+    base64 of its stderr (none if it wrote nothing there)
+    NONCE END STATUS OUTSIZE ERRSIZE
+
+OUTSIZE and ERRSIZE count the bytes of stdout and stderr, so the host can
+tell an answer that lost bytes on the way: QEMU's virtconsole drops data when
+its socket is full. Such an answer is asked for again (``NONCE !resend``,
+with a new nonce; the command is not run again) up to :data:`RESENDS` times.
+Lines that carry another nonce (answers to requests given up on earlier) are
+skipped.
+
+An agent from before stderr had its own section may still run in the RAM of
+a saved template. Its answer has no ERR section and ends ``NONCE END STATUS
+SIZE`` (or, older still, ``NONCE END STATUS``); stdout and stderr come
+interleaved in the one section, and are read as stdout.
+
+Calls on one VM are serialised by a file lock, because the agent socket
+takes one client at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +39,8 @@ from pathlib import Path
 from vmfork import locking
 from vmfork.errors import GuestError, InvalidInput
 from vmfork.qemu.machine import deadline
+from vmfork.results import ExecResult
+from vmfork.timeouts import DEFAULT
 
 MAX_COMMAND = 3000
 #: How often to ask the agent to resend an answer that arrived incomplete.
@@ -32,30 +52,87 @@ class CutShort(GuestError):
 
 
 @dataclass(frozen=True)
-class ExecResult:
-    """Output (stdout and stderr interleaved) and exit status of a guest command."""
+class Answer:
+    """One answer of the agent, as sent: exit code, stdout, stderr."""
 
-    status: int
-    output: bytes
-    seconds: float
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
 
-    @property
-    def text(self) -> str:
-        return self.output.decode(errors="replace")
+
+class AnswerReader:
+    """Reads the answer carrying *nonce* out of the agent's lines.
+
+    Feed it the lines as they come (:meth:`feed`); it returns the
+    :class:`Answer` at the answer's END line, raises :class:`CutShort` if
+    that answer lost bytes, :class:`GuestError` if its END line is garbled.
+    Base64 lines never hold a space, so a line with ``NONCE `` in it is a
+    marker (or the echo of our request) and any other line is data.
+    """
+
+    def __init__(self, nonce: bytes, name: str = "guest") -> None:
+        self.nonce = nonce
+        self.name = name
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        #: Where base64 lines go: None outside our answer.
+        self._section: list[bytes] | None = None
+
+    def feed(self, line: bytes) -> Answer | None:
+        line = line.strip()
+        # A marker may come glued to the end of a partial line: the tty
+        # echoes a request that arrives before the agent turned echo off.
+        at = line.rfind(self.nonce + b" ")
+        if at < 0:
+            if self._section is not None:
+                self._section.append(line)
+            return None
+        marker = line[at + len(self.nonce) + 1:]
+        if marker == b"BEGIN":
+            self._out, self._err = [], []
+            self._section = self._out
+        elif marker == b"ERR":
+            self._section = self._err
+        elif marker.startswith(b"END "):
+            # Also without BEGIN or ERR (lost in transit): the sizes tell
+            # whether anything of the output went missing with them.
+            return self._end(marker.split()[1:])
+        return None
+
+    def _end(self, fields: list[bytes]) -> Answer:
+        try:
+            status = int(fields[0])
+            sizes = [int(f) for f in fields[1:3]]
+        except (ValueError, IndexError) as exc:
+            raise GuestError(f"{self.name}: garbled answer from the agent") from exc
+        out = self._decode(self._out, "output")
+        err = self._decode(self._err, "error output")
+        got = [len(out), len(err)][:len(sizes)]
+        if got != sizes:
+            raise CutShort(f"{self.name}: the command's output was cut short in transit "
+                           f"({sum(got)} of {sum(sizes)} bytes arrived)")
+        return Answer(status, out, err)
+
+    def _decode(self, lines: list[bytes], what: str) -> bytes:
+        try:
+            return base64.b64decode(b"".join(lines), validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise CutShort(f"{self.name}: the command's {what} arrived garbled") from exc
 
 
 class SerialAgent:
     """Client of the agent listening on a VM's agent socket."""
 
     def __init__(self, socket_path: str, lock_path: Path, name: str = "guest",
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = DEFAULT.agent) -> None:
         self.socket_path = socket_path
         self.lock_path = lock_path
         self.name = name
         self.connect_timeout = connect_timeout
 
-    async def exec(self, command: str, timeout: float = 60.0) -> ExecResult:
-        """Run *command* with ``sh`` in the guest; return its output and status."""
+    async def exec(self, command: str, timeout: float = DEFAULT.exec) -> ExecResult:
+        """Run *command* with ``sh`` in the guest (in ``/root``, stdin empty);
+        return its exit code, stdout and stderr."""
         payload = base64.b64encode(command.encode())
         if len(payload) > MAX_COMMAND:
             raise InvalidInput(f"guest command too long ({len(command)} bytes)")
@@ -72,14 +149,14 @@ class SerialAgent:
                     asyncio.open_unix_connection(self.socket_path, limit=1 << 24),
                     self.connect_timeout, f"the guest agent of {self.name}")
             except OSError as exc:
-                raise GuestError(f"{self.name}: cannot reach the guest agent ({exc.strerror})") \
-                    from exc
+                raise GuestError(
+                    f"{self.name}: cannot reach the guest agent ({exc.strerror})") from exc
             try:
                 writer.write(nonce + b" " + payload + b"\n")
                 await writer.drain()
                 for attempt in range(RESENDS + 1):
                     try:
-                        status, out = await deadline(
+                        answer = await deadline(
                             self._answer(reader, nonce), timeout,
                             f"guest command on {self.name}", command[:60])
                         break
@@ -96,35 +173,15 @@ class SerialAgent:
                     await writer.wait_closed()
         finally:
             lockf.close()
-        return ExecResult(status, out, time.monotonic() - t0)
+        return ExecResult.from_bytes(answer.exit_code, answer.stdout, answer.stderr,
+                                     time.monotonic() - t0)
 
-    async def _answer(self, reader: asyncio.StreamReader, nonce: bytes) -> tuple[int, bytes]:
-        chunks: list[bytes] = []
-        inside = False
+    async def _answer(self, reader: asyncio.StreamReader, nonce: bytes) -> Answer:
+        parser = AnswerReader(nonce, self.name)
         while True:
             line = await reader.readline()
             if not line:
                 raise GuestError(f"{self.name}: the guest agent closed the connection")
-            line = line.strip()
-            if line == nonce + b" BEGIN":
-                inside, chunks = True, []
-            elif line.startswith(nonce + b" END "):
-                fields = line.split()
-                try:
-                    status = int(fields[2])
-                    size = int(fields[3]) if len(fields) > 3 else -1
-                except (ValueError, IndexError) as exc:
-                    raise GuestError(f"{self.name}: garbled answer from the agent") from exc
-                try:
-                    out = base64.b64decode(b"".join(chunks), validate=True)
-                except (ValueError, binascii.Error) as exc:
-                    raise CutShort(f"{self.name}: the command's output arrived garbled") \
-                        from exc
-                if size >= 0 and len(out) != size:
-                    # QEMU's virtconsole drops data when its socket is full.
-                    raise CutShort(f"{self.name}: the command's output was cut short in "
-                                   f"transit ({len(out)} of {size} bytes arrived)")
-                return status, out
-            elif inside:
-                chunks.append(line)
-
+            answer = parser.feed(line)
+            if answer is not None:
+                return answer

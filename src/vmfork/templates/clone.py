@@ -110,9 +110,10 @@ async def run_hook(store: Store, rec: VMRecord, hook: str,
     except VmforkTimeout as exc:
         raise GuestError(f"{rec.name}: the on-clone hook did not finish within "
                          f"{timeouts.exec:g} s") from exc
-    if r.status != 0:
-        raise GuestError(hook_failure(rec.name, r.status, r.text))
-    return r.status, r.text
+    output = r.stdout + r.stderr
+    if r.exit_code != 0:
+        raise GuestError(hook_failure(rec.name, r.exit_code, output))
+    return r.exit_code, output
 
 
 def _adopt_member_dirs(store: Store, member: PoolMember, name: str) -> None:

@@ -225,9 +225,9 @@ async def create_demo(store: Store, name: str, memory_mib: int = 512,
     try:
         if prepare:
             r = await vm.exec_(store, build, prepare, timeouts=timeouts)
-            if r.status != 0:
-                raise TemplateError(f"--prepare failed with status {r.status}: "
-                                    f"{r.text.strip()[-200:]}")
+            if r.exit_code != 0:
+                raise TemplateError(f"--prepare failed with status {r.exit_code}: "
+                                    f"{(r.stderr or r.stdout).strip()[-200:]}")
         return await create_from_vm(store, name, build, timeouts, on_clone=on_clone)
     finally:
         if store.has_vm(build):

@@ -98,8 +98,9 @@ async def _warm_up(store: Store, manifest: TemplateManifest, mid: str, m: Machin
         # command while the file systems are frozen.
         await identity.thaw(store, rec, timeouts)
     r = await vm.guest_exec(store, rec, "true", timeouts.exec, timeouts)
-    if r.status != 0:
-        raise GuestError(f"{mid}: the warm-up command failed ({r.status}): {r.text.strip()}")
+    if r.exit_code != 0:
+        raise GuestError(f"{mid}: the warm-up command failed ({r.exit_code}): "
+                         f"{(r.stderr or r.stdout).strip()}")
     await m.pause()
 
 
