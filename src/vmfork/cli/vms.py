@@ -12,7 +12,7 @@ from vmfork.errors import InvalidInput
 
 if TYPE_CHECKING:
     from vmfork.api.aio import AsyncHost
-        from vmfork.results import ExecResult, VMStatus
+    from vmfork.results import ExecResult, VMStatus
 
 ACCELS = click.Choice(["auto", "kvm", "tcg"])
 
