@@ -23,6 +23,7 @@ from vmfork.errors import (
     LaunchError,
     MigrationError,
     NotFound,
+    QMPCommandError,
     SetupError,
     StateError,
     TemplateError,
@@ -33,7 +34,7 @@ from vmfork.errors import (
 #: Error class -> exit status. Usage-type errors exit 2, the rest 1.
 EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
     (InvalidInput, 2), (NotFound, 1), (AlreadyExists, 1), (SetupError, 1), (LaunchError, 1),
-    (StateError, 1), (GuestError, 1), (MigrationError, 1), (TemplateError, 1),
+    (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (MigrationError, 1), (TemplateError, 1),
     (VmforkTimeout, 1), (VmforkError, 1),
 )
 
