@@ -283,8 +283,8 @@ def test_exec_same_through_both_agents(debian: DebianVMs) -> None:
     try:
         for agent in ("auto", "serial", "qga"):
             p = env.cli("exec", "deb", "--agent", agent, "--", "true")
-            assert p.returncode == 1 and p.stderr == \
-                "vmfork: error: deb is paused; resume it first\n", p.stderr
+            expected = "vmfork: error: deb is paused; resume it first\n"
+            assert p.returncode == 1 and p.stderr == expected, p.stderr
     finally:
         env.cli("resume", "deb", check=True)
     time.sleep(3)  # the serial agent finishes the abandoned 'sleep 4' first
@@ -347,8 +347,8 @@ def test_disk_write_sync_reread_and_isolation(debian: DebianVMs) -> None:
                                       str(overlay)], capture_output=True, text=True,
                                      check=True).stdout)
     assert Path(info["backing-filename"]).resolve() == Path(debian.img.disk).resolve()
-    assert env.exec("raw", "test -e /root/data && echo present || echo absent").strip() \
-        == "absent"
+    found = env.exec("raw", "test -e /root/data && echo present || echo absent").strip()
+    assert found == "absent"
     assert sha256(debian.img.disk) == debian.base_sha
 
 
@@ -449,13 +449,13 @@ def test_save_restore_keeps_disk(debian: DebianVMs) -> None:
         assert rows["deb"]["state"] == "running"
         assert overlay.is_file() and Path(saved["state_file"]).parent == overlay.parent
         p = env.cli("exec", "pers", "true")
-        assert p.returncode == 1 and p.stderr == \
-            "vmfork: error: pers is saved, not running\n", p.stderr
+        expected = "vmfork: error: pers is saved, not running\n"
+        assert p.returncode == 1 and p.stderr == expected, p.stderr
         # A missing overlay is named, and the VM stays saved.
         overlay.rename(overlay.with_name("moved.qcow2"))
         p = env.cli("restore", "pers")
-        assert p.returncode == 1 and p.stderr == \
-            f"vmfork: error: pers: its disk {overlay} is missing\n", p.stderr
+        expected = f"vmfork: error: pers: its disk {overlay} is missing\n"
+        assert p.returncode == 1 and p.stderr == expected, p.stderr
         overlay.with_name("moved.qcow2").rename(overlay)
         assert s.get_vm("pers").state == "saved"
         time.sleep(4)  # the guest clock falls behind while saved

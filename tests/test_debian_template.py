@@ -115,8 +115,8 @@ def dt(debian_img: DiskImage, session_images: Path) -> Iterator[DebianTemplate]:
 def test_failed_creation_resumes_and_thaws_the_vm(dt: DebianTemplate) -> None:
     f = dt.failed_create
     assert f["returncode"] == 1 and f["stderr"].count("\n") == 1, f
-    assert (f["fsfreeze"], f["status"], f["write"], f["left"]) == \
-        ("thawed", "running", "written", False), f
+    got = (f["fsfreeze"], f["status"], f["write"], f["left"])
+    assert got == ("thawed", "running", "written", False), f
 
 
 def test_template_takes_over_the_overlay(dt: DebianTemplate) -> None:
@@ -129,8 +129,8 @@ def test_template_takes_over_the_overlay(dt: DebianTemplate) -> None:
     assert overlay == s.home / "templates/T/disk0.qcow2"
     assert overlay.stat().st_mode & 0o777 == 0o444
     assert Path(disk["backing"]).resolve() == Path(dt.img.disk).resolve()
-    assert Path(qemu_img_info(overlay)["backing-filename"]).resolve() == \
-        Path(dt.img.disk).resolve()
+    backing = Path(qemu_img_info(overlay)["backing-filename"]).resolve()
+    assert backing == Path(dt.img.disk).resolve()
     assert m["spec"]["disks"][0]["path"] == str(overlay)
     # The source VM ended and its directory (where the overlay was) is gone.
     assert not s.has_vm("src") and not s.vm_dir("src").exists()
@@ -156,8 +156,8 @@ def test_disk_writes_are_private_to_a_clone(dt: DebianTemplate) -> None:
     tpl_overlay = dt.manifest["disks"][0]["path"]
     tpl_sha = sha256(tpl_overlay)
     dt.exec(a, "head -c 3145728 /dev/urandom > /root/only-a && sync")
-    assert dt.exec(b, "test -e /root/only-a && echo present || echo absent").strip() == \
-        "absent"
+    found = dt.exec(b, "test -e /root/only-a && echo present || echo absent").strip()
+    assert found == "absent"
     assert dt.exec(a, "test -e /root/only-a && echo present").strip() == "present"
     s = dt.env.store()
     assert (s.vm_dir(a) / "disk0.qcow2").stat().st_size > 3 * 1024 * 1024
@@ -223,8 +223,8 @@ def test_per_call_hook_replaces_default_and_failure_is_clean(dt: DebianTemplate)
                 check=True)
     (res,) = json.loads(p.stdout)
     assert res["hook_status"] == 0 and res["hook_output"] == ""
-    assert env.exec("good", "cat /root/pc.txt; ls /root").split() == \
-        ["per-call", "disk.dat", "pc.txt"]
+    listed = env.exec("good", "cat /root/pc.txt; ls /root").split()
+    assert listed == ["per-call", "disk.dat", "pc.txt"]
     env.cli("stop", "good", check=True)
     assert not s.vm_dir("good").exists()
     s.close()

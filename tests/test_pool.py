@@ -22,7 +22,7 @@ from vmfork.store import Store
 from vmfork.templates import catalog, clone, pool
 
 from .conftest import VMFORK, Env, qemu_processes, run
-from .test_template import generation_id, make_template
+from .test_template import generation_id, make_template, md5_matches
 
 pytestmark = pytest.mark.qemu
 
@@ -39,8 +39,7 @@ def test_warm_pool_members_are_clones_in_waiting(env: Env) -> None:
     (res,) = run(clone.clone(s, "t", names=["w1"]))
     assert res.pooled and res.pid == member.pid
     assert res.state_loaded < res.running <= res.responsive
-    assert env.exec("w1", "md5sum /root/data | cut -d' ' -f1") == \
-        env.exec("w1", "cat /root/data.md5")
+    assert md5_matches(env, "w1")
     assert env.exec("w1", "hostname").strip() == "w1"
     # It saw its own generation ID (given to the pool process) and reseeded once.
     assert env.exec("w1", "dmesg | grep -c 'virtual machine fork'").strip() == "1"

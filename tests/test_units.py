@@ -605,8 +605,8 @@ def test_identity_command_edits_hosts_and_machine_id(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert (root / "hostname.kernel").read_text() == "c-2\n"
     assert (root / "etc/hostname").read_text() == "c-2\n"
-    assert (root / "etc/hosts").read_text() == \
-        "127.0.0.1\tlocalhost\n127.0.1.1\tc-2\n::1\tip6\n"
+    hosts = "127.0.0.1\tlocalhost\n127.0.1.1\tc-2\n::1\tip6\n"
+    assert (root / "etc/hosts").read_text() == hosts
     assert (root / "etc/machine-id").read_text() == "0f8fad5bd9cb469fa16570867728950e\n"
     assert (root / "dbus/machine-id").read_text() == "0f8fad5bd9cb469fa16570867728950e\n"
 

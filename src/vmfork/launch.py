@@ -98,8 +98,8 @@ def _memory_dir_ready(spec: VMSpec) -> None:
         try:
             mdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InvalidInput(f"cannot create memory dir {str(mdir)!r}: {exc.strerror}") \
-                from exc
+            message = f"cannot create memory dir {str(mdir)!r}: {exc.strerror}"
+            raise InvalidInput(message) from exc
 
 
 async def finish_in_thread(fn: Callable[..., object], *args: Any) -> None:

@@ -25,8 +25,8 @@ def observed_state(rec: VMRecord) -> str:
     """The record's state, or ``dead`` when it says live and its QEMU is gone.
     An ``updating`` VM stays ``updating``: its guest may live in the new QEMU
     (see :mod:`vmfork.update.recovery`)."""
-    if rec.state in LIVE_STATES and rec.state != "updating" \
-            and not proc.alive(rec.pid, rec.pid_start):
+    if (rec.state in LIVE_STATES and rec.state != "updating"
+            and not proc.alive(rec.pid, rec.pid_start)):
         return "dead"
     return rec.state
 

@@ -128,8 +128,9 @@ class UpdateReport(Result):
 
     @property
     def peak_memory_ratio(self) -> float:
-        return self.peak_memory_bytes / self.memory_before_bytes \
-            if self.memory_before_bytes else 0.0
+        if not self.memory_before_bytes:
+            return 0.0
+        return self.peak_memory_bytes / self.memory_before_bytes
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

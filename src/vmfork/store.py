@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from vmfork import locking
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound
 from vmfork.names import check_name
-from vmfork.timeouts import scale
+from vmfork.timeouts import DEFAULT
 
 # The record types are imported where records are read: listing an empty
 # catalog (``vmfork ls`` on a new host) then never loads them.
@@ -31,9 +31,6 @@ if TYPE_CHECKING:
 
 #: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
 MAX_SOCKET_PATH = 107
-#: How long a command waits for another one working on the same VM (the
-#: longest legitimate holder is a copy-mode update or save of a large VM).
-LOCK_WAIT = 300.0 * scale()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -95,7 +92,8 @@ class Store:
         self.home = Path(home).absolute() if home else default_home()
         self.memory_dir = Path(memory_dir).absolute() if memory_dir else default_memory_dir()
         self.home.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.home / "vmfork.db", timeout=30, isolation_level=None)
+        self._db = sqlite3.connect(self.home / "vmfork.db", timeout=DEFAULT.catalog,
+                                   isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         for table, column, decl in _ADDED_COLUMNS:
@@ -157,7 +155,7 @@ class Store:
     def lock(self, name: str, wait: bool | float = True) -> Iterator[None]:
         """Serialise operations on one VM across vmfork processes.
 
-        Waits up to :data:`LOCK_WAIT` seconds (or *wait* seconds) for another
+        Waits up to ``DEFAULT.lock`` seconds (or *wait* seconds) for another
         process to finish; ``wait=False`` raises StateError at once if the
         lock is held."""
         with locking.held(*self._lock_args(name, wait)):
@@ -175,7 +173,7 @@ class Store:
             raise InvalidInput(f"invalid lock name {name!r}")  # it becomes a file name
         locks = self.home / "locks"
         locks.mkdir(exist_ok=True)
-        seconds = 0.0 if wait is False else LOCK_WAIT if wait is True else float(wait)
+        seconds = 0.0 if wait is False else DEFAULT.lock if wait is True else float(wait)
         busy = f"{name} is busy: another vmfork command is working on it"
         if seconds:
             busy += f" (waited {seconds:g} s)"

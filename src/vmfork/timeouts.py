@@ -57,6 +57,10 @@ class Timeouts:
     agent: float = 10.0      # connect to the guest agent
     agent_attempt: float = 3.0  # one try to reach a guest agent that may not be up yet
     accel_probe: float = 20.0  # one probe boot of the demo kernel under KVM (accel auto)
+    # Another vmfork command working on the same VM holds its lock; the
+    # longest legitimate holder is a copy-mode update or save of a large VM.
+    lock: float = 300.0
+    catalog: float = 30.0      # the SQLite catalog locked by another process's write
 
     # -- snapshots: save/restore, export/import, bench save --------------------------
     # Setting the guest clock after a restore or import is best effort: a

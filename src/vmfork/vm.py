@@ -181,8 +181,10 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
     if opts.memory_backend == "memfd":
         memory = MemorySpec(backend="memfd")
     elif opts.memory_backend == "file":
-        mdir = Path(opts.memory_dir).absolute() if opts.memory_dir else \
-            store.home / "memory" if opts.persistent else store.memory_dir
+        if opts.memory_dir:
+            mdir = Path(opts.memory_dir).absolute()
+        else:
+            mdir = store.home / "memory" if opts.persistent else store.memory_dir
         if mdir.exists() and not mdir.is_dir():
             raise InvalidInput(f"memory dir {str(mdir)!r} is not a directory")
         if opts.persistent and not is_persistent_dir(mdir):
@@ -255,7 +257,7 @@ def get_live(store: Store, name: str) -> VMRecord:
 async def attached(store: Store, name: str,
                    timeouts: Timeouts = DEFAULT) -> AsyncIterator[tuple[VMRecord, Machine]]:
     """Lock the VM, check it is alive and connect to its QMP monitor."""
-    with store.lock(check_name(name)):
+    async with store.lock_async(check_name(name)):
         rec = get_live(store, name)
         m = await attach(store, rec, timeouts)
         try:
@@ -293,7 +295,7 @@ async def stop(store: Store, name: str, force: bool = False,
     """End a VM's QEMU (if it runs) and remove the VM and its files, with
     whatever an interrupted live update left (:func:`_end_update_leftovers`)."""
     check_name(name)
-    with store.lock(name):
+    async with store.lock_async(name):
         rec = store.get_vm(name)
         if rec.pid and process_alive(rec.pid, rec.pid_start):
             m = machine_for(store, rec, timeouts)

@@ -197,6 +197,7 @@ class AsyncVM:
 
     async def console_socket(self) -> str:
         """The UNIX socket of the VM's serial console (a live VM's)."""
+        await self._settle()
         rec = vm.get_live(self._store, self.name)
         return vm.paths_for(self._store, rec).console
 
@@ -223,8 +224,8 @@ class AsyncVM:
         await vm.resume(self._store, self.name, self.host.timeouts)
 
     async def stop(self, *, force: bool = False) -> None:
-        """End the VM's QEMU and remove the VM with its memory file and sockets."""
-        await self._settle()
+        """End the VM's QEMU and remove the VM with its memory file and sockets
+        (and whatever a half-done update of it left)."""
         await vm.stop(self._store, self.name, force=force, timeouts=self.host.timeouts)
 
     async def update(self, *, qemu: str | None = None, mode: str = "auto",

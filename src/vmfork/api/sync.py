@@ -262,10 +262,13 @@ class VM:
 class Clone(VM):
     """A VM just cloned from a template; :attr:`result` has its timings."""
 
+    def __init__(self, host: Host, handle: AsyncClone) -> None:
+        super().__init__(host, handle)
+        self._clone = handle
+
     @property
     def result(self) -> CloneResult:
-        assert isinstance(self._a, AsyncClone)
-        return self._a.result
+        return self._clone.result
 
 
 class Template:

@@ -18,6 +18,7 @@ from rich.table import Table
 from vmfork import vm
 from vmfork.errors import GuestError
 from vmfork.store import Store
+from vmfork.timeouts import DEFAULT
 
 #: Shell snippet that writes MB megabytes of non-zero, non-repeating-page data
 #: to FILE in the guest fast under TCG (urandom is slow there): a 1 MiB random
@@ -29,7 +30,8 @@ FILL_CMD = ("head -c 1048576 /dev/urandom > /run/blk && i=0 && "
 
 async def fill_guest(store: Store, name: str, mb: int, file: str = "/root/data") -> str:
     """Write *mb* MiB of data to *file* in the guest; return its md5."""
-    r = await vm.exec_(store, name, FILL_CMD.format(mb=mb, file=file), timeout=60 + mb)
+    r = await vm.exec_(store, name, FILL_CMD.format(mb=mb, file=file),
+                       timeout=DEFAULT.exec + mb)
     if r.exit_code != 0:
         raise GuestError(f"{name}: filling guest memory failed: "
                          f"{(r.stderr or r.stdout).strip()[-200:]}")

@@ -55,8 +55,8 @@ class CloneBench:
     def check(self) -> None:
         if self.image not in IMAGES:
             raise InvalidInput(f"unknown image {self.image!r}: use one of {', '.join(IMAGES)}")
-        if not self.counts or min(self.counts) < 1 or list(self.counts) != \
-                sorted(self.counts):
+        counts = list(self.counts)
+        if not counts or min(counts) < 1 or counts != sorted(counts):
             raise InvalidInput(f"invalid clone counts {self.counts}: ascending positive "
                                "numbers")
         if self.data_mb < 1 or self.disk_mb < 0:

@@ -36,7 +36,7 @@ from rich.table import Table
 
 from vmfork import vm
 from vmfork.bench import fill_guest, ratio
-from vmfork.errors import GuestError, MigrationError
+from vmfork.errors import GuestError, InvalidInput, MigrationError
 from vmfork.files import fsync_path
 from vmfork.launch import Launch, Transient
 from vmfork.qemu import migration
@@ -66,7 +66,7 @@ def _median(xs: list[float]) -> float:
 
 async def run(store: Store, p: SaveBench, timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
     if not 0 < p.fill <= 0.8:
-        raise ValueError("fill must be in (0, 0.8]")
+        raise InvalidInput(f"invalid fill {p.fill}: must be above 0 and at most 0.8")
     tag = secrets.token_hex(2)
     bdir = store.home / f"bench-save-{tag}"
     bdir.mkdir(parents=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import click
 
@@ -88,12 +88,9 @@ def import_cmd(file: str, name: str, as_template: bool, persistent: bool,
         return
 
     async def start(host: AsyncHost) -> ImportResult:
-        from vmfork.results import ImportResult
-
         vm = await host.import_snapshot(file, name, persistent=persistent,
                                         memory_dir=memory_dir)
-        assert isinstance(vm.result, ImportResult)
-        return vm.result
+        return cast("ImportResult", vm.result)
     r = on_host(start)
     report(as_json, r, f"{name}: running (pid {r.pid}), imported from {file} "
                        f"in {r.seconds:.2f} s")

@@ -89,8 +89,8 @@ def host_kernel() -> tuple[Path, str]:
 def host_busybox() -> Path:
     for p in _BUSYBOX:
         if Path(p).is_file():
-            out = subprocess.run(["file", "-L", p], capture_output=True, text=True).stdout \
-                if shutil.which("file") else "statically linked"
+            out = (subprocess.run(["file", "-L", p], capture_output=True, text=True).stdout
+                   if shutil.which("file") else "statically linked")
             if "dynamically" not in out:
                 return Path(p)
     raise SetupError("no static busybox: install busybox-static (make demo does it)")
@@ -189,8 +189,8 @@ def demo_image(images_dir: Path, rebuild: bool = False) -> GuestImage:
     fp = _fingerprint(kernel, busybox)
     if not rebuild and manifest.exists():
         data = json.loads(manifest.read_text())
-        if data.get("fingerprint") == fp and Path(data["kernel"]).exists() \
-                and Path(data["initrd"]).exists():
+        if (data.get("fingerprint") == fp and Path(data["kernel"]).exists()
+                and Path(data["initrd"]).exists()):
             return GuestImage("demo", data["kernel"], data["initrd"], data["append"],
                               data["kernel_version"])
     d.mkdir(parents=True, exist_ok=True)

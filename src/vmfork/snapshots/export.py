@@ -261,7 +261,6 @@ async def export(store: Store, name: str, file: Path | str,
             m = await Launch(store, Transient(name), private,
                              timeouts=timeouts).spawn(incoming=("defer",))
         elif rec.state in LIVE_STATES:
-            assert rec.pid is not None
             m = await attach(store, rec, timeouts)
         else:
             raise StateError(f"{name} is {rec.state}; only a running, paused or saved VM "

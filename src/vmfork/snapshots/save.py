@@ -201,7 +201,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
     """
     t0 = time.monotonic()
     check_name(name)
-    with store.lock(name):
+    async with store.lock_async(name):
         rec = vm.get_live(store, name)
         mem = check_saveable(rec)
         state, manifest = state_paths(store, name)

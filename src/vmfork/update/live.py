@@ -56,7 +56,7 @@ async def update(store: Store, name: str, qemu: str | None = None, mode: str = "
     check_mode(mode)
     check_name(name)
     t0 = time.monotonic()
-    with store.lock(name):
+    async with store.lock_async(name):
         await recovery.settle_held(store, store.get_vm(name), timeouts)
         rec = vm.get_live(store, name)
         if rec.pid is None:

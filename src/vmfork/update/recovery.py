@@ -61,7 +61,7 @@ async def settle(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> VMRec
     rec = store.get_vm(check_name(name))
     if not pending(rec):
         return rec
-    with store.lock(name):
+    async with store.lock_async(name):
         return await settle_held(store, store.get_vm(name), timeouts)
 
 
