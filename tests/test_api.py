@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +125,25 @@ def test_async_api(env: Env) -> None:
             await tpl.remove()
             assert await host.templates() == []
     asyncio.run(scenario())
+
+
+@pytest.mark.qemu
+def test_sync_call_interrupted_by_ctrl_c_cancels_and_cleans_up(env: Env) -> None:
+    """Ctrl-C while a synchronous call waits: the operation (on the host's loop
+    thread) is cancelled and its cleanup runs before KeyboardInterrupt goes on;
+    the VM's agent is free for the next call."""
+    with vmfork.open() as host:
+        vm = host.run("a", image="demo", accel="tcg")
+        main = threading.main_thread().ident
+        assert main is not None
+        timer = threading.Timer(1.5, signal.pthread_kill, (main, signal.SIGINT))
+        timer.start()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                vm.exec("sleep 5")
+            assert time.monotonic() - t0 < 5
+        finally:
+            timer.cancel()
+        assert vm.exec("echo again", timeout=60).stdout == "again\n"
+        vm.stop()
