@@ -23,7 +23,7 @@ from unittest.mock import ANY
 import psutil
 import pytest
 
-from vmfork import vm
+from vmfork import launch, vm
 from vmfork.errors import GuestError, SetupError
 from vmfork.guest import identity
 from vmfork.guest.qga import SHELL_WRAPPER, GuestAgent
@@ -86,7 +86,7 @@ def test_overlay_created_over_base(tmp_path: Path) -> None:
     assert disk.backing == str(base) and disk.backing_format == "raw"
     assert Path(disk.path).parent == store.vm_dir("ov")
     spec = VMSpec(name="ov", memory_mib=256, memory=MemorySpec(path="/m"), disks=(disk,))
-    vm.create_overlays(spec)
+    launch.create_overlays(spec)
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", disk.path],
                                      capture_output=True, text=True, check=True).stdout)
     assert info["format"] == "qcow2"
@@ -380,7 +380,7 @@ def test_qga_exec_time_and_fsfreeze(debian: DebianVMs) -> None:
                 res["thawed"] = await qga.fsfreeze_thaw()
             res["status_after"] = await qga.fsfreeze_status()
         # A second session on the same socket works (sync skips leftovers).
-        async with GuestAgent(vm.paths_for(s, rec).qga, s.run_dir("deb") / "qga.lock",
+        async with GuestAgent(launch.paths_for(s, rec).qga, s.run_dir("deb") / "qga.lock",
                               "deb") as qga2:
             await qga2.ping()
         return res

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vmfork import vm
+from vmfork import launch, listing, vm
 from vmfork.errors import GuestError, InvalidInput, LaunchError, StateError, VmforkTimeout
 from vmfork.qemu.machine import Machine, process_alive
 from vmfork.store import Store
@@ -82,9 +82,9 @@ def test_run_starts_a_detached_vm_and_records_it(env: Env) -> None:
     # Own session (a terminal's Ctrl-C does not reach it); no inherited stdio.
     assert os.getsid(pid) == pid
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
-    assert os.readlink(f"/proc/{pid}/fd/1") == str(vm.qemu_log(s, "r1"))
-    assert os.readlink(f"/proc/{pid}/fd/2") == str(vm.qemu_log(s, "r1"))
-    paths = vm.paths_for(s, rec)
+    assert os.readlink(f"/proc/{pid}/fd/1") == str(launch.qemu_log(s, "r1"))
+    assert os.readlink(f"/proc/{pid}/fd/2") == str(launch.qemu_log(s, "r1"))
+    paths = launch.paths_for(s, rec)
     for sock in (paths.qmp, paths.console, paths.agent):
         assert Path(sock).is_socket()
     assert "VMFORK-READY" in Path(paths.console_log).read_text(errors="replace")
@@ -153,7 +153,7 @@ def test_vm_killed_from_outside_is_dead(env: Env, booted: str) -> None:
     assert rec.pid is not None
     os.kill(rec.pid, signal.SIGKILL)
     psutil.Process(rec.pid).wait(10)
-    assert [(r.name, r.state) for r in vm.list_vms(s)] == [(booted, "dead")]
+    assert [(r.name, r.state) for r in listing.statuses(s)] == [(booted, "dead")]
     assert s.get_vm(booted).state == "dead"
     for op in (vm.pause(s, booted), vm.resume(s, booted), vm.status(s, booted),
                vm.exec_(s, booted, "true")):

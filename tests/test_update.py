@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import vm
+from vmfork import launch, vm
 from vmfork.errors import (
     InvalidInput,
     LaunchError,
@@ -192,7 +192,7 @@ def assert_rolled_back(env: Env, guest: Guest, old_pid: int, gen: int,
 def console_says(env: Env, name: str) -> None:
     """The serial console of the VM's current QEMU answers a shell command."""
     s = env.store()
-    path = vm.paths_for(s, s.get_vm(name)).console
+    path = launch.paths_for(s, s.get_vm(name)).console
 
     async def talk() -> bytes:
         reader, writer = await asyncio.open_unix_connection(path)

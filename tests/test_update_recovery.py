@@ -13,7 +13,7 @@ import sys
 import psutil
 import pytest
 
-from vmfork import vm
+from vmfork import launch, vm
 from vmfork.qemu.machine import Machine, find_qemu
 from vmfork.records import RetiredQemu
 from vmfork.update.live import update
@@ -58,7 +58,7 @@ async def _runstates(env: Env) -> dict[str, str]:
         paths = s.run_paths("a", gen)
         pid = find_qemu(paths.qmp)
         assert pid is not None, f"no {role} QEMU"
-        m = await Machine.attach(spec, paths, vm.qemu_log(s, "a"), pid)
+        m = await Machine.attach(spec, paths, launch.qemu_log(s, "a"), pid)
         try:
             states[role] = await m.status()
         finally:

@@ -1,9 +1,10 @@
-"""VM operations over the catalog: run, attach, pause/resume, stop, list, exec.
+"""VM operations over the catalog: run, pause/resume, exec, stop.
 
-Owns the rules that tie a QEMU process to its catalog record: names are
-reserved in the catalog before anything starts; a VM's memory file, sockets
-and run directory are removed on stop and on every failure path; ``list``
-reconciles records with the processes that really exist.
+Owns what a ``run`` request means (:class:`RunOptions` checked and turned into
+a :class:`VMSpec`: images, disks and their overlays, the memory file, the
+accelerator) and the operations on a live VM. Starting QEMU goes through the
+launch transaction (:mod:`vmfork.launch`); an operation that finds a VM's QEMU
+gone records it as ``dead``; ``stop`` removes the VM with everything it owns.
 """
 
 from __future__ import annotations
@@ -24,11 +25,7 @@ from vmfork.files import unlink_quietly
 from vmfork.guest.qga import GuestAgent
 from vmfork.guest.serial import SerialAgent
 from vmfork.images.demo import demo_image
-from vmfork.launch import Launch, NewVM, attach, machine_for
-from vmfork.launch import create_overlays as create_overlays
-from vmfork.launch import paths_for as paths_for
-from vmfork.launch import qemu_log as qemu_log
-from vmfork.launch import remove_vm_files as remove_vm_files
+from vmfork.launch import Launch, NewVM, attach, machine_for, paths_for, qemu_log, remove_vm_files
 from vmfork.listing import LIVE_STATES, describe, observed_state
 from vmfork.names import check_name
 from vmfork.qemu.accel import resolve_accel
@@ -226,9 +223,6 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> V
     return describe(rec)
 
 
-def is_live(rec: VMRecord) -> bool:
-    return rec.state in LIVE_STATES and process_alive(rec.pid, rec.pid_start)
-
 
 def reconcile(store: Store, rec: VMRecord) -> VMRecord:
     """Record a VM whose QEMU is gone as dead (:func:`vmfork.listing.observed_state`)."""
@@ -238,9 +232,6 @@ def reconcile(store: Store, rec: VMRecord) -> VMRecord:
         store.update_vm(rec)
     return rec
 
-
-def list_vms(store: Store) -> list[VMRecord]:
-    return [reconcile(store, r) for r in store.list_vms()]
 
 
 def get_live(store: Store, name: str) -> VMRecord:

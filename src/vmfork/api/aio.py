@@ -22,6 +22,7 @@ from typing import overload
 from vmfork import listing, vm
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.images.demo import GuestImage, demo_image
+from vmfork.launch import paths_for
 from vmfork.names import check_name
 from vmfork.records import TemplateManifest
 from vmfork.results import (
@@ -199,7 +200,7 @@ class AsyncVM:
         """The UNIX socket of the VM's serial console (a live VM's)."""
         await self._settle()
         rec = vm.get_live(self._store, self.name)
-        return vm.paths_for(self._store, rec).console
+        return paths_for(self._store, rec).console
 
     async def status(self) -> VMStatus:
         """The VM as the catalog and the host see it now."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from vmfork import vm
 from vmfork.errors import VmforkError
+from vmfork.launch import attach
 from vmfork.qemu.machine import Machine
 from vmfork.records import VMRecord
 from vmfork.store import Store
@@ -83,8 +84,7 @@ async def host_view(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -
         return "no QEMU process\n"
     lines: list[str] = []
     try:
-        m = await Machine.attach(rec.spec, vm.paths_for(store, rec),
-                                 vm.qemu_log(store, rec.name), rec.pid, timeouts=timeouts)
+        m = await attach(store, rec, timeouts)
     except VmforkError as exc:
         return f"QMP unreachable: {exc}\n"
     try:

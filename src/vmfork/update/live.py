@@ -19,6 +19,7 @@ from typing import Any
 
 from vmfork import vm
 from vmfork.errors import InvalidInput, LaunchError, StateError, VmforkError
+from vmfork.launch import attach, qemu_log
 from vmfork.names import check_name
 from vmfork.qemu import features, migration
 from vmfork.qemu.features import QemuFeatures
@@ -63,8 +64,7 @@ async def update(store: Store, name: str, qemu: str | None = None, mode: str = "
             raise StateError(f"{name} has no QEMU process")
         binary = features.resolve_binary(qemu or rec.spec.qemu)
         qemu_str = binary if qemu else rec.spec.qemu
-        old = await Machine.attach(rec.spec, vm.paths_for(store, rec),
-                                   vm.qemu_log(store, name), rec.pid, timeouts=timeouts)
+        old = await attach(store, rec, timeouts)
         try:
             return await _update(store, rec, old, binary, qemu_str, mode, timeouts,
                                  on_phase, max_bandwidth, t0)
@@ -78,7 +78,7 @@ async def _features(store: Store, old: Machine, binary: str,
     cache = features.FeatureCache(store.cache_dir)
     old_feats = await features.of_running(old, cache)
     try:
-        new_feats = await features.of_binary(binary, cache, vm.qemu_log(store, old.name),
+        new_feats = await features.of_binary(binary, cache, qemu_log(store, old.name),
                                              timeouts)
     except LaunchError as exc:
         raise LaunchError(f"{old.name}: the new QEMU did not start", exitcode=exc.exitcode,

@@ -31,8 +31,8 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from vmfork import vm
 from vmfork.errors import LaunchError, MigrationError, StateError, VmforkError, VmforkTimeout
+from vmfork.launch import qemu_log
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, log_tail
 from vmfork.records import VMRecord
@@ -141,7 +141,7 @@ class Move:
         mem = self.launch_spec.memory
         if mem.backend == "file" and mem.path:
             Path(mem.path).parent.mkdir(parents=True, exist_ok=True)
-        logp = vm.qemu_log(self.store, self.name)
+        logp = qemu_log(self.store, self.name)
         with contextlib.suppress(OSError):
             self.log_offset = logp.stat().st_size
         if self.mode == "cpr-transfer":
@@ -287,7 +287,7 @@ async def roll_back(move: Move, exc: BaseException) -> None:
     if isinstance(exc, VmforkTimeout):
         raise VmforkTimeout(exc.phase, exc.seconds, f"update {done}{note}") from exc
     if isinstance(exc, LaunchError) and move.phase == "launching":
-        tail = log_since(vm.qemu_log(move.store, name), move.log_offset) or exc.log_tail
+        tail = log_since(qemu_log(move.store, name), move.log_offset) or exc.log_tail
         raise LaunchError(f"{name}: update {done}: the new QEMU did not start",
                           exitcode=exc.exitcode, argv=exc.argv, log_tail=tail) from exc
     cause: BaseException = exc

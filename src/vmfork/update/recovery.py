@@ -31,8 +31,8 @@ import logging
 import os
 import signal
 
-from vmfork import vm
 from vmfork.errors import StateError, VmforkError
+from vmfork.launch import qemu_log
 from vmfork.names import check_name
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, find_qemu, process_alive, remove_sockets
@@ -157,10 +157,10 @@ async def _attach(spec: VMSpec, store: Store, name: str, gen: int, pid: int | No
     if pid is None or not process_alive(pid):
         return None
     try:
-        return await Machine.attach(spec, store.run_paths(name, gen), vm.qemu_log(store, name),
+        return await Machine.attach(spec, store.run_paths(name, gen), qemu_log(store, name),
                                     pid, timeouts=timeouts)
     except VmforkError:
-        return Machine(spec, store.run_paths(name, gen), vm.qemu_log(store, name), pid,
+        return Machine(spec, store.run_paths(name, gen), qemu_log(store, name), pid,
                        timeouts=timeouts)
 
 
