@@ -10,7 +10,7 @@ json() { "$V" "$@" --json; }
 field() { .venv/bin/python -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 cleanup() {
-  for vm in demo-vm demo-tpl.build demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved; do
+  for vm in demo-vm demo-tpl.build demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved demo-py; do
     "$V" stop "$vm" --force >/dev/null 2>&1 || true
   done
   "$V" template rm demo-tpl --force >/dev/null 2>&1 || true
@@ -72,5 +72,18 @@ if "$V" save --help >/dev/null 2>&1; then
   run restore demo-saved
   run exec demo-saved -- cat /root/note
 fi
+
+say "8. The same through the Python API"
+.venv/bin/python - <<'PY'
+import vmfork
+
+with vmfork.open() as host:
+    tpl = host.template("demo-tpl")
+    with tpl.clone(name="demo-py") as c:  # stopped when the block ends
+        r = c.exec("hostname; echo to-stderr >&2; exit 3")
+        print(f"{c.name}: running {c.result.running * 1000:.0f} ms after the request; "
+              f"exec: exit {r.exit_code}, stdout {r.stdout!r}, stderr {r.stderr!r}")
+    print("VMs:", ", ".join(f"{s.name} ({s.state})" for s in host.ls()))
+PY
 
 say "Done; cleaning up"
