@@ -19,7 +19,7 @@ import pytest
 
 from vmfork import vm
 from vmfork.errors import VmforkTimeout
-from vmfork.qemu.machine import process_alive, process_start_time
+from vmfork.proc import process_alive, process_start_time
 from vmfork.timeouts import Timeouts
 
 from .conftest import VMFORK, Env, qemu_processes, run

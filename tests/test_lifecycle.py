@@ -21,7 +21,8 @@ import pytest
 
 from vmfork import launch, listing, vm
 from vmfork.errors import GuestError, InvalidInput, LaunchError, StateError, VmforkTimeout
-from vmfork.qemu.machine import Machine, process_alive
+from vmfork.proc import process_alive
+from vmfork.qemu.machine import Machine
 from vmfork.store import Store
 
 from .conftest import VMFORK, Env, qemu_processes, run

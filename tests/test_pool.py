@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from vmfork import vm
-from vmfork.qemu.machine import Machine, process_alive
+from vmfork.proc import process_alive
+from vmfork.qemu.machine import Machine
 from vmfork.records import PoolMember
 from vmfork.store import Store
 from vmfork.templates import catalog, clone, pool

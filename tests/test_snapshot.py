@@ -26,7 +26,7 @@ import pytest
 
 from vmfork import bench, vm
 from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
-from vmfork.qemu.machine import process_alive
+from vmfork.proc import process_alive
 from vmfork.results import ExportResult, ImportResult, MigrationStats, RestoreResult, SaveResult
 from vmfork.snapshots import export, imports
 from vmfork.snapshots import save as saving

@@ -13,7 +13,8 @@ import pytest
 
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound, StateError, TemplateError
-from vmfork.qemu.machine import Machine, process_alive
+from vmfork.proc import process_alive
+from vmfork.qemu.machine import Machine
 from vmfork.records import TemplateManifest
 from vmfork.templates import catalog, clone, create, pool
 

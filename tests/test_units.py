@@ -24,8 +24,9 @@ from vmfork.cli import app, vms
 from vmfork.guest import serial
 from vmfork.guest.serial import SerialAgent
 from vmfork.images.demo import Cpio
+from vmfork.proc import process_alive
 from vmfork.qemu import accel, features
-from vmfork.qemu.machine import log_tail, process_alive
+from vmfork.qemu.machine import log_tail
 from vmfork.records import RetiredQemu, SavedState, UpdateIntent, VMInfo, VMRecord
 from vmfork.results import ExecResult
 from vmfork.spec import MemorySpec, VMSpec
@@ -902,13 +903,13 @@ def test_proc_matches_psutil() -> None:
 
     from vmfork import proc
     me = os.getpid()
-    assert abs(proc.start_time(me) - psutil.Process(me).create_time()) < 0.02
-    assert proc.alive(me) and proc.alive(me, psutil.Process(me).create_time())
-    assert not proc.alive(me, psutil.Process(me).create_time() - 5)
-    assert not proc.alive(None) and not proc.alive(2**22 + 7)
+    assert abs(proc.process_start_time(me) - psutil.Process(me).create_time()) < 0.02
+    assert proc.process_alive(me) and proc.process_alive(me, psutil.Process(me).create_time())
+    assert not proc.process_alive(me, psutil.Process(me).create_time() - 5)
+    assert not proc.process_alive(None) and not proc.process_alive(2**22 + 7)
     child = subprocess.Popen(["true"])
     while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
         time.sleep(0.01)
-    assert not proc.alive(child.pid)  # a zombie is not alive
+    assert not proc.process_alive(child.pid)  # a zombie is not alive
     child.wait()
-    assert proc.start_time(child.pid) is None
+    assert proc.process_start_time(child.pid) is None

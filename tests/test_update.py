@@ -27,9 +27,9 @@ from vmfork.errors import (
     VmforkTimeout,
 )
 from vmfork.guest.serial import CutShort
+from vmfork.proc import process_alive
 from vmfork.qemu import features, migration
 from vmfork.qemu.features import QemuFeatures
-from vmfork.qemu.machine import process_alive
 from vmfork.results import UpdateReport
 from vmfork.spec import MemorySpec, VMSpec
 from vmfork.templates import catalog, clone, create

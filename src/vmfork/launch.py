@@ -33,7 +33,8 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from vmfork.errors import InvalidInput, SetupError, StateError
-from vmfork.qemu.machine import Machine, process_alive
+from vmfork.proc import process_alive
+from vmfork.qemu.machine import Machine
 from vmfork.records import PoolMember, VMRecord
 from vmfork.spec import RunPaths, VMSpec
 from vmfork.store import Store

@@ -26,7 +26,7 @@ def observed_state(rec: VMRecord) -> str:
     An ``updating`` VM stays ``updating``: its guest may live in the new QEMU
     (see :mod:`vmfork.update.recovery`)."""
     if (rec.state in LIVE_STATES and rec.state != "updating"
-            and not proc.alive(rec.pid, rec.pid_start)):
+            and not proc.process_alive(rec.pid, rec.pid_start)):
         return "dead"
     return rec.state
 

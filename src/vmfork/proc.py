@@ -33,7 +33,7 @@ def _stat(pid: int) -> list[str] | None:
     return data[data.rindex(")") + 2:].split()
 
 
-def start_time(pid: int) -> float | None:
+def process_start_time(pid: int) -> float | None:
     """When *pid* started (seconds since the epoch), or None if it is gone."""
     fields = _stat(pid)
     if fields is None:
@@ -41,13 +41,14 @@ def start_time(pid: int) -> float | None:
     return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-def alive(pid: int | None, started: float | None = None) -> bool:
-    """True if *pid* runs (not a zombie) and, if given, started at *started*."""
+def process_alive(pid: int | None, start_time: float | None = None) -> bool:
+    """True if *pid* runs (not a zombie) and, if given, started at *start_time*."""
     if not pid:
         return False
     fields = _stat(pid)
     if fields is None or fields[0] in ("Z", "X"):
         return False
-    if started is None:
+    if start_time is None:
         return True
-    return abs(_boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK") - started) < SAME_START
+    started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return abs(started - start_time) < SAME_START

@@ -28,8 +28,9 @@ from vmfork.images.demo import demo_image
 from vmfork.launch import Launch, NewVM, attach, machine_for, paths_for, qemu_log, remove_vm_files
 from vmfork.listing import LIVE_STATES, describe, observed_state
 from vmfork.names import check_name
+from vmfork.proc import process_alive
 from vmfork.qemu.accel import resolve_accel
-from vmfork.qemu.machine import Machine, find_qemu, process_alive
+from vmfork.qemu.machine import Machine, find_qemu
 from vmfork.records import VMInfo, VMRecord
 from vmfork.results import ExecResult, VMStatus
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, new_mac

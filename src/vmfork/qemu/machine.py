@@ -36,6 +36,7 @@ from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from vmfork.errors import LaunchError, QMPCommandError, StateError, VmforkError, VmforkTimeout
+from vmfork.proc import process_alive, process_start_time
 from vmfork.spec import RunPaths, VMSpec, build_argv
 from vmfork.timeouts import DEFAULT, Timeouts
 
@@ -57,18 +58,6 @@ def log_tail(path: str | Path, lines: int = 20) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def process_alive(pid: int | None, start_time: float | None = None) -> bool:
-    """True if *pid* runs (not a zombie) and, if given, started at *start_time*."""
-    if not pid:
-        return False
-    try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return start_time is None or abs(p.create_time() - start_time) < 0.5
-    except psutil.Error:
-        return False
-
 
 def find_qemu(qmp_path: str) -> int | None:
     """The pid of the QEMU whose command line names *qmp_path* (its monitor):
@@ -84,12 +73,6 @@ def find_qemu(qmp_path: str) -> int | None:
     return None
 
 
-def process_start_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
 
 async def deadline(aw: Awaitable[T], seconds: float, phase: str, detail: str = "") -> T:
     """Await *aw* for at most *seconds*; raise VmforkTimeout naming *phase*.
@@ -97,8 +80,8 @@ async def deadline(aw: Awaitable[T], seconds: float, phase: str, detail: str = "
     Built on ``asyncio.timeout``, not ``asyncio.wait_for``: under Python
     3.11 a ``wait_for`` nested in another one swallows the outer
     cancellation when its own result arrives at that moment, so a polling
-    loop under an outer deadline ran on past it (28 of 30 times in a test).
-    ``asyncio.timeout`` counts cancellations and nests correctly."""
+    loop under an outer deadline can run on past it. ``asyncio.timeout``
+    counts cancellations and nests correctly."""
     try:
         async with asyncio.timeout(seconds):
             return await aw

@@ -50,8 +50,9 @@ from vmfork.guest import identity
 from vmfork.launch import Launch, SavedVM, attach, machine_for
 from vmfork.listing import LIVE_STATES
 from vmfork.names import check_name
+from vmfork.proc import process_alive
 from vmfork.qemu import features, migration
-from vmfork.qemu.machine import Machine, deadline, process_alive
+from vmfork.qemu.machine import Machine, deadline
 from vmfork.records import SAVE_MODE, SavedState, VMInfo, VMRecord
 from vmfork.results import MigrationStats, RestoreResult, SaveResult
 from vmfork.spec import MIB

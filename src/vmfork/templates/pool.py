@@ -35,8 +35,9 @@ from vmfork.errors import GuestError, InvalidInput, TemplateError, VmforkError
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewPoolMember, qemu_log
 from vmfork.names import check_name
+from vmfork.proc import process_alive
 from vmfork.qemu import migration
-from vmfork.qemu.machine import Machine, process_alive
+from vmfork.qemu.machine import Machine
 from vmfork.records import PoolMember, TemplateManifest, VMInfo, VMRecord
 from vmfork.results import PoolMemberStatus, PoolStatus
 from vmfork.store import Store

@@ -34,8 +34,9 @@ import signal
 from vmfork.errors import StateError, VmforkError
 from vmfork.launch import qemu_log
 from vmfork.names import check_name
+from vmfork.proc import process_alive
 from vmfork.qemu import migration
-from vmfork.qemu.machine import Machine, find_qemu, process_alive, remove_sockets
+from vmfork.qemu.machine import Machine, find_qemu, remove_sockets
 from vmfork.records import UpdateIntent, VMRecord
 from vmfork.spec import VMSpec
 from vmfork.store import Store
