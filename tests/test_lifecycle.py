@@ -154,12 +154,14 @@ def test_vm_killed_from_outside_is_dead(env: Env, booted: str) -> None:
     assert rec.pid is not None
     os.kill(rec.pid, signal.SIGKILL)
     psutil.Process(rec.pid).wait(10)
+    # Listing shows it dead and changes nothing; the next operation records it.
     assert [(r.name, r.state) for r in listing.statuses(s)] == [(booted, "dead")]
-    assert s.get_vm(booted).state == "dead"
+    assert s.get_vm(booted).state == "running"
     for op in (vm.pause(s, booted), vm.resume(s, booted), vm.status(s, booted),
                vm.exec_(s, booted, "true")):
         with pytest.raises(StateError, match="dead"):
             run(op)
+    assert s.get_vm(booted).state == "dead"
     run(vm.stop(s, booted))
     assert_nothing_left(env, booted)
 
