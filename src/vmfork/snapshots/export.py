@@ -243,6 +243,9 @@ class Header:
             capabilities={k: bool(x) for k, x in caps.items()}, format=FORMAT)
         if "kernel" not in header.blobs:
             raise BadSnapshotFile("it carries no kernel")
+        if ("initrd" in header.blobs) != bool(spec.initrd):
+            raise BadSnapshotFile("its blob initrd and its spec disagree (one has an "
+                                  "initrd, the other not)")
         header.check_layout()
         return header
 

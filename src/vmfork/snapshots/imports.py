@@ -156,8 +156,8 @@ def check_space(src: Path, header: Header, files_dir: Path, memory_dir: Path) ->
         free[dev], where[dev] = avail, d
     for dev, n in need.items():
         if n > free[dev]:
-            raise BadSnapshotFile(f"{src}: the import needs {n >> 20} MiB in "
-                                  f"{where[dev]}, which has {free[dev] >> 20} MiB free")
+            raise BadSnapshotFile(f"{src}: the import needs {n} bytes in {where[dev]}, "
+                                  f"which has {free[dev]} free")
 
 
 def extract_blobs(src: Path, header: Header, target: Path) -> dict[str, str]:
