@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 
 from vmfork import bench, vm
-from vmfork.errors import GuestError, InvalidInput, MigrationError, StateError
+from vmfork.errors import BadSnapshotFile, GuestError, InvalidInput, MigrationError, StateError
 from vmfork.proc import process_alive
 from vmfork.results import ExportResult, ImportResult, MigrationStats, RestoreResult, SaveResult
 from vmfork.snapshots import export, imports
@@ -180,35 +180,43 @@ def test_hash_range_reads_holes_as_zeros(tmp_path: Path) -> None:
 def test_read_header_refuses_other_files(tmp_path: Path) -> None:
     f = tmp_path / "x"
     f.write_bytes(b"not a snapshot" * 100)
-    with pytest.raises(MigrationError, match="not a vmfork snapshot"):
+    with pytest.raises(BadSnapshotFile, match="not a vmfork snapshot"):
         export.read_header(f)
+
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
 
 
 def make_header(spec: VMSpec, blobs: dict[str, export.Part] | None = None,
                 ram: export.Part | None = None) -> export.Header:
     return export.Header(name=spec.name, created=1.5, memory_mib=spec.memory_mib,
                          qemu_version="10.0.2", machine="pc-q35-10.0", spec=spec,
-                         blobs=blobs or {}, ram=ram or export.Part(export.HEADER_SIZE, 0, ""))
+                         blobs=blobs or {"kernel": export.Part(export.HEADER_SIZE, 0, SHA_A)},
+                         ram=ram or export.Part(export.ALIGN, 0, SHA_B))
 
 
 def test_header_round_trip_and_corrupt_headers(tmp_path: Path) -> None:
     spec = VMSpec(name="h", memory_mib=256, memory=MemorySpec(path="/m"), kernel="/k")
-    header = make_header(spec, {"kernel": export.Part(65536, 10, "ab")},
-                         export.Part(1 << 20, 4096, "cd"))
+    header = make_header(spec, {"kernel": export.Part(65536, 10, SHA_A)},
+                         export.Part(1 << 20, 4096, SHA_B))
     f = tmp_path / "snap"
     f.write_bytes(header.encode())
     assert f.stat().st_size == export.HEADER_SIZE
+    with pytest.raises(BadSnapshotFile, match="truncated: RAM ends at byte 1052672"):
+        export.read_header(f)  # its parts lie outside the file
+    os.truncate(f, (1 << 20) + 4096)
     assert export.read_header(f) == header
     on_disk = json.loads(f.read_bytes()[len(export.MAGIC):].rstrip(b"\0"))
     assert sorted(on_disk) == ["blobs", "capabilities", "created", "format", "machine",
                                "memory_mib", "name", "qemu_version", "ram", "spec"]
-    assert on_disk["ram"] == {"offset": 1 << 20, "size": 4096, "sha256": "cd"}
+    assert on_disk["ram"] == {"offset": 1 << 20, "size": 4096, "sha256": SHA_B}
 
     for d, error in (({**on_disk, "format": 2}, "format 2 is not supported"),
-                     ({k: v for k, v in on_disk.items() if k != "ram"}, "corrupt.*'ram'"),
-                     ({**on_disk, "blobs": {"kernel": {"offset": 1}}}, "corrupt")):
-        f.write_bytes(export.MAGIC + json.dumps(d).encode() + b"\0")
-        with pytest.raises(MigrationError, match=error):
+                     ({k: v for k, v in on_disk.items() if k != "ram"}, "lacks 'ram'"),
+                     ({**on_disk, "blobs": {"kernel": {"offset": 1}}}, "kernel lacks 'size'")):
+        put_byte(f, 0, export.MAGIC + json.dumps(d).encode().ljust(
+            export.HEADER_SIZE - len(export.MAGIC), b"\0"))
+        with pytest.raises(BadSnapshotFile, match=error):
             export.read_header(f)
 
 
@@ -228,12 +236,14 @@ def test_check_export_finds_truncated_and_corrupt_parts(tmp_path: Path) -> None:
         w.write(ram)
     assert export.check_export(f) == header
     flip_byte(f, k_at + 3)
-    with pytest.raises(MigrationError, match="corrupt: the kernel sha256"):
+    with pytest.raises(BadSnapshotFile, match="corrupt: the kernel sha256"):
         export.check_export(f)
     flip_byte(f, k_at + 3)
     os.truncate(f, r_at + len(ram) - 1)
-    with pytest.raises(MigrationError, match=f"truncated: RAM ends at byte {r_at + len(ram)}"):
-        export.check_export(f)
+    with pytest.raises(BadSnapshotFile, match=f"truncated: RAM ends at byte {r_at + len(ram)}"):
+        export.check_export(f, header)
+    with pytest.raises(BadSnapshotFile, match=f"truncated: RAM ends at byte {r_at + len(ram)}"):
+        export.read_header(f)
 
 
 def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
@@ -247,8 +257,9 @@ def test_snapshot_files_refuse_disks(tmp_path: Path) -> None:
     export.check_exportable(spec.with_(disks=()))
     f = tmp_path / "snap"
     f.write_bytes(make_header(spec).encode())
+    os.truncate(f, export.ALIGN)
     store = Store(tmp_path / "home", tmp_path / "mem")
-    with pytest.raises(MigrationError, match="had disks"):
+    with pytest.raises(BadSnapshotFile, match="had disks"):
         run(imports.import_(store, f, "imp"))
     assert not store.has_vm("imp")
     store.close()
@@ -497,7 +508,7 @@ def test_export_import_round_trip(env: Env) -> None:
     assert header.name == "a" and header.spec == record(env, "a").spec
     flip_byte(live, header.ram.end - 10)
     p = env.cli("snapshot", "import", str(live), "c")
-    assert p.returncode == 1 and "corrupt: the RAM sha256" in p.stderr
+    assert p.returncode == 2 and "corrupt: the RAM sha256" in p.stderr
     assert "c" not in ls(env)
 
 

@@ -289,3 +289,107 @@ def test_parse_memory_list() -> None:
     for bad in ("", " , ", "256M,12Q"):
         with pytest.raises(InvalidInput):
             parse_memory_list(bad)
+
+
+# -- hostile values: validated when a spec is made, escaped in the argv -------------
+def spec_dict(**changes: object) -> dict[str, object]:
+    d: dict[str, object] = json.loads(make_spec(
+        net=NetSpec(mac="52:54:00:12:34:56", ports=((2222, 22),))).to_json())
+    d.update(changes)
+    return d
+
+
+INJECTED_MAC = "52:54:00:00:00:01,romfile=/etc/passwd"
+INJECTED_PORT = "22,guestfwd=tcp:10.0.2.100:1-cmd:touch /tmp/x"
+
+
+@pytest.mark.parametrize(("net", "why"), [
+    ({"mac": INJECTED_MAC, "ports": []}, "invalid MAC address"),
+    ({"mac": "52:54:00:12:34", "ports": []}, "invalid MAC address"),
+    ({"mac": "53:54:00:12:34:56", "ports": []}, "multicast"),
+    ({"mac": "52:54:00:12:34:56", "ports": [[INJECTED_PORT, 22]]}, "invalid port"),
+    ({"mac": "52:54:00:12:34:56", "ports": [[2222, INJECTED_PORT]]}, "invalid port"),
+    ({"mac": "52:54:00:12:34:56", "ports": [[2222, 0]]}, "must be 1-65535"),
+    ({"mac": "52:54:00:12:34:56", "ports": [[65536, 22]]}, "must be 1-65535"),
+    ({"mac": "52:54:00:12:34:56", "ports": [[True, 22]]}, "invalid port"),
+    ({"mac": "52:54:00:12:34:56", "ports": [[2222.0, 22]]}, "invalid port"),
+    ({"mac": "52:54:00:12:34:56", "ports": [[1, 2, 3]]}, "invalid port forward"),
+    ({"mac": "52:54:00:12:34:56", "ports": [[p, 22] for p in range(1, 100)]}, "port forwards"),
+    ({"mac": "52:54:00:12:34:56", "ports": [], "script": "/x"}, "unknown key 'script'"),
+])
+def test_spec_refuses_hostile_net(net: dict[str, object], why: str) -> None:
+    with pytest.raises(InvalidInput, match=why):
+        VMSpec.from_dict(spec_dict(net=net))
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    ({"machine": "q35,accel=kvm"}, "invalid machine type"),
+    ({"machine": "pc-q35-10.0,,x"}, "invalid machine type"),
+    ({"cpu": "qemu64,+rdrand,romfile=/etc/passwd"}, "invalid CPU model"),
+    ({"cpu": "qemu64 -x"}, "invalid CPU model"),
+    ({"vmgenid": "11111111-2222-3333-4444-555555555555,romfile=/x"}, "generation ID"),
+    ({"append": "console=ttyS0\n-x"}, "control characters"),
+    ({"append": "x" * 5000}, "longer than 4096"),
+    ({"kernel": "/k\x00"}, "control characters"),
+    ({"kernel": ["/k"]}, "wrong type"),
+    ({"cpus": "2"}, "wrong type"), ({"cpus": True}, "wrong type"),
+    ({"memory_mib": 256.5}, "wrong type"), ({"qga": 1}, "wrong type"),
+    ({"accel": "kvm,x=y"}, "invalid accelerator"),
+    ({"qemu": ""}, "QEMU binary"), ({"name": 7}, "wrong type"),
+    ({"disks": [{"path": "/d", "format": "qcow2,file.filename=/etc/shadow"}]}, "disk format"),
+    ({"disks": "abc"}, "disk list"),
+    ({"memory": {"backend": "file", "path": "/m", "share": "on"}}, "wrong type"),
+    ({"memory": {"backend": "file", "path": "/m", "extra": 1}}, "unknown key"),
+    ({"evil": 1}, "unknown key 'evil'"),
+])
+def test_spec_refuses_hostile_fields(changes: dict[str, object], why: str) -> None:
+    with pytest.raises(InvalidInput, match=why):
+        VMSpec.from_dict(spec_dict(**changes))
+
+
+def test_spec_refuses_missing_fields() -> None:
+    d = spec_dict()
+    del d["memory_mib"]
+    with pytest.raises(InvalidInput, match="'memory_mib' is missing"):
+        VMSpec.from_dict(d)
+    with pytest.raises(InvalidInput, match="not an object"):
+        VMSpec.from_dict([])  # type: ignore[arg-type]
+
+
+def test_spec_checks_values_from_every_source() -> None:
+    """The checks are in the dataclasses, not only in from_dict: the CLI, the
+    API and with_() go through them too."""
+    with pytest.raises(InvalidInput, match="invalid MAC address"):
+        NetSpec(mac=INJECTED_MAC)
+    with pytest.raises(InvalidInput, match="invalid port"):
+        NetSpec(mac="52:54:00:12:34:56", ports=((INJECTED_PORT, 22),))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="invalid machine type"):
+        make_spec().with_(machine="q35,kernel-irqchip=off")
+    with pytest.raises(InvalidInput, match="disk format"):
+        DiskSpec("/d", "qcow2,x=y")
+
+
+def test_spec_accepts_usual_values() -> None:
+    s = make_spec(machine="pc-q35-10.0", cpu="Skylake-Client-v4,+rdrand,-hle,level=13",
+                  net=NetSpec(mac="52:54:AB:cd:00:01", ports=((1, 65535),)))
+    assert VMSpec.from_json(s.to_json()) == s
+
+
+def test_argv_escapes_every_option_value() -> None:
+    """Even a value that got past the checks (here forced in) cannot add an
+    option: it is escaped where the argv is built."""
+    spec = make_spec(net=NetSpec(mac="52:54:00:aa:bb:cc"), disks=(DiskSpec("/d"),))
+    for obj, attr, value in ((spec, "machine", "q35,x=1"), (spec, "vmgenid", "u,x=2"),
+                             (spec, "name", "n,x=3"), (spec.net, "mac", INJECTED_MAC),
+                             (spec.disks[0], "format", "raw,x=4")):
+        object.__setattr__(obj, attr, value)
+    argv = build_argv(spec, PATHS)
+    assert opt(argv, "-machine")[0].startswith("q35,,x=1,memory-backend=mem0")
+    assert "vmgenid,id=vmgenid0,guid=u,,x=2" in opt(argv, "-device")
+    assert opt(argv, "-name") == ["n,,x=3,debug-threads=on"]
+    assert ("virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,,romfile=/etc/passwd,id=nic0"
+            in opt(argv, "-device"))
+    assert "driver=raw,,x=4,file=file0,node-name=disk0" in opt(argv, "-blockdev")
+    object.__setattr__(spec.net, "ports", ((INJECTED_PORT, 22),))
+    with pytest.raises(InvalidInput, match="invalid port"):
+        build_argv(spec, PATHS)

@@ -4,6 +4,7 @@
 
     VmforkError
      +-- InvalidInput          bad user input: a size, a name, a path, an option
+     |    +-- BadSnapshotFile  a snapshot file that is malformed, corrupt or hostile
      +-- NotFound              no VM, template or image by that name
      +-- AlreadyExists         a VM or template of that name exists already
      +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
@@ -29,6 +30,13 @@ class VmforkError(Exception):
 
 class InvalidInput(VmforkError):
     """User input that cannot be used (size, name, path, option)."""
+
+
+class BadSnapshotFile(InvalidInput):
+    """A snapshot file vmfork refuses to use: not one, of another format,
+    truncated, corrupt, or with a header outside its strict schema (a field
+    unknown, of the wrong type or out of bounds, parts overlapping or outside
+    the file, more than the target directory can hold)."""
 
 
 class NotFound(VmforkError):

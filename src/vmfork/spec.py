@@ -3,6 +3,14 @@
 Owns :class:`VMSpec` (and its parts), name and size validation, and
 :func:`build_argv`. Nothing here touches the file system or starts processes,
 so it is unit-tested without QEMU.
+
+A spec may come from the CLI, the API, the catalog, a template manifest or a
+snapshot file someone else wrote, so every spec checks itself when it is made
+(``__post_init__``): each field has its type, strings are bounded and free of
+control characters, and every value that ends up inside a comma-separated
+QEMU option (MAC, ports, machine type, CPU model, disk format, vmgenid) has a
+strict pattern. :func:`build_argv` escapes (``,`` -> ``,,``) every such value
+that may contain a comma, so a value can never add an option of its own.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from vmfork.errors import InvalidInput
@@ -26,6 +34,96 @@ MAX_MEMORY_MIB = 1024 * 1024
 #: the guest RNG initialises early and a VM generation ID change reseeds it.
 DEFAULT_CPU = "qemu64,+rdrand"
 DEFAULT_MACHINE = "q35"
+#: The QEMU binary a spec runs unless told otherwise; the only one an
+#: imported snapshot runs.
+DEFAULT_QEMU = "qemu-system-x86_64"
+
+#: Longest path, kernel command line and QEMU binary name a spec holds.
+MAX_PATH = 4096
+MAX_APPEND = 4096
+MAX_DISKS = 16
+MAX_PORTS = 64
+DISK_FORMATS = ("qcow2", "raw")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
+#: A machine type: QEMU's names are letters, digits, '.', '_' and '-'.
+MACHINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: A CPU model and its comma-separated features (``qemu64,+rdrand,-x2apic,
+#: model-id=x``): the commas are QEMU's syntax here, so the parts are strict.
+_CPU_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+CPU_RE = re.compile(rf"^{_CPU_PART}(,[+-]?{_CPU_PART}(={_CPU_PART})?){{0,32}}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$", re.IGNORECASE)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _show(value: object) -> str:
+    """*value* for an error message: repr, cut short (one line, bounded)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _need(value: object, types: type | tuple[type, ...], what: str) -> None:
+    """Raise InvalidInput unless *value* is of *types* (a bool is no int)."""
+    if not isinstance(value, types) or (isinstance(value, bool) and types is int):
+        raise InvalidInput(f"invalid {what} {_show(value)}: wrong type")
+
+
+def _text(value: object, what: str, limit: int = MAX_PATH, optional: bool = False) -> None:
+    """Raise InvalidInput unless *value* is a string of at most *limit*
+    characters without control characters (or None if *optional*)."""
+    if value is None and optional:
+        return
+    _need(value, str, what)
+    assert isinstance(value, str)
+    if len(value) > limit:
+        raise InvalidInput(f"invalid {what} {_show(value)}: longer than {limit} characters")
+    if _CONTROL_RE.search(value):
+        raise InvalidInput(f"invalid {what} {_show(value)}: it has control characters")
+
+
+def _bool(value: object, what: str) -> None:
+    _need(value, bool, what)
+
+
+def _match(value: object, pattern: re.Pattern[str], what: str) -> None:
+    _need(value, str, what)
+    assert isinstance(value, str)
+    if not pattern.fullmatch(value):
+        raise InvalidInput(f"invalid {what} {_show(value)}")
+
+
+def check_port(value: object) -> int:
+    """Return *value* if it is a TCP port (an int 1-65535), else raise InvalidInput."""
+    _need(value, int, "port")
+    assert isinstance(value, int)
+    if not 1 <= value <= 65535:
+        raise InvalidInput(f"invalid port {value}: must be 1-65535")
+    return value
+
+
+def check_mac(value: object) -> str:
+    """Return *value* if it is a unicast MAC address (``52:54:00:12:34:56``),
+    else raise InvalidInput."""
+    _match(value, _MAC_RE, "MAC address")
+    assert isinstance(value, str)
+    if int(value[:2], 16) & 1:
+        raise InvalidInput(f"invalid MAC address {value!r}: a multicast address")
+    return value
+
+
+def _from_fields(cls: type[Any], d: object, what: str) -> dict[str, Any]:
+    """*d* as the keyword arguments of dataclass *cls*: a dict whose keys are
+    among its fields and hold every field without a default."""
+    if not isinstance(d, dict):
+        raise InvalidInput(f"invalid {what}: not an object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(str(k) for k in d if k not in known)
+    if unknown:
+        raise InvalidInput(f"invalid {what}: unknown key {_show(unknown[0])}")
+    missing = [n for n, f in known.items() if n not in d and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise InvalidInput(f"invalid {what}: {missing[0]!r} is missing")
+    return dict(d)
 
 
 def parse_size(text: str | int) -> int:
@@ -90,6 +188,13 @@ class MemorySpec:
     share: bool = True
     readonly: bool = False
 
+    def __post_init__(self) -> None:
+        if self.backend not in ("file", "memfd"):
+            raise InvalidInput(f"invalid memory backend {_show(self.backend)}")
+        _text(self.path, "memory file path", optional=True)
+        _bool(self.share, "memory share flag")
+        _bool(self.readonly, "memory readonly flag")
+
     def qemu_object(self, size_mib: int) -> str:
         if self.backend == "memfd":
             return f"memory-backend-memfd,id=mem0,size={size_mib}M,share=on"
@@ -115,6 +220,15 @@ class DiskSpec:
     backing: str | None = None
     backing_format: str | None = None
 
+    def __post_init__(self) -> None:
+        _text(self.path, "disk path")
+        if self.format not in DISK_FORMATS:
+            raise InvalidInput(f"invalid disk format {_show(self.format)}: use qcow2 or raw")
+        _bool(self.readonly, "disk readonly flag")
+        _text(self.backing, "disk backing image", optional=True)
+        if self.backing_format is not None and self.backing_format not in DISK_FORMATS:
+            raise InvalidInput(f"invalid disk backing format {_show(self.backing_format)}")
+
 
 @dataclass(frozen=True)
 class NetSpec:
@@ -122,6 +236,18 @@ class NetSpec:
 
     mac: str
     ports: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        check_mac(self.mac)
+        _need(self.ports, tuple, "port forwards")
+        if len(self.ports) > MAX_PORTS:
+            raise InvalidInput(f"too many port forwards ({len(self.ports)}; at most "
+                               f"{MAX_PORTS})")
+        for pair in self.ports:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise InvalidInput(f"invalid port forward {_show(pair)}: use (host, guest)")
+            check_port(pair[0])
+            check_port(pair[1])
 
 
 @dataclass(frozen=True)
@@ -142,20 +268,42 @@ class VMSpec:
     cpu: str = DEFAULT_CPU
     aux_ram_share: bool = True
     vmgenid: str = field(default_factory=new_guid)
-    qemu: str = "qemu-system-x86_64"
+    qemu: str = DEFAULT_QEMU
     #: Add a virtio-serial port for qemu-guest-agent (socket ``RunPaths.qga``).
     qga: bool = False
 
     def __post_init__(self) -> None:
+        _need(self.name, str, "VM name")
         check_name(self.name)
+        _need(self.memory_mib, int, "memory size")
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
             raise InvalidInput(f"invalid memory size {self.memory_mib}M")
+        _need(self.memory, MemorySpec, "memory")
+        _need(self.cpus, int, "cpu count")
         if not 1 <= self.cpus <= 64:
             raise InvalidInput(f"invalid cpu count {self.cpus}: must be 1-64")
+        _text(self.kernel, "kernel path", optional=True)
+        _text(self.initrd, "initrd path", optional=True)
+        _text(self.append, "kernel command line", MAX_APPEND)
+        _need(self.disks, tuple, "disk list")
+        if len(self.disks) > MAX_DISKS:
+            raise InvalidInput(f"too many disks ({len(self.disks)}; at most {MAX_DISKS})")
+        for disk in self.disks:
+            _need(disk, DiskSpec, "disk")
+        if self.net is not None:
+            _need(self.net, NetSpec, "network")
         if not self.kernel and not self.disks:
             raise InvalidInput("a VM needs a kernel or a disk to boot from")
         if self.accel not in ("kvm", "tcg"):
-            raise InvalidInput(f"invalid accelerator {self.accel!r}: resolve 'auto' first")
+            raise InvalidInput(f"invalid accelerator {_show(self.accel)}: resolve 'auto' first")
+        _match(self.machine, MACHINE_RE, "machine type")
+        _match(self.cpu, CPU_RE, "CPU model")
+        _bool(self.aux_ram_share, "aux-ram-share flag")
+        _match(self.vmgenid, _UUID_RE, "VM generation ID")
+        _text(self.qemu, "QEMU binary")
+        if not self.qemu:
+            raise InvalidInput("invalid QEMU binary '': empty")
+        _bool(self.qga, "qga flag")
 
     def with_(self, **changes: Any) -> VMSpec:
         """A copy with *changes* applied (dataclasses.replace)."""
@@ -166,12 +314,21 @@ class VMSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VMSpec:
-        d = dict(d)
-        d["memory"] = MemorySpec(**d["memory"])
-        d["disks"] = tuple(DiskSpec(**x) for x in d.get("disks", ()))
-        if d.get("net"):
-            n = d["net"]
-            d["net"] = NetSpec(mac=n["mac"], ports=tuple(tuple(p) for p in n.get("ports", ())))
+        """The spec in *d* (its JSON form); InvalidInput if *d* holds an
+        unknown key, lacks one, or has a value of the wrong type or form."""
+        d = _from_fields(cls, d, "spec")
+        d["memory"] = MemorySpec(**_from_fields(MemorySpec, d["memory"], "memory spec"))
+        disks = d.get("disks", ())
+        if not isinstance(disks, list | tuple) or len(disks) > MAX_DISKS:
+            raise InvalidInput(f"invalid disk list {_show(disks)}")
+        d["disks"] = tuple(DiskSpec(**_from_fields(DiskSpec, x, "disk spec")) for x in disks)
+        if d.get("net") is not None:
+            n = _from_fields(NetSpec, d["net"], "network spec")
+            ports = n.get("ports", ())
+            if not isinstance(ports, list | tuple) or len(ports) > MAX_PORTS:
+                raise InvalidInput(f"invalid port forwards {_show(ports)}")
+            n["ports"] = tuple(tuple(p) if isinstance(p, list | tuple) else p for p in ports)
+            d["net"] = NetSpec(**n)
         return cls(**d)
 
     @classmethod
@@ -203,12 +360,12 @@ def build_argv(spec: VMSpec, paths: RunPaths, incoming: tuple[str, ...] = (),
     channel). With *start_paused* QEMU waits for ``cont`` (``-S``), so the
     caller can attach to the console before the guest runs.
     """
-    machine = f"{spec.machine},memory-backend=mem0"
+    machine = f"{_qemu_escape(spec.machine)},memory-backend=mem0"
     if spec.aux_ram_share:
         machine += ",aux-ram-share=on"
     accel = "tcg,tb-size=64" if spec.accel == "tcg" else "kvm"
     argv = [
-        spec.qemu, "-name", f"{spec.name},debug-threads=on",
+        spec.qemu, "-name", f"{_qemu_escape(spec.name)},debug-threads=on",
         "-nodefaults", "-no-user-config", "-nographic",
         "-machine", machine,
         "-accel", accel,
@@ -231,7 +388,7 @@ def build_argv(spec: VMSpec, paths: RunPaths, incoming: tuple[str, ...] = (),
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=agent0,path={_qemu_escape(paths.agent)},server=on,wait=off",
         "-device", "virtconsole,chardev=agent0,id=agent0port",
-        "-device", f"vmgenid,id=vmgenid0,guid={spec.vmgenid}",
+        "-device", f"vmgenid,id=vmgenid0,guid={_qemu_escape(spec.vmgenid)}",
         "-device", "virtio-rng-pci,id=rng0",
     ]
     if spec.kernel:
@@ -250,12 +407,15 @@ def build_argv(spec: VMSpec, paths: RunPaths, incoming: tuple[str, ...] = (),
         ro = ",read-only=on" if disk.readonly else ""
         argv += ["-blockdev",
                  f"driver=file,filename={_qemu_escape(disk.path)},node-name=file{i}{ro}",
-                 "-blockdev", f"driver={disk.format},file=file{i},node-name=disk{i}{ro}",
+                 "-blockdev",
+                 f"driver={_qemu_escape(disk.format)},file=file{i},node-name=disk{i}{ro}",
                  "-device", f"virtio-blk-pci,drive=disk{i},id=vblk{i}"]
     if spec.net:
-        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in spec.net.ports)
+        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{check_port(h)}-:{check_port(g)}"
+                      for h, g in spec.net.ports)
         argv += ["-netdev", f"user,id=net0{fwd}",
-                 "-device", f"virtio-net-pci,netdev=net0,mac={spec.net.mac},id=nic0"]
+                 "-device",
+                 f"virtio-net-pci,netdev=net0,mac={_qemu_escape(spec.net.mac)},id=nic0"]
     if start_paused:
         argv.append("-S")
     for inc in incoming:

@@ -18,6 +18,7 @@ import click
 from vmfork.cli.output import set_verbosity
 from vmfork.errors import (
     AlreadyExists,
+    BadSnapshotFile,
     GuestError,
     InvalidInput,
     LaunchError,
@@ -33,7 +34,8 @@ from vmfork.errors import (
 
 #: Error class -> exit status. Usage-type errors exit 2, the rest 1.
 EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
-    (InvalidInput, 2), (NotFound, 1), (AlreadyExists, 1), (SetupError, 1), (LaunchError, 1),
+    (BadSnapshotFile, 2), (InvalidInput, 2),
+    (NotFound, 1), (AlreadyExists, 1), (SetupError, 1), (LaunchError, 1),
     (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (MigrationError, 1), (TemplateError, 1),
     (VmforkTimeout, 1), (VmforkError, 1),
 )

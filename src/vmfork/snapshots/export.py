@@ -11,6 +11,13 @@ Owns the file format and the export side:
 * **Header and hashing**: :func:`read_header`, :func:`check_export` (every
   sha256, holes read as zeros without I/O: :func:`hash_range`) and
   :func:`write_tail` (the blobs and the header written around QEMU's stream).
+* **The header is untrusted input** (a snapshot file may come from anyone):
+  :meth:`Header.from_dict` holds it to a strict schema — every key known and
+  required, every value typed and bounded, blob names among
+  :data:`BLOB_NAMES`, sha256 in hex, the spec checked by
+  :class:`~vmfork.spec.VMSpec` itself — and :func:`read_header` adds the
+  layout: parts 4 KiB-aligned, after the header, inside the file and not
+  overlapping. Every refusal is :class:`~vmfork.errors.BadSnapshotFile`.
 * **Export**: :func:`export` writes a running, paused or saved VM to one
   file. The file carries no disks: VMs with disks are refused
   (:func:`check_exportable`).
@@ -25,7 +32,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import shutil
 import time
@@ -34,15 +43,22 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from vmfork import vm
-from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, StateError, VmforkError
+from vmfork.errors import (
+    AlreadyExists,
+    BadSnapshotFile,
+    InvalidInput,
+    MigrationError,
+    StateError,
+    VmforkError,
+)
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
 from vmfork.launch import Launch, Transient, attach
 from vmfork.listing import LIVE_STATES
-from vmfork.names import check_name
+from vmfork.names import NAME_RE, check_name
 from vmfork.qemu import features, migration
 from vmfork.results import ExportResult
 from vmfork.snapshots.save import load_incoming, recover, verify
-from vmfork.spec import MIB, MemorySpec, VMSpec
+from vmfork.spec import MACHINE_RE, MAX_MEMORY_MIB, MIB, MemorySpec, VMSpec
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 
@@ -52,6 +68,57 @@ MAGIC = b"VMFORK-SNAPSHOT\n"
 FORMAT = 1
 HEADER_SIZE = 64 * 1024
 ALIGN = MIB
+#: The files a snapshot carries besides its stream; the only names an import
+#: writes (in the directory it chose).
+BLOB_NAMES = ("kernel", "initrd")
+#: Largest kernel or initrd a snapshot file may carry.
+MAX_BLOB_SIZE = 1 << 30
+#: How much a RAM stream may exceed the guest RAM (ROMs, firmware, device
+#: state, mapped-ram's per-block headers and bitmaps, 1 MiB alignment).
+RAM_STREAM_SLACK = 256 * MIB
+#: Capabilities a header may state, and the value each must have.
+CAPABILITIES = {"mapped-ram": True}
+_HEADER_KEYS = ("format", "name", "created", "memory_mib", "qemu_version", "machine",
+                "spec", "blobs", "ram")
+_OPTIONAL_KEYS = ("capabilities",)
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_RE = re.compile(r"^[0-9]{1,4}\.[0-9]{1,4}\.[0-9]{1,4}$")
+_MAX_CREATED = 1e11  # seconds since the epoch: year 5138
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _int(d: dict[str, Any], key: str, what: str, low: int, high: int) -> int:
+    v = d[key]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise BadSnapshotFile(f"{what} {_show(v)} is not an integer")
+    if not low <= v <= high:
+        raise BadSnapshotFile(f"{what} {v} is out of range ({low}-{high})")
+    return v
+
+
+def _str(d: dict[str, Any], key: str, what: str, pattern: re.Pattern[str]) -> str:
+    v = d[key]
+    if not isinstance(v, str) or not pattern.fullmatch(v):
+        raise BadSnapshotFile(f"invalid {what} {_show(v)}")
+    return v
+
+
+def _object(v: object, what: str, required: tuple[str, ...],
+            optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """*v* as a dict holding every key of *required*, others only from *optional*."""
+    if not isinstance(v, dict):
+        raise BadSnapshotFile(f"{what} is not a JSON object")
+    unknown = sorted(str(k) for k in v if k not in required and k not in optional)
+    if unknown:
+        raise BadSnapshotFile(f"{what} has an unknown key {_show(unknown[0])}")
+    missing = [k for k in required if k not in v]
+    if missing:
+        raise BadSnapshotFile(f"{what} lacks {missing[0]!r}")
+    return v
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -102,6 +169,14 @@ class Part:
     def end(self) -> int:
         return self.offset + self.size
 
+    @classmethod
+    def from_dict(cls, v: object, what: str, max_size: int) -> Part:
+        """The part *v* of a header (BadSnapshotFile if it is not one)."""
+        d = _object(v, what, ("offset", "size", "sha256"))
+        return cls(offset=_int(d, "offset", f"{what} offset", HEADER_SIZE, 1 << 50),
+                   size=_int(d, "size", f"{what} size", 0, max_size),
+                   sha256=_str(d, "sha256", f"{what} sha256", _SHA256_RE))
+
 
 @dataclass(frozen=True)
 class Header:
@@ -127,14 +202,74 @@ class Header:
                 "ram": asdict(self.ram)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Header:
-        """Raise KeyError, TypeError or ValueError if *d* is not a header."""
-        return cls(name=str(d["name"]), created=float(d["created"]),
-                   memory_mib=int(d["memory_mib"]), qemu_version=str(d["qemu_version"]),
-                   machine=str(d["machine"]), spec=VMSpec.from_dict(d["spec"]),
-                   blobs={str(k): Part(**v) for k, v in d["blobs"].items()},
-                   ram=Part(**d["ram"]), capabilities=dict(d.get("capabilities", {})),
-                   format=int(d["format"]))
+    def from_dict(cls, v: object) -> Header:
+        """The header *v* (parsed JSON), held to the strict schema; raise
+        BadSnapshotFile naming the first field that breaks it."""
+        d = _object(v, "the header", _HEADER_KEYS, _OPTIONAL_KEYS)
+        fmt = d["format"]
+        if fmt != FORMAT or isinstance(fmt, bool):
+            raise BadSnapshotFile(f"snapshot format {_show(fmt)} is not supported "
+                                  f"(this vmfork reads format {FORMAT})")
+        created = d["created"]
+        if (not isinstance(created, int | float) or isinstance(created, bool)
+                or not math.isfinite(created) or not 0 <= created <= _MAX_CREATED):
+            raise BadSnapshotFile(f"invalid creation time {_show(created)}")
+        memory_mib = _int(d, "memory_mib", "memory size (MiB)", 1, MAX_MEMORY_MIB)
+        caps = _object(d.get("capabilities", {}), "capabilities", (), tuple(CAPABILITIES))
+        for cap, want in CAPABILITIES.items():
+            if caps.get(cap, want) is not want:
+                raise BadSnapshotFile(f"capability {cap} is {_show(caps[cap])}; this vmfork "
+                                      f"reads only files with {cap} {want}")
+        blobs = _object(d["blobs"], "blobs", (), BLOB_NAMES)
+        try:
+            spec = VMSpec.from_dict(d["spec"])
+        except BadSnapshotFile:
+            raise
+        except InvalidInput as exc:
+            raise BadSnapshotFile(f"its VM spec is refused: {exc}") from exc
+        if spec.memory_mib != memory_mib:
+            raise BadSnapshotFile(f"memory size {memory_mib} MiB differs from its spec's "
+                                  f"{spec.memory_mib} MiB")
+        if spec.disks:
+            raise BadSnapshotFile("its VM had disks, which a snapshot file does not carry")
+        header = cls(
+            name=_str(d, "name", "VM name", NAME_RE), created=float(created),
+            memory_mib=memory_mib,
+            qemu_version=_str(d, "qemu_version", "QEMU version", _VERSION_RE),
+            machine=_str(d, "machine", "machine type", MACHINE_RE), spec=spec,
+            blobs={k: Part.from_dict(blobs[k], k, MAX_BLOB_SIZE)
+                   for k in BLOB_NAMES if k in blobs},
+            ram=Part.from_dict(d["ram"], "RAM", memory_mib * MIB + RAM_STREAM_SLACK),
+            capabilities={k: bool(x) for k, x in caps.items()}, format=FORMAT)
+        if "kernel" not in header.blobs:
+            raise BadSnapshotFile("it carries no kernel")
+        if ("initrd" in header.blobs) != bool(spec.initrd):
+            raise BadSnapshotFile("its blob initrd and its spec disagree (one has an "
+                                  "initrd, the other not)")
+        header.check_layout()
+        return header
+
+    def parts(self) -> list[tuple[str, Part]]:
+        """Every part with its name (blobs, then "RAM"), in file order."""
+        return sorted((*self.blobs.items(), ("RAM", self.ram)), key=lambda x: x[1].offset)
+
+    def check_layout(self, file_size: int | None = None) -> None:
+        """Raise BadSnapshotFile unless the parts are aligned (blobs to
+        4 KiB, the RAM stream to :data:`ALIGN`), after the header, do not
+        overlap, and (given *file_size*) end inside the file."""
+        if self.ram.offset % ALIGN:
+            raise BadSnapshotFile(f"RAM offset {self.ram.offset} is not {ALIGN}-aligned")
+        pos, prev = HEADER_SIZE, "the header"
+        for what, part in self.parts():
+            if part.offset % 4096:
+                raise BadSnapshotFile(f"{what} offset {part.offset} is not 4096-aligned")
+            if part.offset < pos:
+                raise BadSnapshotFile(f"{what} (offset {part.offset}) overlaps {prev} "
+                                      f"(which ends at {pos})")
+            pos, prev = part.end, what
+        if file_size is not None and pos > file_size:
+            raise BadSnapshotFile(f"truncated: {prev} ends at byte {pos}, the file has "
+                                  f"{file_size}")
 
     def encode(self) -> bytes:
         """The file's first :data:`HEADER_SIZE` bytes: magic, JSON, NUL padding."""
@@ -144,47 +279,64 @@ class Header:
         return head + b"\0" * (HEADER_SIZE - len(head))
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise BadSnapshotFile("a key appears twice")
+    return d
+
+
 def read_header(path: Path | str) -> Header:
-    """The header of a snapshot file; raise MigrationError if it is not one
-    (or of a format this vmfork does not read)."""
+    """The header of snapshot file *path*, held to the strict schema
+    (:meth:`Header.from_dict`) and its parts inside the file; raise
+    BadSnapshotFile (naming the file and the problem) otherwise."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
             head = f.read(HEADER_SIZE)
     except OSError as exc:
         raise InvalidInput(f"cannot read snapshot file {str(p)!r}: {exc.strerror}") from exc
     if not head.startswith(MAGIC):
-        raise MigrationError(f"{p} is not a vmfork snapshot file (no header)")
-    body = head[len(MAGIC):].split(b"\0", 1)[0]
+        raise BadSnapshotFile(f"{p} is not a vmfork snapshot file (no header)")
+    if len(head) < HEADER_SIZE:
+        raise BadSnapshotFile(f"{p} is truncated in its header ({len(head)} bytes)")
+    body, _, padding = head[len(MAGIC):].partition(b"\0")
+    if padding.strip(b"\0"):
+        raise BadSnapshotFile(f"{p}: snapshot header is corrupt (data after its JSON)")
     try:
-        d = json.loads(body)
-    except ValueError as exc:
-        raise MigrationError(f"{p}: snapshot header is corrupt ({exc})") from exc
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        fmt = d.get("format") if isinstance(d, dict) else None
-        raise MigrationError(f"{p}: snapshot format {fmt!r} is not supported "
-                             f"(this vmfork reads format {FORMAT})")
-    try:
-        return Header.from_dict(d)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise MigrationError(f"{p}: snapshot header is corrupt ({exc!r})") from exc
+        d = json.loads(body, object_pairs_hook=_no_duplicates)
+        header = Header.from_dict(d)
+        header.check_layout(st.st_size)
+    except BadSnapshotFile as exc:
+        raise BadSnapshotFile(f"{p}: snapshot header refused: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not JSON (or nested without end)
+        raise BadSnapshotFile(f"{p}: snapshot header is corrupt ({type(exc).__name__})") from exc
+    return header
 
 
 def check_export(path: Path | str, header: Header | None = None) -> Header:
     """Check every part of a snapshot file against the sha256 in its header;
-    return the header. Raise MigrationError naming the truncated or corrupt
+    return the header. Raise BadSnapshotFile naming the truncated or corrupt
     part."""
     p = Path(path)
     header = header or read_header(p)
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        for what, part in (*header.blobs.items(), ("RAM", header.ram)):
-            if part.end > size:
-                raise MigrationError(f"{p} is truncated: {what} ends at byte {part.end}, "
-                                     f"the file has {size}")
-            if hash_range(f, part.offset, part.end) != part.sha256:
-                raise MigrationError(f"{p} is corrupt: the {what} sha256 differs from its "
-                                     "header")
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for what, part in header.parts():
+                if part.end > size:
+                    raise BadSnapshotFile(f"{p} is truncated: {what} ends at byte "
+                                          f"{part.end}, the file has {size}")
+                try:
+                    digest = hash_range(f, part.offset, part.end)
+                except MigrationError as exc:  # it shrank while read
+                    raise BadSnapshotFile(str(exc)) from exc
+                if digest != part.sha256:
+                    raise BadSnapshotFile(f"{p} is corrupt: the {what} sha256 differs from "
+                                          "its header")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read snapshot file {str(p)!r}: {exc.strerror}") from exc
     return header
 
 
@@ -311,6 +463,7 @@ async def export(store: Store, name: str, file: Path | str,
 
 
 __all__ = [
-    "ALIGN", "FORMAT", "HEADER_SIZE", "MAGIC", "Header", "Part", "check_export",
+    "ALIGN", "BLOB_NAMES", "CAPABILITIES", "FORMAT", "HEADER_SIZE", "MAGIC", "MAX_BLOB_SIZE",
+    "RAM_STREAM_SLACK", "Header", "Part", "check_export",
     "check_exportable", "export", "hash_range", "read_header", "write_tail",
 ]

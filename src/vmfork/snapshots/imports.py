@@ -7,29 +7,46 @@ extracted next to the VM (or into the template's directory), and the RAM and
 device state are loaded from the file's ``mapped-ram`` stream into a fresh
 QEMU on a new memory file (``file:F,offset=N``). The new VM gets a new
 vmgenid, so the guest knows it is a copy.
+
+A snapshot file is untrusted input. Before anything is written the header
+passes its strict schema and layout (:func:`~vmfork.snapshots.export.read_header`),
+its machine type must be one the local QEMU offers (:func:`check_machine`),
+what it will write must fit in the target directories (:func:`check_space`),
+and every sha256 must match. The file never names a program: the import runs
+:data:`~vmfork.spec.DEFAULT_QEMU`, whatever binary the header names. It never
+names a path either: the VM's name, directories and memory file are the
+importer's, and the blobs are written only as ``kernel`` and ``initrd`` inside
+the target directory (:func:`extract_blobs`: ``O_EXCL|O_NOFOLLOW`` relative to
+the opened directory, hashed again while copied). Every refusal is
+:class:`~vmfork.errors.BadSnapshotFile` (exit status 2), and a failed import
+leaves nothing behind: no catalog row, VM or template directory, memory file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import secrets
 import shutil
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
+from typing import BinaryIO
 
 from vmfork import vm
-from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, VmforkError
+from vmfork.errors import AlreadyExists, BadSnapshotFile, InvalidInput, VmforkError
 from vmfork.launch import Launch, NewVM
 from vmfork.names import check_name
-from vmfork.qemu import migration
+from vmfork.qemu import features, migration
 from vmfork.records import TemplateManifest, VMInfo, VMRecord
 from vmfork.results import ImportResult
-from vmfork.snapshots.export import Header, check_export, read_header
+from vmfork.snapshots.export import BLOB_NAMES, Header, check_export, read_header
 from vmfork.snapshots.save import load_incoming, sync_guest_clock
-from vmfork.spec import MemorySpec
+from vmfork.spec import DEFAULT_QEMU, MIB, MemorySpec, VMSpec
 from vmfork.store import Store
 from vmfork.templates import create
 from vmfork.templates.manifest import template_dir
@@ -51,11 +68,6 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     header = read_header(src)
     if store.has_vm(name):
         raise AlreadyExists(f"a VM named {name!r} exists already")
-    if header.spec.disks:
-        raise MigrationError(f"{src}: its VM had disks, which a snapshot file does not "
-                             "carry; it cannot be imported")
-    await asyncio.to_thread(check_export, src, header)
-    t_checked = time.monotonic()
     if memory_dir:
         mdir = Path(memory_dir).absolute()
     else:
@@ -63,21 +75,21 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     if persistent and not vm.is_persistent_dir(mdir):
         raise InvalidInput(f"--persistent needs a memory dir on disk; {str(mdir)!r} is on "
                            f"{vm.filesystem_type(mdir)}")
-    source = header.spec
-    qemu = source.qemu if shutil.which(source.qemu) else "qemu-system-x86_64"
     vdir = files_dir or store.vm_dir(name)
-    files = {k: str(vdir / k) for k in header.blobs}
-    spec = source.with_(
-        name=name, qemu=qemu, machine=header.machine, vmgenid=str(uuid.uuid4()),
-        kernel=files.get("kernel"), initrd=files.get("initrd"),
-        memory=MemorySpec(backend="file", path=str(vm.memory_file_path(mdir, name)),
-                          share=True))
+    qemu = DEFAULT_QEMU
+    feats = await features.of_binary(qemu, features.FeatureCache(store.cache_dir),
+                                     timeouts=timeouts)
+    check_machine(src, header, feats.machines, feats.version)
+    check_space(src, header, vdir, mdir)
+    await asyncio.to_thread(check_export, src, header)
+    t_checked = time.monotonic()
+    spec = import_spec(header, name, vdir, vm.memory_file_path(mdir, name), qemu)
     rec = VMRecord(name=name, spec=spec, state="starting",
                    info=VMInfo(owns_memory=True, imported_from=str(src)))
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
         with store.lock(name, wait=False):
             vdir.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(_extract_blobs, src, header, files)
+            await asyncio.to_thread(extract_blobs, src, header, vdir)
             m = await launch.spawn(incoming=("defer",))
             t_spawned = time.monotonic()
             await load_incoming(m, f"file:{src},offset={header.ram.offset}",
@@ -97,20 +109,112 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
                         load_seconds=t_loaded - t_spawned, clock_synced=clock)
 
 
-def _extract_blobs(src: Path, header: Header, files: dict[str, str]) -> None:
-    """Copy each blob of snapshot file *src* to its path in *files*."""
-    with open(src, "rb") as f:
-        for key, dest in files.items():
-            part = header.blobs[key]
-            f.seek(part.offset)
-            left = part.size
-            with open(dest, "wb") as out:
-                while left:
-                    chunk = f.read(min(1 << 20, left))
-                    if not chunk:
-                        raise MigrationError(f"{src} is truncated in its {key}")
-                    out.write(chunk)
-                    left -= len(chunk)
+def import_spec(header: Header, name: str, files_dir: Path, memory_file: Path | str,
+                qemu: str = DEFAULT_QEMU) -> VMSpec:
+    """The spec of a VM imported from *header*: the exported VM's memory size,
+    CPUs, kernel command line, network and flags (all checked by VMSpec), with
+    the importer's own name, QEMU binary, kernel and initrd paths (in
+    *files_dir*), memory file and a new vmgenid. Nothing the header names as a
+    path or a program is kept."""
+    return header.spec.with_(
+        name=name, qemu=qemu, machine=header.machine, vmgenid=str(uuid.uuid4()),
+        kernel=str(files_dir / "kernel"),
+        initrd=str(files_dir / "initrd") if "initrd" in header.blobs else None,
+        memory=MemorySpec(backend="file", path=str(memory_file), share=True))
+
+
+def check_machine(src: Path, header: Header, machines: Collection[str], version: str) -> None:
+    """Raise BadSnapshotFile unless the header's machine type is one that the
+    local QEMU (version *version*) offers."""
+    if header.machine not in machines:
+        raise BadSnapshotFile(f"{src}: its machine type {header.machine!r} is not one that "
+                              f"the local QEMU {version} offers")
+
+
+def _free_bytes(path: Path) -> tuple[int, int]:
+    """(device, bytes free to an unprivileged user) of the file system that
+    holds *path*, or would hold it once created."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return os.stat(p).st_dev, st.f_bavail * st.f_frsize
+
+
+def check_space(src: Path, header: Header, files_dir: Path, memory_dir: Path) -> None:
+    """Raise BadSnapshotFile if the blobs the header declares do not fit in
+    *files_dir*, or the guest RAM in *memory_dir* (both, if they share a file
+    system), before anything is written: a small sparse file cannot declare
+    its way into filling a disk."""
+    need: dict[int, int] = {}
+    free: dict[int, int] = {}
+    where: dict[int, Path] = {}
+    for d, size in ((files_dir, sum(p.size for p in header.blobs.values())),
+                    (memory_dir, header.memory_mib * MIB)):
+        dev, avail = _free_bytes(d)
+        need[dev] = need.get(dev, 0) + size
+        free[dev], where[dev] = avail, d
+    for dev, n in need.items():
+        if n > free[dev]:
+            raise BadSnapshotFile(f"{src}: the import needs {n} bytes in {where[dev]}, "
+                                  f"which has {free[dev]} free")
+
+
+def extract_blobs(src: Path, header: Header, target: Path) -> dict[str, str]:
+    """Write each blob of snapshot file *src* as ``target/NAME`` (NAME in
+    :data:`~vmfork.snapshots.export.BLOB_NAMES`), a new file (O_EXCL,
+    O_NOFOLLOW, mode 0600) opened relative to *target* itself (not a
+    symlink), and check each one's sha256 again as it is copied (the file may
+    have changed since it was checked). Return the paths; on any failure
+    remove what was written and raise."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidInput(f"cannot open directory {str(target)!r}: {exc.strerror}") from exc
+    made: list[str] = []
+    try:
+        real = os.path.realpath(f"/proc/self/fd/{dfd}")
+        with open(src, "rb") as f:
+            for key in BLOB_NAMES:
+                part = header.blobs.get(key)
+                if part is None:
+                    continue
+                fd = os.open(key, flags, 0o600, dir_fd=dfd)
+                made.append(key)
+                with os.fdopen(fd, "wb") as out:
+                    _copy(f, part.offset, part.size, part.sha256, out, f"{src}: its {key}")
+                if os.path.realpath(target / key) != os.path.join(real, key):
+                    raise BadSnapshotFile(f"{target / key} resolves outside {target}")
+    except OSError as exc:
+        _remove(dfd, made)
+        raise InvalidInput(f"cannot extract {src} into {target}: {exc.strerror}") from exc
+    except BaseException:
+        _remove(dfd, made)
+        raise
+    finally:
+        os.close(dfd)
+    return {k: str(target / k) for k in made}
+
+
+def _copy(f: BinaryIO, offset: int, size: int, sha256: str, out: BinaryIO, what: str) -> None:
+    h = hashlib.sha256()
+    pos, end = offset, offset + size
+    while pos < end:
+        chunk = os.pread(f.fileno(), min(1 << 20, end - pos), pos)
+        if not chunk:
+            raise BadSnapshotFile(f"{what} is truncated")
+        h.update(chunk)
+        out.write(chunk)
+        pos += len(chunk)
+    if h.hexdigest() != sha256:
+        raise BadSnapshotFile(f"{what} changed: its sha256 differs from the header")
+
+
+def _remove(dfd: int, names: list[str]) -> None:
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dfd)
 
 
 async def import_template(store: Store, file: Path | str, name: str,
@@ -122,6 +226,7 @@ async def import_template(store: Store, file: Path | str, name: str,
     check_name(name, "template")
     if store.has_template(name):
         raise AlreadyExists(f"a template named {name!r} exists already")
+    read_header(file)  # a file refused up front leaves no template directory
     tmp_name = f"import-{secrets.token_hex(4)}"
     # Kernel and initrd go straight to the template's directory, which the
     # template owns (removing the template deletes it).
@@ -142,4 +247,5 @@ async def import_template(store: Store, file: Path | str, name: str,
         raise
 
 
-__all__ = ["import_", "import_template"]
+__all__ = ["check_machine", "check_space", "extract_blobs", "import_", "import_spec",
+           "import_template"]
