@@ -4,6 +4,7 @@
 
     VmforkError
      +-- InvalidInput          bad user input: a size, a name, a path, an option
+     |    +-- UnsafePath       a directory vmfork would keep private files in is not private
      +-- NotFound              no VM, template or image by that name
      +-- AlreadyExists         a VM or template of that name exists already
      +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
@@ -29,6 +30,12 @@ class VmforkError(Exception):
 
 class InvalidInput(VmforkError):
     """User input that cannot be used (size, name, path, option)."""
+
+
+class UnsafePath(InvalidInput):
+    """A directory that vmfork would keep private files in (its home, a memory
+    directory) is a symbolic link, belongs to another user, or is writable
+    by other users; vmfork writes nothing into it."""
 
 
 class NotFound(VmforkError):

@@ -24,6 +24,7 @@ from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, VmforkError
 from vmfork.launch import Launch, NewVM
 from vmfork.names import check_name
+from vmfork.private import make_dirs, opener, private_dir
 from vmfork.qemu import migration
 from vmfork.records import TemplateManifest, VMInfo, VMRecord
 from vmfork.results import ImportResult
@@ -60,6 +61,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
         mdir = Path(memory_dir).absolute()
     else:
         mdir = store.home / "memory" if persistent else store.memory_dir
+    private_dir(mdir, "memory dir")  # UnsafePath before anything is made
     if persistent and not vm.is_persistent_dir(mdir):
         raise InvalidInput(f"--persistent needs a memory dir on disk; {str(mdir)!r} is on "
                            f"{vm.filesystem_type(mdir)}")
@@ -76,7 +78,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
                    info=VMInfo(owns_memory=True, imported_from=str(src)))
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
         with store.lock(name, wait=False):
-            vdir.mkdir(parents=True, exist_ok=True)
+            make_dirs(vdir)
             await asyncio.to_thread(_extract_blobs, src, header, files)
             m = await launch.spawn(incoming=("defer",))
             t_spawned = time.monotonic()
@@ -104,7 +106,7 @@ def _extract_blobs(src: Path, header: Header, files: dict[str, str]) -> None:
             part = header.blobs[key]
             f.seek(part.offset)
             left = part.size
-            with open(dest, "wb") as out:
+            with open(dest, "wb", opener=opener) as out:
                 while left:
                     chunk = f.read(min(1 << 20, left))
                     if not chunk:
@@ -126,7 +128,7 @@ async def import_template(store: Store, file: Path | str, name: str,
     # Kernel and initrd go straight to the template's directory, which the
     # template owns (removing the template deletes it).
     tdir = template_dir(store, name)
-    tdir.mkdir(parents=True, exist_ok=True)
+    make_dirs(tdir)
     try:
         await import_(store, file, tmp_name, persistent=persistent, memory_dir=memory_dir,
                       resume=False, files_dir=tdir, timeouts=timeouts)
