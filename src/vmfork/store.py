@@ -88,14 +88,22 @@ def default_memory_dir() -> Path:
     return Path(env or f"/dev/shm/vmfork-{os.geteuid()}").absolute()
 
 
-def _private_file(path: Path) -> None:
-    """Create *path* 0600 if missing; make an existing one of ours 0600."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+def _private_file(path: Path, create: bool = True) -> None:
+    """Create *path* 0600 if missing (with *create*); make an existing one 0600.
+
+    An existing file is never opened: closing any descriptor of a SQLite
+    file drops the POSIX locks that another connection of this process
+    holds on it."""
     try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, FILE_MODE)
-    finally:
-        os.close(fd)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 FILE_MODE))
+        return
+    if mode & 0o077:
+        os.chmod(path, FILE_MODE)
 
 
 
@@ -112,8 +120,7 @@ class Store:
         # SQLite gives its -wal and -shm files the mode of the database.
         _private_file(db)
         for extra in ("vmfork.db-wal", "vmfork.db-shm"):
-            if (self.home / extra).exists():
-                _private_file(self.home / extra)
+            _private_file(self.home / extra, create=False)
         self._db = sqlite3.connect(db, timeout=DEFAULT.catalog, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
