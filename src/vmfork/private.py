@@ -16,9 +16,9 @@ Owns three rules.
   (:class:`~vmfork.errors.UnsafePath`, one line, nothing written into it)
   when it is a symbolic link, belongs to another user, or is writable by
   group or others. One that is only readable or searchable by others (what
-  earlier versions of vmfork made, 0755) is tightened to 0700, with a
-  warning: nobody else could have written into it, and refusing it would
-  lock its owner out of their VMs.
+  earlier versions of vmfork made, 0755) is tightened to 0700 (logged at
+  INFO): nobody else could have written into it, and refusing it would lock
+  its owner out of their VMs.
 * **Memory file identity** (:class:`FileId`): a memory file is reopened by
   its path (a restore, an ``ignore-shared`` update), so a file put in its
   place would become the guest's RAM. :func:`check_open_by` checks that the
@@ -111,7 +111,7 @@ def private_dir(path: Path | str, what: str) -> Path:
             os.fchmod(fd, DIR_MODE)
             import logging  # here only: listing VMs does not load logging
 
-            logging.getLogger("vmfork.private").warning(
+            logging.getLogger("vmfork.private").info(
                 "%s %s was readable by other users (mode %04o): now 0700", what, p, mode)
     finally:
         os.close(fd)
