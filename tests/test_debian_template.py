@@ -127,7 +127,7 @@ def test_template_takes_over_the_overlay(dt: DebianTemplate) -> None:
     (disk,) = m["disks"]
     overlay = Path(disk["path"])
     assert overlay == s.home / "templates/T/disk0.qcow2"
-    assert overlay.stat().st_mode & 0o777 == 0o444
+    assert overlay.stat().st_mode & 0o777 == 0o400
     assert Path(disk["backing"]).resolve() == Path(dt.img.disk).resolve()
     backing = Path(qemu_img_info(overlay)["backing-filename"]).resolve()
     assert backing == Path(dt.img.disk).resolve()

@@ -93,9 +93,9 @@ def test_cpio_readable_by_gnu_cpio(tmp_path: Path) -> None:
 
 # -- errors and the CLI's exit table ------------------------------------------------
 @pytest.mark.parametrize(("exc", "code"), [
-    (errors.InvalidInput("x"), 2), (errors.NotFound("x"), 1), (errors.AlreadyExists("x"), 1),
-    (errors.SetupError("x"), 1), (errors.LaunchError("x"), 1), (errors.StateError("x"), 1),
-    (errors.GuestError("x"), 1), (errors.MigrationError("x"), 1),
+    (errors.InvalidInput("x"), 2), (errors.UnsafePath("x"), 2), (errors.NotFound("x"), 1),
+    (errors.AlreadyExists("x"), 1), (errors.SetupError("x"), 1), (errors.LaunchError("x"), 1),
+    (errors.StateError("x"), 1), (errors.GuestError("x"), 1), (errors.MigrationError("x"), 1),
     (errors.TemplateError("x"), 1), (errors.VmforkTimeout("boot", 3), 1),
     (errors.VmforkError("x"), 1)])
 def test_exit_codes(exc: errors.VmforkError, code: int) -> None:
@@ -799,7 +799,7 @@ def test_adopt_files_moves_overlays_read_only(tmp_path: Path) -> None:
     disks, entries, files = create._adopt_files(spec, src, tdir)
     assert disks[0].path == str(tdir / "disk0.qcow2") and disks[0].backing == str(base)
     assert disks[1] == spec.disks[1]
-    assert (tdir / "disk0.qcow2").stat().st_mode & 0o777 == 0o444
+    assert (tdir / "disk0.qcow2").stat().st_mode & 0o777 == 0o400
     assert not (src / "disk0.qcow2").exists()
     assert entries == [tm.disk_record(tdir / "disk0.qcow2", 0, str(base))]
     assert files == {"kernel": str(tdir / "kernel")}

@@ -48,7 +48,7 @@ _EXPORTS = {
     "SetupError": "vmfork.errors", "LaunchError": "vmfork.errors",
     "StateError": "vmfork.errors", "GuestError": "vmfork.errors",
     "MigrationError": "vmfork.errors", "TemplateError": "vmfork.errors",
-    "VmforkTimeout": "vmfork.errors",
+    "VmforkTimeout": "vmfork.errors", "UnsafePath": "vmfork.errors",
 }
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "TemplateError",
     "TemplateStatus",
     "Timeouts",
+    "UnsafePath",
     "UpdateReport",
     "VMStatus",
     "VmforkError",
@@ -118,6 +119,7 @@ if TYPE_CHECKING:
         SetupError,
         StateError,
         TemplateError,
+        UnsafePath,
         VmforkError,
         VmforkTimeout,
     )

@@ -5,6 +5,7 @@
     VmforkError
      +-- InvalidInput          bad user input: a size, a name, a path, an option
      |    +-- BadSnapshotFile  a snapshot file that is malformed, corrupt or hostile
+     |    +-- UnsafePath       a directory vmfork would keep private files in is not private
      +-- NotFound              no VM, template or image by that name
      +-- AlreadyExists         a VM or template of that name exists already
      +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
@@ -37,6 +38,12 @@ class BadSnapshotFile(InvalidInput):
     truncated, corrupt, or with a header outside its strict schema (a field
     unknown, of the wrong type or out of bounds, parts overlapping or outside
     the file, more than the target directory can hold)."""
+
+
+class UnsafePath(InvalidInput):
+    """A directory that vmfork would keep private files in (its home, a memory
+    directory) is a symbolic link, belongs to another user, or is writable
+    by other users; vmfork writes nothing into it."""
 
 
 class NotFound(VmforkError):

@@ -7,6 +7,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from vmfork.private import FILE_MODE
+
 
 def fsync_path(path: Path | str) -> None:
     """fsync a file or directory by path (a directory: its entries are durable)."""
@@ -18,10 +20,12 @@ def fsync_path(path: Path | str) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write *data* to *path* via a temporary name, fsync and rename."""
+    """Write *data* to *path* via a temporary name, fsync and rename; the file
+    is 0600 (readable by its owner only)."""
     tmp = path.with_name(f".{path.name}.{os.urandom(3).hex()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

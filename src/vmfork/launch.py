@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from vmfork.errors import InvalidInput, SetupError, StateError
+from vmfork.private import UMASK, make_dirs, private_dir
 from vmfork.proc import process_alive
 from vmfork.qemu.machine import Machine
 from vmfork.records import PoolMember, VMRecord
@@ -73,10 +74,11 @@ def create_overlays(spec: VMSpec, fresh: bool = False) -> None:
     for disk in spec.disks:
         if disk.backing is None or (Path(disk.path).exists() and not fresh):
             continue
-        Path(disk.path).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(disk.path).parent)
         p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
                             "-F", disk.backing_format or "raw", "-b", disk.backing, disk.path],
-                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                           umask=UMASK)
         if p.returncode != 0:
             raise SetupError(f"cannot create the overlay {disk.path}: "
                              f"{(p.stderr or p.stdout).strip()}")
@@ -93,14 +95,11 @@ def remove_vm_files(store: Store, rec: VMRecord) -> None:
     shutil.rmtree(store.vm_dir(rec.name), ignore_errors=True)
 
 
-def _memory_dir_ready(spec: VMSpec) -> None:
+def memory_dir_ready(spec: VMSpec) -> None:
+    """Create the directory of the VM's memory file, or check that it is
+    private (:func:`vmfork.private.private_dir`: UnsafePath if not)."""
     if spec.memory.backend == "file" and spec.memory.path:
-        mdir = Path(spec.memory.path).parent
-        try:
-            mdir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            message = f"cannot create memory dir {str(mdir)!r}: {exc.strerror}"
-            raise InvalidInput(message) from exc
+        private_dir(Path(spec.memory.path).parent, "memory dir")
 
 
 async def finish_in_thread(fn: Callable[..., object], *args: Any) -> None:
@@ -276,10 +275,10 @@ class Launch:
     async def spawn(self, incoming: tuple[str, ...] = (), fresh_overlays: bool = False,
                     pass_fds: tuple[int, ...] = ()) -> Machine:
         """Start QEMU for the entry, paused, its QMP monitor connected."""
-        _memory_dir_ready(self.spec)
+        memory_dir_ready(self.spec)
         if fresh_overlays:
             await finish_in_thread(create_overlays, self.spec, True)
-        Path(self.paths.qmp).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(self.paths.qmp).parent)
         self.machine = await Machine.launch(
             self.spec, self.paths, qemu_log(self.store, self.entry.name), incoming=incoming,
             timeouts=self.timeouts, pass_fds=pass_fds, on_spawn=self._record)

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import IO
 
 from vmfork.errors import StateError
+from vmfork.private import opener
 
 #: Seconds between two attempts to take a held lock.
 RETRY = 0.01
 
 
 def _open(path: Path) -> IO[str]:
-    return open(path, "w")
+    return open(path, "w", opener=opener)
 
 
 def _try(f: IO[str], end: float, busy: str) -> bool:

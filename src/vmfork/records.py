@@ -46,6 +46,13 @@ class SavedState:
     mode: str = SAVE_MODE
     #: The guest ran when it was saved: restore resumes it (else it stays paused).
     was_running: bool = True
+    #: The memory file's device and inode at the save, and the boot they
+    #: belong to: a restore refuses another file put at its path
+    #: (:func:`vmfork.private.check_same`). None in manifests of earlier
+    #: vmfork versions.
+    memory_dev: int | None = None
+    memory_ino: int | None = None
+    boot_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

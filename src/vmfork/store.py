@@ -3,8 +3,10 @@
 Owns where things live under ``$VMFORK_HOME`` (default
 ``~/.local/share/vmfork``): the catalog ``vmfork.db``, per-VM run directories
 (sockets and logs), images and templates; and the default memory directory
-(``$VMFORK_MEMORY_DIR``, default ``/dev/shm/vmfork``). Records are plain
-dataclasses; the catalog does no QEMU work.
+(``$VMFORK_MEMORY_DIR``, default ``/dev/shm/vmfork-$UID``: one per user).
+The home is private (:func:`vmfork.private.private_dir`: 0700, the user's
+own, refused otherwise), so are its directories (0700) and the catalog
+(0600). Records are plain dataclasses; the catalog does no QEMU work.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from vmfork import locking
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound
 from vmfork.names import check_name
+from vmfork.private import FILE_MODE, make_dirs, private_dir
 from vmfork.timeouts import DEFAULT
 
 # The record types are imported where records are read: listing an empty
@@ -79,7 +82,28 @@ def default_home() -> Path:
 
 
 def default_memory_dir() -> Path:
-    return Path(os.environ.get("VMFORK_MEMORY_DIR", "/dev/shm/vmfork")).absolute()
+    """``$VMFORK_MEMORY_DIR``, else ``/dev/shm/vmfork-$UID``: a directory per
+    user, so that no user can take another's place first."""
+    env = os.environ.get("VMFORK_MEMORY_DIR")
+    return Path(env or f"/dev/shm/vmfork-{os.geteuid()}").absolute()
+
+
+def _private_file(path: Path, create: bool = True) -> None:
+    """Create *path* 0600 if missing (with *create*); make an existing one 0600.
+
+    An existing file is never opened: closing any descriptor of a SQLite
+    file drops the POSIX locks that another connection of this process
+    holds on it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 FILE_MODE))
+        return
+    if mode & 0o077:
+        os.chmod(path, FILE_MODE)
 
 
 
@@ -91,9 +115,13 @@ class Store:
                  memory_dir: Path | str | None = None) -> None:
         self.home = Path(home).absolute() if home else default_home()
         self.memory_dir = Path(memory_dir).absolute() if memory_dir else default_memory_dir()
-        self.home.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.home / "vmfork.db", timeout=DEFAULT.catalog,
-                                   isolation_level=None)
+        private_dir(self.home, "vmfork home")
+        db = self.home / "vmfork.db"
+        # SQLite gives its -wal and -shm files the mode of the database.
+        _private_file(db)
+        for extra in ("vmfork.db-wal", "vmfork.db-shm"):
+            _private_file(self.home / extra, create=False)
+        self._db = sqlite3.connect(db, timeout=DEFAULT.catalog, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         for table, column, decl in _ADDED_COLUMNS:
@@ -122,8 +150,7 @@ class Store:
     def diagnosis_file(self, name: str) -> Path:
         """Where a guest's account of a hang is kept (outlives the VM's
         run directory, which a failed clone removes)."""
-        d = self.home / "diagnoses"
-        d.mkdir(exist_ok=True)
+        d = make_dirs(self.home / "diagnoses")
         return d / f"{check_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
 
     def run_dir(self, name: str) -> Path:
@@ -171,8 +198,7 @@ class Store:
         """The lock file, the seconds to wait and the message if still busy."""
         if not name or "/" in name or "\0" in name or name.startswith("."):
             raise InvalidInput(f"invalid lock name {name!r}")  # it becomes a file name
-        locks = self.home / "locks"
-        locks.mkdir(exist_ok=True)
+        locks = make_dirs(self.home / "locks")
         seconds = 0.0 if wait is False else DEFAULT.lock if wait is True else float(wait)
         busy = f"{name} is busy: another vmfork command is working on it"
         if seconds:

@@ -28,6 +28,7 @@ from vmfork.images.demo import demo_image
 from vmfork.launch import Launch, NewVM, attach, machine_for, paths_for, qemu_log, remove_vm_files
 from vmfork.listing import LIVE_STATES, describe, observed_state
 from vmfork.names import check_name
+from vmfork.private import private_dir
 from vmfork.proc import process_alive
 from vmfork.qemu.accel import resolve_accel
 from vmfork.qemu.machine import Machine, find_qemu
@@ -183,8 +184,7 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
             mdir = Path(opts.memory_dir).absolute()
         else:
             mdir = store.home / "memory" if opts.persistent else store.memory_dir
-        if mdir.exists() and not mdir.is_dir():
-            raise InvalidInput(f"memory dir {str(mdir)!r} is not a directory")
+        private_dir(mdir, "memory dir")  # UnsafePath before anything is made
         if opts.persistent and not is_persistent_dir(mdir):
             raise InvalidInput(f"--persistent needs a memory dir on disk; {str(mdir)!r} is on "
                                f"{filesystem_type(mdir)}")

@@ -39,6 +39,7 @@ from vmfork.bench import fill_guest, ratio
 from vmfork.errors import GuestError, InvalidInput, MigrationError
 from vmfork.files import fsync_path
 from vmfork.launch import Launch, Transient
+from vmfork.private import DIR_MODE
 from vmfork.qemu import migration
 from vmfork.records import VMRecord
 from vmfork.snapshots import save as saving
@@ -69,7 +70,7 @@ async def run(store: Store, p: SaveBench, timeouts: Timeouts = DEFAULT) -> dict[
         raise InvalidInput(f"invalid fill {p.fill}: must be above 0 and at most 0.8")
     tag = secrets.token_hex(2)
     bdir = store.home / f"bench-save-{tag}"
-    bdir.mkdir(parents=True)
+    bdir.mkdir(mode=DIR_MODE, parents=True)
     rows = []
     t0 = time.monotonic()
     try:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 def main() -> None:
-    """Entry point of the ``vmfork`` command."""
+    """Entry point of the ``vmfork`` command. It runs with umask 077: what
+    it creates, and what anything it calls creates, is its user's alone (the
+    library itself leaves the umask of a program that embeds it alone and
+    gives explicit modes: :mod:`vmfork.private`)."""
+    import os
     import sys
 
+    os.umask(0o077)
     from vmfork.errors import VmforkError
     try:
         from vmfork.cli.app import cli

@@ -18,6 +18,7 @@ from typing import Any
 from vmfork import vm
 from vmfork.errors import VmforkError
 from vmfork.launch import attach
+from vmfork.private import write_file
 from vmfork.qemu.machine import Machine
 from vmfork.records import VMRecord
 from vmfork.store import Store
@@ -70,7 +71,7 @@ async def diagnose(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) ->
             parts.append(f"== guest: the serial agent did not answer either: {exc}\n")
     try:
         path = store.diagnosis_file(rec.name)
-        path.write_text("\n".join(parts))
+        write_file(path, "\n".join(parts).encode())
     except OSError as exc:
         log.warning("%s: cannot keep the diagnosis: %s", rec.name, exc)
         return ""

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from vmfork.errors import InvalidInput, SetupError
 from vmfork.images.demo import GuestImage, _guest_file, host_kernel
+from vmfork.private import FILE_MODE, READONLY_MODE, make_dirs, opener, write_file
 from vmfork.spec import parse_size
 
 log = logging.getLogger("vmfork.image")
@@ -289,8 +290,8 @@ def _fingerprint(kernel: Path, initrd: Path | None) -> str:
 
 @contextlib.contextmanager
 def _build_lock(d: Path) -> Iterator[None]:
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".lock", "w") as f:
+    make_dirs(d)
+    with open(d / ".lock", "w", opener=opener) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -380,7 +381,7 @@ def _build(d: Path, kernel: Path, version: str, initrd_src: Path | None, size: i
         raw.unlink()
         for name in ("base.qcow2", "vmlinuz", "initrd.img"):
             os.replace(tmp / name, d / name)
-            (d / name).chmod(0o444 if name == "base.qcow2" else 0o644)
+            (d / name).chmod(READONLY_MODE if name == "base.qcow2" else FILE_MODE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     img = DiskImage(name="debian", kernel=str(d / "vmlinuz"), initrd=str(d / "initrd.img"),
@@ -391,6 +392,6 @@ def _build(d: Path, kernel: Path, version: str, initrd_src: Path | None, size: i
     manifest = {**img.to_dict(), "fingerprint": fp, "suite": SUITE,
                 "packages": list(PACKAGES), "size": size, "disk_bytes": disk_bytes,
                 "build_seconds": seconds, "built": time.time()}
-    (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_file(d / "manifest.json", json.dumps(manifest, indent=2).encode())
     log.info("debian image: built in %.0f s (%d MB)", seconds, disk_bytes >> 20)
     return img

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from vmfork.errors import SetupError
+from vmfork.private import make_dirs, opener, write_file
 
 DEMO_APPEND = "console=ttyS0 loglevel=4 rdinit=/init panic=-1"
 #: Modules the demo guest loads at boot, in dependency order resolved at build.
@@ -193,16 +194,15 @@ def demo_image(images_dir: Path, rebuild: bool = False) -> GuestImage:
                 and Path(data["initrd"]).exists()):
             return GuestImage("demo", data["kernel"], data["initrd"], data["append"],
                               data["kernel_version"])
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".build-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
+    tmp = make_dirs(d / f".build-{os.getpid()}")  # and the image's directory
     try:
-        shutil.copyfile(kernel, tmp / "vmlinuz")
-        (tmp / "initrd.cpio").write_bytes(build_demo_initrd(busybox, version))
+        with open(kernel, "rb") as src, open(tmp / "vmlinuz", "wb", opener=opener) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        write_file(tmp / "initrd.cpio", build_demo_initrd(busybox, version))
         os.replace(tmp / "vmlinuz", d / "vmlinuz")
         os.replace(tmp / "initrd.cpio", d / "initrd.cpio")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     img = GuestImage("demo", str(d / "vmlinuz"), str(d / "initrd.cpio"), DEMO_APPEND, version)
-    manifest.write_text(json.dumps({**img.to_dict(), "fingerprint": fp}, indent=2))
+    write_file(manifest, json.dumps({**img.to_dict(), "fingerprint": fp}, indent=2).encode())
     return img

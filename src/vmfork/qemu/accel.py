@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from vmfork.errors import InvalidInput, SetupError
+from vmfork.private import UMASK, make_dirs, write_file
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.accel")
@@ -39,7 +40,7 @@ def probe_kvm(qemu: str, kernel: str, initrd: str, seconds: float = DEFAULT.acce
             "-append", "console=ttyS0 loglevel=4 rdinit=/init vmfork.probe=1"]
     try:
         out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                             timeout=seconds).stdout
+                             timeout=seconds, umask=UMASK).stdout
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout or b""
     except OSError:
@@ -75,8 +76,8 @@ def resolve_accel(choice: str, qemu: str, kernel: str, initrd: str, cache_dir: P
     log.info("accel: probe boot under KVM %s, using %s",
              "succeeded" if accel == "kvm" else "failed", accel)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "accel": accel}))
+        make_dirs(cache_dir)
+        write_file(cache, json.dumps({"key": key, "accel": accel}).encode())
     except OSError as exc:  # the verdict holds; the next run probes again
         log.warning("accel: cannot cache the probe verdict in %s: %s", cache, exc.strerror)
     return accel

@@ -38,6 +38,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from vmfork.errors import InvalidInput, LaunchError, QMPCommandError, VmforkTimeout
+from vmfork.private import UMASK, make_dirs, opener, write_file
 from vmfork.qemu.machine import Machine, deadline, log_tail, qmp_execute
 from vmfork.timeouts import DEFAULT, Timeouts
 
@@ -156,8 +157,8 @@ class FeatureCache:
         data[key] = features.to_dict()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            make_dirs(self.path.parent)
+            write_file(tmp, json.dumps(data, indent=1, sort_keys=True).encode())
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("cannot write the QEMU feature cache %s: %s", self.path, exc.strerror)
@@ -242,10 +243,10 @@ async def probe(qemu: str, log_path: Path | None = None,
             os.close(fd)
             log_path = tmp_log = Path(name)
         try:
-            with open(log_path, "ab") as logf:
+            with open(log_path, "ab", opener=opener) as logf:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
                                         stderr=subprocess.STDOUT, pass_fds=(theirs.fileno(),),
-                                        start_new_session=True)
+                                        start_new_session=True, umask=UMASK)
         except OSError as exc:
             raise LaunchError(f"cannot start QEMU {qemu}: {exc.strerror}", argv=argv) from exc
         finally:

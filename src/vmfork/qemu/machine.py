@@ -2,7 +2,8 @@
 
 Owns the lifecycle of a single process, in small steps after QEMU's own
 ``QEMUMachine``: build argv and paths → spawn (stdin closed, output to a log,
-own session so it outlives the caller) → QMP handshake over an inherited
+own session so it outlives the caller, umask 077 so that everything it
+creates is private: :mod:`vmfork.private`) → QMP handshake over an inherited
 socketpair (no polling for a socket path) → readiness → shutdown (``quit``,
 then SIGTERM, then SIGKILL, each with a deadline) → remove sockets. A failed
 launch kills the process and raises :class:`LaunchError` with exit status,
@@ -36,6 +37,7 @@ from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from vmfork.errors import LaunchError, QMPCommandError, StateError, VmforkError, VmforkTimeout
+from vmfork.private import UMASK, make_dirs, opener
 from vmfork.proc import process_alive, process_start_time
 from vmfork.spec import RunPaths, VMSpec, build_argv
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -160,7 +162,7 @@ class Machine:
         pid and start time as soon as the process exists, before the QMP
         handshake (to record it); if it raises, QEMU is killed.
         """
-        Path(paths.qmp).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(paths.qmp).parent)
         remove_sockets(paths)
         ours, theirs = socket.socketpair()
         argv = build_argv(spec, paths, incoming=incoming, start_paused=start_paused)
@@ -168,10 +170,11 @@ class Machine:
                  "-mon", "chardev=qmp_fd,mode=control"]
         log.debug("%s: launching %s", spec.name, " ".join(argv))
         try:
-            with open(log_path, "ab") as logf:
+            with open(log_path, "ab", opener=opener) as logf:
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                    pass_fds=(theirs.fileno(), *pass_fds), start_new_session=True)
+                    pass_fds=(theirs.fileno(), *pass_fds), start_new_session=True,
+                    umask=UMASK)
         except OSError as exc:
             ours.close()
             theirs.close()

@@ -26,6 +26,7 @@ from qemu.qmp import EventListener
 
 from vmfork.errors import MigrationError, QMPCommandError, VmforkError, VmforkTimeout
 from vmfork.files import fsync_path, sha256_file
+from vmfork.private import FILE_MODE
 from vmfork.qemu.machine import Machine, deadline
 from vmfork.results import MigrationStats
 
@@ -146,17 +147,26 @@ async def load_state(m: Machine, path: Path, timeout: float, **caps: bool) -> st
     return await wait_incoming(m, timeout)
 
 
+def create_private(path: Path) -> None:
+    """Create the empty file *path*, 0600, for QEMU to write a migration
+    stream into: QEMU keeps the mode of a file it opens, and a QEMU started
+    by an earlier vmfork may run with a looser umask."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+
+
 async def save_state(m: Machine, path: Path, timeout: float,
                      parameters: dict[str, Any] | None = None,
                      **caps: bool) -> tuple[MigrationStats, str]:
     """Write the device state of a paused VM to *path* atomically.
 
     Returns QEMU's statistics and the sha256 of the file. With
-    ``x_ignore_shared=True`` RAM in shared files is not written.
+    ``x_ignore_shared=True`` RAM in shared files is not written. The file is
+    0600 whatever the umask of QEMU (:func:`create_private`).
     """
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
+    create_private(tmp)
     await set_capabilities(m, **caps)
     if parameters:
         await set_parameters(m, **parameters)

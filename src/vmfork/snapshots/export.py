@@ -428,6 +428,7 @@ async def export(store: Store, name: str, file: Path | str,
             await migration.set_parameters(m, mode="normal")
             ident = await features.qemu_identity(m)
             await migration.set_capabilities(m, x_ignore_shared=False, mapped_ram=True)
+            migration.create_private(tmp)
             try:
                 stats = await migration.migrate(
                     m, {"uri": f"file:{tmp},offset={ram_offset}"}, timeouts.ram_copy, "export")

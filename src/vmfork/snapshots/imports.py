@@ -41,6 +41,7 @@ from vmfork import vm
 from vmfork.errors import AlreadyExists, BadSnapshotFile, InvalidInput, VmforkError
 from vmfork.launch import Launch, NewVM
 from vmfork.names import check_name
+from vmfork.private import make_dirs, private_dir
 from vmfork.qemu import features, migration
 from vmfork.records import TemplateManifest, VMInfo, VMRecord
 from vmfork.results import ImportResult
@@ -72,6 +73,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
         mdir = Path(memory_dir).absolute()
     else:
         mdir = store.home / "memory" if persistent else store.memory_dir
+    private_dir(mdir, "memory dir")  # UnsafePath before anything is made
     if persistent and not vm.is_persistent_dir(mdir):
         raise InvalidInput(f"--persistent needs a memory dir on disk; {str(mdir)!r} is on "
                            f"{vm.filesystem_type(mdir)}")
@@ -88,7 +90,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
                    info=VMInfo(owns_memory=True, imported_from=str(src)))
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
         with store.lock(name, wait=False):
-            vdir.mkdir(parents=True, exist_ok=True)
+            make_dirs(vdir)
             await asyncio.to_thread(extract_blobs, src, header, vdir)
             m = await launch.spawn(incoming=("defer",))
             t_spawned = time.monotonic()
@@ -231,7 +233,7 @@ async def import_template(store: Store, file: Path | str, name: str,
     # Kernel and initrd go straight to the template's directory, which the
     # template owns (removing the template deletes it).
     tdir = template_dir(store, name)
-    tdir.mkdir(parents=True, exist_ok=True)
+    make_dirs(tdir)
     try:
         await import_(store, file, tmp_name, persistent=persistent, memory_dir=memory_dir,
                       resume=False, files_dir=tdir, timeouts=timeouts)

@@ -14,7 +14,9 @@ Owns:
   ``saved``. After a restore the guest clock is set (:func:`sync_guest_clock`).
 * **Integrity and crash safety.** The state file is written under a temporary
   name, fsynced and renamed; its manifest (sha256, sizes, memory file) is
-  written the same way *after* it. A manifest therefore always describes a
+  written the same way *after* it; it records the memory file's device and
+  inode as the saving QEMU had it open, and a restore refuses a memory file
+  that another has replaced since. A manifest therefore always describes a
   complete state file, and it exists only while the memory file holds exactly
   the RAM the state belongs to: restore deletes it once the state is loaded,
   before the guest runs again. :func:`verify` checks a saved VM's files
@@ -50,6 +52,7 @@ from vmfork.guest import identity
 from vmfork.launch import Launch, SavedVM, attach, machine_for
 from vmfork.listing import LIVE_STATES
 from vmfork.names import check_name
+from vmfork.private import boot_id, check_open_by, check_same, make_dirs
 from vmfork.proc import process_alive
 from vmfork.qemu import features, migration
 from vmfork.qemu.machine import Machine, deadline
@@ -133,6 +136,8 @@ def verify(store: Store, rec: VMRecord) -> SavedState:
     if msize != saved.memory_size or msize != rec.spec.memory_mib * MIB:
         raise MigrationError(f"{name}: memory file {mem} is {msize} bytes, expected "
                              f"{saved.memory_size} ({rec.spec.memory_mib} MiB)")
+    if saved.memory_ino is not None:
+        check_same(mem, name, saved.memory_ino, saved.memory_dev, saved.boot_id)
     for disk in rec.spec.disks:
         # The disks stay in place while the VM is saved; the state refers to
         # what the guest wrote to them.
@@ -206,10 +211,13 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
         rec = vm.get_live(store, name)
         mem = check_saveable(rec)
         state, manifest = state_paths(store, name)
-        state.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(state.parent)
         m = await attach(store, rec, timeouts)
         stats: MigrationStats | None = None
         try:
+            # The memory file must be the one QEMU holds the RAM in: the
+            # manifest records its identity for the restore.
+            mem_id = check_open_by(m.pid, mem, name)
             status = await m.status()
             saved_before = _manifest_matches(store, rec) if status == "postmigrate" else None
             if status == "postmigrate" and saved_before is None:
@@ -252,7 +260,9 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
                                    memory_size=mem.stat().st_size,
                                    save_id=secrets.token_hex(8), saved_at=time.time(),
                                    qemu_version=ident["qemu_version"],
-                                   machine=ident["machine"], was_running=was_running)
+                                   machine=ident["machine"], was_running=was_running,
+                                   memory_dev=mem_id.dev, memory_ino=mem_id.ino,
+                                   boot_id=boot_id())
                 saved.save_to(manifest)
             await _checkpoint("manifest-written")
             await m.shutdown()

@@ -29,6 +29,7 @@ from vmfork.errors import AlreadyExists, GuestError, InvalidInput, VmforkTimeout
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewVM
 from vmfork.names import check_name
+from vmfork.private import make_dirs
 from vmfork.qemu import migration
 from vmfork.qemu.machine import deadline
 from vmfork.records import PoolMember, TemplateManifest, VMInfo, VMRecord
@@ -125,7 +126,7 @@ def _adopt_member_dirs(store: Store, member: PoolMember, name: str) -> None:
     if old.exists():
         new = store.vm_dir(name)
         shutil.rmtree(new, ignore_errors=True)  # a leftover: the name is reserved now
-        new.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(new.parent)
         os.rename(old, new)
 
 

@@ -2,9 +2,10 @@
 
 Owns :func:`create_from_vm`: the VM is paused and its device state saved with
 ``x-ignore-shared`` (RAM is not written); QEMU ends; its shared memory file
-becomes the template's read-only memory file, and its qcow2 overlays become
-the template's (``disk{i}.qcow2`` in the template directory, read-only; each
-clone writes to an overlay of its own over them). When the VM has
+becomes the template's read-only memory file (0400, like its state), and its
+qcow2 overlays become the template's (``disk{i}.qcow2`` in the template
+directory, 0400; each clone writes to an overlay of its own over them).
+When the VM has
 qemu-guest-agent and writable disks, its file systems are frozen right
 before the pause, so disk and memory are saved at one instant; each clone
 thaws them right after it runs, before anything writes. A VM whose memory is
@@ -30,6 +31,7 @@ from vmfork import vm
 from vmfork.errors import AlreadyExists, GuestError, TemplateError, VmforkTimeout
 from vmfork.files import write_atomic
 from vmfork.names import check_name
+from vmfork.private import FILE_MODE, READONLY_MODE, make_dirs
 from vmfork.qemu import features, migration
 from vmfork.records import TemplateDisk, TemplateManifest, TemplateSave, VMRecord
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
@@ -60,7 +62,7 @@ async def create_from_vm(store: Store, name: str, vm_name: str,
     if rec.spec.memory.backend != "file" or not rec.spec.memory.share:
         rec = await _share_memory(store, rec, timeouts)
     tdir = template_dir(store, name)
-    tdir.mkdir(parents=True, exist_ok=True)
+    make_dirs(tdir)
     t0 = time.monotonic()
     frozen = False
     t_frozen = 0.0
@@ -103,13 +105,14 @@ async def create_from_vm(store: Store, name: str, vm_name: str,
     src = Path(str(rec.spec.memory.path))
     mem = src.with_name(f"tpl-{name}-{secrets.token_hex(4)}.mem")
     os.rename(src, mem)
-    os.chmod(mem, 0o444)
+    os.chmod(mem, READONLY_MODE)
     spec = rec.spec.with_(name=name, machine=ident["machine"], disks=disks,
                           kernel=files.get("kernel", rec.spec.kernel),
                           initrd=files.get("initrd", rec.spec.initrd),
                           memory=MemorySpec(backend="file", path=str(mem), share=False,
                                             readonly=True))
     state = tdir / "state"
+    os.chmod(state, READONLY_MODE)
     manifest = TemplateManifest(
         name=name, created=time.time(), source_vm=vm_name, parent=rec.template,
         memory_file=str(mem), memory_size=mem.stat().st_size,
@@ -158,7 +161,7 @@ def _adopt_files(spec: VMSpec, src_dir: Path, tdir: Path
                 continue
             dst = tdir / f"disk{i}.qcow2"
             move(Path(disk.path), dst)
-            os.chmod(dst, 0o444)
+            os.chmod(dst, READONLY_MODE)
             disks.append(replace(disk, path=str(dst), readonly=False))
             entries.append(disk_record(dst, i, disk.backing))
         files: dict[str, str] = {}
@@ -172,7 +175,7 @@ def _adopt_files(spec: VMSpec, src_dir: Path, tdir: Path
     except BaseException:
         for src, dst in reversed(moved):
             with contextlib.suppress(OSError):
-                os.chmod(dst, 0o644)
+                os.chmod(dst, FILE_MODE)
                 shutil.move(dst, src)
         raise
 

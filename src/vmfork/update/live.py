@@ -2,7 +2,9 @@
 another binary, keeping the VM's name, console, agent and data.
 
 Owns the order of one live update, under the VM's lock: settle an earlier
-interrupted update (:mod:`.recovery`) → learn what both binaries support
+interrupted update (:mod:`.recovery`) → check that the memory file at the
+VM's path is the one its QEMU uses (:func:`vmfork.private.check_open_by`)
+→ learn what both binaries support
 (:mod:`vmfork.qemu.features`) and choose the mode (:mod:`.modes`) → record
 the intent → move (:mod:`.move`; rolled back on any failure) → commit
 (:mod:`.commit`) → report what it did and cost, with the host memory peak
@@ -21,6 +23,7 @@ from vmfork import vm
 from vmfork.errors import InvalidInput, LaunchError, StateError, VmforkError
 from vmfork.launch import attach, qemu_log
 from vmfork.names import check_name
+from vmfork.private import check_open_by
 from vmfork.qemu import features, migration
 from vmfork.qemu.features import QemuFeatures
 from vmfork.qemu.machine import Machine, deadline
@@ -108,6 +111,11 @@ async def _update(store: Store, rec: VMRecord, old: Machine, binary: str, qemu_s
     status = await old.status()
     if status not in ("running", "paused"):
         raise StateError(f"{name} is {status}; an update needs a running or paused guest")
+    mem = rec.spec.memory
+    if mem.backend == "file" and mem.path:
+        # The new QEMU opens the memory file by its path: it must be the
+        # file the old one holds the guest's RAM in, not one put in its place.
+        check_open_by(old.pid, mem.path, name)
     old_feats, new_feats = await _features(store, old, binary, timeouts)
     chosen, reason = choose_mode(requested, rec.spec, old_feats, new_feats)
     machine = await features.running_machine(old)

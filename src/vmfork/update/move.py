@@ -33,6 +33,7 @@ from qemu.qmp import EventListener
 
 from vmfork.errors import LaunchError, MigrationError, StateError, VmforkError, VmforkTimeout
 from vmfork.launch import qemu_log
+from vmfork.private import private_dir
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, log_tail
 from vmfork.records import VMRecord
@@ -140,7 +141,7 @@ class Move:
         paths = self.store.run_paths(self.name, self.gen)
         mem = self.launch_spec.memory
         if mem.backend == "file" and mem.path:
-            Path(mem.path).parent.mkdir(parents=True, exist_ok=True)
+            private_dir(Path(mem.path).parent, "memory dir")
         logp = qemu_log(self.store, self.name)
         with contextlib.suppress(OSError):
             self.log_offset = logp.stat().st_size
