@@ -156,7 +156,7 @@ def disk_specs(store: Store, opts: RunOptions) -> tuple[DiskSpec, ...]:
 
 def build_spec(store: Store, opts: RunOptions) -> VMSpec:
     """Check *opts* and turn them into a VMSpec (touches no QEMU)."""
-    check_name(opts.name)
+    store.check_new_name(opts.name)
     if opts.image is not None:
         opts = image_options(store, opts)
     if opts.demo and (opts.kernel or opts.disks):

@@ -23,7 +23,7 @@ from pathlib import Path
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, VmforkError
 from vmfork.launch import Launch, NewVM
-from vmfork.names import check_name
+from vmfork.names import internal
 from vmfork.qemu import migration
 from vmfork.records import TemplateManifest, VMInfo, VMRecord
 from vmfork.results import ImportResult
@@ -47,7 +47,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     kernel and initrd go to *files_dir* (default: the VM's own directory)."""
     t0 = time.monotonic()
     src = Path(file).absolute()
-    check_name(name)
+    store.check_new_name(name)
     header = read_header(src)
     if store.has_vm(name):
         raise AlreadyExists(f"a VM named {name!r} exists already")
@@ -119,10 +119,10 @@ async def import_template(store: Store, file: Path | str, name: str,
     """Bring an export file back as template *name*: import it as a paused
     temporary VM (the guest does not run) and freeze that with
     :func:`vmfork.templates.create.create_from_vm`."""
-    check_name(name, "template")
+    store.check_new_name(name, "template")
     if store.has_template(name):
         raise AlreadyExists(f"a template named {name!r} exists already")
-    tmp_name = f"import-{secrets.token_hex(4)}"
+    tmp_name = internal("import", secrets.token_hex(4))
     # Kernel and initrd go straight to the template's directory, which the
     # template owns (removing the template deletes it).
     tdir = template_dir(store, name)

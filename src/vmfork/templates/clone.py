@@ -28,7 +28,7 @@ from vmfork import vm
 from vmfork.errors import AlreadyExists, GuestError, InvalidInput, VmforkTimeout
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewVM
-from vmfork.names import check_name
+from vmfork.names import check_name, derived
 from vmfork.qemu import migration
 from vmfork.qemu.machine import deadline
 from vmfork.records import PoolMember, TemplateManifest, VMInfo, VMRecord
@@ -46,7 +46,7 @@ def next_clone_names(store: Store, template: str, count: int) -> list[str]:
     names: list[str] = []
     i = 1
     while len(names) < count:
-        n = f"{template}-{i}"
+        n = derived(template, f"-{i}")
         if not store.has_vm(n) and n not in names:
             names.append(n)
         i += 1
@@ -68,7 +68,7 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
     if names is None:
         names = next_clone_names(store, template, count)
     for n in names:
-        check_name(n)
+        store.check_new_name(n)
         if store.has_vm(n):
             raise AlreadyExists(f"a VM named {n!r} exists already")
     if len(set(names)) != len(names):
