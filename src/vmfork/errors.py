@@ -7,6 +7,7 @@
      +-- NotFound              no VM, template or image by that name
      +-- AlreadyExists         a VM or template of that name exists already
      +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
+     +-- ResourceError         the host has no room for it (memory, space for RAM)
      +-- LaunchError           QEMU refused to start (exit code, argv, log tail)
      +-- StateError            the operation does not fit the VM's current state
      |    +-- QMPCommandError  QEMU refused a QMP command, or its monitor went away
@@ -41,6 +42,11 @@ class AlreadyExists(VmforkError):
 
 class SetupError(VmforkError):
     """The host is missing something vmfork needs."""
+
+
+class ResourceError(VmforkError):
+    """The host lacks the memory or space a VM needs (:mod:`vmfork.admission`),
+    or ran out of it while vmfork worked."""
 
 
 class LaunchError(VmforkError):

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from vmfork import vm
+from vmfork import admission, vm
 from vmfork.errors import AlreadyExists, InvalidInput, MigrationError, VmforkError
 from vmfork.launch import Launch, NewVM
 from vmfork.names import internal
@@ -72,6 +72,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
         kernel=files.get("kernel"), initrd=files.get("initrd"),
         memory=MemorySpec(backend="file", path=str(vm.memory_file_path(mdir, name)),
                           share=True))
+    admission.check_new_vm(name, spec.memory_mib, mdir)
     rec = VMRecord(name=name, spec=spec, state="starting",
                    info=VMInfo(owns_memory=True, imported_from=str(src)))
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:

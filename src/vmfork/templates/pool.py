@@ -30,8 +30,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from vmfork import vm
-from vmfork.errors import GuestError, InvalidInput, TemplateError, VmforkError
+from vmfork import admission, ports, vm
+from vmfork.errors import GuestError, InvalidInput, LaunchError, TemplateError, VmforkError
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewPoolMember, qemu_log
 from vmfork.names import POOL_ID_HEX, check_name, pool_lock, pool_member_name
@@ -61,10 +61,27 @@ KEEP_BACKOFF_MAX = 60.0
 
 async def _spawn_member(store: Store, manifest: TemplateManifest, timeouts: Timeouts,
                         warm: bool = False) -> PoolMember:
-    """Start one pool process for *manifest* and record it. On any failure,
-    cancellation included, its QEMU is killed and its files are removed
-    before the exception propagates: nothing half-started stays."""
+    """Start one pool process for *manifest* and record it; one that could not
+    bind a forward's host port (another process took it) is started again
+    on new ports. On any failure, cancellation included, its QEMU is killed
+    and its files are removed before the exception propagates: nothing
+    half-started stays."""
+    attempt = 1
+    while True:
+        try:
+            return await _spawn_member_once(store, manifest, timeouts, warm)
+        except LaunchError as exc:
+            if not ports.collided(exc) or attempt >= ports.ATTEMPTS:
+                raise
+            attempt += 1
+            log.info("pool %s: a forwarded host port was taken; starting on new ports",
+                     manifest.name)
+
+
+async def _spawn_member_once(store: Store, manifest: TemplateManifest, timeouts: Timeouts,
+                             warm: bool) -> PoolMember:
     mid = pool_member_name(manifest.name, secrets.token_hex(POOL_ID_HEX // 2))
+    admission.check_clone(mid, manifest.name, manifest.spec.memory_mib)
     spec = clone_spec(manifest, mid, store.vm_dir(mid))
     member = PoolMember(mid, manifest.name, spec, 0, None, time.time(), warm=warm)
     async with Launch(store, NewPoolMember(store, member), spec, timeouts=timeouts) as launch:
