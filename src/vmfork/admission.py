@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vmfork.errors import ResourceError
+from vmfork.errors import InvalidInput, ResourceError
 
 MIB = 1024 * 1024
 
@@ -49,6 +49,16 @@ def free_space(directory: Path | str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def _memory_dir_ready(memory_dir: Path) -> None:
+    """Create *memory_dir* if missing (as the launch would), so that its own
+    file system is the one measured; InvalidInput if it cannot be."""
+    try:
+        memory_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"cannot create memory dir {str(memory_dir)!r}: "
+                           f"{exc.strerror}") from exc
+
+
 def check_memory(name: str, need: int, memory_dir: Path | str | None,
                  purpose: str = "guest memory") -> None:
     """Raise ResourceError unless *need* bytes of *purpose* for VM *name*
@@ -60,6 +70,7 @@ def check_memory(name: str, need: int, memory_dir: Path | str | None,
             raise ResourceError(f"{name}: {need // MIB} MiB of {purpose} do not fit: "
                                 f"MemAvailable is {avail // MIB} MiB")
         return
+    _memory_dir_ready(Path(memory_dir))
     free = free_space(memory_dir)
     if need > avail or need > free:
         raise ResourceError(f"{name}: {need // MIB} MiB of {purpose} do not fit: "

@@ -174,8 +174,8 @@ class Store:
                 raise InvalidInput(
                     f"{what} name {name!r} is too long for VMFORK_HOME {str(self.home)!r}: "
                     f"the socket path {longest!r} would be {len(longest)} bytes, over the "
-                    f"{MAX_SOCKET_PATH} a UNIX socket allows; use a shorter name or "
-                    "VMFORK_HOME")
+                    f"{MAX_SOCKET_PATH} a UNIX socket allows; use a shorter name or a "
+                    "shorter VMFORK_HOME")
         return name
 
     def vm_dir(self, name: str) -> Path:
