@@ -59,7 +59,8 @@ class LaunchError(VmforkError):
         self.log_tail = log_tail
         detail = message
         if exitcode is not None:
-            detail += f" (exit status {exitcode})"
+            detail += (f" (exit status {exitcode})" if exitcode >= 0
+                       else f" (killed by signal {-exitcode})")
         lines = [ln.strip() for ln in log_tail.strip().splitlines() if ln.strip()]
         tail = " | ".join(lines[-3:])
         if tail:

@@ -89,13 +89,17 @@ async def deadline(aw: Awaitable[T], seconds: float, phase: str, detail: str = "
         raise VmforkTimeout(phase, seconds, detail) from exc
 
 
+#: What a QEMU killed by SIGBUS most likely ran into.
+SIGBUS_HINT = ("SIGBUS: its guest memory could not be allocated; is the memory directory "
+               "full?")
+
+
 def exit_text(code: int) -> str:
     """How a QEMU process ended, from its exit status (negative: a signal)."""
     if code >= 0:
         return f"exit status {code}"
     if code == -signal.SIGBUS:
-        return ("killed by SIGBUS: its guest memory could not be allocated; is the memory "
-                "directory full?")
+        return f"killed by {SIGBUS_HINT}"
     return f"killed by signal {-code}"
 
 
@@ -305,9 +309,15 @@ class Machine:
             async def scan() -> None:
                 buf = b""
                 while marker not in buf:
-                    chunk = await reader.read(4096)
+                    try:
+                        chunk = await reader.read(4096)
+                    except ConnectionResetError:
+                        chunk = b""
                     if not chunk:
+                        await asyncio.sleep(0.05)  # let a dying QEMU finish: its status
                         msg = f"{self.name}: QEMU exited before the guest was ready"
+                        if self.exitcode() == -signal.SIGBUS:
+                            msg += f" ({SIGBUS_HINT})"
                         self._raise_if_exited(msg)
                         raise LaunchError(msg, argv=self.argv,
                                           log_tail=log_tail(self.paths.console_log))
