@@ -267,7 +267,7 @@ def test_pool_clone_of_a_disk_template(dt: DebianTemplate) -> None:
     run(vm.stop(s, "w1"))
     env.cli("pool", "T", "--size", "0", check=True, timeout=120)
     assert s.pool_members("T") == []
-    assert not [d for d in (s.home / "vms").iterdir() if d.name.startswith("pool.")]
+    assert not [d for d in (s.home / "vms").iterdir() if d.name.startswith("_pool.")]
     s.close()
 
 

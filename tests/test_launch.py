@@ -104,15 +104,15 @@ def test_a_pool_member_left_not_ready_is_ended_by_the_next_fill(env: Env,
     stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
                               str(env.home)], stdin=subprocess.DEVNULL)
     try:
-        spec = s.get_template("t").spec.with_(name="pool.t.stray")
-        s.add_pool_member(PoolMember("pool.t.stray", "t", spec, stray.pid,
+        spec = s.get_template("t").spec.with_(name="_pool.t.stray")
+        s.add_pool_member(PoolMember("_pool.t.stray", "t", spec, stray.pid,
                                      process_start_time(stray.pid), time.time(),
                                      ready=False))
         assert pool.take_member(s, "t") is None  # not ready: no clone takes it
         run(pool.set_pool(s, "t", 1))
         wait_for(lambda: stray.poll() is not None, 10)  # ended (and reaped)
         (member,) = s.pool_members("t")
-        assert member.id != "pool.t.stray" and member.ready
+        assert member.id != "_pool.t.stray" and member.ready
         (c,) = run(clone.clone(s, "t", names=["c"]))
         assert c.pooled and c.pid == member.pid
         run(catalog.remove(s, "t", force=True))

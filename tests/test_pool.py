@@ -164,7 +164,7 @@ def test_keeper_stopped_mid_spawn_leaves_nothing_half_started(
     assert [(m.pid, m.ready) for m in seen["members"]] == [(seen["qemu"][0], False)]
     assert not process_alive(seen["qemu"][0])
     assert s.pool_members("t") == [] and not qemu_processes(str(env.home))
-    assert not list(s.home.glob("run/pool.*")) and not list(s.home.glob("vms/pool.*"))
+    assert not list(s.home.glob("run/_pool.*")) and not list(s.home.glob("vms/_pool.*"))
     assert (s.pool_target("t"), s.pool_warm("t")) == (1, True)
     run(catalog.remove(s, "t"))
 

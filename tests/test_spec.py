@@ -4,10 +4,26 @@ description, its JSON form and the QEMU command line built from it."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from vmfork.errors import InvalidInput
+from vmfork.names import (
+    MAX_NAME,
+    MAX_TEMPLATE_NAME,
+    POOL_ID_HEX,
+    InternalName,
+    build_name,
+    check_name,
+    check_new_name,
+    derived,
+    internal,
+    pool_lock,
+    pool_member_name,
+)
 from vmfork.spec import (
     DEFAULT_CPU,
     MIB,
@@ -17,11 +33,11 @@ from vmfork.spec import (
     RunPaths,
     VMSpec,
     build_argv,
-    check_name,
     new_mac,
     parse_memory,
     parse_size,
 )
+from vmfork.store import GEN_RESERVE, MAX_SOCKET_PATH, Store
 
 PATHS = RunPaths(qmp="/run/v/qmp.sock", console="/run/v/console.sock",
                  console_log="/run/v/console.log", agent="/run/v/agent.sock")
@@ -49,16 +65,74 @@ def test_check_name_accepts(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "", "a/b", "../x", "a b", " a", "-a", ".a", "_a", "x" * 64, "a\n", "a\nb", "a:b", "a,b",
+    "", "a/b", "../x", "a b", " a", "-a", ".a", "x" * 64, "a\n", "a\nb", "a:b", "a,b",
     "é", "a\x00"])
 def test_check_name_rejects(name: str) -> None:
     with pytest.raises(InvalidInput, match="invalid VM name"):
         check_name(name)
 
 
-def test_check_name_says_what() -> None:
-    with pytest.raises(InvalidInput, match="invalid template name"):
-        check_name("a/b", "template")
+# vmfork's own names (pool members, builds, imports, benchmarks) start with "_":
+# they are valid stored names, but a user cannot give one to a new VM.
+@pytest.mark.parametrize("name", ["_a", "_pool.t.abcdef", "_build.t", "_import.0011aabb",
+                                  "_bench.update-256"])
+def test_internal_names_are_not_for_users(name: str) -> None:
+    assert check_name(name) == name  # a lookup of one vmfork made is fine
+    with pytest.raises(InvalidInput, match="vmfork's own"):
+        check_new_name(name)
+    with pytest.raises(InvalidInput, match="vmfork's own"):
+        check_new_name(name, "template")
+    assert check_new_name(InternalName(name)) == name
+
+
+def test_internal_names_are_made_by_vmfork() -> None:
+    assert pool_member_name("t", "abcdef") == "_pool.t.abcdef"
+    assert build_name("t") == "_build.t"
+    assert internal("import", "00ff") == "_import.00ff"
+    for made in (pool_member_name("t", "abcdef"), build_name("t"), internal("bench", "x")):
+        assert check_new_name(made) == made
+    # A name derived from one of vmfork's stays in its namespace.
+    assert check_new_name(derived("_bench.clone-ab12", "-1")) == "_bench.clone-ab12-1"
+    assert not isinstance(derived("web", "-1"), InternalName)
+    # An internal lock name cannot be a VM's lock name.
+    with pytest.raises(InvalidInput, match="vmfork's own"):
+        check_new_name(pool_lock("t"))
+
+
+def test_template_name_leaves_room_for_derived_names() -> None:
+    longest = "t" * MAX_TEMPLATE_NAME
+    assert check_new_name(longest, "template") == longest
+    for made in (pool_member_name(longest, "0" * POOL_ID_HEX), build_name(longest),
+                 derived(longest, "-99999")):
+        assert check_name(made) == made
+    with pytest.raises(InvalidInput, match=rf"at most {MAX_TEMPLATE_NAME}.*pool members"):
+        check_new_name(longest + "t", "template")
+    # A VM name may be longer: nothing is derived from it.
+    assert check_new_name(longest + "t" * 13) == longest + "t" * 13
+
+
+def test_new_names_fit_the_socket_paths_of_the_home() -> None:
+    """Every socket of a new VM (up to the reserved update generation), and of
+    a template's pool members and clones, fits in a UNIX socket path."""
+    base = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
+    try:
+        short = Store(base)
+        assert short.check_new_name("x" * MAX_NAME) == "x" * MAX_NAME
+        longest = "t" * MAX_TEMPLATE_NAME
+        assert short.check_new_name(longest, "template") == longest
+        short.close()
+        room = MAX_SOCKET_PATH - len("/run/") - len("/console.999999.sock")
+        s = Store(base / ("d" * (room - len(str(base)) - 1 - 10)))
+        ok = "v" * 10
+        assert s.check_new_name(ok) == ok
+        s.run_paths(ok, GEN_RESERVE)  # what was checked works
+        with pytest.raises(InvalidInput, match=r"too long for VMFORK_HOME.*UNIX socket"):
+            s.check_new_name(ok + "v")
+        with pytest.raises(InvalidInput, match="too long for VMFORK_HOME"):
+            s.check_new_name("t" * 5, "template")  # its pool members' ids are longer
+        s.close()
+    finally:
+        shutil.rmtree(base)
 
 
 # -- sizes -------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vmfork import errors, records, vm
+from vmfork import admission, errors, ports, records, vm
 from vmfork.cli import app, vms
 from vmfork.guest import serial
 from vmfork.guest.serial import SerialAgent
@@ -31,6 +31,7 @@ from vmfork.records import RetiredQemu, SavedState, UpdateIntent, VMInfo, VMReco
 from vmfork.results import ExecResult
 from vmfork.spec import MemorySpec, VMSpec
 from vmfork.store import MAX_SOCKET_PATH, Store
+from vmfork.timeouts import check_seconds
 
 
 # -- cpio ----------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_cpio_readable_by_gnu_cpio(tmp_path: Path) -> None:
     (errors.AlreadyExists("x"), 1), (errors.SetupError("x"), 1), (errors.LaunchError("x"), 1),
     (errors.StateError("x"), 1), (errors.GuestError("x"), 1), (errors.MigrationError("x"), 1),
     (errors.TemplateError("x"), 1), (errors.VmforkTimeout("boot", 3), 1),
-    (errors.VmforkError("x"), 1)])
+    (errors.ResourceError("x"), 1), (errors.VmforkError("x"), 1)])
 def test_exit_codes(exc: errors.VmforkError, code: int) -> None:
     assert app.exit_code(exc) == code
 
@@ -913,3 +914,62 @@ def test_proc_matches_psutil() -> None:
     assert not proc.process_alive(child.pid)  # a zombie is not alive
     child.wait()
     assert proc.process_start_time(child.pid) is None
+
+
+# -- admission: memory, clone counts, host ports ---------------------------------------
+def test_admission_names_the_need_and_both_numbers(tmp_path: Path) -> None:
+    avail = admission.mem_available()
+    free = admission.free_space(tmp_path / "not" / "yet")  # its nearest existing parent
+    assert avail > 0 and free > 0
+    admission.check_new_vm("small", 64, tmp_path)
+    admission.check_clone("c", "t", 64)
+    huge = 2 * max(avail, free) // admission.MIB + 1
+    with pytest.raises(errors.ResourceError) as exc:
+        admission.check_new_vm("big", huge, tmp_path)
+    assert str(exc.value) == (f"big: {huge} MiB of guest memory do not fit: {tmp_path} has "
+                              f"{free // admission.MIB} MiB free, MemAvailable is "
+                              f"{avail // admission.MIB} MiB")
+    with pytest.raises(errors.ResourceError, match=r"worst case of a clone of t.*MemAvailable"):
+        admission.check_clone("c", "t", huge)
+
+
+def test_clone_count_is_bounded() -> None:
+    from vmfork.cli import templates as cli_templates
+    from vmfork.templates import clone
+
+    assert clone.check_count(1) == 1 and clone.check_count(clone.MAX_CLONES)
+    for bad in (0, -1, clone.MAX_CLONES + 1):
+        with pytest.raises(errors.InvalidInput, match=f"must be 1-{clone.MAX_CLONES} per call"):
+            clone.check_count(bad)
+    help_text = next(p.help for p in cli_templates.clone_cmd.params if p.name == "count")
+    assert f"at most {clone.MAX_CLONES}" in str(help_text)
+    assert f"at most {clone.MAX_STARTING} are started at once" in str(help_text)
+    assert 1 <= clone.MAX_STARTING <= clone.MAX_CLONES
+
+
+def test_fresh_forwards_are_free_and_never_handed_out_twice() -> None:
+    first = ports.fresh_forwards(((8080, 80), (2222, 22)))
+    second = ports.fresh_forwards(((8080, 80), (2222, 22)))
+    assert [g for _, g in first] == [80, 22]
+    hosts = [h for h, _ in first + second]
+    assert len(set(hosts)) == 4 and 8080 not in hosts
+    import socket
+    for h in hosts:  # free: each can be bound
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", h))
+
+
+def test_port_collision_is_recognised() -> None:
+    taken = errors.LaunchError("QEMU exited during start", exitcode=1, log_tail=(
+        "qemu-system-x86_64: -netdev user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80: "
+        "Could not set up host forwarding rule 'tcp:127.0.0.1:8080-:80'"))
+    assert ports.collided(taken)
+    assert not ports.collided(errors.LaunchError("QEMU exited", exitcode=1, log_tail="other"))
+    assert not ports.collided(errors.StateError("x"))
+
+
+@pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan"), True, "5"])
+def test_command_timeouts_must_be_deadlines(value: object) -> None:
+    with pytest.raises(errors.InvalidInput, match=r"invalid exec timeout .*finite number"):
+        check_seconds(value, "exec timeout")
+    assert check_seconds(2, "exec timeout") == 2.0

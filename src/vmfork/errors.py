@@ -9,6 +9,7 @@
      +-- NotFound              no VM, template or image by that name
      +-- AlreadyExists         a VM or template of that name exists already
      +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
+     +-- ResourceError         the host has no room for it (memory, space for RAM)
      +-- LaunchError           QEMU refused to start (exit code, argv, log tail)
      +-- StateError            the operation does not fit the VM's current state
      |    +-- QMPCommandError  QEMU refused a QMP command, or its monitor went away
@@ -58,6 +59,11 @@ class SetupError(VmforkError):
     """The host is missing something vmfork needs."""
 
 
+class ResourceError(VmforkError):
+    """The host lacks the memory or space a VM needs (:mod:`vmfork.admission`),
+    or ran out of it while vmfork worked."""
+
+
 class LaunchError(VmforkError):
     """QEMU did not start; carries its exit status, argv and the end of its log."""
 
@@ -68,7 +74,8 @@ class LaunchError(VmforkError):
         self.log_tail = log_tail
         detail = message
         if exitcode is not None:
-            detail += f" (exit status {exitcode})"
+            detail += (f" (exit status {exitcode})" if exitcode >= 0
+                       else f" (killed by signal {-exitcode})")
         lines = [ln.strip() for ln in log_tail.strip().splitlines() if ln.strip()]
         tail = " | ".join(lines[-3:])
         if tail:

@@ -100,6 +100,9 @@ class CloneResult(Result):
     hook_status: int | None = None
     hook_output: str | None = None
     hook_done: float | None = None
+    #: Port forwards (host, guest): each of the template's on a host port of
+    #: the clone's own.
+    ports: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmfork import locking
 from vmfork.errors import AlreadyExists, InvalidInput, NotFound
-from vmfork.names import check_name
+from vmfork.names import POOL_ID_HEX, check_name, check_new_name, derived, pool_member_name
 from vmfork.private import FILE_MODE, make_dirs, private_dir
 from vmfork.timeouts import DEFAULT
 
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 #: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
 MAX_SOCKET_PATH = 107
+#: The generation a new name's socket paths are checked with
+#: (``qmp.<generation>.sock``; one more per live update): a VM can be updated
+#: this many times before its socket paths grow past what was checked.
+GEN_RESERVE = 999_999
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -72,6 +76,10 @@ _ADDED_COLUMNS = (("pool_members", "warm", "INTEGER NOT NULL DEFAULT 0"),
                   ("pool_targets", "warm", "INTEGER NOT NULL DEFAULT 0"))
 
 
+
+
+def _longest_socket(paths: RunPaths) -> str:
+    return max((paths.qmp, paths.console, paths.agent, paths.qga), key=len)
 
 
 def default_home() -> Path:
@@ -159,19 +167,43 @@ class Store:
     def run_paths(self, name: str, generation: int = 0) -> RunPaths:
         """Socket and log paths for a VM; *generation* separates the QEMU
         processes of one VM that live side by side during an update."""
-        from vmfork.spec import RunPaths
-
-        d = self.run_dir(name)
-        sfx = f".{generation}" if generation else ""
-        paths = RunPaths(qmp=str(d / f"qmp{sfx}.sock"), console=str(d / f"console{sfx}.sock"),
-                         console_log=str(d / "console.log"), agent=str(d / f"agent{sfx}.sock"),
-                         qga=str(d / f"qga{sfx}.sock"))
-        longest = max((paths.qmp, paths.console, paths.agent, paths.qga), key=len)
+        paths = self._paths(name, generation)
+        longest = _longest_socket(paths)
         if len(longest) > MAX_SOCKET_PATH:
             raise InvalidInput(
                 f"socket path {longest!r} is longer than {MAX_SOCKET_PATH} bytes: "
                 "set a shorter VMFORK_HOME")
         return paths
+
+    def _paths(self, name: str, generation: int) -> RunPaths:
+        from vmfork.spec import RunPaths
+
+        d = self.run_dir(name)
+        sfx = f".{generation}" if generation else ""
+        return RunPaths(qmp=str(d / f"qmp{sfx}.sock"), console=str(d / f"console{sfx}.sock"),
+                        console_log=str(d / "console.log"), agent=str(d / f"agent{sfx}.sock"),
+                        qga=str(d / f"qga{sfx}.sock"))
+
+    def check_new_name(self, name: str, what: str = "VM") -> str:
+        """:func:`vmfork.names.check_new_name`, and the socket paths of every
+        VM whose name derives from *name* fit in :data:`MAX_SOCKET_PATH`
+        under this home: the VM's own up to generation :data:`GEN_RESERVE`;
+        for a template, its pool members' and its clones' (``<name>-99999``)."""
+        check_new_name(name, what)
+        if what == "template":
+            derived_names = [(pool_member_name(name, "0" * POOL_ID_HEX), 0),
+                             (derived(name, "-99999"), GEN_RESERVE)]
+        else:
+            derived_names = [(name, GEN_RESERVE)]
+        for vm_name, gen in derived_names:
+            longest = _longest_socket(self._paths(vm_name, gen))
+            if len(longest) > MAX_SOCKET_PATH:
+                raise InvalidInput(
+                    f"{what} name {name!r} is too long for VMFORK_HOME {str(self.home)!r}: "
+                    f"the socket path {longest!r} would be {len(longest)} bytes, over the "
+                    f"{MAX_SOCKET_PATH} a UNIX socket allows; use a shorter name or a "
+                    "shorter VMFORK_HOME")
+        return name
 
     def vm_dir(self, name: str) -> Path:
         """A VM's own files that outlive its QEMU process (saved state, imported

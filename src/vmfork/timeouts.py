@@ -41,6 +41,15 @@ def _seconds(v: object) -> bool:
     return math.isfinite(v) and v > 0
 
 
+def check_seconds(value: object, what: str) -> float:
+    """*value* as a deadline in seconds: a finite number above 0, else
+    InvalidInput naming *what* (e.g. ``"--timeout"`` of a command)."""
+    if not _seconds(value):
+        raise InvalidInput(f"invalid {what} {value!r}: expected a finite number of seconds "
+                           "above 0")
+    return float(value)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """How long each kind of wait may take before :class:`VmforkTimeout`.

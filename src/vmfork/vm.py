@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmfork import admission
 from vmfork.errors import InvalidInput, StateError
 from vmfork.files import unlink_quietly
 from vmfork.guest.qga import GuestAgent
@@ -36,7 +37,7 @@ from vmfork.records import VMInfo, VMRecord
 from vmfork.results import ExecResult, VMStatus
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, new_mac
 from vmfork.store import Store
-from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
 
 log = logging.getLogger("vmfork.vm")
 
@@ -123,6 +124,12 @@ def memory_file_path(memory_dir: Path, name: str) -> Path:
     return memory_dir / f"{name}-{secrets.token_hex(4)}.mem"
 
 
+def memory_dir(spec: VMSpec) -> Path | None:
+    """The directory of *spec*'s memory file (None for a memfd)."""
+    mem = spec.memory
+    return Path(mem.path).parent if mem.backend == "file" and mem.path else None
+
+
 #: Named guest images for ``vmfork run --image``.
 IMAGES = ("demo", "debian")
 
@@ -157,7 +164,7 @@ def disk_specs(store: Store, opts: RunOptions) -> tuple[DiskSpec, ...]:
 
 def build_spec(store: Store, opts: RunOptions) -> VMSpec:
     """Check *opts* and turn them into a VMSpec (touches no QEMU)."""
-    check_name(opts.name)
+    store.check_new_name(opts.name)
     if opts.image is not None:
         opts = image_options(store, opts)
     if opts.demo and (opts.kernel or opts.disks):
@@ -209,6 +216,7 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
 async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> VMStatus:
     """Start a VM and (by default) wait until its guest is ready."""
     spec = build_spec(store, opts)
+    admission.check_new_vm(spec.name, spec.memory_mib, memory_dir(spec))
     rec = VMRecord(name=spec.name, spec=spec, state="starting", info=VMInfo(owns_memory=True))
     t0 = time.monotonic()
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
@@ -347,7 +355,7 @@ async def guest_exec(store: Store, rec: VMRecord, command: str, timeout: float |
     """Run *command* with ``sh`` in the guest of *rec* (in ``/root``) through
     its guest agent; return its exit code, stdout and stderr. Both agents run
     it alike (:data:`vmfork.guest.qga.SHELL_WRAPPER`)."""
-    t = timeout or timeouts.exec
+    t = timeouts.exec if timeout is None else check_seconds(timeout, "exec timeout")
     if agent_kind(rec, agent) == "qga":
         async with qga_for(store, rec, timeouts) as g:
             return await g.exec(command, t, cwd="/root")

@@ -41,7 +41,7 @@ from vmfork.snapshots import export, imports, save
 from vmfork.spec import parse_memory
 from vmfork.store import Store
 from vmfork.templates import catalog, clone, create, pool
-from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
 from vmfork.update import live as live_update
 from vmfork.update import recovery
 
@@ -236,7 +236,8 @@ class AsyncVM:
         rolls back on any failure."""
         timeouts = self.host.timeouts
         if timeout is not None:
-            timeouts = dataclasses.replace(timeouts, migrate=timeout)
+            timeouts = dataclasses.replace(timeouts,
+                                           migrate=check_seconds(timeout, "update timeout"))
         return await live_update.update(self._store, self.name, qemu=qemu, mode=mode,
                                         timeouts=timeouts)
 
@@ -321,9 +322,7 @@ class AsyncTemplate:
         tpl.clone() as c:`` to stop it at the end of the block); with
         *count*: a list. *name* names the clone (``NAME-1``.. with *count*);
         *on_clone* replaces the template's hook for this call (``""``: none)."""
-        n = 1 if count is None else count
-        if n < 1:
-            raise InvalidInput(f"invalid clone count {n}: must be at least 1")
+        n = clone.check_count(1 if count is None else count)
         names = None
         if name:
             names = [name] if count is None else [f"{name}-{i}" for i in range(1, n + 1)]

@@ -28,6 +28,7 @@ from typing import Any
 from vmfork import vm
 from vmfork.bench import fill_guest, pss_bytes, ratio
 from vmfork.errors import GuestError, InvalidInput
+from vmfork.names import derived, internal
 from vmfork.store import Store
 from vmfork.templates import catalog, clone, create, pool
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -115,7 +116,7 @@ def _vm_disks(store: Store, names: list[str]) -> list[Path]:
 async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
     p.check()
     tag = secrets.token_hex(2)
-    tname = f"bench-{tag}"
+    tname = internal("bench", f"clone-{tag}")
     cold_names: list[str] = []
     clone_names: list[str] = []
     out: dict[str, Any] = {"memory_mib": p.memory_mib, "data_mb": p.data_mb,
@@ -124,7 +125,7 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
         # Baseline 1: cold boot to ready.
         boots = []
         for i in range(p.cold_samples):
-            name = f"{tname}-cold{i}"
+            name = derived(tname, f"-cold{i}")
             p.progress(f"cold boot {i + 1}/{p.cold_samples}")
             t0 = time.monotonic()
             await vm.run(store, p.run_options(name), timeouts)
@@ -134,7 +135,7 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
 
         # The template: boot, write the data, freeze.
         p.progress(f"template with guest data {dict(p.data_files())} (MB)")
-        build = f"{tname}-src"
+        build = derived(tname, "-src")
         await vm.run(store, p.run_options(build), timeouts)
         md5s = await _fill(store, build, p)
         manifest = await create.create_from_vm(store, tname, build, timeouts)
@@ -145,8 +146,8 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
         fresh = []
         for i in range(p.samples):
             p.progress(f"clone {i + 1}/{p.samples}")
-            (r,) = await clone.clone(store, tname, names=[f"{tname}-f{i}"], use_pool=False,
-                                     timeouts=timeouts)
+            (r,) = await clone.clone(store, tname, names=[derived(tname, f"-f{i}")],
+                                     use_pool=False, timeouts=timeouts)
             fresh.append(r)
             await vm.stop(store, r.name, timeouts=timeouts)
         out["clone_running_s"] = _median([r.running for r in fresh])
@@ -159,7 +160,8 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
         for i in range(p.samples):
             p.progress(f"pool clone {i + 1}/{p.samples}")
             await pool.fill_pool(store, tname, timeouts)
-            (r,) = await clone.clone(store, tname, names=[f"{tname}-p{i}"], timeouts=timeouts)
+            (r,) = await clone.clone(store, tname, names=[derived(tname, f"-p{i}")],
+                                     timeouts=timeouts)
             pooled.append(r)
             await vm.stop(store, r.name, timeouts=timeouts)
         await pool.set_pool(store, tname, 0, timeouts)
@@ -172,7 +174,8 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
         for i in range(p.samples):
             p.progress(f"warm pool clone {i + 1}/{p.samples}")
             await pool.fill_pool(store, tname, timeouts)
-            (r,) = await clone.clone(store, tname, names=[f"{tname}-w{i}"], timeouts=timeouts)
+            (r,) = await clone.clone(store, tname, names=[derived(tname, f"-w{i}")],
+                                     timeouts=timeouts)
             warm.append(r)
             if i == 0:
                 await _check_data(store, r.name, md5s, timeouts)
@@ -188,12 +191,12 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
         mem_rows = []
         for n in p.counts:
             while len(clone_names) < n:
-                name = f"{tname}-m{len(clone_names)}"
+                name = derived(tname, f"-m{len(clone_names)}")
                 await clone.clone(store, tname, names=[name], use_pool=False, timeouts=timeouts)
                 clone_names.append(name)
             p.progress(f"{n} clones up")
             while len(cold_names) < n:
-                name = f"{tname}-cold{len(cold_names)}"
+                name = derived(tname, f"-cold{len(cold_names)}")
                 p.progress(f"cold VM {len(cold_names) + 1}/{n} with data")
                 await vm.run(store, p.run_options(name), timeouts)
                 cold_names.append(name)
@@ -220,7 +223,7 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
             mem_rows.append(row)
         out["memory"] = mem_rows
     finally:
-        for name in [*clone_names, *cold_names, f"{tname}-src"]:
+        for name in [*clone_names, *cold_names, derived(tname, "-src")]:
             if store.has_vm(name):
                 with contextlib.suppress(Exception):
                     await vm.stop(store, name, force=True, timeouts=timeouts)

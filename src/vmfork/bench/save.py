@@ -39,6 +39,7 @@ from vmfork.bench import fill_guest, ratio
 from vmfork.errors import GuestError, InvalidInput, MigrationError
 from vmfork.files import fsync_path
 from vmfork.launch import Launch, Transient
+from vmfork.names import derived, internal
 from vmfork.private import DIR_MODE
 from vmfork.qemu import migration
 from vmfork.records import VMRecord
@@ -75,7 +76,8 @@ async def run(store: Store, p: SaveBench, timeouts: Timeouts = DEFAULT) -> dict[
     t0 = time.monotonic()
     try:
         for mib in p.sizes_mib:
-            rows.append(await _one_size(store, f"bsave-{tag}-{mib}", mib, bdir, p, timeouts))
+            rows.append(await _one_size(store, internal("bench", f"save-{tag}-{mib}"), mib, bdir,
+                                        p, timeouts))
     finally:
         shutil.rmtree(bdir, ignore_errors=True)
     return {"rows": rows, **_targets(rows), "fill": p.fill, "samples": p.samples,
@@ -147,7 +149,7 @@ async def _full_ram(store: Store, name: str, md5: str, bdir: Path,
         await asyncio.to_thread(fsync_path, path)
         save_s = time.monotonic() - t0
         await m.resume()
-    rname = f"{name}-full"
+    rname = derived(name, "-full")
     spec = rec.spec.with_(name=rname, memory=MemorySpec(
         backend="file", path=str(vm.memory_file_path(bdir, rname)), share=True))
     frec = VMRecord(name=rname, spec=spec, state="starting")

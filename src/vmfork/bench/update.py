@@ -21,6 +21,7 @@ from vmfork import vm
 from vmfork.bench import print_table, ratio
 from vmfork.errors import GuestError
 from vmfork.guest.serial import CutShort
+from vmfork.names import internal
 from vmfork.results import UpdateReport
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -91,7 +92,7 @@ async def _fill(store: Store, name: str, mb: int, timeouts: Timeouts) -> None:
 async def measure_size(store: Store, memory_mib: int, modes: Sequence[str], fill: float,
                        repeat: int, progress: bool,
                        timeouts: Timeouts = DEFAULT) -> dict[str, Any]:
-    name = f"bench-update-{memory_mib}"
+    name = internal("bench", f"update-{memory_mib}")
     if store.has_vm(name):
         await vm.stop(store, name, force=True, timeouts=timeouts)
     t0 = time.monotonic()

@@ -25,6 +25,7 @@ from vmfork.errors import (
     MigrationError,
     NotFound,
     QMPCommandError,
+    ResourceError,
     SetupError,
     StateError,
     TemplateError,
@@ -36,8 +37,9 @@ from vmfork.errors import (
 #: Error class -> exit status. Usage-type errors exit 2, the rest 1.
 EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
     (BadSnapshotFile, 2), (UnsafePath, 2), (InvalidInput, 2), (NotFound, 1),
-    (AlreadyExists, 1), (SetupError, 1), (LaunchError, 1), (QMPCommandError, 1),
-    (StateError, 1), (GuestError, 1), (MigrationError, 1), (TemplateError, 1),
+    (AlreadyExists, 1), (SetupError, 1), (ResourceError, 1), (LaunchError, 1),
+    (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (MigrationError, 1),
+    (TemplateError, 1),
     (VmforkTimeout, 1), (VmforkError, 1),
 )
 

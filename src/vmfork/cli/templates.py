@@ -108,7 +108,8 @@ def template_rm(name: str, force: bool) -> None:
 @click.argument("template")
 @click.argument("name", required=False)
 @click.option("-n", "--count", default=1, show_default=True, type=int,
-              help="How many clones (named NAME-1..N, or TEMPLATE-k).")
+              help="How many clones (named NAME-1..N, or TEMPLATE-k), at most 64; at most "
+                   "4 are started at once.")
 @click.option("--no-pool", is_flag=True, help="Spawn fresh QEMU processes even if pooled.")
 @click.option("--on-clone", "on_clone", metavar="CMD",
               help="Hook for this call: shell command run in each clone after its identity "
@@ -119,8 +120,9 @@ def template_rm(name: str, force: bool) -> None:
 def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
               on_clone: str | None, as_json: bool) -> None:
     """Start clones of TEMPLATE; return when they run (and their hook has run)."""
-    if count < 1:
-        raise InvalidInput(f"invalid clone count {count}: must be at least 1")
+    from vmfork.templates.clone import check_count
+
+    check_count(count)
 
     async def go(host: AsyncHost) -> list[AsyncClone]:
         tpl = await host.template(template)
@@ -132,7 +134,8 @@ def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
         emit_json(results)
         return
     for r in results:
-        say(f"{r.name}: running (pid {r.pid}{', from pool' if r.pooled else ''}) — "
+        forwards = "".join(f", port {h}->{g}" for h, g in r.ports)
+        say(f"{r.name}: running (pid {r.pid}{', from pool' if r.pooled else ''}{forwards}) — "
             f"state loaded {r.state_loaded * 1000:.0f} ms, running "
             f"{r.running * 1000:.0f} ms, responsive {r.responsive * 1000:.0f} ms")
         if r.hook_status is not None:

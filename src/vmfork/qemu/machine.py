@@ -91,6 +91,20 @@ async def deadline(aw: Awaitable[T], seconds: float, phase: str, detail: str = "
         raise VmforkTimeout(phase, seconds, detail) from exc
 
 
+#: What a QEMU killed by SIGBUS most likely ran into.
+SIGBUS_HINT = ("SIGBUS: its guest memory could not be allocated; is the memory directory "
+               "full?")
+
+
+def exit_text(code: int) -> str:
+    """How a QEMU process ended, from its exit status (negative: a signal)."""
+    if code >= 0:
+        return f"exit status {code}"
+    if code == -signal.SIGBUS:
+        return f"killed by {SIGBUS_HINT}"
+    return f"killed by signal {-code}"
+
+
 async def qmp_execute(client: QMPClient, who: str, cmd: str, args: dict[str, Any] | None,
                       timeout: float) -> Any:
     """Run one QMP command on *client* within *timeout* seconds.
@@ -240,9 +254,20 @@ class Machine:
     async def qmp(self, cmd: str, args: dict[str, Any] | None = None,
                   timeout: float | None = None) -> Any:
         """Run one QMP command within *timeout* (default ``timeouts.qmp``);
-        see :func:`qmp_execute` for what it raises."""
-        return await qmp_execute(self._qmp, self.name, cmd, args,
-                                 timeout or self.timeouts.qmp)
+        see :func:`qmp_execute` for what it raises; when the connection broke
+        because our QEMU ended, the error says how it ended."""
+        try:
+            return await qmp_execute(self._qmp, self.name, cmd, args,
+                                     timeout or self.timeouts.qmp)
+        except QMPCommandError as exc:
+            if exc.error_class is not None or self._proc is None:
+                raise
+            await asyncio.sleep(0.05)  # let a dying QEMU finish so its status is known
+            code = self.exitcode()
+            if code is None:
+                raise
+            raise QMPCommandError(self.name, cmd, None,
+                                  f"{exc.desc}; QEMU ended, {exit_text(code)}") from exc
 
     @property
     def events(self) -> Any:
@@ -287,9 +312,15 @@ class Machine:
             async def scan() -> None:
                 buf = b""
                 while marker not in buf:
-                    chunk = await reader.read(4096)
+                    try:
+                        chunk = await reader.read(4096)
+                    except ConnectionResetError:
+                        chunk = b""
                     if not chunk:
+                        await asyncio.sleep(0.05)  # let a dying QEMU finish: its status
                         msg = f"{self.name}: QEMU exited before the guest was ready"
+                        if self.exitcode() == -signal.SIGBUS:
+                            msg += f" ({SIGBUS_HINT})"
                         self._raise_if_exited(msg)
                         raise LaunchError(msg, argv=self.argv,
                                           log_tail=log_tail(self.paths.console_log))

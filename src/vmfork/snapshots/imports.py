@@ -37,10 +37,10 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import BinaryIO
 
-from vmfork import vm
+from vmfork import admission, vm
 from vmfork.errors import AlreadyExists, BadSnapshotFile, InvalidInput, VmforkError
 from vmfork.launch import Launch, NewVM
-from vmfork.names import check_name
+from vmfork.names import internal
 from vmfork.private import make_dirs, private_dir
 from vmfork.qemu import features, migration
 from vmfork.records import TemplateManifest, VMInfo, VMRecord
@@ -65,7 +65,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     kernel and initrd go to *files_dir* (default: the VM's own directory)."""
     t0 = time.monotonic()
     src = Path(file).absolute()
-    check_name(name)
+    store.check_new_name(name)
     header = read_header(src)
     if store.has_vm(name):
         raise AlreadyExists(f"a VM named {name!r} exists already")
@@ -86,6 +86,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     await asyncio.to_thread(check_export, src, header)
     t_checked = time.monotonic()
     spec = import_spec(header, name, vdir, vm.memory_file_path(mdir, name), qemu)
+    admission.check_new_vm(name, spec.memory_mib, mdir)
     rec = VMRecord(name=name, spec=spec, state="starting",
                    info=VMInfo(owns_memory=True, imported_from=str(src)))
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
@@ -225,11 +226,11 @@ async def import_template(store: Store, file: Path | str, name: str,
     """Bring an export file back as template *name*: import it as a paused
     temporary VM (the guest does not run) and freeze that with
     :func:`vmfork.templates.create.create_from_vm`."""
-    check_name(name, "template")
+    store.check_new_name(name, "template")
     if store.has_template(name):
         raise AlreadyExists(f"a template named {name!r} exists already")
     read_header(file)  # a file refused up front leaves no template directory
-    tmp_name = f"import-{secrets.token_hex(4)}"
+    tmp_name = internal("import", secrets.token_hex(4))
     # Kernel and initrd go straight to the template's directory, which the
     # template owns (removing the template deletes it).
     tdir = template_dir(store, name)

@@ -17,7 +17,7 @@ import time
 
 from vmfork import vm
 from vmfork.errors import StateError
-from vmfork.names import check_name
+from vmfork.names import check_name, pool_lock
 from vmfork.records import TemplateManifest
 from vmfork.results import TemplateStatus
 from vmfork.store import Store
@@ -81,7 +81,7 @@ async def remove(store: Store, name: str, force: bool = False,
         await vm.stop(store, c, force=True, timeouts=timeouts)
     # Under the pool lock: no member is spawned meanwhile, and a keeper
     # (vmfork.templates.pool.keep) finds the template gone and ends.
-    async with store.lock_async(f"pool.{name}"):
+    async with store.lock_async(pool_lock(name)):
         store.set_pool_target(name, 0)
         for member in store.pool_members(name):
             if store.take_pool_member(member.id):

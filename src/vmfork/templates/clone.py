@@ -10,6 +10,11 @@ on-clone hook runs. A clone is an ordinary VM record (``template`` set,
 memory not owned). Taking a pool member does not refill the pool
 (:func:`vmfork.templates.pool.keep` does).
 
+One call starts at most :data:`MAX_CLONES` clones, :data:`MAX_STARTING` of
+them at a time; each is admitted first (:func:`vmfork.admission.check_clone`).
+A clone gets each of its template's port forwards on a free host port of its
+own (:mod:`vmfork.ports`), reported in its :class:`CloneResult` and status.
+
 Hooks: a shell command (``on_clone``) run in each clone after its identity,
 before :func:`clone` returns; a template keeps a default one, a call may
 replace it. A clone whose hook fails is removed, with the others of its call.
@@ -23,12 +28,13 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 
-from vmfork import vm
-from vmfork.errors import AlreadyExists, GuestError, InvalidInput, VmforkTimeout
+from vmfork import admission, ports, vm
+from vmfork.errors import AlreadyExists, GuestError, InvalidInput, LaunchError, VmforkTimeout
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewVM
-from vmfork.names import check_name
+from vmfork.names import check_name, derived
 from vmfork.private import make_dirs
 from vmfork.qemu import migration
 from vmfork.qemu.machine import deadline
@@ -41,13 +47,27 @@ from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template.clone")
 
+#: Most clones one call starts (``clone -n``).
+MAX_CLONES = 64
+#: Most clones of one call whose QEMU is being started (spawned or taken from
+#: the pool, state loaded, resumed) at once; the rest wait their turn. Their
+#: identity and hook steps run concurrently.
+MAX_STARTING = 4
+
+
+def check_count(count: int) -> int:
+    """*count* if it is a valid number of clones for one call, else InvalidInput."""
+    if not 1 <= count <= MAX_CLONES:
+        raise InvalidInput(f"invalid clone count {count}: must be 1-{MAX_CLONES} per call")
+    return count
+
 
 def next_clone_names(store: Store, template: str, count: int) -> list[str]:
     """*count* free names ``TEMPLATE-k``, lowest *k* first."""
     names: list[str] = []
     i = 1
     while len(names) < count:
-        n = f"{template}-{i}"
+        n = derived(template, f"-{i}")
         if not store.has_vm(n) and n not in names:
             names.append(n)
         i += 1
@@ -64,30 +84,34 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
     is ready (the pool is not refilled). If one clone fails, all of this call
     are removed."""
     manifest = store.get_template(check_name(template, "template"))
-    if count < 1:
-        raise InvalidInput(f"invalid clone count {count}: must be at least 1")
+    check_count(count if names is None else len(names))
     if names is None:
         names = next_clone_names(store, template, count)
     for n in names:
-        check_name(n)
+        store.check_new_name(n)
         if store.has_vm(n):
             raise AlreadyExists(f"a VM named {n!r} exists already")
     if len(set(names)) != len(names):
         raise InvalidInput("clone names must differ")
     check(manifest, timeouts=timeouts, cache_dir=store.cache_dir)
     hook = manifest.on_clone if on_clone is None else on_clone
-    results = await asyncio.gather(
-        *(_clone_one(store, manifest, n, use_pool, set_identity, timeouts, hook or None)
-          for n in names),
-        return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        for r in results:
-            if isinstance(r, CloneResult):
+    starting = asyncio.Semaphore(MAX_STARTING)
+    tasks = [asyncio.ensure_future(_clone_one(store, manifest, n, use_pool, set_identity,
+                                              timeouts, hook or None, starting))
+             for n in names]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        # One failed (or the call was cancelled): the others stop where they
+        # are (each undoes its own launch), and those that made it are removed.
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+        for t in tasks:
+            if not t.cancelled() and t.exception() is None:
                 with contextlib.suppress(Exception):
-                    await vm.stop(store, r.name, force=True)
-        raise errors[0]
-    return [r for r in results if isinstance(r, CloneResult)]
+                    await vm.stop(store, t.result().name, force=True)
+        raise
 
 
 def hook_failure(name: str, status: int, output: str, limit: int = 300) -> str:
@@ -131,14 +155,55 @@ def _adopt_member_dirs(store: Store, member: PoolMember, name: str) -> None:
 
 
 async def _clone_one(store: Store, manifest: TemplateManifest, name: str, use_pool: bool,
-                     set_identity: bool, timeouts: Timeouts,
-                     hook: str | None = None) -> CloneResult:
+                     set_identity: bool, timeouts: Timeouts, hook: str | None,
+                     starting: asyncio.Semaphore) -> CloneResult:
+    """Start clone *name*; a QEMU that could not bind a forward's host port
+    (another process took it) is started again on new ports."""
+    attempt = 1
+    while True:
+        try:
+            return await _start_clone(store, manifest, name, use_pool, set_identity, timeouts,
+                                      hook, starting)
+        except LaunchError as exc:
+            if not ports.collided(exc) or attempt >= ports.ATTEMPTS:
+                raise
+            attempt += 1
+            log.info("%s: a forwarded host port was taken; starting on new ports", name)
+
+
+async def _start_clone(store: Store, manifest: TemplateManifest, name: str, use_pool: bool,
+                       set_identity: bool, timeouts: Timeouts, hook: str | None,
+                       starting: asyncio.Semaphore) -> CloneResult:
+    """Start clone *name*, holding one of the *starting* slots from before its
+    QEMU is spawned (or taken from the pool) until its guest runs; identity
+    and hook run after the slot is given back. Timings count from when it
+    got the slot."""
+    await starting.acquire()
+    held = True
+
+    def give_back() -> None:
+        nonlocal held
+        if held:
+            held = False
+            starting.release()
+
+    try:
+        return await _started_clone(store, manifest, name, use_pool, set_identity, timeouts,
+                                    hook, give_back)
+    finally:
+        give_back()
+
+
+async def _started_clone(store: Store, manifest: TemplateManifest, name: str, use_pool: bool,
+                         set_identity: bool, timeouts: Timeouts, hook: str | None,
+                         running: Callable[[], None]) -> CloneResult:
     t0 = time.monotonic()
     member = pool.take_member(store, manifest.name) if use_pool else None
     if member:
         spec = move_disks(member.spec.with_(name=name), store.vm_dir(member.id),
                           store.vm_dir(name))
     else:
+        admission.check_clone(name, manifest.name, manifest.spec.memory_mib)
         spec = clone_spec(manifest, name, store.vm_dir(name))
     rec = VMRecord(name=name, spec=spec, state="starting", template=manifest.name,
                    info=VMInfo(owns_memory=False, guest=manifest.guest))
@@ -160,6 +225,7 @@ async def _clone_one(store: Store, manifest: TemplateManifest, name: str, use_po
             t_loaded = time.monotonic() - t0
             await m.resume()
             t_running = time.monotonic() - t0
+            running()
             rec.state = "running"
             store.update_vm(rec)
             await m.disconnect()
@@ -185,4 +251,4 @@ async def _clone_one(store: Store, manifest: TemplateManifest, name: str, use_po
                        running=t_running, responsive=t_resp,
                        hook_status=hook_result[0] if hook_result else None,
                        hook_output=hook_result[1] if hook_result else None,
-                       hook_done=t_hook)
+                       hook_done=t_hook, ports=spec.net.ports if spec.net else ())

@@ -30,7 +30,7 @@ from pathlib import Path
 from vmfork import vm
 from vmfork.errors import AlreadyExists, GuestError, TemplateError, VmforkTimeout
 from vmfork.files import write_atomic
-from vmfork.names import check_name
+from vmfork.names import build_name
 from vmfork.private import FILE_MODE, READONLY_MODE, make_dirs
 from vmfork.qemu import features, migration
 from vmfork.records import TemplateDisk, TemplateManifest, TemplateSave, VMRecord
@@ -54,7 +54,7 @@ async def create_from_vm(store: Store, name: str, vm_name: str,
     before the pause; if anything fails before QEMU ends, the VM is resumed
     and thawed. *on_clone* is the default hook of the template's clones;
     *imported_from* names the snapshot file the VM was imported from."""
-    check_name(name, "template")
+    store.check_new_name(name, "template")
     if store.has_template(name):
         raise AlreadyExists(f"a template named {name!r} exists already")
     rec = vm.get_live(store, vm_name)
@@ -219,10 +219,10 @@ async def create_demo(store: Store, name: str, memory_mib: int = 512,
                       on_clone: str | None = None) -> TemplateManifest:
     """Boot the demo guest, run *prepare* in it, and freeze it as *name*
     (*on_clone*: the clones' default hook)."""
-    check_name(name, "template")
+    store.check_new_name(name, "template")
     if store.has_template(name):
         raise AlreadyExists(f"a template named {name!r} exists already")
-    build = f"{name}.build"
+    build = build_name(name)
     await vm.run(store, vm.RunOptions(name=build, memory_mib=memory_mib, demo=True,
                                       accel=accel), timeouts)
     try:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from vmfork.errors import InvalidInput, LaunchError, TemplateError
 from vmfork.files import sha256_file
 from vmfork.names import check_name
+from vmfork.ports import fresh_forwards
 from vmfork.qemu import features
 from vmfork.records import TemplateDisk, TemplateManifest
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, new_mac
@@ -147,9 +148,10 @@ def move_disks(spec: VMSpec, old_dir: Path, new_dir: Path) -> VMSpec:
 
 def clone_spec(manifest: TemplateManifest, name: str, vdir: Path) -> VMSpec:
     """The spec of a new clone (its files in *vdir*): template memory mapped
-    privately, new VM generation ID, new MAC, own disk overlays."""
+    privately, new VM generation ID, new MAC, own disk overlays, and each of
+    the template's port forwards on a free host port of its own."""
     spec = manifest.spec
-    net = NetSpec(mac=new_mac(), ports=spec.net.ports) if spec.net else None
+    net = NetSpec(mac=new_mac(), ports=fresh_forwards(spec.net.ports)) if spec.net else None
     return spec.with_(name=name, vmgenid=str(uuid.uuid4()), net=net,
                       disks=clone_disks(spec.disks, vdir),
                       memory=MemorySpec(backend="file", path=manifest.memory_file,

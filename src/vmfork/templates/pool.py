@@ -13,7 +13,7 @@ pool T --keep``, or a service) replaces members taken by clones or whose QEMU
 died. Members outlive the process that spawned them; they end when the pool
 shrinks, changes kind, or its template is removed.
 
-The pool of a template is changed under the lock ``pool.<template>``
+The pool of a template is changed under the lock ``_pool.<template>``
 (members are spawned and killed holding it); a clone takes a member without
 it, by deleting its catalog row (:meth:`Store.take_pool_member`), so taking
 never waits for a refill.
@@ -30,11 +30,11 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from vmfork import vm
-from vmfork.errors import GuestError, InvalidInput, TemplateError, VmforkError
+from vmfork import admission, ports, vm
+from vmfork.errors import GuestError, InvalidInput, LaunchError, TemplateError, VmforkError
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewPoolMember, qemu_log
-from vmfork.names import check_name
+from vmfork.names import POOL_ID_HEX, check_name, pool_lock, pool_member_name
 from vmfork.proc import process_alive
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine
@@ -61,10 +61,27 @@ KEEP_BACKOFF_MAX = 60.0
 
 async def _spawn_member(store: Store, manifest: TemplateManifest, timeouts: Timeouts,
                         warm: bool = False) -> PoolMember:
-    """Start one pool process for *manifest* and record it. On any failure,
-    cancellation included, its QEMU is killed and its files are removed
-    before the exception propagates: nothing half-started stays."""
-    mid = f"pool.{manifest.name}.{secrets.token_hex(3)}"
+    """Start one pool process for *manifest* and record it; one that could not
+    bind a forward's host port (another process took it) is started again
+    on new ports. On any failure, cancellation included, its QEMU is killed
+    and its files are removed before the exception propagates: nothing
+    half-started stays."""
+    attempt = 1
+    while True:
+        try:
+            return await _spawn_member_once(store, manifest, timeouts, warm)
+        except LaunchError as exc:
+            if not ports.collided(exc) or attempt >= ports.ATTEMPTS:
+                raise
+            attempt += 1
+            log.info("pool %s: a forwarded host port was taken; starting on new ports",
+                     manifest.name)
+
+
+async def _spawn_member_once(store: Store, manifest: TemplateManifest, timeouts: Timeouts,
+                             warm: bool) -> PoolMember:
+    mid = pool_member_name(manifest.name, secrets.token_hex(POOL_ID_HEX // 2))
+    admission.check_clone(mid, manifest.name, manifest.spec.memory_mib)
     spec = clone_spec(manifest, mid, store.vm_dir(mid))
     member = PoolMember(mid, manifest.name, spec, 0, None, time.time(), warm=warm)
     async with Launch(store, NewPoolMember(store, member), spec, timeouts=timeouts) as launch:
@@ -153,7 +170,7 @@ async def fill_pool(store: Store, template: str, timeouts: Timeouts = DEFAULT) -
     QEMU died or that are of the other kind (warm/cold), end those over the
     target, spawn the missing ones. Return the live count (0 if the template
     was removed meanwhile)."""
-    async with store.lock_async(f"pool.{template}"):
+    async with store.lock_async(pool_lock(template)):
         if not store.has_template(template):
             return 0
         manifest = store.get_template(template)

@@ -122,10 +122,10 @@ async def _update(store: Store, rec: VMRecord, old: Machine, binary: str, qemu_s
     if machine not in new_feats.machines:
         raise InvalidInput(f"{name}: the new QEMU ({new_feats.version}) lacks machine type "
                            f"{machine!r} that the guest runs on")
+    new_memory = _new_memory(store, rec, chosen)
     if chosen == "copy":
-        check_copy_headroom(rec.spec, old.pid, store.memory_dir)
-    new_spec = rec.spec.with_(qemu=qemu_str, machine=machine,
-                              memory=_new_memory(store, rec, chosen))
+        check_copy_headroom(rec.spec, old.pid, new_memory)
+    new_spec = rec.spec.with_(qemu=qemu_str, machine=machine, memory=new_memory)
     # Host port forwards stay with the old QEMU until it quits.
     launch_spec = new_spec.with_(qemu=binary)
     if new_spec.net and new_spec.net.ports:

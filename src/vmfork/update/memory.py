@@ -5,7 +5,7 @@ memory of each QEMU plus the guest memory they share (memory files, memfds),
 each shared file counted once however many processes map it
 (:func:`host_memory`); a sampler thread that keeps the peak during the move
 (:class:`MemorySampler`); and the refusal of a copy update that would not fit
-(:func:`check_copy_headroom`).
+(:func:`check_copy_headroom`, by the rules of :mod:`vmfork.admission`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import os
 import threading
 from pathlib import Path
 
-import psutil
-
-from vmfork.errors import StateError
-from vmfork.spec import MIB, VMSpec
+from vmfork.admission import check_memory
+from vmfork.spec import MIB, MemorySpec, VMSpec
 
 #: Seconds between two samples of :class:`MemorySampler`.
 SAMPLE_INTERVAL = 0.005
@@ -73,18 +71,14 @@ def memory_files(spec: VMSpec) -> tuple[str, ...]:
     return (mem.path,) if mem.backend == "file" and mem.path else ()
 
 
-def check_copy_headroom(spec: VMSpec, pid: int, memory_dir: Path) -> None:
-    """Refuse a copy update that would not fit: it needs the guest's memory
-    twice, the second copy in *memory_dir* (for a memory file) and in RAM."""
+def check_copy_headroom(spec: VMSpec, pid: int, new_memory: MemorySpec) -> None:
+    """Refuse a copy update that would not fit (ResourceError): it needs the
+    guest's memory twice, the second copy in the new memory file's directory
+    (for a memory file) and in RAM (:mod:`vmfork.admission`)."""
     need = min(spec.memory_mib * MIB, host_memory((pid,), memory_files(spec)))
-    avail = psutil.virtual_memory().available
-    with contextlib.suppress(OSError):
-        if spec.memory.backend == "file":
-            st = os.statvfs(memory_dir)
-            avail = min(avail, st.f_bavail * st.f_frsize)
-    if avail < need:
-        raise StateError(f"{spec.name}: a copy update needs twice the guest's memory: "
-                         f"{need // MIB} MiB more, but only {avail // MIB} MiB are free")
+    in_file = new_memory.backend == "file" and new_memory.path
+    mdir = Path(str(new_memory.path)).parent if in_file else None
+    check_memory(spec.name, need, mdir, purpose="a copy update's second copy of guest memory")
 
 
 class MemorySampler:

@@ -35,7 +35,7 @@ from vmfork.errors import LaunchError, MigrationError, StateError, VmforkError, 
 from vmfork.launch import qemu_log
 from vmfork.private import private_dir
 from vmfork.qemu import migration
-from vmfork.qemu.machine import Machine, deadline, log_tail
+from vmfork.qemu.machine import Machine, deadline, exit_text, log_tail
 from vmfork.records import VMRecord
 from vmfork.results import MigrationStats
 from vmfork.spec import VMSpec
@@ -222,8 +222,7 @@ class Move:
         code = new.exitcode()
         if code is None:
             return ""
-        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        return f" (the new QEMU, pid {new.pid}, ended: {how})"
+        return f" (the new QEMU, pid {new.pid}, ended: {exit_text(code)})"
 
     async def rollback(self) -> None:
         """Kill the new QEMU, remove what it owned, let the old one run the guest."""
