@@ -41,18 +41,20 @@ def one_line_error(p: subprocess.CompletedProcess[str], status: int, *needles: s
 @contextlib.contextmanager
 def mounted(kind: str, size_mib: int, at: Path | None = None) -> Iterator[Path]:
     """A small file system (``tmpfs``, or ``ext4`` on a loop file) mounted at
-    *at* (default a new directory), unmounted at the end."""
+    *at* (default a new directory), private to its user (vmfork refuses a
+    directory others can write to), unmounted at the end."""
     where = at or Path(tempfile.mkdtemp(prefix="vfmnt", dir="/tmp"))
     where.mkdir(exist_ok=True)
     image = None
     if kind == "tmpfs":
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(where)],
-                       check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs",
+                        str(where)], check=True)
     else:
         image = Path(tempfile.mkstemp(prefix="vfimg", dir="/tmp")[1])
         os.truncate(image, size_mib * MIB)
         subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(image)], check=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+        where.chmod(0o700)
     try:
         yield where
     finally:
