@@ -44,7 +44,7 @@ def parse_port(text: str) -> tuple[int, int]:
 @click.option("--qga", is_flag=True, help="Add a qemu-guest-agent port (on with --image debian).")
 @click.option("--memory", default="256M", show_default=True, help="Guest RAM, e.g. 512M, 1G.")
 @click.option("--cpus", default=1, show_default=True, type=int)
-@click.option("--memory-dir", help="Directory of the memory file [default: /dev/shm/vmfork].")
+@click.option("--memory-dir", help="Directory of the memory file [default: /dev/shm/vmfork-$UID].")
 @click.option("--memory-backend", type=click.Choice(["file", "memfd"]), default="file",
               show_default=True)
 @click.option("--persistent", is_flag=True,
