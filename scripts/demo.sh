@@ -10,7 +10,7 @@ json() { "$V" "$@" --json; }
 field() { .venv/bin/python -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 cleanup() {
-  for vm in demo-vm demo-tpl.build demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved demo-py; do
+  for vm in demo-vm _build.demo-tpl demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved demo-py; do
     "$V" stop "$vm" --force >/dev/null 2>&1 || true
   done
   "$V" template rm demo-tpl --force >/dev/null 2>&1 || true
