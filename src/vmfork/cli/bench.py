@@ -7,10 +7,8 @@ import asyncio
 
 import click
 
-from vmfork.cli.output import configure_logging, emit_json, say
+from vmfork.cli.output import ACCELS, configure_logging, emit_json, say
 from vmfork.errors import InvalidInput
-
-ACCELS = click.Choice(["auto", "kvm", "tcg"])
 
 
 def _progress(msg: str) -> None:

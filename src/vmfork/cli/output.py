@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: The accelerators a command may ask for (``auto`` probes KVM, else TCG).
+ACCELS = click.Choice(["auto", "kvm", "tcg"])
+
 #: Set by the top group from --debug/--verbose; applied by :func:`configure_logging`.
 _verbosity = {"debug": False, "verbose": False}
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from vmfork.cli.output import emit_json, on_host, report, say, table
+from vmfork.cli.output import ACCELS, emit_json, on_host, report, say, table
 from vmfork.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def template_cmd() -> None:
 @click.option("--demo", is_flag=True, help="Boot the demo guest and freeze it.")
 @click.option("--memory", default="512M", show_default=True, help="With --demo: guest RAM.")
 @click.option("--prepare", help="With --demo: shell command run in the guest first.")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+@click.option("--accel", type=ACCELS, default="auto",
               show_default=True)
 @click.option("--on-clone", "on_clone", metavar="CMD",
               help="Default hook: shell command run in each clone after its identity is "

@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from vmfork.cli.output import on_host, report, say, table
+from vmfork.cli.output import ACCELS, on_host, report, say, table
 from vmfork.errors import InvalidInput
 
 if TYPE_CHECKING:
     from vmfork.api.aio import AsyncHost
     from vmfork.results import ExecResult, VMStatus
 
-ACCELS = click.Choice(["auto", "kvm", "tcg"])
 
 
 def parse_port(text: str) -> tuple[int, int]:
