@@ -50,8 +50,12 @@ class _Loop:
                                         daemon=True)
         self._thread.start()
 
+    @property
+    def is_open(self) -> bool:
+        return self._thread.is_alive()
+
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if not self._thread.is_alive():
+        if not self.is_open:
             coro.close()
             raise StateError("this vmfork host is closed")
         started, finished = threading.Event(), threading.Event()
@@ -75,7 +79,7 @@ class _Loop:
             raise
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        if self.is_open:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
@@ -115,7 +119,7 @@ class Host:
 
     def close(self) -> None:
         """Release the catalog and the host's event loop (VMs keep running)."""
-        if self._loop._thread.is_alive():
+        if self._loop.is_open:
             self._run(self._async.close())
         self._loop.close()
 

@@ -29,6 +29,7 @@ from vmfork import vm
 from vmfork.bench import fill_guest, pss_bytes, ratio
 from vmfork.errors import GuestError, InvalidInput
 from vmfork.names import derived, internal
+from vmfork.results import CloneResult
 from vmfork.store import Store
 from vmfork.templates import catalog, clone, create, pool
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -90,6 +91,32 @@ async def _fill(store: Store, name: str, p: CloneBench) -> dict[str, str]:
     return md5s
 
 
+async def _sample(store: Store, tname: str, p: CloneBench, kind: str, timeouts: Timeouts,
+                  md5s: dict[str, str] | None = None) -> list[CloneResult]:
+    """*p.samples* clones of *tname*, each stopped after: from a fresh QEMU
+    (*kind* ``fresh``), or from a cold (``pool``) or warm (``warm``) pool
+    member refilled before each. Pool kinds return only the clones that got
+    a member. With *md5s*, the first clone's guest data is checked."""
+    use_pool = kind != "fresh"
+    if use_pool:
+        await pool.set_pool(store, tname, 1, timeouts, warm=kind == "warm")
+    results = []
+    for i in range(p.samples):
+        p.progress(f"{kind} clone {i + 1}/{p.samples}")
+        if use_pool:
+            await pool.fill_pool(store, tname, timeouts)
+        (r,) = await clone.clone(store, tname, names=[derived(tname, f"-{kind[0]}{i}")],
+                                 use_pool=use_pool, timeouts=timeouts)
+        results.append(r)
+        if i == 0 and md5s is not None:
+            await _check_data(store, r.name, md5s, timeouts)
+        await vm.stop(store, r.name, timeouts=timeouts)
+    if not use_pool:
+        return results
+    await pool.set_pool(store, tname, 0, timeouts, warm=False)
+    return [r for r in results if r.pooled]
+
+
 async def _check_data(store: Store, name: str, md5s: dict[str, str],
                       timeouts: Timeouts) -> None:
     paths = " ".join(md5s)
@@ -142,47 +169,17 @@ async def run(store: Store, p: CloneBench, timeouts: Timeouts = DEFAULT) -> dict
         out["template_state_bytes"] = manifest.state_size
         out["template_save_s"] = manifest.save.migration.seconds
 
-        # Clone to running / responsive, fresh processes.
-        fresh = []
-        for i in range(p.samples):
-            p.progress(f"clone {i + 1}/{p.samples}")
-            (r,) = await clone.clone(store, tname, names=[derived(tname, f"-f{i}")],
-                                     use_pool=False, timeouts=timeouts)
-            fresh.append(r)
-            await vm.stop(store, r.name, timeouts=timeouts)
+        # Clone to running / responsive: fresh processes, pool members, warm ones.
+        fresh = await _sample(store, tname, p, "fresh", timeouts)
         out["clone_running_s"] = _median([r.running for r in fresh])
         out["clone_state_loaded_s"] = _median([r.state_loaded for r in fresh])
         out["clone_responsive_s"] = _median([r.responsive for r in fresh])
-
-        # From the warm pool.
-        pooled = []
-        await pool.set_pool(store, tname, 1, timeouts)
-        for i in range(p.samples):
-            p.progress(f"pool clone {i + 1}/{p.samples}")
-            await pool.fill_pool(store, tname, timeouts)
-            (r,) = await clone.clone(store, tname, names=[derived(tname, f"-p{i}")],
-                                     timeouts=timeouts)
-            pooled.append(r)
-            await vm.stop(store, r.name, timeouts=timeouts)
-        await pool.set_pool(store, tname, 0, timeouts)
-        out["pool_running_s"] = _median([r.running for r in pooled if r.pooled])
-        out["pool_responsive_s"] = _median([r.responsive for r in pooled if r.pooled])
-
-        # From warm pool members (state loaded, guest run once, paused).
-        warm = []
-        await pool.set_pool(store, tname, 1, timeouts, warm=True)
-        for i in range(p.samples):
-            p.progress(f"warm pool clone {i + 1}/{p.samples}")
-            await pool.fill_pool(store, tname, timeouts)
-            (r,) = await clone.clone(store, tname, names=[derived(tname, f"-w{i}")],
-                                     timeouts=timeouts)
-            warm.append(r)
-            if i == 0:
-                await _check_data(store, r.name, md5s, timeouts)
-            await vm.stop(store, r.name, timeouts=timeouts)
-        await pool.set_pool(store, tname, 0, timeouts, warm=False)
-        out["warm_pool_running_s"] = _median([r.running for r in warm if r.pooled])
-        out["warm_pool_responsive_s"] = _median([r.responsive for r in warm if r.pooled])
+        pooled = await _sample(store, tname, p, "pool", timeouts)
+        out["pool_running_s"] = _median([r.running for r in pooled])
+        out["pool_responsive_s"] = _median([r.responsive for r in pooled])
+        warm = await _sample(store, tname, p, "warm", timeouts, md5s)
+        out["warm_pool_running_s"] = _median([r.running for r in warm])
+        out["warm_pool_responsive_s"] = _median([r.responsive for r in warm])
 
         # Memory of N clones against N cold VMs holding the same data.
         tpl_bytes = _allocated(manifest.memory_file)
