@@ -199,9 +199,8 @@ def test_memory_dir_full_during_save(env: Env) -> None:
 
 # -- clones of a template with port forwards ---------------------------------------------
 def http_get(url: str, tries: int = 3, timeout: float = 10.0) -> str:
-    """The body at *url*, trying again on a new connection if one stalls (a
-    first connection to a just-cloned guest has been seen to get no answer
-    under load; a client retries)."""
+    """The body at *url*, trying again on a new connection if one stalls, as
+    an HTTP client would."""
     for attempt in range(tries):
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r:
