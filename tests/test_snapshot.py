@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from vmfork import bench, vm
+from vmfork import bench, checkpoints, vm
 from vmfork.errors import BadSnapshotFile, GuestError, InvalidInput, MigrationError, StateError
 from vmfork.proc import process_alive
 from vmfork.results import ExportResult, ImportResult, MigrationStats, RestoreResult, SaveResult
@@ -122,7 +122,7 @@ def put_byte(path: Path, offset: int, value: bytes) -> None:
 def stalled_cli(env: Env, step: str, *args: str) -> Iterator[subprocess.Popen[str]]:
     """Start ``vmfork ARGS`` that stalls at *step*; yield it once it got there."""
     log = env.home / f"stall-{step}.log"
-    environ = {**env.environ, saving.STALL_ENV: step, "COLUMNS": "200"}
+    environ = {**env.environ, checkpoints.STALL_ENV: step, "COLUMNS": "200"}
     with open(log, "w") as errf:
         p = subprocess.Popen([VMFORK, *args], env=environ, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=errf, text=True)
@@ -389,7 +389,7 @@ def test_restore_refuses_bad_files_and_a_second_restore(env: Env) -> None:
 
 # -- kill -9 at each step --------------------------------------------------------------
 def _kill_qemu_at(monkeypatch: pytest.MonkeyPatch, env: Env, at: str) -> None:
-    real = saving._checkpoint
+    real = checkpoints.checkpoint
 
     async def checkpoint(step: str) -> None:
         if step == at:
@@ -400,14 +400,14 @@ def _kill_qemu_at(monkeypatch: pytest.MonkeyPatch, env: Env, at: str) -> None:
                 time.sleep(0.01)
         await real(step)
 
-    monkeypatch.setattr(saving, "_checkpoint", checkpoint)
+    monkeypatch.setattr(checkpoints, "checkpoint", checkpoint)
 
 
 def test_qemu_killed_after_state_written_still_saves(env: Env,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     start_vm(env)
     md5 = fill(env, "a")
-    _kill_qemu_at(monkeypatch, env, "state-written")
+    _kill_qemu_at(monkeypatch, env, "save.state-written")
     run(saving.save(env.store(), "a"))
     monkeypatch.undo()
     assert record(env, "a").state == "saved"
@@ -418,7 +418,7 @@ def test_qemu_killed_after_state_written_still_saves(env: Env,
 def test_qemu_killed_during_save_leaves_no_saved_vm(env: Env,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     start_vm(env)
-    _kill_qemu_at(monkeypatch, env, "paused")
+    _kill_qemu_at(monkeypatch, env, "save.paused")
     with pytest.raises((MigrationError, StateError)):
         run(saving.save(env.store(), "a"))
     monkeypatch.undo()
@@ -435,7 +435,7 @@ def test_vmfork_killed_mid_save_or_restore(env: Env) -> None:
 
     # Killed after the state was written, QEMU still up (paused after the
     # migration): the VM is still the running VM, and saving again works.
-    for step in ("state-written", "manifest-written"):
+    for step in ("save.state-written", "save.manifest-written"):
         kill9_at(env, step, "save", "a")
         assert process_alive(qemu) and ls(env)["a"]["state"] == "running"
         env.cli("save", "a", check=True)
@@ -446,7 +446,7 @@ def test_vmfork_killed_mid_save_or_restore(env: Env) -> None:
 
     # Killed after QEMU quit, before the catalog said "saved": listed as dead,
     # and restore finds the complete save and uses it.
-    kill9_at(env, "qemu-quit", "save", "a")
+    kill9_at(env, "save.qemu-quit", "save", "a")
     assert ls(env)["a"]["state"] == "dead"
     env.cli("restore", "a", check=True)
     assert md5_of(env, "a") == md5
@@ -454,7 +454,7 @@ def test_vmfork_killed_mid_save_or_restore(env: Env) -> None:
     # Killed during a restore before the state was loaded: the half-started
     # QEMU is ended and the next restore works.
     env.cli("save", "a", check=True)
-    kill9_at(env, "restore-spawned", "restore", "a")
+    kill9_at(env, "restore.spawned", "restore", "a")
     half = record(env, "a")
     assert half.state == "restoring" and process_alive(half.pid, half.pid_start)
     env.cli("restore", "a", check=True)
@@ -464,7 +464,7 @@ def test_vmfork_killed_mid_save_or_restore(env: Env) -> None:
     # Killed after the state was loaded (it is consumed): the loaded QEMU is
     # adopted as paused, and resume continues it.
     env.cli("save", "a", check=True)
-    kill9_at(env, "restore-loaded", "restore", "a")
+    kill9_at(env, "restore.loaded", "restore", "a")
     p = env.cli("restore", "a")
     assert p.returncode == 1 and "a is paused, not saved" in p.stderr
     env.cli("resume", "a", check=True)

@@ -25,9 +25,8 @@ Owns:
   ``saved``; an interrupted restore is rolled back or adopted). Restore takes
   the VM's lock without waiting and moves the record ``saved -> restoring``
   atomically, so a second concurrent restore is refused at once.
-* **Stall points.** :func:`_checkpoint` marks each step of a save or restore;
-  with ``VMFORK_TEST_STALL`` (:data:`STALL_ENV`) naming a step, vmfork stops
-  there so that a test can kill it at a known point.
+* **Checkpoints** (:func:`vmfork.checkpoints.checkpoint`) between the steps
+  of a save (``save.*``) and a restore (``restore.*``).
 * **Loading a state file into a fresh QEMU** (:func:`load_incoming`) and the
   best-effort guest clock correction after it, which the portable snapshots
   (:mod:`vmfork.snapshots.export`, :mod:`vmfork.snapshots.imports`) share.
@@ -38,14 +37,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vmfork import vm
+from vmfork import checkpoints, vm
 from vmfork.errors import GuestError, MigrationError, StateError, VmforkError, VmforkTimeout
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
 from vmfork.guest import identity
@@ -66,24 +64,12 @@ log = logging.getLogger("vmfork.snapshot")
 
 STATE_FILE = "state.mig"
 MANIFEST_FILE = "state.json"
-#: Environment variable naming a step at which save/restore stall (for tests
-#: that kill vmfork with SIGKILL at a known point).
-STALL_ENV = "VMFORK_TEST_STALL"
 
 
 def state_paths(store: Store, name: str) -> tuple[Path, Path]:
     """The state file and its manifest for VM *name*."""
     d = store.vm_dir(name)
     return d / STATE_FILE, d / MANIFEST_FILE
-
-
-async def _checkpoint(step: str) -> None:
-    """A named point in save/restore. Tests stall vmfork here (``STALL_ENV``)
-    to kill it, or replace this function to kill QEMU. The stall is an hour:
-    a test kills vmfork long before, and a forgotten variable still ends."""
-    if os.environ.get(STALL_ENV) == step:
-        log.warning("stalling at %s (%s is set)", step, STALL_ENV)
-        await asyncio.sleep(3600)
 
 
 def check_saveable(rec: VMRecord) -> Path:
@@ -245,7 +231,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
             else:
                 if was_running:
                     await m.pause()
-                await _checkpoint("paused")
+                await checkpoints.checkpoint("save.paused")
                 try:
                     ident = await features.qemu_identity(m)
                     stats, digest = await migration.save_state(
@@ -254,7 +240,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
                 except BaseException:
                     await _undo_pause(m, was_running)
                     raise
-                await _checkpoint("state-written")
+                await checkpoints.checkpoint("save.state-written")
                 saved = SavedState(name=name, state_file=str(state), sha256=digest,
                                    size=state.stat().st_size, memory_file=str(mem),
                                    memory_size=mem.stat().st_size,
@@ -264,7 +250,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
                                    memory_dev=mem_id.dev, memory_ino=mem_id.ino,
                                    boot_id=boot_id())
                 saved.save_to(manifest)
-            await _checkpoint("manifest-written")
+            await checkpoints.checkpoint("save.manifest-written")
             await m.shutdown()
         except BaseException:
             if not m.alive():  # QEMU died under us: clear its sockets
@@ -272,7 +258,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
             raise
         finally:
             await m.disconnect()
-        await _checkpoint("qemu-quit")
+        await checkpoints.checkpoint("save.qemu-quit")
         t_sync = time.monotonic()
         await asyncio.to_thread(fsync_path, mem)
         fsync_path(mem.parent)
@@ -369,7 +355,7 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
                           gen=rec.info.gen) as launch:
             m = await launch.spawn(incoming=("defer",))
             t_spawned = time.monotonic()
-            await _checkpoint("restore-spawned")
+            await checkpoints.checkpoint("restore.spawned")
             await load_incoming(m, f"file:{state}", timeouts.migrate, {"mode": saved.mode},
                                 x_ignore_shared=True)
         t_loaded = time.monotonic()
@@ -377,7 +363,7 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
             # The state is consumed: from here on the memory file moves on.
             unlink_quietly(manifest)
             fsync_path(manifest.parent)
-            await _checkpoint("restore-loaded")
+            await checkpoints.checkpoint("restore.loaded")
             rec.state = "running" if saved.was_running else "paused"
             rec.info.saved = None
             rec.info.restored_at = time.time()
@@ -402,6 +388,6 @@ async def restore(store: Store, name: str, timeouts: Timeouts = DEFAULT,
 
 
 __all__ = [
-    "MANIFEST_FILE", "STALL_ENV", "STATE_FILE", "check_saveable", "load_incoming", "recover",
+    "MANIFEST_FILE", "STATE_FILE", "check_saveable", "load_incoming", "recover",
     "restore", "save", "state_paths", "sync_guest_clock", "verify",
 ]
