@@ -4,15 +4,16 @@ Owns the one sequence that follows "the guest is in the new QEMU", whether a
 live update (:mod:`vmfork.update.live`) just moved it or the recovery of an
 interrupted one (:mod:`vmfork.update.recovery`) found it there:
 
-1. clear the migration capability on the new QEMU and resume the guest if it
-   ran before the update (a no-op after a live update, which resumed it);
+1. clear the migration capability on the new QEMU, hand the host port
+   forwards that the old QEMU still holds over to it, and resume the guest
+   if it ran before the update (no-ops after a live update, which did both);
 2. record the new spec, pid, generation and update count, drop the update
    intent and, while the old QEMU still lives, note it as retired
    (``info.retire``), so that a vmfork killed from here on leaves a record
    the next command can finish (:func:`vmfork.update.recovery.retire_old`);
 3. end the old QEMU, then forget it;
-4. remove the move's sockets, the old memory file of a copy update, and
-   restore the host port forwards (which the old QEMU held until it quit).
+4. remove the move's sockets and the old memory file of a copy update, and
+   give the new QEMU any port forward it still lacks.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from vmfork.errors import VmforkError
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine
 from vmfork.records import RetiredQemu, UpdateIntent, VMRecord
-from vmfork.spec import NetSpec, VMSpec
+from vmfork.spec import VMSpec
 from vmfork.store import Store
+from vmfork.update import forwards
 from vmfork.update.modes import memory_kind
 from vmfork.update.move import remove_move_sockets
 
@@ -41,6 +43,8 @@ async def commit(store: Store, rec: VMRecord, new: Machine, old: Machine | None,
     warnings: list[str] = []
     with contextlib.suppress(VmforkError):
         await migration.set_capabilities(new, x_ignore_shared=False)
+    if old is not None and old.alive():
+        warnings += await forwards.hand_over(old, new, intent.spec.net)
     status = await new.status()
     if intent.was_running and status == "paused":
         await new.resume()
@@ -69,7 +73,7 @@ async def commit(store: Store, rec: VMRecord, new: Machine, old: Machine | None,
     remove_move_sockets(store, rec.name, intent.gen)
     if intent.mode == "copy":
         remove_old_memory(intent.spec, old_spec, warnings)
-    warnings += await restore_port_forwards(new, intent.spec.net)
+    warnings += await forwards.ensure(new, intent.spec.net)
     return warnings
 
 
@@ -86,18 +90,4 @@ def remove_old_memory(new: VMSpec, old: VMSpec, warnings: list[str]) -> None:
             warnings.append(f"old memory file {mem.path} not removed: {exc.strerror}")
 
 
-async def restore_port_forwards(new: Machine, net: NetSpec | None) -> list[str]:
-    """Add the VM's host port forwards to the new QEMU once the old freed them."""
-    warnings = []
-    for host, guest in (net.ports if net else ()):
-        try:
-            out = await new.qmp("human-monitor-command", {
-                "command-line": f"hostfwd_add net0 tcp:127.0.0.1:{host}-:{guest}"})
-            if str(out).strip():
-                warnings.append(f"port forward {host}:{guest} not restored: {str(out).strip()}")
-        except VmforkError as exc:
-            warnings.append(f"port forward {host}:{guest} not restored: {exc}")
-    return warnings
-
-
-__all__ = ["commit", "remove_old_memory", "restore_port_forwards"]
+__all__ = ["commit", "remove_old_memory"]

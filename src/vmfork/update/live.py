@@ -126,7 +126,7 @@ async def _update(store: Store, rec: VMRecord, old: Machine, binary: str, qemu_s
     if chosen == "copy":
         check_copy_headroom(rec.spec, old.pid, new_memory)
     new_spec = rec.spec.with_(qemu=qemu_str, machine=machine, memory=new_memory)
-    # Host port forwards stay with the old QEMU until it quits.
+    # Host port forwards stay with the old QEMU until the switch-over.
     launch_spec = new_spec.with_(qemu=binary)
     if new_spec.net and new_spec.net.ports:
         launch_spec = launch_spec.with_(net=NetSpec(mac=new_spec.net.mac))
@@ -171,7 +171,7 @@ async def _update(store: Store, rec: VMRecord, old: Machine, binary: str, qemu_s
     with contextlib.suppress(VmforkError):
         info = await migration.query(old)
     try:
-        warnings = await commit(store, rec, new, old, intent)
+        warnings = move.warnings + await commit(store, rec, new, old, intent)
     finally:
         await new.disconnect()
     log.info("%s: now in pid %d (%s)", name, new.pid, chosen)

@@ -3,7 +3,8 @@
 Owns the steps between "the update is recorded" and "the guest runs in the
 new QEMU" (:class:`Move`): launch the new QEMU paused (``-S``) and waiting
 for its state, set capabilities and parameters on both sides, migrate, load,
-resume. The guest never runs in the new QEMU before the whole state has
+hand the host port forwards over (:mod:`vmfork.update.forwards`), resume.
+The guest never runs in the new QEMU before the whole state has
 arrived, so until then the old QEMU (which still holds the guest, untouched)
 can always take it back.
 
@@ -41,6 +42,7 @@ from vmfork.results import MigrationStats
 from vmfork.spec import VMSpec
 from vmfork.store import Store
 from vmfork.timeouts import Timeouts
+from vmfork.update import forwards
 
 log = logging.getLogger("vmfork.update")
 
@@ -93,7 +95,7 @@ class Move:
     old: Machine
     mode: str
     #: The spec recorded for the new QEMU, and the one it is launched with
-    #: (without host port forwards, which the old QEMU holds until it quits).
+    #: (without host port forwards, which move at the switch-over).
     new_spec: VMSpec
     launch_spec: VMSpec
     gen: int
@@ -107,6 +109,8 @@ class Move:
     #: A memory file the move creates (a copy into a file): removed on rollback.
     new_memory_file: str | None = None
     stats: MigrationStats | None = None
+    #: What the move could not do but did not fail for (a port forward lost).
+    warnings: list[str] = field(default_factory=list)
     switch_seconds: float = 0.0
     phase: str = "launching"
     log_offset: int = 0
@@ -205,6 +209,7 @@ class Move:
                     task.exception()  # seen; the failure that came first is reported
         await migration.wait_incoming(new, self.timeouts.migrate)
         await call_hook(self.hook, "migrated", new.pid)
+        self.warnings += await forwards.hand_over(self.old, new, self.new_spec.net)
         if self.was_running:
             with new.events.listen(self.resume_listener):
                 await new.resume()
@@ -243,6 +248,8 @@ class Move:
         if restore:
             await migration.set_parameters(old, **restore)
         await migration.set_capabilities(old, x_ignore_shared=False)
+        for w in await forwards.ensure(old, self.rec.spec.net):
+            log.warning("%s: %s", self.name, w)
         status = await old.status()
         if self.was_running and status != "running":
             if status not in ("paused", "postmigrate"):

@@ -15,7 +15,9 @@ over QMP, settling either
   in its command line, since its pid may never have been recorded) is killed,
   its sockets and memory file removed, and the old QEMU resumes the guest.
 
-An update that died after its commit may have left the old QEMU running in
+Either way, the QEMU that keeps the guest gets the host port forwards it
+lacks (:func:`vmfork.update.forwards.ensure`). An update that died after its
+commit may have left the old QEMU running in
 ``postmigrate`` (``info.retire``); settling ends it.
 
 Settling is an explicit step, never a side effect of looking: listing VMs
@@ -41,6 +43,7 @@ from vmfork.records import UpdateIntent, VMRecord
 from vmfork.spec import VMSpec
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.update import forwards
 from vmfork.update.commit import commit
 from vmfork.update.move import remove_move_sockets
 
@@ -187,6 +190,8 @@ async def _undo(store: Store, rec: VMRecord, new: Machine | None, old: Machine |
         await migration.set_parameters(old, mode="normal")
     if intent.was_running and old_st in ("paused", "postmigrate"):
         await old.resume()
+    for w in await forwards.ensure(old, rec.spec.net):
+        log.warning("%s: %s", rec.name, w)
     status = await old.status()
     if status not in ("running", "paused"):
         raise StateError(f"{rec.name}: after an interrupted update the old QEMU is {status}")
