@@ -35,6 +35,12 @@ def mac_command(mac: str, old_mac: str | None = None) -> str:
     a DHCP client asks again). The NIC is the interface that has *old_mac*
     (the template's; names differ between guests: eth0, enp0s2, ...), failing
     that the only interface backed by a device. Fails if there is none.
+
+    The NIC announces its new MAC when it comes up (``arp_notify``: a
+    gratuitous ARP, which QEMU's user-mode network takes as the guest
+    address's MAC). QEMU's own announcement after a state load is off
+    (``announce-rounds=0``, :mod:`vmfork.spec`), and it would name the MAC
+    of the device, not the one the guest now uses.
     Shell builtins only, but for two ``ip`` calls: every new process costs
     under TCG."""
     new = mac.lower()
@@ -47,7 +53,8 @@ def mac_command(mac: str, old_mac: str | None = None) -> str:
             "[ ! -e \"$d/device\" ] || { n=${d##*/}; c=$((c+1)); }; done; "
             "[ $c -eq 1 ] || n=; fi; "
             f"if [ -z \"$n\" ]; then echo 'no network interface to give the MAC {new}' >&2; "
-            "false; else ip link set dev \"$n\" down && "
+            "false; else { echo 1 > \"/proc/sys/net/ipv4/conf/$n/arp_notify\"; } 2>/dev/null; "
+            "ip link set dev \"$n\" down && "
             f"ip link set dev \"$n\" address {shlex.quote(new)} up; fi")
 
 
