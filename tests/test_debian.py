@@ -195,7 +195,7 @@ def debian(debian_img: DiskImage, session_images: Path) -> Iterator[DebianVMs]:
         r = run(vm.run(env.store(), vm.RunOptions(
             name="raw", memory_mib=512, accel="tcg", kernel=debian_img.kernel,
             initrd=debian_img.initrd, append=DEBIAN_APPEND, disks=(debian_img.disk,),
-            net=True)))
+            net="user")))
         boot["raw"] = r.boot_seconds
         print(f"\n[debian boot to ready: {boot}]")
         yield DebianVMs(env, debian_img, base_sha, port, boot)

@@ -35,6 +35,7 @@ from vmfork.spec import (
     build_argv,
     new_mac,
     parse_memory,
+    parse_ready,
     parse_size,
 )
 from vmfork.store import GEN_RESERVE, MAX_SOCKET_PATH, Store
@@ -467,3 +468,35 @@ def test_argv_escapes_every_option_value() -> None:
     object.__setattr__(spec.net, "ports", ((INJECTED_PORT, 22),))
     with pytest.raises(InvalidInput, match="invalid port"):
         build_argv(spec, PATHS)
+
+
+# -- readiness ------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "kind", "pattern", "port"), [
+    ("auto", "auto", "", 0), ("qga", "qga", "", 0), ("none", "none", "", 0),
+    ("console:login: $", "console", "login: $", 0), ("console:a:b", "console", "a:b", 0),
+    ("tcp:22", "tcp", "", 22),
+])
+def test_readiness_parses_and_prints_back(text: str, kind: str, pattern: str,
+                                          port: int) -> None:
+    r = parse_ready(text)
+    assert (r.kind, r.pattern, r.port) == (kind, pattern, port)
+    assert str(r) == text
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("", "use auto, qga"), ("marker", "use auto, qga"), ("auto:x", "takes no argument"),
+    ("console:", "use auto, qga"), ("console:(", "bad regular expression"),
+    ("tcp:http", "must be a number"), ("tcp:0", "must be 1-65535"),
+    ("tcp:70000", "must be 1-65535"), ("console:" + "a" * 300, "longer than"),
+    ("console:a\nb", "control characters"), (3, "wrong type"),
+])
+def test_bad_readiness_is_refused(text: object, needle: str) -> None:
+    with pytest.raises(InvalidInput, match=needle):
+        parse_ready(text)
+
+
+def test_spec_keeps_its_readiness() -> None:
+    spec = make_spec(ready="console:ready")
+    assert VMSpec.from_json(spec.to_json()).ready == "console:ready"
+    with pytest.raises(InvalidInput, match="readiness"):
+        make_spec(ready="sometime")

@@ -257,7 +257,7 @@ def test_bad_names_and_missing(env: Env) -> None:
 
 def test_clones_with_nic_get_their_own_mac(env: Env) -> None:
     s = env.store()
-    run(vm.run(s, vm.RunOptions(name="src", demo=True, net=True, accel="tcg")))
+    run(vm.run(s, vm.RunOptions(name="src", demo=True, net="user", accel="tcg")))
     src_mac = s.get_vm("src").spec.net.mac  # type: ignore[union-attr]
     assert env.exec("src", "cat /sys/class/net/eth0/address").strip() == src_mac
     run(create.create_from_vm(s, "t", "src"))

@@ -40,7 +40,9 @@ def describe(rec: VMRecord) -> VMStatus:
                     memory_mib=spec.memory_mib, memory_file=spec.memory.path,
                     template=rec.template, accel=spec.accel,
                     age_seconds=time.time() - rec.created, boot_seconds=rec.info.boot_seconds,
-                    ports=spec.net.ports if spec.net else ())
+                    ports=spec.net.ports if spec.net else (), ready=spec.ready,
+                    agent=rec.info.agent,
+                    os=(rec.info.guest_os or {}).get("pretty-name"))
 
 
 def statuses(store: Store) -> list[VMStatus]:

@@ -134,11 +134,18 @@ class VMInfo:
     saved: SavedState | None = None
     restored_at: float | None = None
     imported_from: str | None = None
+    #: The guest agent known to answer: ``qga`` (qemu-guest-agent),
+    #: ``serial`` (vmfork's), ``none`` (a template's guest had neither), or
+    #: None (not known yet: :func:`vmfork.vm.choose_agent` asks).
+    agent: str | None = None
+    #: What qemu-guest-agent said of the guest's OS (``guest-get-osinfo``).
+    guest_os: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"owns_memory": self.owns_memory, "gen": self.gen,
                              "updates": self.updates}
-        for k in ("boot_seconds", "guest", "restored_at", "imported_from"):
+        for k in ("boot_seconds", "guest", "restored_at", "imported_from", "agent",
+                  "guest_os"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         for k in ("update", "retire", "saved"):

@@ -82,6 +82,12 @@ class VMStatus(Result):
     boot_seconds: float | None = None
     #: Host -> guest TCP port forwards on 127.0.0.1.
     ports: tuple[tuple[int, int], ...] = ()
+    #: How a boot of the VM is known to be ready (``auto``, ``console:REGEX``, ...).
+    ready: str = "auto"
+    #: The guest agent known to answer (``qga``, ``serial``, ``none``), if known.
+    agent: str | None = None
+    #: The guest's OS as qemu-guest-agent named it (``pretty-name``), if known.
+    os: str | None = None
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,59 @@ def check_port(value: object) -> int:
     return value
 
 
+#: How ``vmfork run`` knows that a guest is ready (:func:`parse_ready`).
+READY_KINDS = ("auto", "qga", "console", "tcp", "none")
+#: Longest regular expression of ``console:REGEX``.
+MAX_READY_REGEX = 256
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """A parsed readiness choice: ``auto`` (vmfork's boot marker on the
+    console or an answer of qemu-guest-agent, whichever comes first),
+    ``qga``, ``console`` (*pattern*, a regular expression over the serial
+    console's output), ``tcp`` (*port*, a guest port that accepts a
+    connection through a user-mode forward) or ``none`` (QEMU runs)."""
+
+    kind: str
+    pattern: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "console":
+            return f"console:{self.pattern}"
+        if self.kind == "tcp":
+            return f"tcp:{self.port}"
+        return self.kind
+
+
+def parse_ready(text: object) -> Readiness:
+    """Parse ``auto``, ``qga``, ``none``, ``console:REGEX`` or ``tcp:PORT``;
+    InvalidInput naming the problem otherwise."""
+    _text(text, "readiness", MAX_READY_REGEX + 8)
+    assert isinstance(text, str)
+    kind, sep, arg = text.partition(":")
+    usage = "use auto, qga, none, console:REGEX or tcp:PORT"
+    if kind not in READY_KINDS:
+        raise InvalidInput(f"invalid readiness {_show(text)}: {usage}")
+    if kind in ("auto", "qga", "none"):
+        if sep:
+            raise InvalidInput(f"invalid readiness {_show(text)}: {kind} takes no argument")
+        return Readiness(kind)
+    if not arg:
+        raise InvalidInput(f"invalid readiness {_show(text)}: {usage}")
+    if kind == "tcp":
+        if not arg.isdigit():
+            raise InvalidInput(f"invalid readiness {_show(text)}: the port must be a number")
+        return Readiness(kind, port=check_port(int(arg)))
+    try:
+        re.compile(arg.encode())
+    except re.error as exc:
+        raise InvalidInput(f"invalid readiness {_show(text)}: bad regular expression "
+                           f"({exc})") from None
+    return Readiness(kind, pattern=arg)
+
+
 def check_mac(value: object) -> str:
     """Return *value* if it is a unicast MAC address (``52:54:00:12:34:56``),
     else raise InvalidInput."""
@@ -271,6 +324,8 @@ class VMSpec:
     qemu: str = DEFAULT_QEMU
     #: Add a virtio-serial port for qemu-guest-agent (socket ``RunPaths.qga``).
     qga: bool = False
+    #: How a boot of this VM is known to be ready (:func:`parse_ready`).
+    ready: str = "auto"
 
     def __post_init__(self) -> None:
         _need(self.name, str, "VM name")
@@ -304,6 +359,7 @@ class VMSpec:
         if not self.qemu:
             raise InvalidInput("invalid QEMU binary '': empty")
         _bool(self.qga, "qga flag")
+        parse_ready(self.ready)
 
     def with_(self, **changes: Any) -> VMSpec:
         """A copy with *changes* applied (dataclasses.replace)."""

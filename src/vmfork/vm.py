@@ -20,24 +20,27 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmfork import admission
+from vmfork import admission, ports
+from vmfork.agents import AGENTS as AGENTS
+from vmfork.agents import agent_for as agent_for
+from vmfork.agents import guest_exec as guest_exec
+from vmfork.agents import qga_for as qga_for
 from vmfork.errors import InvalidInput, StateError
 from vmfork.files import unlink_quietly
-from vmfork.guest.qga import GuestAgent
-from vmfork.guest.serial import SerialAgent
+from vmfork.guest import readiness
 from vmfork.images.demo import demo_image
-from vmfork.launch import Launch, NewVM, attach, machine_for, paths_for, qemu_log, remove_vm_files
+from vmfork.launch import Launch, NewVM, attach, machine_for, qemu_log, remove_vm_files
 from vmfork.listing import LIVE_STATES, describe, observed_state
 from vmfork.names import check_name
 from vmfork.private import private_dir
 from vmfork.proc import process_alive
 from vmfork.qemu.accel import resolve_accel
-from vmfork.qemu.machine import Machine, find_qemu
+from vmfork.qemu.machine import READY_MARKER, Machine, find_qemu
 from vmfork.records import VMInfo, VMRecord
 from vmfork.results import ExecResult, VMStatus
-from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, new_mac
+from vmfork.spec import DiskSpec, MemorySpec, NetSpec, Readiness, VMSpec, new_mac, parse_ready
 from vmfork.store import Store
-from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
+from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.vm")
 
@@ -53,13 +56,20 @@ class RunOptions:
     initrd: str | None = None
     append: str | None = None
     disks: tuple[str, ...] = ()
-    net: bool = False
+    #: ``user`` (QEMU's user-mode network, one virtio NIC) or ``none``; not
+    #: given (None): ``user`` if port forwards or ``--ready tcp:PORT`` need
+    #: it, else ``none``.
+    net: str | None = None
     ports: tuple[tuple[int, int], ...] = ()
     memory_dir: str | None = None
     memory_backend: str = "file"
     accel: str = "auto"
     qemu: str = "qemu-system-x86_64"
+    #: Wait until the guest is ready, as *ready* says (False: return once
+    #: QEMU runs, whatever *ready* says).
     wait_ready: bool = True
+    #: How to know the guest is ready (:func:`vmfork.spec.parse_ready`).
+    ready: str = "auto"
     persistent: bool = False
     #: A named guest image (``demo`` or ``debian``) that supplies kernel,
     #: initrd, command line and boot disk.
@@ -67,8 +77,8 @@ class RunOptions:
     #: Each disk gets a qcow2 overlay in the VM's directory; the image given
     #: is only ever read. False attaches the images themselves, writable.
     overlay: bool = True
-    #: Add the qemu-guest-agent port (on by default for the Debian image).
-    qga: bool = False
+    #: Kept for callers of older versions: every VM has the qemu-guest-agent port.
+    qga: bool = True
 
 
 
@@ -144,9 +154,14 @@ def image_options(store: Store, opts: RunOptions) -> RunOptions:
         return dataclasses.replace(opts, image=None, demo=True)
     from vmfork.images.debian import debian_image
     img = debian_image(store.images_dir)
+    # Ready once the image's own readiness unit has run (multi-user reached,
+    # udev settled, an address on the NIC), which its marker says; its
+    # qemu-guest-agent answers before that.
+    ready = f"console:{READY_MARKER.decode()}" if opts.ready == "auto" else opts.ready
     return dataclasses.replace(opts, image=None, kernel=img.kernel, initrd=img.initrd,
                                append=opts.append or img.append,
-                               disks=(img.disk, *opts.disks), net=True, qga=True)
+                               disks=(img.disk, *opts.disks), net=opts.net or "user",
+                               ready=ready)
 
 
 def disk_specs(store: Store, opts: RunOptions) -> tuple[DiskSpec, ...]:
@@ -205,16 +220,40 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
         accel = resolve_accel(accel, opts.qemu, probe.kernel, probe.initrd, store.home)
     if accel not in ("kvm", "tcg"):
         raise InvalidInput(f"invalid accelerator {opts.accel!r}: use auto, kvm or tcg")
-    net = NetSpec(mac=new_mac(), ports=opts.ports) if opts.net or opts.ports else None
+    ready = parse_ready(opts.ready)
+    net = NetSpec(mac=new_mac(), ports=_ports_for(opts, ready)) if _wants_net(opts, ready) else None
     return VMSpec(name=opts.name, memory_mib=opts.memory_mib, memory=memory, cpus=opts.cpus,
                   kernel=kernel, initrd=initrd, append=append, disks=disks, net=net,
-                  accel=accel, qemu=opts.qemu, qga=opts.qga)
+                  accel=accel, qemu=opts.qemu, qga=True, ready=str(ready))
+
+
+#: Network choices of ``vmfork run --net``.
+NETS = ("user", "none")
+
+
+def _wants_net(opts: RunOptions, ready: Readiness) -> bool:
+    """True if the VM gets a NIC on QEMU's user-mode network."""
+    if opts.net is not None and opts.net not in NETS:
+        raise InvalidInput(f"invalid network {opts.net!r}: use user or none")
+    needs = "port forwards" if opts.ports else f"--ready {ready}" if ready.kind == "tcp" else ""
+    if opts.net == "none" and needs:
+        raise InvalidInput(f"{needs} need a network: use --net user, not --net none")
+    return opts.net == "user" or bool(needs)
+
+
+def _ports_for(opts: RunOptions, ready: Readiness) -> tuple[tuple[int, int], ...]:
+    """The port forwards asked for, plus one on a free host port to the guest
+    port that ``--ready tcp:PORT`` waits for if none forwards it."""
+    if ready.kind != "tcp" or any(g == ready.port for _h, g in opts.ports):
+        return opts.ports
+    return (*opts.ports, (ports.free_port(), ready.port))
 
 
 
 
 async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> VMStatus:
-    """Start a VM and (by default) wait until its guest is ready."""
+    """Start a VM and (by default) wait until its guest is ready, as its
+    readiness says (:mod:`vmfork.guest.readiness`)."""
     spec = build_spec(store, opts)
     admission.check_new_vm(spec.name, spec.memory_mib, memory_dir(spec))
     rec = VMRecord(name=spec.name, spec=spec, state="starting", info=VMInfo(owns_memory=True))
@@ -223,7 +262,8 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> V
         m = await launch.spawn(fresh_overlays=True)
         await m.resume()
         if opts.wait_ready:
-            await m.wait_console()
+            ready = await readiness.wait_ready(store, rec, m, timeouts)
+            rec.info.agent, rec.info.guest_os = ready.agent, ready.os_info
         rec.state = "running"
         rec.info.boot_seconds = round(time.monotonic() - t0, 3)
         store.update_vm(rec)
@@ -329,39 +369,6 @@ async def _end_update_leftovers(store: Store, rec: VMRecord, timeouts: Timeouts)
                       qemu_log(store, rec.name), retired.pid, timeouts=timeouts).kill()
 
 
-def agent_for(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> SerialAgent:
-    return SerialAgent(paths_for(store, rec).agent, store.run_dir(rec.name) / "agent.lock",
-                       name=rec.name, connect_timeout=timeouts.agent)
-
-
-#: Which guest agent runs a command: ``auto`` = qemu-guest-agent when the VM
-#: has its port, else the serial agent of the demo guest.
-AGENTS = ("auto", "serial", "qga")
-
-
-def agent_kind(rec: VMRecord, agent: str = "auto") -> str:
-    """Resolve *agent* (one of :data:`AGENTS`) for *rec*."""
-    if agent not in AGENTS:
-        raise InvalidInput(f"invalid agent {agent!r}: use one of {', '.join(AGENTS)}")
-    if agent == "auto":
-        return "qga" if rec.spec.qga else "serial"
-    if agent == "qga" and not rec.spec.qga:
-        raise StateError(f"{rec.name} has no guest agent port (start it with --qga)")
-    return agent
-
-
-async def guest_exec(store: Store, rec: VMRecord, command: str, timeout: float | None = None,
-                     timeouts: Timeouts = DEFAULT, agent: str = "auto") -> ExecResult:
-    """Run *command* with ``sh`` in the guest of *rec* (in ``/root``) through
-    its guest agent; return its exit code, stdout and stderr. Both agents run
-    it alike (:data:`vmfork.guest.qga.SHELL_WRAPPER`)."""
-    t = timeouts.exec if timeout is None else check_seconds(timeout, "exec timeout")
-    if agent_kind(rec, agent) == "qga":
-        async with qga_for(store, rec, timeouts) as g:
-            return await g.exec(command, t, cwd="/root")
-    return await agent_for(store, rec, timeouts).exec(command, t)
-
-
 async def exec_(store: Store, name: str, command: str,
                 timeout: float | None = None, timeouts: Timeouts = DEFAULT,
                 agent: str = "auto") -> ExecResult:
@@ -372,9 +379,3 @@ async def exec_(store: Store, name: str, command: str,
     return await guest_exec(store, rec, command, timeout, timeouts, agent)
 
 
-def qga_for(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> GuestAgent:
-    """A session with the VM's qemu-guest-agent (use ``async with``)."""
-    if not rec.spec.qga:
-        raise StateError(f"{rec.name} has no guest agent port (start it with --qga)")
-    return GuestAgent(paths_for(store, rec).qga, store.run_dir(rec.name) / "qga.lock",
-                      name=rec.name, timeout=timeouts.agent)

@@ -78,23 +78,30 @@ class AsyncHost:
     # -- VMs --------------------------------------------------------------------
     async def run(self, name: str, *, image: str | None = None, memory: str | int = "256M",
                   cpus: int = 1, kernel: str | None = None, initrd: str | None = None,
-                  append: str | None = None, disks: Sequence[str] = (), net: bool = False,
+                  append: str | None = None, disks: Sequence[str] = (),
+                  net: str | bool | None = None,
                   ports: Sequence[tuple[int, int]] = (), persistent: bool = False,
                   memory_dir: str | None = None, memory_backend: str = "file",
                   accel: str = "auto", qemu: str = "qemu-system-x86_64", overlay: bool = True,
-                  qga: bool = False, wait_ready: bool = True) -> AsyncVM:
+                  qga: bool = True, wait_ready: bool = True, ready: str = "auto") -> AsyncVM:
         """Start VM *name* and return once its guest is ready.
 
         *image* names a guest vmfork builds (``"demo"``, ``"debian"``); or
         boot your own with *kernel* (and *initrd*, *append*) and/or *disks*.
-        *memory* is a size (``"512M"``, ``"1G"``, or a number of MiB). The
-        handle's :attr:`~AsyncVM.result` is the VM's status when it was ready."""
+        *memory* is a size (``"512M"``, ``"1G"``, or a number of MiB). *net*
+        is ``"user"`` or ``"none"`` (True/False say the same); *ready* how to
+        know the guest is ready: ``"auto"`` (vmfork's boot marker or an
+        answer of qemu-guest-agent), ``"qga"``, ``"console:REGEX"``,
+        ``"tcp:PORT"`` or ``"none"``. The handle's :attr:`~AsyncVM.result` is
+        the VM's status when it was ready."""
+        if isinstance(net, bool):
+            net = "user" if net else "none"
         opts = vm.RunOptions(
             name=name, memory_mib=parse_memory(memory), cpus=cpus, kernel=kernel,
             initrd=initrd, append=append, disks=tuple(disks), net=net, ports=tuple(ports),
             memory_dir=memory_dir, memory_backend=memory_backend, accel=accel, qemu=qemu,
-            wait_ready=wait_ready, persistent=persistent, image=image, overlay=overlay,
-            qga=qga)
+            wait_ready=wait_ready, ready=ready, persistent=persistent, image=image,
+            overlay=overlay, qga=qga)
         status = await vm.run(self.store, opts, self.timeouts)
         return AsyncVM(self, name, status)
 

@@ -129,17 +129,18 @@ class Host:
     # -- VMs --------------------------------------------------------------------
     def run(self, name: str, *, image: str | None = None, memory: str | int = "256M",
             cpus: int = 1, kernel: str | None = None, initrd: str | None = None,
-            append: str | None = None, disks: Sequence[str] = (), net: bool = False,
-            ports: Sequence[tuple[int, int]] = (), persistent: bool = False,
-            memory_dir: str | None = None, memory_backend: str = "file", accel: str = "auto",
-            qemu: str = "qemu-system-x86_64", overlay: bool = True, qga: bool = False,
-            wait_ready: bool = True) -> VM:
+            append: str | None = None, disks: Sequence[str] = (),
+            net: str | bool | None = None, ports: Sequence[tuple[int, int]] = (),
+            persistent: bool = False, memory_dir: str | None = None,
+            memory_backend: str = "file", accel: str = "auto",
+            qemu: str = "qemu-system-x86_64", overlay: bool = True, qga: bool = True,
+            wait_ready: bool = True, ready: str = "auto") -> VM:
         """Start VM *name*; see :meth:`vmfork.AsyncHost.run`."""
         return self._vm(self._run(self._async.run(
             name, image=image, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
             append=append, disks=disks, net=net, ports=ports, persistent=persistent,
             memory_dir=memory_dir, memory_backend=memory_backend, accel=accel, qemu=qemu,
-            overlay=overlay, qga=qga, wait_ready=wait_ready)))
+            overlay=overlay, qga=qga, wait_ready=wait_ready, ready=ready)))
 
     def vm(self, name: str) -> VM:
         """The VM *name* (NotFound if there is none)."""

@@ -40,7 +40,7 @@ def parse_port(text: str) -> tuple[int, int]:
 @click.option("--overlay/--no-overlay", default=True, show_default=True,
               help="Write to a qcow2 overlay in the VM's directory; the disk image itself "
                    "is never modified.")
-@click.option("--qga", is_flag=True, help="Add a qemu-guest-agent port (on with --image debian).")
+@click.option("--qga", is_flag=True, hidden=True, help="Every VM has the qemu-guest-agent port.")
 @click.option("--memory", default="256M", show_default=True, help="Guest RAM, e.g. 512M, 1G.")
 @click.option("--cpus", default=1, show_default=True, type=int)
 @click.option("--memory-dir", help="Directory of the memory file [default: /dev/shm/vmfork-$UID].")
@@ -49,16 +49,23 @@ def parse_port(text: str) -> tuple[int, int]:
 @click.option("--persistent", is_flag=True,
               help="Keep the memory file on disk (default $VMFORK_HOME/memory), so "
                    "'vmfork save' survives a host crash or reboot.")
-@click.option("--net", is_flag=True, help="User-mode network with a virtio NIC.")
-@click.option("--port", "ports", multiple=True, help="Forward HOST:GUEST TCP (implies --net).")
+@click.option("--net", type=click.Choice(["user", "none"]), is_flag=False, flag_value="user",
+              default=None, help="'user': QEMU's user-mode network with a virtio NIC "
+                                 "(a bare --net says the same); 'none' (default): no NIC.")
+@click.option("--port", "ports", multiple=True,
+              help="Forward HOST:GUEST TCP on 127.0.0.1 (implies --net user).")
+@click.option("--ready", default="auto", show_default=True,
+              help="When the guest is ready: auto (vmfork's boot marker or an answer of "
+                   "qemu-guest-agent), qga, console:REGEX (serial console output), "
+                   "tcp:PORT (the guest port accepts a connection) or none.")
 @click.option("--accel", type=ACCELS, default="auto", show_default=True)
 @click.option("--qemu", default="qemu-system-x86_64", show_default=True, help="QEMU binary.")
 @click.option("--json", "as_json", is_flag=True)
 def run_cmd(name: str, demo: bool, image_name: str | None, kernel: str | None,
             initrd: str | None, append: str | None, disks: tuple[str, ...], overlay: bool,
             qga: bool, memory: str, cpus: int, memory_dir: str | None, memory_backend: str,
-            persistent: bool, net: bool, ports: tuple[str, ...], accel: str, qemu: str,
-            as_json: bool) -> None:
+            persistent: bool, net: str | None, ports: tuple[str, ...], ready: str,
+            accel: str, qemu: str, as_json: bool) -> None:
     """Start VM NAME and return when its guest is ready."""
     if demo and image_name not in (None, "demo"):
         raise InvalidInput("--demo cannot be combined with --image")
@@ -70,7 +77,7 @@ def run_cmd(name: str, demo: bool, image_name: str | None, kernel: str | None,
                             initrd=initrd, append=append, disks=disks, net=net,
                             ports=forwards, persistent=persistent, memory_dir=memory_dir,
                             memory_backend=memory_backend, accel=accel, qemu=qemu,
-                            overlay=overlay, qga=qga)
+                            overlay=overlay, ready=ready)
         return await vm.status()
     st = on_host(go)
     report(as_json, st, f"{name}: running (pid {st.pid}, ready in "

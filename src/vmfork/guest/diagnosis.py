@@ -62,7 +62,7 @@ async def diagnose(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) ->
     qemu-guest-agent: the serial agent answers nothing else until its own
     command ends."""
     parts = ["== host (QMP)\n" + await host_view(store, rec, timeouts)]
-    if vm.agent_kind(rec) == "qga":
+    if rec.info.agent == "qga":
         try:
             r = await vm.guest_exec(store, rec, GUEST_COMMAND, 3 * timeouts.agent, timeouts,
                                     agent="serial")

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -244,6 +245,10 @@ class Machine:
             return self._proc.poll() is None
         return process_alive(self.pid, self.start_time)
 
+    def check_running(self) -> None:
+        """Raise LaunchError if QEMU has exited (while a guest was awaited)."""
+        self._raise_if_exited(f"{self.name}: QEMU exited before the guest was ready")
+
     def _raise_if_exited(self, message: str) -> None:
         code = self.exitcode()
         if code is not None:
@@ -299,8 +304,10 @@ class Machine:
 
     # -- console ------------------------------------------------------------
     async def wait_console(self, marker: bytes = READY_MARKER,
-                           timeout: float | None = None) -> float:
-        """Read the serial console until *marker* appears; return seconds waited.
+                           timeout: float | None = None,
+                           pattern: re.Pattern[bytes] | None = None) -> float:
+        """Read the serial console until *marker* appears (or *pattern*
+        matches the last 64 KiB read); return seconds waited.
 
         Connect before the guest runs (QEMU started paused) so nothing is lost.
         """
@@ -311,7 +318,7 @@ class Machine:
         try:
             async def scan() -> None:
                 buf = b""
-                while marker not in buf:
+                while not (pattern.search(buf) if pattern else marker in buf):
                     try:
                         chunk = await reader.read(4096)
                     except ConnectionResetError:
