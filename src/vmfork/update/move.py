@@ -31,6 +31,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
+from vmfork import checkpoints
 from vmfork.errors import LaunchError, MigrationError, StateError, VmforkError, VmforkTimeout
 from vmfork.launch import qemu_log
 from vmfork.private import private_dir
@@ -57,6 +58,8 @@ PhaseHook = Callable[[str, int], Awaitable[None] | None]
 
 
 async def call_hook(hook: PhaseHook | None, phase: str, pid: int) -> None:
+    """Mark the update's *phase* (checkpoint ``update.PHASE``) and call *hook*."""
+    await checkpoints.checkpoint(f"update.{phase}")
     if hook is None:
         return
     result = hook(phase, pid)
