@@ -74,6 +74,7 @@ def assert_no_orphans(env: Env, dest_dir: Path | None = None) -> None:
     assert qemus(env) == vm_qemus(env)
     s = env.store()
     files = {Path(str(r.spec.memory.path)).name for r in s.list_vms() if r.spec.memory.path}
+    files |= {Path(t.memory_file).name for t in s.list_templates()}
     assert {p.name for p in env.memory_dir.iterdir()} <= files
     if dest_dir is not None:
         assert not [p for p in dest_dir.iterdir() if p.name.startswith(".")]
@@ -166,6 +167,7 @@ def test_sigterm_mid_clone_and_pool_refill(env: Env) -> None:
     assert not process_alive(left[0].pid, left[0].pid_start)
     env.cli("pool", "t", "--size", "0", check=True)
     assert not qemus(env)
+    env.cli("template", "rm", "t", check=True)
 
 
 def test_kill9_mid_import_is_removed_by_stop(env: Env) -> None:

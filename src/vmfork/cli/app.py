@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
+from vmfork.cli import signals
 from vmfork.cli.output import set_verbosity
 from vmfork.cli.signals import Interrupted
 from vmfork.errors import (
@@ -57,6 +58,7 @@ def error_line(message: str) -> None:
 def interrupted(exc: BaseException | None) -> NoReturn:
     """One line naming the signal that interrupted the command (its cleanup
     has run: :mod:`vmfork.cli.signals`); exit with 128 + its number."""
+    signals.ignore()
     signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
     click.echo(f"vmfork: interrupted ({signal.Signals(signum).name})", err=True)
     sys.exit(128 + signum)

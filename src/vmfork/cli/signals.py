@@ -85,6 +85,13 @@ def install() -> None:
         signal.signal(sig, _on_signal)
 
 
+def ignore() -> None:
+    """Ignore the signals from now on: for a command that is exiting (Python
+    would restore their default action while it shuts down)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def reset() -> None:
     """Forget a signal received (for a process that runs several commands: tests)."""
     _state.signum, _state.target, _state.redirected = None, None, False
@@ -151,4 +158,5 @@ def redirect(target: Callable[[], None]) -> Iterator[None]:
         _state.target = previous
 
 
-__all__ = ["SIGNALS", "Interrupted", "install", "received", "redirect", "reset", "run"]
+__all__ = ["SIGNALS", "Interrupted", "ignore", "install", "received", "redirect", "reset",
+           "run"]

@@ -273,7 +273,10 @@ async def roll_back(move: Move, exc: BaseException) -> None:
     the caller re-raises."""
     name = move.name
     note = move.new_exit_note()
-    log.warning("%s: update failed (%s)%s; rolling back", name, exc, note)
+    if isinstance(exc, Exception):
+        log.warning("%s: update failed (%s)%s; rolling back", name, exc, note)
+    else:
+        log.info("%s: update interrupted; rolling back", name)
     try:
         await move.rollback()
     except BaseException as rb_exc:
