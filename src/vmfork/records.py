@@ -53,6 +53,13 @@ class SavedState:
     memory_dev: int | None = None
     memory_ino: int | None = None
     boot_id: str | None = None
+    #: The QEMU process (pid, start time) that wrote the state. The manifest
+    #: holds only for that process, and only until it runs the guest again
+    #: (:func:`vmfork.vm.invalidate_save` deletes it first); a dead VM whose
+    #: last QEMU was another process is not saved. None in manifests of
+    #: earlier vmfork versions.
+    qemu_pid: int | None = None
+    qemu_start: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmfork import admission, ports
+from vmfork import admission, checkpoints, ports
 from vmfork.agents import AGENTS as AGENTS
 from vmfork.agents import agent_for as agent_for
 from vmfork.agents import guest_exec as guest_exec
 from vmfork.agents import qga_for as qga_for
 from vmfork.errors import InvalidInput, StateError
-from vmfork.files import unlink_quietly
+from vmfork.files import fsync_path, unlink_quietly
 from vmfork.guest import readiness
 from vmfork.images.demo import demo_image
 from vmfork.launch import Launch, NewVM, attach, machine_for, qemu_log, remove_vm_files
@@ -260,6 +260,7 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> V
     t0 = time.monotonic()
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
         m = await launch.spawn(fresh_overlays=True)
+        await checkpoints.checkpoint("run.spawned")
         await m.resume()
         if opts.wait_ready:
             ready = await readiness.wait_ready(store, rec, m, timeouts)
@@ -271,6 +272,39 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> V
     log.info("%s: running (pid %d, %.2f s)", rec.name, rec.pid, rec.info.boot_seconds)
     return describe(rec)
 
+
+
+# -- a save's files, and what invalidates them ------------------------------------------
+#: A save's device state and its manifest, in the VM's own directory
+#: (:mod:`vmfork.snapshots.save` writes and reads them).
+STATE_FILE = "state.mig"
+MANIFEST_FILE = "state.json"
+
+
+def state_paths(store: Store, name: str) -> tuple[Path, Path]:
+    """The state file and its manifest for VM *name*."""
+    d = store.vm_dir(name)
+    return d / STATE_FILE, d / MANIFEST_FILE
+
+
+def invalidate_save(store: Store, name: str) -> None:
+    """Delete the save files of a live VM before its guest runs again; the
+    caller holds the VM's lock.
+
+    A save's manifest describes the device state of a QEMU that has not run
+    the guest since: a save killed after writing it leaves the VM live (its
+    QEMU paused in ``postmigrate``), and ``vmfork save`` can finish that
+    save. Once anything continues the guest (resume, an update, a rollback,
+    an export of a running VM), RAM and disks move on from that state, and a
+    restore from it would load stale devices onto newer memory: every such
+    path calls this first. The manifest goes first, so that a kill between
+    the two deletions leaves no manifest without its state."""
+    state, manifest = state_paths(store, name)
+    if manifest.exists() or state.exists():
+        log.warning("%s: the guest runs again; its interrupted save is invalidated", name)
+        unlink_quietly(manifest)
+        fsync_path(manifest.parent)
+        unlink_quietly(state)
 
 
 def reconcile(store: Store, rec: VMRecord) -> VMRecord:
@@ -318,8 +352,9 @@ async def pause(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
 async def resume(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
     async with attached(store, name, timeouts) as (rec, m):
         st = await m.status()
-        if st not in ("paused", "postmigrate"):  # postmigrate: after an export
+        if st not in ("paused", "postmigrate"):  # postmigrate: after an export or save
             raise StateError(f"{name} is not paused (it is {st})")
+        invalidate_save(store, name)
         await m.resume()
         rec.state = "running"
         store.update_vm(rec)

@@ -10,12 +10,15 @@ such as ``vmfork ls`` does not pay for what others import."""
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
+from vmfork.cli import signals
 from vmfork.cli.output import set_verbosity
+from vmfork.cli.signals import Interrupted
 from vmfork.errors import (
     AlreadyExists,
     BadSnapshotFile,
@@ -52,6 +55,15 @@ def error_line(message: str) -> None:
     click.echo(f"vmfork: error: {message}", err=True)
 
 
+def interrupted(exc: BaseException | None) -> NoReturn:
+    """One line naming the signal that interrupted the command (its cleanup
+    has run: :mod:`vmfork.cli.signals`); exit with 128 + its number."""
+    signals.ignore()
+    signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    click.echo(f"vmfork: interrupted ({signal.Signals(signum).name})", err=True)
+    sys.exit(128 + signum)
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are named ``"module:attribute"`` and imported
     on first use."""
@@ -86,9 +98,10 @@ class VmforkGroup(LazyGroup):
         except click.ClickException as exc:
             error_line(exc.format_message())
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("vmfork: interrupted", err=True)
-            sys.exit(130)
+        except click.Abort as exc:
+            interrupted(exc.__context__)
+        except KeyboardInterrupt as exc:
+            interrupted(exc)
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -99,9 +112,8 @@ class VmforkGroup(LazyGroup):
                 raise
             error_line(str(exc))
             sys.exit(exit_code(exc))
-        except KeyboardInterrupt:
-            click.echo("vmfork: interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            interrupted(exc)
 
 
 def _family(module: str, *names: str) -> dict[str, str]:

@@ -84,14 +84,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
 
 
 def on_host(operation: Callable[[AsyncHost], Awaitable[T]]) -> T:
-    """Run *operation* on the default host (``$VMFORK_HOME``) in an event loop."""
-    import asyncio
-
+    """Run *operation* on the default host (``$VMFORK_HOME``) in an event loop;
+    SIGINT, SIGTERM or SIGHUP cancel it (:mod:`vmfork.cli.signals`)."""
     from vmfork.api.aio import AsyncHost
+    from vmfork.cli import signals
 
     configure_logging()
 
     async def main() -> T:
         async with AsyncHost() as host:
             return await operation(host)
-    return asyncio.run(main())
+    return signals.run(main())

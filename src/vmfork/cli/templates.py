@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import TYPE_CHECKING
 
 import click
@@ -179,16 +178,12 @@ def pool_cmd(template: str, size: int | None, warm: bool | None, keep: bool,
 
 async def _keep_until_signalled(tpl: AsyncTemplate, size: int | None,
                                 warm: bool | None) -> PoolStatus:
-    """Run the pool keeper until SIGINT or SIGTERM."""
+    """Run the pool keeper until SIGINT, SIGTERM or SIGHUP: the first ends it
+    normally (its members stay), later ones are ignored."""
+    from vmfork.cli import signals
+
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with signals.redirect(stop.set):
         click.echo(f"pool {tpl.name}: keeping it filled; Ctrl-C or SIGTERM stops", err=True)
         return await tpl.keep_pool(size, warm=warm, stop=stop)
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
 

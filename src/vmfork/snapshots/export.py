@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmfork import vm
+from vmfork import checkpoints, vm
 from vmfork.errors import (
     AlreadyExists,
     BadSnapshotFile,
@@ -52,9 +52,10 @@ from vmfork.errors import (
     VmforkError,
 )
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
-from vmfork.launch import Launch, Transient, attach
+from vmfork.launch import Launch, Transient, attach, finish_in_thread
 from vmfork.listing import LIVE_STATES
 from vmfork.names import NAME_RE, check_name
+from vmfork.proc import process_alive
 from vmfork.qemu import features, migration
 from vmfork.results import ExportResult
 from vmfork.snapshots.save import load_incoming, recover, verify
@@ -360,6 +361,28 @@ def write_tail(tmp: Path, header: Header, blob_files: dict[str, Path]) -> Header
     return header
 
 
+#: The suffix of the temporary file an export writes before renaming it to
+#: the target, ``.TARGET.PID-RANDOM.vmfork-tmp`` in the target's directory.
+TEMP_SUFFIX = ".vmfork-tmp"
+
+
+def temp_file(dest: Path) -> Path:
+    """Where this process writes the snapshot file *dest* before renaming it."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(3)}{TEMP_SUFFIX}")
+
+
+def remove_stale_temp_files(dest: Path) -> None:
+    """Delete the temporary files that exports to *dest* killed by SIGKILL left
+    (their process is gone); a cancelled export deletes its own."""
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(\d+)-[0-9a-f]+{re.escape(TEMP_SUFFIX)}")
+    with contextlib.suppress(OSError):
+        for p in dest.parent.iterdir():
+            found = pattern.fullmatch(p.name)
+            if found and not process_alive(int(found.group(1))) and p.is_file():
+                log.warning("removing %s, left by an interrupted export", p)
+                unlink_quietly(p)
+
+
 def check_exportable(spec: VMSpec) -> None:
     """Raise StateError if a snapshot file cannot carry the VM: it holds RAM,
     device state, kernel and initrd, not disks, and a copy that reopened the
@@ -403,7 +426,8 @@ async def export(store: Store, name: str, file: Path | str,
                             sha256=await asyncio.to_thread(sha256_file, p))
             pos = _align(pos + size, 4096)
         ram_offset = _align(pos)
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(3)}.tmp")
+        remove_stale_temp_files(dest)
+        tmp = temp_file(dest)
         own = rec.state == "saved"  # export from the state file, in a QEMU of its own
         was_running = False
         if own:
@@ -439,7 +463,8 @@ async def export(store: Store, name: str, file: Path | str,
                             qemu_version=ident["qemu_version"], machine=ident["machine"],
                             spec=spec, blobs=blobs,
                             ram=Part(offset=ram_offset, size=0, sha256=""))
-            await asyncio.to_thread(write_tail, tmp, header, blob_files)
+            await finish_in_thread(write_tail, tmp, header, blob_files)
+            await checkpoints.checkpoint("export.written")
             os.replace(tmp, dest)
             fsync_path(dest.parent)
         except BaseException:
@@ -452,6 +477,7 @@ async def export(store: Store, name: str, file: Path | str,
                 await m.shutdown()
             else:
                 if was_running:
+                    vm.invalidate_save(store, name)
                     with contextlib.suppress(VmforkError):
                         await m.resume()
                 await m.disconnect()

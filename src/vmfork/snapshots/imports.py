@@ -37,9 +37,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import BinaryIO
 
-from vmfork import admission, vm
+from vmfork import admission, checkpoints, vm
 from vmfork.errors import AlreadyExists, BadSnapshotFile, InvalidInput, VmforkError
-from vmfork.launch import Launch, NewVM
+from vmfork.launch import Launch, NewVM, finish_in_thread
 from vmfork.names import internal
 from vmfork.private import make_dirs, private_dir
 from vmfork.qemu import features, migration
@@ -92,8 +92,10 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
         with store.lock(name, wait=False):
             make_dirs(vdir)
-            await asyncio.to_thread(extract_blobs, src, header, vdir)
+            await finish_in_thread(extract_blobs, src, header, vdir)
+            await checkpoints.checkpoint("import.extracted")
             m = await launch.spawn(incoming=("defer",))
+            await checkpoints.checkpoint("import.spawned")
             t_spawned = time.monotonic()
             await load_incoming(m, f"file:{src},offset={header.ram.offset}",
                                 timeouts.ram_copy, {}, x_ignore_shared=False, mapped_ram=True)

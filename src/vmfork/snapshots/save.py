@@ -39,9 +39,10 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vmfork import checkpoints, vm
 from vmfork.errors import GuestError, MigrationError, StateError, VmforkError, VmforkTimeout
@@ -59,18 +60,10 @@ from vmfork.results import MigrationStats, RestoreResult, SaveResult
 from vmfork.spec import MIB
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.vm import MANIFEST_FILE, STATE_FILE, state_paths
 
 log = logging.getLogger("vmfork.snapshot")
-
-STATE_FILE = "state.mig"
-MANIFEST_FILE = "state.json"
-
-
-def state_paths(store: Store, name: str) -> tuple[Path, Path]:
-    """The state file and its manifest for VM *name*."""
-    d = store.vm_dir(name)
-    return d / STATE_FILE, d / MANIFEST_FILE
-
+T = TypeVar("T")
 
 def check_saveable(rec: VMRecord) -> Path:
     """The VM's memory file if save can keep RAM in place, else raise StateError."""
@@ -134,11 +127,20 @@ def verify(store: Store, rec: VMRecord) -> SavedState:
 
 
 def _manifest_matches(store: Store, rec: VMRecord) -> SavedState | None:
-    """The manifest of a complete save for *rec*, or None."""
+    """The manifest of a complete save for *rec*, or None. The save must have
+    been written by the VM's current QEMU process (a manifest belongs to the
+    QEMU that wrote it, before it ran the guest again:
+    :func:`vmfork.vm.invalidate_save`)."""
     try:
-        return verify(store, replace(rec, info=VMInfo()))
+        saved = verify(store, replace(rec, info=VMInfo()))
     except (MigrationError, OSError):
         return None
+    if saved.qemu_pid is not None and (saved.qemu_pid, saved.qemu_start) != (rec.pid,
+                                                                             rec.pid_start):
+        log.warning("%s: a save manifest of another QEMU process (pid %d) is ignored",
+                    rec.name, saved.qemu_pid)
+        return None
+    return saved
 
 
 async def _kill_stale(store: Store, rec: VMRecord, timeouts: Timeouts) -> None:
@@ -188,8 +190,14 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
     Steps, and what a kill -9 at each leaves: flush the memory file while the
     guest still runs (running VM) → pause → write the state atomically
     (paused VM) → write the manifest (``vmfork save`` again finishes this
-    save) → ``quit`` (from here a dead QEMU means a complete save:
-    :func:`recover`) → fsync the memory file → record ``saved``.
+    save; anything that runs the guest first invalidates it:
+    :func:`vmfork.vm.invalidate_save`) → ``quit`` (from here a dead QEMU means
+    a complete save: :func:`recover`) → fsync the memory file → record
+    ``saved``.
+
+    Cancelled (SIGTERM, Ctrl-C) before ``quit``, the save is undone: its files
+    are deleted and the guest runs again if it ran before. Cancelled from
+    ``quit`` on, it is finished: the VM is recorded ``saved``.
     """
     t0 = time.monotonic()
     check_name(name)
@@ -200,6 +208,8 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
         make_dirs(state.parent)
         m = await attach(store, rec, timeouts)
         stats: MigrationStats | None = None
+        saved_before: SavedState | None = None
+        was_running = False
         try:
             # The memory file must be the one QEMU holds the RAM in: the
             # manifest records its identity for the restore.
@@ -209,6 +219,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
             if status == "postmigrate" and saved_before is None:
                 # The last migration was not a complete save of ours (QEMU
                 # refuses to migrate again from here): run on, then save.
+                vm.invalidate_save(store, name)
                 await m.resume()
                 status = "running"
             was_running = status == "running"
@@ -248,24 +259,27 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
                                    qemu_version=ident["qemu_version"],
                                    machine=ident["machine"], was_running=was_running,
                                    memory_dev=mem_id.dev, memory_ino=mem_id.ino,
-                                   boot_id=boot_id())
+                                   boot_id=boot_id(), qemu_pid=rec.pid,
+                                   qemu_start=rec.pid_start)
                 saved.save_to(manifest)
             await checkpoints.checkpoint("save.manifest-written")
-            await m.shutdown()
+        except asyncio.CancelledError:
+            if m.alive() and saved_before is None:
+                await _run_to_end(_undo_save(store, m, was_running))
+            await m.disconnect()
+            raise
         except BaseException:
             if not m.alive():  # QEMU died under us: clear its sockets
                 await m.shutdown(force=True)
-            raise
-        finally:
             await m.disconnect()
-        await checkpoints.checkpoint("save.qemu-quit")
-        t_sync = time.monotonic()
-        await asyncio.to_thread(fsync_path, mem)
-        fsync_path(mem.parent)
-        final_flush = time.monotonic() - t_sync
-        rec.state, rec.pid, rec.pid_start = "saved", None, None
-        rec.info.saved = saved
-        store.update_vm(rec)
+            raise
+        # From here the save is finished even if the caller is cancelled.
+        try:
+            await _run_to_end(m.shutdown())  # disconnects
+            await checkpoints.checkpoint("save.qemu-quit")
+        finally:
+            if not m.alive():
+                final_flush = await _run_to_end(_record_saved(store, rec, mem, saved))
     t_end = time.monotonic()
     log.info("%s: %s -> saved (%d bytes of state)", name,
              "running" if was_running else "paused", saved.size)
@@ -274,6 +288,39 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
                       memory_size=saved.memory_size, seconds=t_end - t0,
                       downtime_seconds=t_end - t_pause, preflush_seconds=preflush,
                       flush_seconds=final_flush, migration=stats)
+
+
+async def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
+    """Await *coro*; if the caller is cancelled meanwhile, let it finish
+    (each of its waits has its own deadline) before the cancellation goes on."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
+
+
+async def _record_saved(store: Store, rec: VMRecord, mem: Path, saved: SavedState) -> float:
+    """The last step of a save whose QEMU quit: flush the memory file, record
+    ``saved``; return the seconds the flush took."""
+    t_sync = time.monotonic()
+    await asyncio.to_thread(fsync_path, mem)
+    fsync_path(mem.parent)
+    rec.state, rec.pid, rec.pid_start = "saved", None, None
+    rec.info.saved = saved
+    store.update_vm(rec)
+    return time.monotonic() - t_sync
+
+
+async def _undo_save(store: Store, m: Machine, was_running: bool) -> None:
+    """A save cancelled before QEMU quit: delete what it wrote, and run the
+    guest again if it ran before."""
+    state, manifest = state_paths(store, m.name)
+    unlink_quietly(manifest)
+    fsync_path(manifest.parent)
+    unlink_quietly(state)
+    await _undo_pause(m, was_running)
 
 
 async def _undo_pause(m: Machine, was_running: bool) -> None:

@@ -30,7 +30,7 @@ import shutil
 import time
 from collections.abc import Callable
 
-from vmfork import admission, ports, vm
+from vmfork import admission, checkpoints, ports, vm
 from vmfork.errors import AlreadyExists, GuestError, InvalidInput, LaunchError, VmforkTimeout
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewVM
@@ -219,6 +219,7 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
             else:
                 m = await launch.spawn(incoming=("defer",), fresh_overlays=True)
             t_spawn = time.monotonic() - t0
+            await checkpoints.checkpoint("clone.spawned")
             if not (member and member.warm):  # a warm member has its state already
                 await migration.load_state(m, manifest.state_path, timeouts.migrate,
                                            x_ignore_shared=True)
@@ -237,6 +238,7 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
             elif frozen:
                 await identity.thaw(store, rec, timeouts)
             t_resp = time.monotonic() - t0
+            await checkpoints.checkpoint("clone.identity")
             if hook:
                 hook_result = await run_hook(store, rec, hook, timeouts)
                 t_hook = time.monotonic() - t0

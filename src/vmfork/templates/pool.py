@@ -30,7 +30,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from vmfork import admission, ports, vm
+from vmfork import admission, checkpoints, ports, vm
 from vmfork.errors import GuestError, InvalidInput, LaunchError, TemplateError, VmforkError
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewPoolMember, qemu_log
@@ -86,6 +86,7 @@ async def _spawn_member_once(store: Store, manifest: TemplateManifest, timeouts:
     member = PoolMember(mid, manifest.name, spec, 0, None, time.time(), warm=warm)
     async with Launch(store, NewPoolMember(store, member), spec, timeouts=timeouts) as launch:
         m = await launch.spawn(incoming=("defer",), fresh_overlays=True)
+        await checkpoints.checkpoint("pool.spawned")
         if warm:
             await _warm_up(store, manifest, mid, m, timeouts)
         await m.disconnect()

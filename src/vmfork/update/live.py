@@ -65,6 +65,9 @@ async def update(store: Store, name: str, qemu: str | None = None, mode: str = "
         rec = vm.get_live(store, name)
         if rec.pid is None:
             raise StateError(f"{name} has no QEMU process")
+        # The guest runs on in the new QEMU, or again in the old one after a
+        # rollback: an interrupted save no longer describes it.
+        vm.invalidate_save(store, name)
         binary = features.resolve_binary(qemu or rec.spec.qemu)
         qemu_str = binary if qemu else rec.spec.qemu
         old = await attach(store, rec, timeouts)

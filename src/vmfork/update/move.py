@@ -32,6 +32,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
+from vmfork import checkpoints
 from vmfork.errors import LaunchError, MigrationError, StateError, VmforkError, VmforkTimeout
 from vmfork.launch import qemu_log
 from vmfork.private import private_dir
@@ -59,6 +60,8 @@ PhaseHook = Callable[[str, int], Awaitable[None] | None]
 
 
 async def call_hook(hook: PhaseHook | None, phase: str, pid: int) -> None:
+    """Mark the update's *phase* (checkpoint ``update.PHASE``) and call *hook*."""
+    await checkpoints.checkpoint(f"update.{phase}")
     if hook is None:
         return
     result = hook(phase, pid)
@@ -277,7 +280,10 @@ async def roll_back(move: Move, exc: BaseException) -> None:
     the caller re-raises."""
     name = move.name
     note = move.new_exit_note()
-    log.warning("%s: update failed (%s)%s; rolling back", name, exc, note)
+    if isinstance(exc, Exception):
+        log.warning("%s: update failed (%s)%s; rolling back", name, exc, note)
+    else:
+        log.info("%s: update interrupted; rolling back", name)
     try:
         await move.rollback()
     except BaseException as rb_exc:

@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 
+from vmfork import vm
 from vmfork.errors import StateError, VmforkError
 from vmfork.launch import qemu_log
 from vmfork.names import check_name
@@ -189,6 +190,7 @@ async def _undo(store: Store, rec: VMRecord, new: Machine | None, old: Machine |
         await migration.set_capabilities(old, x_ignore_shared=False)
         await migration.set_parameters(old, mode="normal")
     if intent.was_running and old_st in ("paused", "postmigrate"):
+        vm.invalidate_save(store, rec.name)
         await old.resume()
     for w in await forwards.ensure(old, rec.spec.net):
         log.warning("%s: %s", rec.name, w)
