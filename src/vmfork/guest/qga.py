@@ -128,7 +128,9 @@ class GuestAgent:
         try:
             sock = await deadline(self._sync(), t, f"the guest agent (QGA) of {self.name}")
             client = QMPClient(self.name, readbuflen=READBUFLEN)
-            client.logger = logging.getLogger(f"vmfork.qga.{self.name}")
+            # Under vmfork.qmp: the CLI shows its wire traces and reader failures
+            # only with --debug (the failure also becomes the command's error).
+            client.logger = logging.getLogger(f"vmfork.qmp.qga.{self.name}")
             client.await_greeting = False
             client.negotiate = False
             try:
@@ -236,6 +238,9 @@ class GuestAgent:
                 await deadline(self._client.disconnect(), self.timeout, "QGA disconnect")
             except Exception as root:  # the reader's failure, re-raised
                 cause = root
+            if isinstance(cause, ValueError) and cmd == "guest-exec-status":
+                # READBUFLEN holds MAX_ANSWER bytes of output: there was more.
+                raise TooMuchOutput(self.name, "guest answer", MAX_ANSWER) from cause
             if isinstance(cause, ValueError):
                 raise TooMuchOutput(self.name, f"a reply of the guest agent (QGA) to {cmd}",
                                     READBUFLEN) from cause
