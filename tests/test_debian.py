@@ -246,6 +246,20 @@ def test_exec_via_cli_and_latency(debian: DebianVMs) -> None:
 
 @pytest.mark.slow
 @pytest.mark.debian
+def test_qga_output_over_the_cap(debian: DebianVMs) -> None:
+    """A command whose output passes the cap through qemu-guest-agent fails
+    with the same one line as through the serial agent, and the next works
+    (the readers themselves: tests/test_guest_output.py)."""
+    p = debian.env.cli("exec", "deb", "--agent", "qga", "head -c 16777216 /dev/zero; "
+                       "head -c 1048576 /dev/zero >&2")
+    assert (p.returncode, p.stdout, p.stderr) == (
+        1, "", "vmfork: error: deb: guest answer over 16 MiB (the most vmfork accepts); "
+               "the rest was dropped\n")
+    assert debian.env.exec("deb", "echo next") == "next\n"
+
+
+@pytest.mark.slow
+@pytest.mark.debian
 def test_exec_same_through_both_agents(debian: DebianVMs) -> None:
     """``vmfork exec`` on the Debian guest (qemu-guest-agent by default) and
     through its serial agent, and the library through each: same stdout,

@@ -25,6 +25,7 @@ from vmfork.names import (
     pool_member_name,
 )
 from vmfork.spec import (
+    CONSOLE_RING,
     DEFAULT_CPU,
     MIB,
     DiskSpec,
@@ -276,7 +277,7 @@ def test_argv_basics() -> None:
     assert opt(argv, "-initrd") == ["/img/initrd.cpio"]
     assert opt(argv, "-append") == ["console=ttyS0"]
     assert opt(argv, "-qmp") == ["unix:/run/v/qmp.sock,server=on,wait=off"]
-    assert opt(argv, "-serial") == ["chardev:con0"]
+    assert opt(argv, "-serial") == ["chardev:serial0"]
     assert "-incoming" not in argv
     assert "-netdev" not in argv and "-blockdev" not in argv
     # No announce after a load (a virtio-net guest could deadlock, see spec).
@@ -285,8 +286,13 @@ def test_argv_basics() -> None:
 
 def test_argv_console_and_agent_chardevs() -> None:
     chardevs = opt(build_argv(make_spec(), PATHS), "-chardev")
-    assert ("socket,id=con0,path=/run/v/console.sock,server=on,wait=off,"
-            "logfile=/run/v/console.log,logappend=on") in chardevs
+    # The serial console goes to its socket and to a bounded ring buffer
+    # through a hub; QEMU writes no log file of its own (it would be unbounded).
+    assert "socket,id=con0,path=/run/v/console.sock,server=on,wait=off" in chardevs
+    assert f"ringbuf,id=log0,size={CONSOLE_RING}" in chardevs
+    assert "hub,id=serial0,chardevs.0=log0,chardevs.1=con0" in chardevs
+    assert not any("logfile" in c for c in chardevs)
+    assert CONSOLE_RING & (CONSOLE_RING - 1) == 0  # QEMU wants a power of two
     assert "socket,id=agent0,path=/run/v/agent.sock,server=on,wait=off" in chardevs
 
 
@@ -350,7 +356,7 @@ def test_argv_escapes_commas_in_paths() -> None:
     assert "mem-path=/m,,x/a.mem" in opt(argv, "-object")[0]
     assert opt(argv, "-qmp") == ["unix:/h,,1/qmp.sock,server=on,wait=off"]
     chardevs = " ".join(opt(argv, "-chardev"))
-    assert "path=/h,,1/con.sock" in chardevs and "logfile=/h,,1/con.log" in chardevs
+    assert "path=/h,,1/con.sock" in chardevs
     assert "path=/h,,1/agent.sock" in chardevs
     assert opt(argv, "-blockdev")[0].startswith("driver=file,filename=/d,,1.qcow2,")
     # -kernel takes a plain file name, not an option list: no escaping there.

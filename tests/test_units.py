@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from vmfork.guest import serial
 from vmfork.guest.serial import SerialAgent
 from vmfork.images.demo import Cpio
 from vmfork.proc import process_alive
-from vmfork.qemu import accel, features
+from vmfork.qemu import accel, console_log, features
 from vmfork.qemu.machine import log_tail
 from vmfork.records import RetiredQemu, SavedState, UpdateIntent, VMInfo, VMRecord
 from vmfork.results import ExecResult
@@ -278,6 +279,31 @@ def test_log_tail(tmp_path: Path) -> None:
     f.write_text("".join(f"line {i}\n" for i in range(100)))
     assert log_tail(f, 3) == "line 97\nline 98\nline 99"
     assert log_tail(tmp_path / "missing") == ""
+
+
+def test_log_tail_continues_from_the_rotated_file(tmp_path: Path) -> None:
+    f = tmp_path / "console.log"
+    console_log.rotated(f).write_text("old 1\nold 2\n")
+    f.write_text("new 1\n")
+    assert log_tail(f, 2) == "old 2\nnew 1"
+
+
+def test_console_log_append_rotates_at_the_cap(tmp_path: Path) -> None:
+    f = tmp_path / "console.log"
+    for i in range(10):
+        console_log.append(f, bytes([65 + i]) * 40, cap=100)
+        assert f.stat().st_size <= 100
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    old = console_log.rotated(f)
+    assert old.stat().st_size <= 100 and stat.S_IMODE(old.stat().st_mode) == 0o600
+    # The newest data is in console.log, the block before it in console.log.1.
+    assert f.read_bytes() == b"I" * 40 + b"J" * 40
+    assert old.read_bytes() == b"G" * 40 + b"H" * 40
+    # One append larger than the cap keeps only its end.
+    console_log.append(f, b"x" * 50 + b"y" * 100, cap=100)
+    assert f.read_bytes() == b"y" * 100
+    assert old.read_bytes() == b"I" * 40 + b"J" * 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "console.log.1"]
 
 
 def test_process_alive() -> None:

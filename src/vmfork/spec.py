@@ -403,6 +403,13 @@ class RunPaths:
     qga: str = ""
 
 
+#: The ring buffer that keeps the serial console's latest output in QEMU, and
+#: its size in bytes (QEMU wants a power of two). Each ``ringbuf-read``
+#: consumes what it returns.
+CONSOLE_RING_ID = "log0"
+CONSOLE_RING = 1 << 20
+
+
 def _qemu_escape(value: str) -> str:
     """Escape a value for QEMU's comma-separated option syntax."""
     return value.replace(",", ",,")
@@ -438,9 +445,15 @@ def build_argv(spec: VMSpec, paths: RunPaths, incoming: tuple[str, ...] = (),
         # the link down about a second after the load.
         "-global", "migration.announce-rounds=0",
         "-qmp", f"unix:{_qemu_escape(paths.qmp)},server=on,wait=off",
-        "-chardev", (f"socket,id=con0,path={_qemu_escape(paths.console)},server=on,wait=off,"
-                     f"logfile={_qemu_escape(paths.console_log)},logappend=on"),
-        "-serial", "chardev:con0",
+        # The serial console goes to a hub: to the console socket (``vmfork
+        # console``, the readiness wait) and to a ring buffer that keeps its
+        # last CONSOLE_RING bytes, which vmfork drains into console.log
+        # (vmfork.qemu.console_log). No logfile: QEMU would let a guest grow
+        # it without limit.
+        "-chardev", f"socket,id=con0,path={_qemu_escape(paths.console)},server=on,wait=off",
+        "-chardev", f"ringbuf,id={CONSOLE_RING_ID},size={CONSOLE_RING}",
+        "-chardev", f"hub,id=serial0,chardevs.0={CONSOLE_RING_ID},chardevs.1=con0",
+        "-serial", "chardev:serial0",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=agent0,path={_qemu_escape(paths.agent)},server=on,wait=off",
         "-device", "virtconsole,chardev=agent0,id=agent0port",

@@ -25,7 +25,7 @@ from vmfork.agents import AGENTS as AGENTS
 from vmfork.agents import agent_for as agent_for
 from vmfork.agents import guest_exec as guest_exec
 from vmfork.agents import qga_for as qga_for
-from vmfork.errors import InvalidInput, StateError
+from vmfork.errors import InvalidInput, StateError, VmforkError
 from vmfork.files import fsync_path, unlink_quietly
 from vmfork.guest import readiness
 from vmfork.images.demo import demo_image
@@ -338,6 +338,20 @@ async def attached(store: Store, name: str,
             yield rec, m
         finally:
             await m.disconnect()
+
+
+async def drain_console(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
+    """Move the console output QEMU holds for a live VM into its console.log
+    (:meth:`Machine.drain_console`). Best effort: a VM busy with another
+    command for longer than one QMP deadline, or unreachable, is left as is."""
+    with contextlib.suppress(VmforkError):
+        async with store.lock_async(check_name(name), wait=timeouts.qmp):
+            rec = get_live(store, name)
+            m = await attach(store, rec, timeouts)
+            try:
+                await m.drain_console()
+            finally:
+                await m.disconnect()
 
 
 async def pause(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:

@@ -204,9 +204,11 @@ class AsyncVM:
         await recovery.settle(self._store, check_name(self.name), self.host.timeouts)
 
     async def console_socket(self) -> str:
-        """The UNIX socket of the VM's serial console (a live VM's)."""
+        """The UNIX socket of the VM's serial console (a live VM's); what the
+        console printed so far goes to its console.log first."""
         await self._settle()
         rec = vm.get_live(self._store, self.name)
+        await vm.drain_console(self._store, self.name, self.host.timeouts)
         return paths_for(self._store, rec).console
 
     async def status(self) -> VMStatus:

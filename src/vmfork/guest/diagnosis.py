@@ -89,6 +89,7 @@ async def host_view(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -
     except VmforkError as exc:
         return f"QMP unreachable: {exc}\n"
     try:
+        await m.drain_console()  # the guest's console may say why it hangs
         lines.append(f"run state: {await m.status()}")
         for dev in await m.qmp("x-query-virtio"):
             lines += await _queues(m, dev)

@@ -13,6 +13,13 @@ stderr apart; shell commands run as the serial agent runs them,
 one client at a time, so sessions on one VM are serialised by a file lock
 (waited for with a deadline, :mod:`vmfork.locking`).
 Every await that crosses the process boundary has a deadline.
+
+What the guest sends is bounded (:mod:`vmfork.guest.limits`): the handshake
+reads each byte once and gives up after :data:`MAX_SYNC_NOISE` bytes of
+noise or a sync answer over :data:`MAX_SYNC_LINE`; one reply may be at most
+:data:`READBUFLEN` bytes (qemu.qmp's read buffer); a ``guest-exec``'s output
+at most :data:`~vmfork.guest.limits.MAX_ANSWER` bytes. Past a cap the
+session ends with :class:`~vmfork.guest.limits.TooMuchOutput`.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import secrets
 import socket
 import time
@@ -35,6 +43,7 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from vmfork import locking
 from vmfork.errors import GuestError, VmforkTimeout
+from vmfork.guest.limits import MAX_ANSWER, MAX_ANSWER_B64, TooMuchOutput
 from vmfork.qemu.machine import deadline
 from vmfork.results import ExecResult
 from vmfork.timeouts import DEFAULT
@@ -69,9 +78,17 @@ SHELL_WRAPPER = (
     '( [ -z "$2" ] || cd "$2"; exec /bin/sh -c "$1" 2>"$e" ) >"$o" 3>&-; s=$?; '
     'cat "$o"; [ ! -s "$e" ] || cat "$e" >&3; '
     'rm -f "$o" "$e" </dev/null >/dev/null 3>&- & exit $s')
-#: Longest QGA answer accepted: guest-exec-status carries the output (which
-#: QGA caps at 16 MiB) in base64.
-READBUFLEN = 24 * 1024 * 1024
+#: Longest QGA reply accepted (qemu.qmp's read buffer, which holds at most
+#: this plus one chunk): a guest-exec-status carrying MAX_ANSWER bytes of
+#: output in base64, and room for the rest of its JSON.
+READBUFLEN = MAX_ANSWER_B64 + (64 << 10)
+#: Longest sync answer (``{"return": ID}`` after the 0xFF) accepted.
+MAX_SYNC_LINE = 4096
+#: Most bytes skipped before the sync answer: stale replies an earlier
+#: client left (at most one full reply each, in practice one).
+MAX_SYNC_NOISE = 2 * READBUFLEN
+#: Where the handshake's reader stops to look: a line end or a delimiter.
+_SYNC_STOPS = re.compile(rb"[\n\xff]")
 
 
 class GuestAgent:
@@ -111,7 +128,9 @@ class GuestAgent:
         try:
             sock = await deadline(self._sync(), t, f"the guest agent (QGA) of {self.name}")
             client = QMPClient(self.name, readbuflen=READBUFLEN)
-            client.logger = logging.getLogger(f"vmfork.qga.{self.name}")
+            # Under vmfork.qmp: the CLI shows its wire traces and reader failures
+            # only with --debug (the failure also becomes the command's error).
+            client.logger = logging.getLogger(f"vmfork.qmp.qga.{self.name}")
             client.await_greeting = False
             client.negotiate = False
             try:
@@ -158,26 +177,47 @@ class GuestAgent:
             sync_id = secrets.randbelow(2**31)
             req = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
             await loop.sock_sendall(sock, DELIMITER + json.dumps(req).encode() + b"\n")
-            buf = b""
-            while True:
-                chunk = await loop.sock_recv(sock, 4096)
-                if not chunk:
-                    raise GuestError(f"{self.name}: the guest agent (QGA) closed the channel")
-                buf += chunk
-                while DELIMITER in buf:
-                    buf = buf[buf.index(DELIMITER) + 1:]
-                    line, nl, rest = buf.partition(b"\n")
-                    if not nl:
-                        break  # answer incomplete: read more
-                    buf = rest
-                    with contextlib.suppress(ValueError):
-                        if json.loads(line).get("return") == sync_id:
-                            if buf.strip():
-                                log.debug("%s: QGA sent more after sync: %r", self.name, buf)
-                            return sock
+            await self._read_sync(sock, sync_id)
+            return sock
         except BaseException:
             sock.close()
             raise
+
+    async def _read_sync(self, sock: socket.socket, sync_id: int) -> None:
+        """Read until the delimited answer ``0xFF {"return": sync_id}``.
+
+        Each byte is looked at once; only the bytes after the last 0xFF
+        (at most :data:`MAX_SYNC_LINE`) are kept."""
+        loop = asyncio.get_running_loop()
+        line: bytearray | None = None  # after a 0xFF, until its line ends
+        skipped = 0
+        while True:
+            chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                raise GuestError(f"{self.name}: the guest agent (QGA) closed the channel")
+            pos = 0
+            for stop in _SYNC_STOPS.finditer(chunk):
+                if line is not None:
+                    line += chunk[pos:stop.start()]
+                if stop.group() == DELIMITER:
+                    line = bytearray()
+                elif line is not None:
+                    if _sync_id(line) == sync_id:
+                        rest = chunk[stop.end():]
+                        if rest.strip():
+                            log.debug("%s: QGA sent more after sync: %r", self.name, rest[:200])
+                        return
+                    line = None
+                pos = stop.end()
+            if line is not None:
+                line += chunk[pos:]
+                if len(line) > MAX_SYNC_LINE:
+                    raise TooMuchOutput(self.name, "a sync answer of the guest agent (QGA)",
+                                        MAX_SYNC_LINE)
+            skipped += len(chunk)
+            if skipped > MAX_SYNC_NOISE:
+                raise TooMuchOutput(self.name, "what the guest agent (QGA) sent before "
+                                    "its sync answer", MAX_SYNC_NOISE)
 
     # -- commands -------------------------------------------------------------
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
@@ -191,6 +231,19 @@ class GuestAgent:
         except ExecuteError as exc:
             raise GuestError(f"{self.name}: QGA {cmd} failed: {exc.error.error.desc}") from exc
         except QMPError as exc:
+            # The session broke: the reader's error says why. A reply over
+            # READBUFLEN makes qemu.qmp's reader fail with ValueError.
+            cause: BaseException = exc
+            try:
+                await deadline(self._client.disconnect(), self.timeout, "QGA disconnect")
+            except Exception as root:  # the reader's failure, re-raised
+                cause = root
+            if isinstance(cause, ValueError) and cmd == "guest-exec-status":
+                # READBUFLEN holds MAX_ANSWER bytes of output: there was more.
+                raise TooMuchOutput(self.name, "guest answer", MAX_ANSWER) from cause
+            if isinstance(cause, ValueError):
+                raise TooMuchOutput(self.name, f"a reply of the guest agent (QGA) to {cmd}",
+                                    READBUFLEN) from cause
             raise GuestError(f"{self.name}: QGA {cmd} failed: {exc}") from exc
 
     async def ping(self) -> None:
@@ -227,21 +280,37 @@ class GuestAgent:
         started = await self.execute("guest-exec", args)
         pid = int(started["pid"])
 
+        out, err = bytearray(), bytearray()
+
         async def wait() -> dict[str, Any]:
             pause = POLL_FIRST
             while True:
                 await asyncio.sleep(pause)
                 st: dict[str, Any] = await self.execute("guest-exec-status", {"pid": pid})
+                # QGA sends the output once, when the command has exited;
+                # count every poll's anyway, against one cap.
+                out.extend(self._output(st, "out-data"))
+                err.extend(self._output(st, "err-data"))
+                if len(out) + len(err) > MAX_ANSWER:
+                    raise TooMuchOutput(self.name, "guest answer", MAX_ANSWER)
                 if st.get("exited"):
                     return st
                 pause = min(pause * 2, POLL_MAX)
         st = await deadline(wait(), timeout, f"guest command on {self.name}", label[:60])
-        out = base64.b64decode(st.get("out-data", ""))
-        err = base64.b64decode(st.get("err-data", ""))
         if st.get("out-truncated") or st.get("err-truncated"):
             log.warning("%s: QGA truncated the output of %s", self.name, argv[0])
         status = int(st["exitcode"]) if "exitcode" in st else 128 + int(st.get("signal", 0))
-        return ExecResult.from_bytes(status, out, err, time.monotonic() - t0)
+        return ExecResult.from_bytes(status, bytes(out), bytes(err), time.monotonic() - t0)
+
+    def _output(self, status: dict[str, Any], key: str) -> bytes:
+        """The bytes of one output field of a guest-exec-status reply."""
+        text = status.get(key, "")
+        try:
+            if not isinstance(text, str):
+                raise ValueError(key)
+            return base64.b64decode(text, validate=True)
+        except ValueError as exc:  # binascii.Error is one
+            raise GuestError(f"{self.name}: QGA sent a garbled {key}") from exc
 
     async def set_time(self, ns: int | None = None, timeout: float | None = None) -> None:
         """Set the guest clock to *ns* (default: the host's time now) and the RTC.
@@ -286,3 +355,12 @@ async def wait_qga(socket_path: str, lock_path: Path, name: str, timeout: float,
                 await asyncio.sleep(0.2)
     await deadline(loop(), timeout, f"the guest agent (QGA) of {name}")
     return time.monotonic() - t0
+
+
+def _sync_id(line: bytearray) -> object:
+    """The ``return`` value of a sync answer, or None if *line* is not one."""
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        return None
+    return answer.get("return") if isinstance(answer, dict) else None

@@ -23,6 +23,15 @@ interleaved in the one section, and are read as stdout.
 
 Calls on one VM are serialised by a file lock, because the agent socket
 takes one client at a time.
+
+A guest may be hostile: no line may be longer than
+:data:`~vmfork.guest.limits.MAX_LINE` and one answer may carry at most
+:data:`~vmfork.guest.limits.MAX_ANSWER` bytes of output. vmfork holds no
+more than that (plus one read buffer): past either cap it stops reading,
+closes the connection and raises :class:`~vmfork.guest.limits.TooMuchOutput`.
+What the guest still sends goes nowhere (QEMU drops a console's output while
+no client is connected), and a later command skips it, as it skips any
+answer to another nonce.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from pathlib import Path
 
 from vmfork import locking
 from vmfork.errors import GuestError, InvalidInput
+from vmfork.guest.limits import MAX_ANSWER, MAX_ANSWER_B64, MAX_LINE, TooMuchOutput
 from vmfork.qemu.machine import deadline
 from vmfork.results import ExecResult
 from vmfork.timeouts import DEFAULT
@@ -73,23 +83,28 @@ class AnswerReader:
     def __init__(self, nonce: bytes, name: str = "guest") -> None:
         self.nonce = nonce
         self.name = name
-        self._out: list[bytes] = []
-        self._err: list[bytes] = []
+        self._out = bytearray()
+        self._err = bytearray()
         #: Where base64 lines go: None outside our answer.
-        self._section: list[bytes] | None = None
+        self._section: bytearray | None = None
 
     def feed(self, line: bytes) -> Answer | None:
+        """Take one line; raises :class:`TooMuchOutput` as soon as the
+        answer's base64 grows over what :data:`MAX_ANSWER` bytes need."""
         line = line.strip()
         # A marker may come glued to the end of a partial line: the tty
         # echoes a request that arrives before the agent turned echo off.
         at = line.rfind(self.nonce + b" ")
         if at < 0:
             if self._section is not None:
-                self._section.append(line)
+                self._section += line
+                if len(self._out) + len(self._err) > MAX_ANSWER_B64:
+                    self._out, self._err = bytearray(), bytearray()
+                    raise TooMuchOutput(self.name, "guest answer", MAX_ANSWER)
             return None
         marker = line[at + len(self.nonce) + 1:]
         if marker == b"BEGIN":
-            self._out, self._err = [], []
+            self._out, self._err = bytearray(), bytearray()
             self._section = self._out
         elif marker == b"ERR":
             self._section = self._err
@@ -105,6 +120,8 @@ class AnswerReader:
             sizes = [int(f) for f in fields[1:3]]
         except (ValueError, IndexError) as exc:
             raise GuestError(f"{self.name}: garbled answer from the agent") from exc
+        if sum(sizes) > MAX_ANSWER:
+            raise TooMuchOutput(self.name, "guest answer", MAX_ANSWER)
         out = self._decode(self._out, "output")
         err = self._decode(self._err, "error output")
         got = [len(out), len(err)][:len(sizes)]
@@ -113,9 +130,9 @@ class AnswerReader:
                            f"({sum(got)} of {sum(sizes)} bytes arrived)")
         return Answer(status, out, err)
 
-    def _decode(self, lines: list[bytes], what: str) -> bytes:
+    def _decode(self, text: bytearray, what: str) -> bytes:
         try:
-            return base64.b64decode(b"".join(lines), validate=True)
+            return base64.b64decode(text, validate=True)
         except (ValueError, binascii.Error) as exc:
             raise CutShort(f"{self.name}: the command's {what} arrived garbled") from exc
 
@@ -146,7 +163,7 @@ class SerialAgent:
         try:
             try:
                 reader, writer = await deadline(
-                    asyncio.open_unix_connection(self.socket_path, limit=1 << 24),
+                    asyncio.open_unix_connection(self.socket_path, limit=MAX_LINE),
                     self.connect_timeout, f"the guest agent of {self.name}")
             except OSError as exc:
                 raise GuestError(
@@ -179,7 +196,11 @@ class SerialAgent:
     async def _answer(self, reader: asyncio.StreamReader, nonce: bytes) -> Answer:
         parser = AnswerReader(nonce, self.name)
         while True:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except ValueError as exc:  # over the reader's limit, MAX_LINE
+                raise TooMuchOutput(self.name, "a line from the guest agent",
+                                    MAX_LINE) from exc
             if not line:
                 raise GuestError(f"{self.name}: the guest agent closed the connection")
             answer = parser.feed(line)

@@ -20,6 +20,8 @@ returns.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import os
@@ -40,25 +42,39 @@ from qemu.qmp.qmp_client import ExecuteError
 from vmfork.errors import LaunchError, QMPCommandError, StateError, VmforkError, VmforkTimeout
 from vmfork.private import UMASK, make_dirs, opener
 from vmfork.proc import process_alive, process_start_time
-from vmfork.spec import RunPaths, VMSpec, build_argv
+from vmfork.qemu import console_log
+from vmfork.spec import CONSOLE_RING, CONSOLE_RING_ID, RunPaths, VMSpec, build_argv
 from vmfork.timeouts import DEFAULT, Timeouts
 
 T = TypeVar("T")
 log = logging.getLogger("vmfork.machine")
 
 READY_MARKER = b"VMFORK-READY"
+#: How much of a log's end :func:`log_tail` reads.
+TAIL_BYTES = 16384
+#: During the readiness wait, the console's ring buffer is drained into
+#: console.log at most this often (seconds), and once more at the end.
+DRAIN_EVERY = 0.2
 
 
 def log_tail(path: str | Path, lines: int = 20) -> str:
-    """The last *lines* of a log file, or '' if it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
+    """The last *lines* of a log file (continued from the file it rotated
+    to, :func:`console_log.rotated`, if it has just been rotated), or '' if
+    it cannot be read."""
+    data = b""
+    for p in (path, console_log.rotated(path)):
+        try:
+            with open(p, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - (TAIL_BYTES - len(data))))
+                data = f.read() + data
+        except FileNotFoundError:
+            pass
+        except OSError:
+            break
+        if len(data) >= TAIL_BYTES or data.count(b"\n") > lines:
+            break
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
 
@@ -303,13 +319,30 @@ class Machine:
         return await deadline(poll(), timeout, phase)
 
     # -- console ------------------------------------------------------------
+    async def drain_console(self) -> None:
+        """Move what the console's ring buffer holds into console.log
+        (:mod:`vmfork.qemu.console_log`). Best effort: a QEMU that does not
+        answer, or one started without the ring buffer, leaves the file as it is."""
+        if not self.alive():
+            return
+        try:
+            data = await self.qmp("ringbuf-read", {"device": CONSOLE_RING_ID,
+                                                   "size": CONSOLE_RING, "format": "base64"})
+            console_log.append(self.paths.console_log, base64.b64decode(str(data)))
+        except (VmforkError, OSError, binascii.Error) as exc:
+            log.debug("%s: console not drained: %s", self.name, exc)
+
     async def wait_console(self, marker: bytes = READY_MARKER,
                            timeout: float | None = None,
                            pattern: re.Pattern[bytes] | None = None) -> float:
         """Read the serial console until *marker* appears (or *pattern*
         matches the last 64 KiB read); return seconds waited.
 
-        Connect before the guest runs (QEMU started paused) so nothing is lost.
+        Drains the console's ring buffer into console.log as it goes
+        (:meth:`drain_console`); if QEMU dies meanwhile, what the socket got
+        after the last drain goes to console.log instead (the ring died with
+        QEMU). Connect before the guest runs (QEMU started paused) so nothing
+        is lost.
         """
         t0 = time.monotonic()
         t = timeout or self.timeouts.boot
@@ -318,6 +351,8 @@ class Machine:
         try:
             async def scan() -> None:
                 buf = b""
+                seen = drained = 0  # bytes read from the socket, at the last drain
+                last_drain = time.monotonic()
                 while not (pattern.search(buf) if pattern else marker in buf):
                     try:
                         chunk = await reader.read(4096)
@@ -325,16 +360,29 @@ class Machine:
                         chunk = b""
                     if not chunk:
                         await asyncio.sleep(0.05)  # let a dying QEMU finish: its status
+                        if not self.alive():
+                            with contextlib.suppress(OSError, StateError):
+                                console_log.append(self.paths.console_log,
+                                                   buf[len(buf) - min(seen - drained, len(buf)):])
                         msg = f"{self.name}: QEMU exited before the guest was ready"
                         if self.exitcode() == -signal.SIGBUS:
                             msg += f" ({SIGBUS_HINT})"
                         self._raise_if_exited(msg)
+                        await self.drain_console()
                         raise LaunchError(msg, argv=self.argv,
                                           log_tail=log_tail(self.paths.console_log))
+                    seen += len(chunk)
                     buf = (buf + chunk)[-65536:]
-            await deadline(scan(), t, f"{self.name} to boot",
-                           detail="console: " + " | ".join(
-                               log_tail(self.paths.console_log, 3).splitlines()))
+                    if time.monotonic() - last_drain >= DRAIN_EVERY:
+                        await self.drain_console()
+                        drained, last_drain = seen, time.monotonic()
+            try:
+                await deadline(scan(), t, f"{self.name} to boot")
+            except VmforkTimeout as exc:
+                await self.drain_console()
+                raise VmforkTimeout(exc.phase, exc.seconds, "console: " + " | ".join(
+                    log_tail(self.paths.console_log, 3).splitlines())) from exc
+            await self.drain_console()
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -384,6 +432,7 @@ class Machine:
         """
         try:
             if not force and self.alive():
+                await self.drain_console()
                 with contextlib.suppress(VmforkError):  # QEMU may hang up before answering
                     await self.qmp("quit", timeout=self.timeouts.stop)
                 if await self._wait_exit(self.timeouts.stop):
