@@ -109,6 +109,10 @@ class CloneResult(Result):
     #: Port forwards (host, guest): each of the template's on a host port of
     #: the clone's own.
     ports: tuple[tuple[int, int], ...] = ()
+    #: What the clone's identity step did, part by part (``rng``,
+    #: ``hostname``, ``machine_id``, ``mac``, ``clock``): ``set``,
+    #: ``vmgenid`` or ``skipped: <why>``; empty if no identity was asked for.
+    identity: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

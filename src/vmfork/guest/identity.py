@@ -16,7 +16,7 @@ from __future__ import annotations
 import shlex
 import time
 
-from vmfork import vm
+from vmfork import agents, vm
 from vmfork.errors import GuestError, StateError, VmforkTimeout
 from vmfork.guest import diagnosis
 from vmfork.records import VMRecord
@@ -104,16 +104,37 @@ async def sync_clock(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) 
                          f"{_one_line(r.stderr or r.stdout)}")
 
 
+#: The parts of a clone's identity, as :func:`make_unique` reports them.
+PARTS = ("rng", "hostname", "machine_id", "mac", "clock")
+
+
 async def make_unique(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT,
-                      old_mac: str | None = None, thaw_first: bool = False) -> float:
+                      old_mac: str | None = None,
+                      thaw_first: bool = False) -> tuple[float, dict[str, str]]:
     """Clock, hostname = VM name, new machine-id, the VM's own MAC (on the NIC
-    that has *old_mac*, the template's): one guest command. A guest copied
-    while frozen (*thaw_first*) is thawed before, through qemu-guest-agent.
-    Returns the seconds it took."""
+    that has *old_mac*, the template's): one guest command, through whichever
+    guest agent answers (:mod:`vmfork.agents`). A guest copied while frozen
+    (*thaw_first*) is thawed before, through qemu-guest-agent.
+
+    Returns the seconds it took and what was done, part by part
+    (:data:`PARTS`: ``set``, or ``skipped: <why>``). The RNG is reseeded by
+    the guest's kernel when it sees the new VM generation ID, agent or not.
+    A guest with no agent keeps the template's hostname, machine-id, MAC and
+    clock: that is reported, not raised."""
     t0 = time.monotonic()
+    done = {"rng": "vmgenid"}
+    mac = rec.spec.net.mac if rec.spec.net else None
+    try:
+        await agents.choose_agent(store, rec, timeouts=timeouts)
+    except GuestError:
+        if thaw_first:
+            raise GuestError(f"{rec.name}: the template's file systems were frozen and no "
+                             "guest agent answers to thaw them") from None
+        why = "skipped: no guest agent"
+        done.update(hostname=why, machine_id=why, clock=why, mac=why if mac else "no NIC")
+        return time.monotonic() - t0, done
     if thaw_first:
         await thaw(store, rec, timeouts)
-    mac = rec.spec.net.mac if rec.spec.net else None
     cmd = " && ".join([clock_command(), identity_command(
         hostname=rec.name, mac=mac, new_machine_id=True, old_mac=old_mac)])
     try:
@@ -125,7 +146,17 @@ async def make_unique(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT,
     if r.exit_code != 0:
         raise GuestError(f"{rec.name}: giving the clone its identity failed "
                          f"(status {r.exit_code}): {_one_line(r.stderr or r.stdout)}")
-    return time.monotonic() - t0
+    done.update(hostname="set", machine_id="set", clock="set", mac="set" if mac else "no NIC")
+    return time.monotonic() - t0, done
+
+
+def skipped(done: dict[str, str]) -> str:
+    """One line naming the parts of an identity that were skipped, or ""."""
+    parts = [k.replace("_", "-") for k, v in done.items() if v.startswith("skipped")]
+    if not parts:
+        return ""
+    why = next(v for v in done.values() if v.startswith("skipped")).partition(": ")[2]
+    return f"{', '.join(parts)} not set ({why})"
 
 
 def _one_line(text: str, limit: int = 200) -> str:

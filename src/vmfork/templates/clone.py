@@ -210,6 +210,7 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
     adopt = (member.pid, member.pid_start) if member else None
     hook_result: tuple[int, str] | None = None
     t_hook: float | None = None
+    made: dict[str, str] = {}
     try:
         async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts,
                           adopt=adopt) as launch:
@@ -233,8 +234,11 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
             # A warm pool member thawed its file systems when it was warmed up.
             frozen = manifest.frozen and not (member and member.warm)
             if set_identity:
-                await identity.make_unique(store, rec, timeouts,
-                                           old_mac=template_mac(manifest), thaw_first=frozen)
+                _, made = await identity.make_unique(store, rec, timeouts,
+                                                     old_mac=template_mac(manifest),
+                                                     thaw_first=frozen)
+                if identity.skipped(made):
+                    log.warning("%s: %s", name, identity.skipped(made))
             elif frozen:
                 await identity.thaw(store, rec, timeouts)
             t_resp = time.monotonic() - t0
@@ -253,4 +257,5 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
                        running=t_running, responsive=t_resp,
                        hook_status=hook_result[0] if hook_result else None,
                        hook_output=hook_result[1] if hook_result else None,
-                       hook_done=t_hook, ports=spec.net.ports if spec.net else ())
+                       hook_done=t_hook, ports=spec.net.ports if spec.net else (),
+                       identity=made)
