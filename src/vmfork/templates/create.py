@@ -98,6 +98,7 @@ async def create_from_vm(store: Store, name: str, vm_name: str,
     QEMU ends, the VM is resumed and thawed. *on_clone* is the default hook
     of the template's clones; *imported_from* names the snapshot file the VM
     was imported from."""
+    store.check_new_name(name, "template")
     check_disks_templatable(vm.get_live(store, vm_name).spec)
     async with reserved(store, name, vm_name, timeouts, on_clone=on_clone,
                         imported_from=imported_from) as work:
