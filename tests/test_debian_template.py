@@ -21,13 +21,14 @@ from typing import Any
 import pytest
 
 from vmfork import vm
-from vmfork.errors import GuestError
+from vmfork.errors import GuestError, TemplateError
 from vmfork.images.debian import DiskImage
-from vmfork.templates import clone
+from vmfork.templates import clone, create
 from vmfork.timeouts import Timeouts
 
 from .conftest import Env, module_env, qemu_processes, run
 from .test_debian import debian_img, sha256
+from .test_snapshot import kill9_at
 
 __all__ = ["debian_img"]  # the fixture, imported to be used here
 
@@ -46,7 +47,8 @@ class DebianTemplate:
     source: dict[str, str]          # what the source VM saw: md5s, identity
     manifest: dict[str, Any]
     clones: list[dict[str, Any]]    # `vmfork clone --json` of T-1, T-2
-    failed_create: dict[str, Any]   # a template creation that failed at the save
+    failed_create: dict[str, Any]   # a template creation that failed after the freeze
+    killed_create: dict[str, Any]   # one killed (-9) with the guest frozen
     times: dict[str, float] = field(default_factory=dict)
 
     def exec(self, name: str, command: str) -> str:
@@ -82,14 +84,30 @@ def dt(debian_img: DiskImage, session_images: Path) -> Iterator[DebianTemplate]:
         disk_md5, ram_md5, machine_id, hostname, mac = out.split()
         source = {"disk_md5": disk_md5, "ram_md5": ram_md5, "machine_id": machine_id,
                   "hostname": hostname, "mac": mac}
-        # A creation that fails after the freeze (its state file cannot be
-        # written) must leave the VM running and thawed.
-        (home / "templates/X/state").mkdir(parents=True)
-        p = env.cli("template", "create", "X", "--from", "src")
-        failed = {"returncode": p.returncode, "stderr": p.stderr,
-                  "fsfreeze": run(fsfreeze_status(env, "src")),
+        # A creation that fails right after the freeze must leave the VM
+        # running and thawed.
+        async def fail_when_frozen(step: str) -> None:
+            if step == "template.frozen":
+                raise TemplateError("injected failure after the freeze")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(create, "checkpoint", fail_when_frozen)
+            try:
+                run(create.create_from_vm(env.store(), "X", "src"))
+                error = ""
+            except TemplateError as exc:
+                error = str(exc)
+        failed = {"error": error, "fsfreeze": run(fsfreeze_status(env, "src")),
                   "status": run(vm.status(env.store(), "src")),
                   "write": env.exec("src", "touch /var/tmp/x && echo written").strip(),
+                  "left": (home / "templates/X").exists()}
+        # One killed (-9) with the guest frozen: the next command thaws it.
+        kill9_at(env, "template.frozen", "template", "create", "X", "--from", "src")
+        killed = {"fsfreeze_after_kill": run(fsfreeze_status(env, "src")),
+                  "ls": env.cli("template", "ls", "--json", check=True).stdout,
+                  "fsfreeze": run(fsfreeze_status(env, "src")),
+                  "status": run(vm.status(env.store(), "src")),
+                  "write": env.exec("src", "touch /var/tmp/y && echo written").strip(),
                   "left": (home / "templates/X").exists()}
         t0 = time.monotonic()
         p = env.cli("template", "create", "T", "--from", "src", "--on-clone", HOOK,
@@ -109,14 +127,23 @@ def dt(debian_img: DiskImage, session_images: Path) -> Iterator[DebianTemplate]:
                           f"{c['responsive']:.3f} s, hook done {c['hook_done']:.3f} s"
                           for c in clones) + "]")
         yield DebianTemplate(env, debian_img, base_sha, source, manifest, clones, failed,
+                             killed,
                              times)
 
 
 def test_failed_creation_resumes_and_thaws_the_vm(dt: DebianTemplate) -> None:
     f = dt.failed_create
-    assert f["returncode"] == 1 and f["stderr"].count("\n") == 1, f
+    assert f["error"] == "injected failure after the freeze", f
     got = (f["fsfreeze"], f["status"], f["write"], f["left"])
     assert got == ("thawed", "running", "written", False), f
+
+
+def test_killed_creation_is_thawed_by_the_next_command(dt: DebianTemplate) -> None:
+    k = dt.killed_create
+    assert k["fsfreeze_after_kill"] == "frozen", k
+    assert json.loads(k["ls"]) == [], k
+    got = (k["fsfreeze"], k["status"], k["write"], k["left"])
+    assert got == ("thawed", "running", "written", False), k
 
 
 def test_template_takes_over_the_overlay(dt: DebianTemplate) -> None:

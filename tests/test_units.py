@@ -812,35 +812,42 @@ def test_check_disks_refuses_missing_or_changed_overlays(tmp_path: Path) -> None
     tm.check_disks(sample_manifest("old"))  # a template without disks
 
 
-def test_adopt_files_moves_overlays_read_only(tmp_path: Path) -> None:
+def test_adopt_files_moves_overlays_read_only_and_can_be_repeated_or_undone(
+        tmp_path: Path) -> None:
     src, tdir = tmp_path / "vms/src", tmp_path / "templates/t"
     src.mkdir(parents=True)
     tdir.mkdir(parents=True)
     (src / "disk0.qcow2").write_bytes(b"overlay")
     (src / "kernel").write_bytes(b"imported kernel")
+    (tmp_path / "src.mem").write_bytes(b"ram")
     base = tmp_path / "base.raw"
     base.write_bytes(b"base")
-    spec = VMSpec(name="src", memory_mib=256, memory=MemorySpec(path="/m"),
+    spec = VMSpec(name="src", memory_mib=256, memory=MemorySpec(path=str(tmp_path / "src.mem")),
                   kernel=str(src / "kernel"), initrd="/boot/initrd",
                   disks=(DiskSpec(path=str(src / "disk0.qcow2"), backing=str(base),
                                   backing_format="raw"),
                          DiskSpec(path="/iso.raw", format="raw", readonly=True)))
-    disks, entries, files = create._adopt_files(spec, src, tdir)
+    mem = tmp_path / "tpl-t.mem"
+    disks, entries, files = create._adopt_files(spec, src, tdir, mem)
     assert disks[0].path == str(tdir / "disk0.qcow2") and disks[0].backing == str(base)
     assert disks[1] == spec.disks[1]
-    assert (tdir / "disk0.qcow2").stat().st_mode & 0o777 == 0o400
-    assert not (src / "disk0.qcow2").exists()
+    for f in (tdir / "disk0.qcow2", tdir / "kernel", mem):
+        assert f.stat().st_mode & 0o777 == 0o400
+    assert not (src / "disk0.qcow2").exists() and not (tmp_path / "src.mem").exists()
     assert entries == [tm.disk_record(tdir / "disk0.qcow2", 0, str(base))]
     assert files == {"kernel": str(tdir / "kernel")}
-    # A failure puts back what was moved.
-    (tdir / "disk0.qcow2").chmod(0o644)
-    os.rename(tdir / "disk0.qcow2", src / "disk0.qcow2")
+    # A creation that died half-way repeats it: what was moved is taken as it is.
     os.rename(tdir / "kernel", src / "kernel")
-    (tdir / "kernel").mkdir()
-    (tdir / "kernel" / "x").write_text("in the way")
-    with pytest.raises(OSError):
-        create._adopt_files(spec.with_(kernel=str(src / "kernel")), src, tdir / "kernel" / "x")
+    assert create._adopt_files(spec, src, tdir, mem) == (disks, entries, files)
+    # Undoing puts everything back, writable.
+    create._return_files(spec, src, tdir, str(mem))
     assert (src / "disk0.qcow2").read_bytes() == b"overlay"
+    assert (tmp_path / "src.mem").read_bytes() == b"ram" and not mem.exists()
+    assert (src / "kernel").stat().st_mode & 0o777 == 0o600
+    # A file gone from both places cannot be adopted.
+    (src / "kernel").unlink()
+    with pytest.raises(FileNotFoundError):
+        create._adopt_files(spec, src, tdir, mem)
 
 
 def test_templates_need_overlays() -> None:

@@ -100,6 +100,12 @@ def pool_lock(template: str) -> str:
     return f"{INTERNAL_PREFIX}pool.{template}"
 
 
+def template_lock(template: str) -> str:
+    """The lock held by whoever makes, removes or recovers *template*
+    (:mod:`vmfork.templates.recovery`); in vmfork's namespace."""
+    return f"{INTERNAL_PREFIX}template.{template}"
+
+
 def derived(base: str, suffix: str) -> str:
     """``base + suffix`` (a clone's name from its template's): in vmfork's
     namespace if *base* is."""

@@ -1,7 +1,8 @@
 """What the catalog keeps, typed: each VM's :class:`VMRecord` with its
 :class:`VMInfo` (memory ownership, QEMU generation, an update in flight, a
 saved state), the saved-state manifest :class:`SavedState`, each template's
-versioned :class:`TemplateManifest`, and pool members (:class:`PoolMember`).
+versioned :class:`TemplateManifest`, a template being made or removed
+(:class:`TemplateWork`), and pool members (:class:`PoolMember`).
 
 Records are plain values; :mod:`vmfork.store` reads and writes them. Every
 ``from_dict`` accepts what older vmfork versions wrote (unknown keys are
@@ -352,3 +353,58 @@ class TemplateManifest(Result):
         if not isinstance(d, dict):
             raise TemplateError("a template manifest is not a JSON object")
         return cls.from_dict(d)
+
+
+#: States of a template's catalog row: usable, being made, being removed.
+TEMPLATE_READY, TEMPLATE_CREATING, TEMPLATE_REMOVING = "ready", "creating", "removing"
+
+
+@dataclass(frozen=True)
+class TemplateWork:
+    """What a ``template create`` or ``template rm`` is doing, kept in the
+    template's catalog row (states ``creating`` and ``removing``) from before
+    its first step, so that the next command can finish or undo it when the
+    vmfork that did it died (:mod:`vmfork.templates.recovery`).
+
+    For a creation it says who works (pid and start time), on which VM, in
+    which directory, and how far it got: the flags are recorded *before* the
+    step they name is taken (``frozen`` before fsfreeze, ``paused`` before
+    the pause), so a recovery never misses a frozen or paused guest."""
+
+    name: str
+    #: ``create`` or ``remove``.
+    op: str
+    pid: int
+    pid_start: float | None
+    started: float
+    #: The VM frozen into the template.
+    source_vm: str | None = None
+    #: The source VM was made by this creation (the demo build VM, an
+    #: import's temporary VM): undoing the creation removes it.
+    source_owned: bool = False
+    #: The template's directory (made by this creation, ``exist_ok=False``).
+    directory: str = ""
+    #: The path the source VM's memory file is renamed to.
+    memory_file: str | None = None
+    #: The guest's file systems are (or may be) frozen.
+    frozen: bool = False
+    #: vmfork paused the running guest.
+    paused: bool = False
+    #: QEMU's version and machine type, read before the save.
+    qemu_version: str | None = None
+    machine: str | None = None
+    #: The state save completed (its statistics).
+    saved: TemplateSave | None = None
+    on_clone: str | None = None
+    imported_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["saved"] = self.saved.to_dict() if self.saved else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TemplateWork:
+        known = _known(cls, d)
+        saved = known.pop("saved", None)
+        return cls(**known, saved=TemplateSave.from_dict(saved) if saved else None)

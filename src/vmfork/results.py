@@ -244,3 +244,6 @@ class TemplateStatus(Result):
     pool: int
     qemu: str
     age_seconds: float
+    #: ``ready``; ``creating`` or ``removing`` while a command works on it
+    #: (a template is usable only when ready).
+    status: str = "ready"

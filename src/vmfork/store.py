@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmfork import locking
-from vmfork.errors import AlreadyExists, InvalidInput, NotFound
+from vmfork.errors import AlreadyExists, InvalidInput, NotFound, StateError, VmforkError
 from vmfork.names import POOL_ID_HEX, check_name, check_new_name, derived, pool_member_name
 from vmfork.private import FILE_MODE, make_dirs, private_dir
 from vmfork.timeouts import DEFAULT
@@ -29,7 +29,7 @@ from vmfork.timeouts import DEFAULT
 # The record types are imported where records are read: listing an empty
 # catalog (``vmfork ls`` on a new host) then never loads them.
 if TYPE_CHECKING:
-    from vmfork.records import PoolMember, TemplateManifest, VMRecord
+    from vmfork.records import PoolMember, TemplateManifest, TemplateWork, VMRecord
     from vmfork.spec import RunPaths
 
 #: Longest path the kernel accepts for a UNIX socket (sun_path minus the NUL).
@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS vms (
 CREATE TABLE IF NOT EXISTS templates (
     name      TEXT PRIMARY KEY,
     manifest  TEXT NOT NULL,
-    created   REAL NOT NULL
+    created   REAL NOT NULL,
+    state     TEXT NOT NULL DEFAULT 'ready',
+    work      TEXT
 );
 CREATE TABLE IF NOT EXISTS pool_members (
     id        TEXT PRIMARY KEY,
@@ -73,7 +75,9 @@ CREATE TABLE IF NOT EXISTS pool_targets (
 #: Columns added after the first release: (table, column, declaration).
 _ADDED_COLUMNS = (("pool_members", "warm", "INTEGER NOT NULL DEFAULT 0"),
                   ("pool_members", "ready", "INTEGER NOT NULL DEFAULT 1"),
-                  ("pool_targets", "warm", "INTEGER NOT NULL DEFAULT 0"))
+                  ("pool_targets", "warm", "INTEGER NOT NULL DEFAULT 0"),
+                  ("templates", "state", "TEXT NOT NULL DEFAULT 'ready'"),
+                  ("templates", "work", "TEXT"))
 
 
 
@@ -291,37 +295,137 @@ class Store:
                         info=VMInfo.from_dict(json.loads(row[7])))
 
     # -- templates --------------------------------------------------------
+    # A template's row is ``ready`` (its manifest is usable), ``creating``
+    # (a reservation: the manifest is empty, ``work`` says what is in
+    # flight) or ``removing`` (the manifest stays, ``work`` names the
+    # remover); see :class:`vmfork.records.TemplateWork`.
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def add_template(self, manifest: TemplateManifest) -> None:
         try:
             self._db.execute("INSERT INTO templates (name, manifest, created) VALUES (?, ?, ?)",
                              (manifest.name, json.dumps(manifest.to_dict()), manifest.created))
         except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"a template named {manifest.name!r} exists already") from exc
+            raise self.template_conflict(manifest.name) from exc
 
-    def get_template(self, name: str) -> TemplateManifest:
+    def reserve_template(self, work: TemplateWork) -> None:
+        """Take the name of a new template: a row in state ``creating``
+        holding *work*; the error of :meth:`template_conflict` if the name
+        is taken."""
+        try:
+            self._db.execute(
+                "INSERT INTO templates (name, manifest, created, state, work)"
+                " VALUES (?, '{}', ?, 'creating', ?)",
+                (work.name, work.started, json.dumps(work.to_dict())))
+        except sqlite3.IntegrityError as exc:
+            raise self.template_conflict(work.name) from exc
+
+    def template_conflict(self, name: str) -> VmforkError:
+        """Why a new template cannot take *name*: AlreadyExists for a
+        template, StateError for one being made or removed."""
+        found = self.template_work(name)
+        if found is None or found[1] is None:
+            return AlreadyExists(f"a template named {name!r} exists already")
+        state, work = found[0], found[1]
+        verb = "created" if state == "creating" else "removed"
+        return StateError(f"template {name} is being {verb} by another vmfork command "
+                          f"(pid {work.pid})")
+
+    def template_work(self, name: str) -> tuple[str, TemplateWork | None] | None:
+        """The state of template *name*'s row and its work in flight (None
+        for a ready template); None if there is no row."""
+        from vmfork.records import TemplateWork
+
+        row = self._db.execute("SELECT state, work FROM templates WHERE name=?",
+                               (name,)).fetchone()
+        if row is None:
+            return None
+        work = TemplateWork.from_dict(json.loads(row[1])) if row[1] else None
+        return str(row[0]), work
+
+    def template_works(self) -> list[tuple[str, TemplateWork]]:
+        """Every template being made or removed (state, work), oldest first."""
+        from vmfork.records import TemplateWork
+
+        rows = self._db.execute("SELECT state, work FROM templates WHERE state != 'ready'"
+                                " AND work IS NOT NULL ORDER BY created").fetchall()
+        return [(str(r[0]), TemplateWork.from_dict(json.loads(r[1]))) for r in rows]
+
+    def set_template_work(self, work: TemplateWork) -> None:
+        """Record how far the work on a template being made or removed got."""
+        self._db.execute("UPDATE templates SET work=? WHERE name=? AND state != 'ready'",
+                         (json.dumps(work.to_dict()), work.name))
+
+    def finish_template(self, manifest: TemplateManifest, source_vm: str | None) -> None:
+        """Turn the reservation of *manifest*'s template into the template
+        and remove the VM it was made from, in one transaction."""
+        with self._transaction():
+            cur = self._db.execute(
+                "UPDATE templates SET manifest=?, created=?, state='ready', work=NULL"
+                " WHERE name=? AND state='creating'",
+                (json.dumps(manifest.to_dict()), manifest.created, manifest.name))
+            if cur.rowcount != 1:
+                raise StateError(f"template {manifest.name} is no longer reserved")
+            if source_vm is not None:
+                self._db.execute("DELETE FROM vms WHERE name=?", (source_vm,))
+
+    def drop_reservation(self, name: str) -> None:
+        """Remove the row of a template being made (not one that is ready)."""
+        self._db.execute("DELETE FROM templates WHERE name=? AND state='creating'", (name,))
+
+    def mark_template_removing(self, work: TemplateWork) -> bool:
+        """Move a ready template to ``removing`` (clones and pools refuse it
+        from now on); False if it was not ready."""
+        cur = self._db.execute(
+            "UPDATE templates SET state='removing', work=? WHERE name=? AND state='ready'",
+            (json.dumps(work.to_dict()), work.name))
+        return cur.rowcount == 1
+
+    def get_template(self, name: str, usable: bool = True) -> TemplateManifest:
         """The manifest of template *name* (any version vmfork wrote, read into
-        the current layout; TemplateError if unreadable)."""
+        the current layout; TemplateError if unreadable). StateError for a
+        template being made, or (with *usable*) being removed."""
         from vmfork.records import TemplateManifest
 
-        row = self._db.execute("SELECT manifest FROM templates WHERE name=?",
+        row = self._db.execute("SELECT manifest, state FROM templates WHERE name=?",
                                (name,)).fetchone()
         if row is None:
             raise NotFound(f"no template named {name!r}")
+        if row[1] == "creating" or (usable and row[1] != "ready"):
+            raise StateError(f"template {name} is not complete: it is being "
+                             f"{'created' if row[1] == 'creating' else 'removed'}")
         return TemplateManifest.from_json(row[0])
 
     def has_template(self, name: str) -> bool:
+        """Whether a row holds *name* (a template, or one being made or removed)."""
         return self._db.execute("SELECT 1 FROM templates WHERE name=?",
                                 (name,)).fetchone() is not None
 
+    def template_names(self) -> list[str]:
+        """Every template's name, ready or not, oldest first."""
+        return [str(r[0]) for r in
+                self._db.execute("SELECT name FROM templates ORDER BY created").fetchall()]
+
     def list_templates(self) -> list[TemplateManifest]:
+        """The manifests of the ready templates, oldest first."""
         from vmfork.records import TemplateManifest
 
-        rows = self._db.execute("SELECT manifest FROM templates ORDER BY created").fetchall()
+        rows = self._db.execute("SELECT manifest FROM templates WHERE state='ready'"
+                                " ORDER BY created").fetchall()
         return [TemplateManifest.from_json(r[0]) for r in rows]
 
     def remove_template(self, name: str) -> None:
-        self._db.execute("DELETE FROM templates WHERE name=?", (name,))
-        self._db.execute("DELETE FROM pool_targets WHERE template=?", (name,))
+        with self._transaction():
+            self._db.execute("DELETE FROM templates WHERE name=?", (name,))
+            self._db.execute("DELETE FROM pool_targets WHERE template=?", (name,))
 
     # -- warm pool ----------------------------------------------------------
     def add_pool_member(self, m: PoolMember) -> None:

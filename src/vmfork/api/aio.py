@@ -6,7 +6,9 @@ template, so it never goes stale: every method reads the catalog afresh. Each
 method is one library operation, with the host's deadlines; every result is a
 frozen dataclass from :mod:`vmfork.results` (or a handle). Operations on one
 VM first settle an update of it that a killed vmfork left half done
-(:mod:`vmfork.update.recovery`), so the next command finishes or undoes it.
+(:mod:`vmfork.update.recovery`), and a template creation from it
+(:mod:`vmfork.templates.recovery`); operations on templates first settle a
+creation or removal of theirs: the next command finishes or undoes it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from vmfork.snapshots import export, imports, save
 from vmfork.spec import parse_memory
 from vmfork.store import Store
 from vmfork.templates import catalog, clone, create, pool
+from vmfork.templates import recovery as template_recovery
 from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
 from vmfork.update import live as live_update
 from vmfork.update import recovery
@@ -121,13 +124,17 @@ class AsyncHost:
 
     # -- templates --------------------------------------------------------------
     async def template(self, name: str) -> AsyncTemplate:
-        """The template *name* (NotFound if there is none)."""
+        """The template *name* (NotFound if there is none; StateError while
+        it is being made or removed)."""
+        await template_recovery.settle(self.store, name, self.timeouts)
         catalog.get(self.store, name)
         return AsyncTemplate(self, name)
 
     async def templates(self) -> list[AsyncTemplate]:
-        """Every template of this home, oldest first."""
-        return [AsyncTemplate(self, m.name) for m in self.store.list_templates()]
+        """Every template of this home, oldest first, with those being made
+        or removed (their :meth:`AsyncTemplate.status` says so)."""
+        await template_recovery.settle_all(self.store, self.timeouts)
+        return [AsyncTemplate(self, n) for n in self.store.template_names()]
 
     async def create_template(self, name: str, *, image: str = "demo",
                               memory: str | int = "512M", prepare: str | None = None,
@@ -169,9 +176,11 @@ class AsyncHost:
         raise InvalidInput(f"unknown image {name!r}: use one of {', '.join(IMAGES)}")
 
     async def settle(self) -> list[str]:
-        """Finish or undo every update that a killed vmfork left half done;
-        return the VMs it settled."""
-        return await recovery.settle_all(self.store, self.timeouts)
+        """Finish or undo every template creation or removal and every update
+        that a killed vmfork left half done; return the templates and VMs it
+        settled."""
+        done = await template_recovery.settle_all(self.store, self.timeouts)
+        return done + await recovery.settle_all(self.store, self.timeouts)
 
 
 class AsyncVM:
@@ -201,7 +210,14 @@ class AsyncVM:
         return self.host.store
 
     async def _settle(self) -> None:
+        await self._settle_template()
         await recovery.settle(self._store, check_name(self.name), self.host.timeouts)
+
+    async def _settle_template(self) -> None:
+        """Finish or undo a template creation from this VM whose vmfork died
+        (it may have left the VM paused, or its file systems frozen)."""
+        await template_recovery.settle_vm(self._store, check_name(self.name),
+                                          self.host.timeouts)
 
     async def console_socket(self) -> str:
         """The UNIX socket of the VM's serial console (a live VM's); what the
@@ -236,6 +252,7 @@ class AsyncVM:
     async def stop(self, *, force: bool = False) -> None:
         """End the VM's QEMU and remove the VM with its memory file and sockets
         (and whatever a half-done update of it left)."""
+        await self._settle_template()
         await vm.stop(self._store, self.name, force=force, timeouts=self.host.timeouts)
 
     async def update(self, *, qemu: str | None = None, mode: str = "auto",
@@ -247,6 +264,7 @@ class AsyncVM:
         if timeout is not None:
             timeouts = dataclasses.replace(timeouts,
                                            migrate=check_seconds(timeout, "update timeout"))
+        await self._settle_template()
         return await live_update.update(self._store, self.name, qemu=qemu, mode=mode,
                                         timeouts=timeouts)
 
@@ -300,13 +318,18 @@ class AsyncTemplate:
     def _store(self) -> Store:
         return self.host.store
 
+    async def _settle(self) -> bool:
+        return await template_recovery.settle(self._store, self.name, self.host.timeouts)
+
     async def inspect(self) -> TemplateManifest:
         """The template's manifest: what it was made from and what a clone checks."""
+        await self._settle()
         return catalog.get(self._store, self.name)
 
     async def status(self) -> TemplateStatus:
-        """The template as ``vmfork template ls`` shows it."""
-        return catalog.status(self._store, catalog.get(self._store, self.name))
+        """The template as ``vmfork template ls`` shows it (its ``status``:
+        ``ready``, or ``creating``/``removing`` while a command works on it)."""
+        return catalog.status_of(self._store, self.name)
 
     async def clones(self) -> list[AsyncVM]:
         """The VMs cloned from this template that exist now."""
@@ -332,6 +355,7 @@ class AsyncTemplate:
         *count*: a list. *name* names the clone (``NAME-1``.. with *count*);
         *on_clone* replaces the template's hook for this call (``""``: none)."""
         n = clone.check_count(1 if count is None else count)
+        await self._settle()
         names = None
         if name:
             names = [name] if count is None else [f"{name}-{i}" for i in range(1, n + 1)]
@@ -344,6 +368,7 @@ class AsyncTemplate:
     async def pool(self, size: int | None = None, *, warm: bool | None = None) -> PoolStatus:
         """Set the pool's target (*size*, *warm*; None keeps each) and fill it
         once; return its status. Without arguments: only the status."""
+        await self._settle()
         if size is not None or warm is not None:
             target = self._store.pool_target(self.name) if size is None else size
             await pool.set_pool(self._store, self.name, target, self.host.timeouts, warm=warm)
@@ -356,12 +381,16 @@ class AsyncTemplate:
         """Keep the pool at its target (*size*, *warm*; None keeps each) until
         *stop* is set or the call is cancelled: members taken by clones or
         whose QEMU died are replaced. Members stay when it ends."""
+        await self._settle()
         return await pool.keep(self._store, self.name, size, warm, stop=stop,
                                timeouts=self.host.timeouts)
 
     async def remove(self, *, force: bool = False) -> None:
         """Remove the template and its files (refused while clones or pool
-        members use it; *force* stops them first)."""
+        members use it; *force* stops them first). A removal that a killed
+        vmfork left half done is finished first (and is all there is to do)."""
+        if await self._settle() and not self._store.has_template(self.name):
+            return
         await catalog.remove(self._store, self.name, force=force, timeouts=self.host.timeouts)
 
 

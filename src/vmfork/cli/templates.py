@@ -72,9 +72,9 @@ def template_ls(as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    table(("NAME", "MEMORY", "STATE", "CLONES", "POOL", "QEMU"),
-          [(r.name, f"{r.memory_mib}M", f"{r.state_kib}K", r.clones, r.pool, r.qemu)
-           for r in rows])
+    table(("NAME", "MEMORY", "STATE", "CLONES", "POOL", "QEMU", "STATUS"),
+          [(r.name, f"{r.memory_mib}M", f"{r.state_kib}K", r.clones, r.pool, r.qemu or "-",
+            r.status) for r in rows])
 
 
 @template_cmd.command("inspect")
@@ -97,8 +97,10 @@ def template_rm(name: str, force: bool) -> None:
     """Remove a template and its files (refused while clones or pool processes
     use it, and even with --force while a template made from one of its clones
     exists)."""
+    from vmfork.api.aio import AsyncTemplate
+
     async def go(host: AsyncHost) -> None:
-        await (await host.template(name)).remove(force=force)
+        await AsyncTemplate(host, name).remove(force=force)
     on_host(go)
     say(f"template {name}: removed")
 

@@ -30,7 +30,6 @@ import hashlib
 import logging
 import os
 import secrets
-import shutil
 import time
 import uuid
 from collections.abc import Collection
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vmfork import admission, checkpoints, vm
-from vmfork.errors import AlreadyExists, BadSnapshotFile, InvalidInput, VmforkError
+from vmfork.errors import AlreadyExists, BadSnapshotFile, InvalidInput
 from vmfork.launch import Launch, NewVM, finish_in_thread
 from vmfork.names import internal
 from vmfork.private import make_dirs, private_dir
@@ -50,7 +49,6 @@ from vmfork.snapshots.save import load_incoming, sync_guest_clock
 from vmfork.spec import DEFAULT_QEMU, MIB, MemorySpec, VMSpec
 from vmfork.store import Store
 from vmfork.templates import create
-from vmfork.templates.manifest import template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.snapshot")
@@ -225,31 +223,19 @@ def _remove(dfd: int, names: list[str]) -> None:
 async def import_template(store: Store, file: Path | str, name: str,
                           persistent: bool = False, memory_dir: Path | str | None = None,
                           timeouts: Timeouts = DEFAULT) -> TemplateManifest:
-    """Bring an export file back as template *name*: import it as a paused
-    temporary VM (the guest does not run) and freeze that with
-    :func:`vmfork.templates.create.create_from_vm`."""
+    """Bring an export file back as template *name*: reserve the name
+    (:func:`vmfork.templates.create.reserved`), import the file as a paused
+    temporary VM (the guest does not run) whose kernel and initrd go straight
+    to the template's directory, and freeze that VM into the template. A
+    failed or interrupted import removes the temporary VM and the directory."""
     store.check_new_name(name, "template")
-    if store.has_template(name):
-        raise AlreadyExists(f"a template named {name!r} exists already")
-    read_header(file)  # a file refused up front leaves no template directory
+    read_header(file)  # a file refused up front reserves nothing
     tmp_name = internal("import", secrets.token_hex(4))
-    # Kernel and initrd go straight to the template's directory, which the
-    # template owns (removing the template deletes it).
-    tdir = template_dir(store, name)
-    make_dirs(tdir)
-    try:
+    async with create.reserved(store, name, tmp_name, timeouts, owned=True,
+                               imported_from=str(Path(file).absolute())) as work:
         await import_(store, file, tmp_name, persistent=persistent, memory_dir=memory_dir,
-                      resume=False, files_dir=tdir, timeouts=timeouts)
-        try:
-            return await create.create_from_vm(store, name, tmp_name, timeouts,
-                                               imported_from=str(Path(file).absolute()))
-        except BaseException:
-            with contextlib.suppress(VmforkError):
-                await vm.stop(store, tmp_name, force=True)
-            raise
-    except BaseException:
-        shutil.rmtree(tdir, ignore_errors=True)
-        raise
+                      resume=False, files_dir=Path(work.directory), timeouts=timeouts)
+        return await create.freeze_into(store, work, timeouts)
 
 
 __all__ = ["check_machine", "check_space", "extract_blobs", "import_", "import_spec",

@@ -38,7 +38,7 @@ from vmfork.names import POOL_ID_HEX, check_name, pool_lock, pool_member_name
 from vmfork.proc import process_alive
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine
-from vmfork.records import PoolMember, TemplateManifest, VMInfo, VMRecord
+from vmfork.records import TEMPLATE_READY, PoolMember, TemplateManifest, VMInfo, VMRecord
 from vmfork.results import PoolMemberStatus, PoolStatus
 from vmfork.store import Store
 from vmfork.templates.manifest import check, clone_spec
@@ -170,9 +170,10 @@ async def fill_pool(store: Store, template: str, timeouts: Timeouts = DEFAULT) -
     """Bring the pool of *template* to its target once: drop members whose
     QEMU died or that are of the other kind (warm/cold), end those over the
     target, spawn the missing ones. Return the live count (0 if the template
-    was removed meanwhile)."""
+    was removed meanwhile, or is being removed)."""
     async with store.lock_async(pool_lock(template)):
-        if not store.has_template(template):
+        found = store.template_work(template)
+        if found is None or found[0] != TEMPLATE_READY:  # removed, or being removed
             return 0
         manifest = store.get_template(template)
         target = store.pool_target(template)
