@@ -89,6 +89,19 @@ async def find_agent(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) 
                 await t
 
 
+async def qga_answers(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> bool:
+    """True if the VM's qemu-guest-agent answers a ping within
+    ``timeouts.agent_attempt`` seconds."""
+    if not rec.spec.qga or rec.info.agent == "none":
+        return False
+    try:
+        async with qga_for(store, rec, replace(timeouts, agent=timeouts.agent_attempt)) as g:
+            await g.ping()
+    except VmforkError:
+        return False
+    return True
+
+
 async def choose_agent(store: Store, rec: VMRecord, agent: str = "auto",
                        timeouts: Timeouts = DEFAULT) -> str:
     """The agent (``qga`` or ``serial``) that runs a command for *agent*
@@ -135,4 +148,4 @@ async def guest_exec(store: Store, rec: VMRecord, command: str, timeout: float |
 
 
 __all__ = ["AGENTS", "agent_for", "choose_agent", "find_agent", "guest_exec", "keep_agent",
-           "no_agent", "qga_for"]
+           "no_agent", "qga_answers", "qga_for"]

@@ -297,6 +297,9 @@ class TemplateManifest(Result):
     on_clone: str | None = None
     #: The snapshot file this template was imported from.
     imported_from: str | None = None
+    #: The guest agent its guest answered with (``qga``, ``serial``, ``none``;
+    #: None: not known), which its clones start out knowing.
+    agent: str | None = None
 
     @property
     def memory_path(self) -> Path:
@@ -336,7 +339,8 @@ class TemplateManifest(Result):
                 save=TemplateSave.from_dict(d["save"]),
                 disks=tuple(TemplateDisk.from_dict(x) for x in d.get("disks") or ()),
                 frozen=bool(d.get("frozen", False)), on_clone=d.get("on_clone"),
-                imported_from=d.get("imported_from"))
+                imported_from=d.get("imported_from"),
+                agent=d.get("agent") if d.get("agent") in ("qga", "serial", "none") else None)
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise TemplateError(f"template {name}: its manifest is unreadable "
                                 f"({type(exc).__name__}: {exc})") from exc

@@ -52,7 +52,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmfork import vm
+from vmfork import agents, vm
 from vmfork.checkpoints import checkpoint
 from vmfork.errors import GuestError, StateError, TemplateError, VmforkError, VmforkTimeout
 from vmfork.files import sha256_file, write_atomic
@@ -195,7 +195,10 @@ async def freeze_into(store: Store, work: TemplateWork, timeouts: Timeouts = DEF
             ident = await features.qemu_identity(m)
             work = _record(store, work, qemu_version=ident["qemu_version"],
                            machine=ident["machine"])
-            if was_running and rec.spec.qga and any(not d.readonly for d in rec.spec.disks):
+            if was_running and rec.info.agent is None:
+                rec.info.agent = await agents.find_agent(store, rec, timeouts) or "none"
+            writable = any(not d.readonly for d in rec.spec.disks)
+            if was_running and writable and await agents.qga_answers(store, rec, timeouts):
                 work = _record(store, work, frozen=True)
                 await _freeze(store, rec, timeouts)
                 t_frozen = time.monotonic() - t0
@@ -278,7 +281,8 @@ async def finish(store: Store, work: TemplateWork, rec: VMRecord) -> TemplateMan
         state_file=str(state), state_size=size, state_sha256=digest,
         qemu_version=work.qemu_version, machine=work.machine, qemu=rec.spec.qemu,
         spec=spec, guest=rec.info.guest or "demo", save=save, disks=tuple(entries),
-        frozen=work.frozen, on_clone=work.on_clone, imported_from=work.imported_from)
+        frozen=work.frozen, on_clone=work.on_clone, imported_from=work.imported_from,
+        agent=rec.info.agent)
     write_atomic(tdir / "manifest.json", manifest.to_json().encode())
     shutil.rmtree(store.run_dir(rec.name), ignore_errors=True)
     shutil.rmtree(store.vm_dir(rec.name), ignore_errors=True)

@@ -111,15 +111,16 @@ async def _warm_up(store: Store, manifest: TemplateManifest, mid: str, m: Machin
     await migration.load_state(m, manifest.state_path, timeouts.migrate, x_ignore_shared=True)
     await m.resume()
     rec = VMRecord(name=mid, spec=m.spec, state="running", pid=m.pid,
-                   info=VMInfo(guest=manifest.guest))
+                   info=VMInfo(guest=manifest.guest, agent=manifest.agent))
     if manifest.frozen:
         # Its disk overlay is its own already; qemu-guest-agent runs no
         # command while the file systems are frozen.
         await identity.thaw(store, rec, timeouts)
-    r = await vm.guest_exec(store, rec, "true", timeouts.exec, timeouts)
-    if r.exit_code != 0:
-        raise GuestError(f"{mid}: the warm-up command failed ({r.exit_code}): "
-                         f"{(r.stderr or r.stdout).strip()}")
+    if manifest.agent != "none":  # a guest with no agent warms up by running alone
+        r = await vm.guest_exec(store, rec, "true", timeouts.exec, timeouts)
+        if r.exit_code != 0:
+            raise GuestError(f"{mid}: the warm-up command failed ({r.exit_code}): "
+                             f"{(r.stderr or r.stdout).strip()}")
     await m.pause()
 
 
