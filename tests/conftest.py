@@ -23,6 +23,14 @@ from vmfork import vm
 from vmfork.images.demo import demo_image
 from vmfork.store import Store
 
+# The session fixtures of the test images of foreign guests, for every module.
+from .foreign_images import (  # noqa: F401
+    bootable_debian,
+    busybox_initrd,
+    foreign_debian,
+    plain_debian,
+)
+
 T = TypeVar("T")
 VMFORK = str(Path(sys.executable).with_name("vmfork"))
 

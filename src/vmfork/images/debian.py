@@ -207,12 +207,12 @@ def make_initrd(version: str, out: Path) -> None:
         cfg.write_text(text)
         with open(conf / "modules", "a") as f:
             f.write("\n" + "\n".join(ROOT_MODULES) + "\n")
-        _run(["mkinitramfs", "-d", str(conf), "-o", str(out), version], "mkinitramfs")
+        run_step(["mkinitramfs", "-d", str(conf), "-o", str(out), version], "mkinitramfs")
 
 
 # -- building --------------------------------------------------------------------
-def _run(argv: list[str], what: str, log_file: Path | None = None,
-         env: dict[str, str] | None = None) -> None:
+def run_step(argv: list[str], what: str, log_file: Path | None = None,
+             env: dict[str, str] | None = None) -> None:
     """Run a build step; on failure raise SetupError with the end of its output."""
     p = subprocess.run(argv, capture_output=True, text=True, env=env,
                        stdin=subprocess.DEVNULL)
@@ -234,6 +234,29 @@ def _check_tools() -> None:
         raise SetupError(f"missing {', '.join(missing)}: run scripts/setup-system.sh")
 
 
+def debootstrap(root: Path, packages: tuple[str, ...], mirror: str,
+                log_file: Path | None = None) -> None:
+    """Install Debian ``SUITE`` (minbase variant plus *packages*) into *root*
+    from *mirror*. debootstrap writes the mirror into the tree's
+    ``etc/apt/sources.list``: callers overwrite that file."""
+    run_step(["debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
+              SUITE, str(root), mirror], "debootstrap", log_file)
+
+
+def root_initrd(version: str, initrd_src: Path | None, out: Path) -> None:
+    """Write to *out* an initramfs for kernel *version* that can mount a
+    virtio-blk root: a lean one made with mkinitramfs, or without it the
+    host's (*initrd_src*) if that holds virtio_blk."""
+    if shutil.which("mkinitramfs") is not None:
+        log.info("initramfs: mkinitramfs (MODULES=list: %s)", ", ".join(ROOT_MODULES))
+        make_initrd(version, out)
+    elif initrd_src is not None and set(ROOT_MODULES[:1]) <= initrd_modules(initrd_src):
+        shutil.copyfile(initrd_src, out)
+    else:
+        raise SetupError("no initramfs that can mount a virtio-blk root: install "
+                         "initramfs-tools (scripts/setup-system.sh)")
+
+
 def configure_rootfs(root: Path, kernel_version: str) -> None:
     """Turn a fresh debootstrap tree into the vmfork Debian guest."""
     for rel, (mode, text) in GUEST_FILES.items():
@@ -249,16 +272,27 @@ def configure_rootfs(root: Path, kernel_version: str) -> None:
     (root / "etc/machine-id").write_text("")
     with contextlib.suppress(FileNotFoundError):
         (root / "var/lib/dbus/machine-id").unlink()
-    # The host kernel's modules, for udev to load virtio_net, virtio_rng etc.
+    copy_host_modules(root, kernel_version)
+    run_step(["chroot", str(root), "systemctl", "enable", *ENABLED_UNITS], "systemctl enable")
+    run_step(["chroot", str(root), "systemctl", "mask", *MASKED_UNITS], "systemctl mask")
+    run_step(["chroot", str(root), "passwd", "-d", "root"], "passwd -d root")
+    slim_rootfs(root)
+
+
+def copy_host_modules(root: Path, kernel_version: str) -> None:
+    """Copy the host kernel's modules into *root*, for the guest's udev to
+    load virtio_net, virtio_rng etc. when it boots that kernel."""
     mods = Path("/lib/modules") / kernel_version
     if mods.is_dir():
         dest = root / "lib/modules" / kernel_version
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(mods, dest, symlinks=True)
-    _run(["chroot", str(root), "systemctl", "enable", *ENABLED_UNITS], "systemctl enable")
-    _run(["chroot", str(root), "systemctl", "mask", *MASKED_UNITS], "systemctl mask")
-    _run(["chroot", str(root), "passwd", "-d", "root"], "passwd -d root")
-    # Lean: no package lists, no .debs, no docs (dpkg is told to skip them too).
+
+
+def slim_rootfs(root: Path) -> None:
+    """Empty what a built root file system need not carry: package lists,
+    downloaded .debs, docs, man pages, locales (dpkg is told to skip the last
+    three too) and logs."""
     for rel in ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
                 "usr/share/locale"):
         d = root / rel
@@ -289,7 +323,9 @@ def _fingerprint(kernel: Path, initrd: Path | None) -> str:
 
 
 @contextlib.contextmanager
-def _build_lock(d: Path) -> Iterator[None]:
+def build_lock(d: Path) -> Iterator[None]:
+    """Hold the build lock of image directory *d* (created if missing), so
+    that two processes never build the same image at once."""
     make_dirs(d)
     with open(d / ".lock", "w", opener=opener) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -339,7 +375,7 @@ def debian_image(images_dir: Path, size: str | int | None = None, rebuild: bool 
     if not build:
         raise SetupError("the Debian image is not built (or is stale): run "
                          "'sudo vmfork image debian'")
-    with _build_lock(d):
+    with build_lock(d):
         if not rebuild:  # someone else may have built it while we waited
             img = _cached(d, fp, want)
             if img is not None:
@@ -357,27 +393,19 @@ def _build(d: Path, kernel: Path, version: str, initrd_src: Path | None, size: i
     try:
         root = tmp / "rootfs"
         log.info("debian image: debootstrap %s (minbase + %d packages)", SUITE, len(PACKAGES))
-        _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-              SUITE, str(root), mirror], "debootstrap", build_log)
+        debootstrap(root, PACKAGES, mirror, build_log)
         configure_rootfs(root, version)
         # Boot pair: the host kernel and a lean initramfs made for it; without
         # mkinitramfs, the host's initramfs if it can mount a virtio-blk root.
         shutil.copyfile(kernel, tmp / "vmlinuz")
-        if shutil.which("mkinitramfs") is not None:
-            log.info("debian image: mkinitramfs (MODULES=list: %s)", ", ".join(ROOT_MODULES))
-            make_initrd(version, tmp / "initrd.img")
-        elif initrd_src is not None and set(ROOT_MODULES[:1]) <= initrd_modules(initrd_src):
-            shutil.copyfile(initrd_src, tmp / "initrd.img")
-        else:
-            raise SetupError("no initramfs that can mount a virtio-blk root: install "
-                             "initramfs-tools (scripts/setup-system.sh)")
+        root_initrd(version, initrd_src, tmp / "initrd.img")
         raw = tmp / "root.img"
         log.info("debian image: mkfs.ext4 -d (%d MiB) and qemu-img convert", size >> 20)
-        _run(["mkfs.ext4", "-q", "-F", "-L", "vmfork-root", "-d", str(root), str(raw),
-              f"{size // 1024}k"], "mkfs.ext4", build_log)
+        run_step(["mkfs.ext4", "-q", "-F", "-L", "vmfork-root", "-d", str(root), str(raw),
+                  f"{size // 1024}k"], "mkfs.ext4", build_log)
         shutil.rmtree(root)
-        _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-              str(tmp / "base.qcow2")], "qemu-img convert", build_log)
+        run_step(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+                  str(tmp / "base.qcow2")], "qemu-img convert", build_log)
         raw.unlink()
         for name in ("base.qcow2", "vmlinuz", "initrd.img"):
             os.replace(tmp / name, d / name)

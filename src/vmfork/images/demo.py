@@ -97,7 +97,7 @@ def host_busybox() -> Path:
     raise SetupError("no static busybox: install busybox-static (make demo does it)")
 
 
-def _module_closure(version: str, wanted: tuple[str, ...]) -> list[Path]:
+def module_closure(version: str, wanted: tuple[str, ...]) -> list[Path]:
     """Module files for *wanted* and their dependencies, dependencies first."""
     base = Path("/lib/modules") / version
     dep_file = base / "modules.dep"
@@ -126,7 +126,8 @@ def _module_closure(version: str, wanted: tuple[str, ...]) -> list[Path]:
     return [base / m for m in order]
 
 
-def _module_bytes(path: Path) -> bytes:
+def module_bytes(path: Path) -> bytes:
+    """The contents of module file *path*, uncompressed (for insmod)."""
     data = path.read_bytes()
     if path.suffix == ".xz":
         return lzma.decompress(data)
@@ -162,9 +163,9 @@ def build_demo_initrd(busybox: Path, kernel_version: str) -> bytes:
     cpio.file("etc/group", b"root:x:0:\n")
     cpio.file("etc/profile", b"export PS1='\\h:\\w# '\n")
     names = []
-    for mod in _module_closure(kernel_version, DEMO_MODULES):
+    for mod in module_closure(kernel_version, DEMO_MODULES):
         fname = mod.name.split(".ko")[0] + ".ko"
-        cpio.file(f"lib/modules/{fname}", _module_bytes(mod))
+        cpio.file(f"lib/modules/{fname}", module_bytes(mod))
         names.append(fname)
     cpio.file("etc/vmfork-modules", ("\n".join(names) + "\n").encode())
     return cpio.finish()
