@@ -152,7 +152,7 @@ async def make_unique(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT,
 
 def skipped(done: dict[str, str]) -> str:
     """One line naming the parts of an identity that were skipped, or ""."""
-    parts = [k.replace("_", "-") for k, v in done.items() if v.startswith("skipped")]
+    parts = [k.replace("_", "-") for k in PARTS if done.get(k, "").startswith("skipped")]
     if not parts:
         return ""
     why = next(v for v in done.values() if v.startswith("skipped")).partition(": ")[2]

@@ -196,7 +196,9 @@ async def freeze_into(store: Store, work: TemplateWork, timeouts: Timeouts = DEF
             work = _record(store, work, qemu_version=ident["qemu_version"],
                            machine=ident["machine"])
             if was_running and rec.info.agent is None:
+                # Kept with the template: its clones start out knowing it.
                 rec.info.agent = await agents.find_agent(store, rec, timeouts) or "none"
+                store.update_vm(rec)
             writable = any(not d.readonly for d in rec.spec.disks)
             if was_running and writable and await agents.qga_answers(store, rec, timeouts):
                 work = _record(store, work, frozen=True)
