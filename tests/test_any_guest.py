@@ -34,8 +34,8 @@ def sh(env: Env, name: str, command: str) -> str:
 
 def nic_mac(env: Env, name: str) -> str:
     """The MAC of the guest's one NIC, as the guest sees it."""
-    return sh(env, name, "for d in /sys/class/net/*; do [ -e $d/device ] && cat $d/address; "
-                         "done").strip()
+    return sh(env, name, "for d in /sys/class/net/*; do if [ -e $d/device ]; then "
+                         "cat $d/address; fi; done").strip()
 
 
 @pytest.mark.slow
