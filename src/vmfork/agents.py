@@ -29,6 +29,7 @@ from vmfork.launch import paths_for
 from vmfork.records import VMRecord
 from vmfork.results import ExecResult
 from vmfork.store import Store
+from vmfork.tasks import cancel_all
 from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
 
 log = logging.getLogger("vmfork.agents")
@@ -82,11 +83,7 @@ async def find_agent(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) 
                 return await fut
         return None
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_all(tasks)
 
 
 async def qga_answers(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> bool:

@@ -27,11 +27,11 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Protocol
 
+from vmfork import tasks
 from vmfork.errors import InvalidInput, SetupError, StateError
 from vmfork.private import UMASK, make_dirs, private_dir
 from vmfork.proc import process_alive
@@ -100,18 +100,6 @@ def memory_dir_ready(spec: VMSpec) -> None:
     private (:func:`vmfork.private.private_dir`: UnsafePath if not)."""
     if spec.memory.backend == "file" and spec.memory.path:
         private_dir(Path(spec.memory.path).parent, "memory dir")
-
-
-async def finish_in_thread(fn: Callable[..., object], *args: Any) -> None:
-    """Run *fn* in a thread. If the caller is cancelled meanwhile, wait for
-    the thread to finish before re-raising, so that the caller's cleanup does
-    not race with it (a thread cannot be stopped)."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await asyncio.wait({fut})
-        raise
 
 
 # -- entries -------------------------------------------------------------------------
@@ -277,7 +265,7 @@ class Launch:
         """Start QEMU for the entry, paused, its QMP monitor connected."""
         memory_dir_ready(self.spec)
         if fresh_overlays:
-            await finish_in_thread(create_overlays, self.spec, True)
+            await tasks.finish_in_thread(create_overlays, self.spec, True)
         make_dirs(Path(self.paths.qmp).parent)
         self.machine = await Machine.launch(
             self.spec, self.paths, qemu_log(self.store, self.entry.name), incoming=incoming,

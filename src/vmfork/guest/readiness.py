@@ -36,6 +36,7 @@ from vmfork.qemu.machine import READY_MARKER, Machine, deadline
 from vmfork.records import VMRecord
 from vmfork.spec import Readiness, parse_ready
 from vmfork.store import Store
+from vmfork.tasks import cancel_all
 from vmfork.timeouts import Timeouts
 
 #: Seconds between two tries of an agent or a port that did not answer yet.
@@ -116,11 +117,7 @@ async def _auto(rec: VMRecord, m: Machine, agent: GuestAgent | None, how: Readin
             return Ready("qga", time.monotonic() - t0, "qga", result)
         return Ready("marker", time.monotonic() - t0, "serial")
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_all(tasks)
 
 
 def _agent(store: Store, rec: VMRecord, timeouts: Timeouts) -> GuestAgent | None:

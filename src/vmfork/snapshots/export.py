@@ -52,7 +52,7 @@ from vmfork.errors import (
     VmforkError,
 )
 from vmfork.files import fsync_path, sha256_file, unlink_quietly
-from vmfork.launch import Launch, Transient, attach, finish_in_thread
+from vmfork.launch import Launch, Transient, attach
 from vmfork.listing import LIVE_STATES
 from vmfork.names import NAME_RE, check_name
 from vmfork.proc import process_alive
@@ -61,6 +61,7 @@ from vmfork.results import ExportResult
 from vmfork.snapshots.save import load_incoming, recover, verify
 from vmfork.spec import MACHINE_RE, MAX_MEMORY_MIB, MIB, MemorySpec, VMSpec
 from vmfork.store import Store
+from vmfork.tasks import finish_in_thread
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.snapshot")

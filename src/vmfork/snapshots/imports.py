@@ -38,7 +38,7 @@ from typing import BinaryIO
 
 from vmfork import admission, checkpoints, vm
 from vmfork.errors import AlreadyExists, BadSnapshotFile, InvalidInput
-from vmfork.launch import Launch, NewVM, finish_in_thread
+from vmfork.launch import Launch, NewVM
 from vmfork.names import internal
 from vmfork.private import make_dirs, private_dir
 from vmfork.qemu import features, migration
@@ -48,6 +48,7 @@ from vmfork.snapshots.export import BLOB_NAMES, Header, check_export, read_heade
 from vmfork.snapshots.save import load_incoming, sync_guest_clock
 from vmfork.spec import DEFAULT_QEMU, MIB, MemorySpec, VMSpec
 from vmfork.store import Store
+from vmfork.tasks import finish_in_thread
 from vmfork.templates import create
 from vmfork.timeouts import DEFAULT, Timeouts
 

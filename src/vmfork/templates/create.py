@@ -47,7 +47,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,6 +72,7 @@ from vmfork.records import (
 from vmfork.results import MigrationStats
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
 from vmfork.store import Store
+from vmfork.tasks import run_to_end
 from vmfork.templates import catalog
 from vmfork.templates.manifest import disk_record, template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -140,7 +141,7 @@ async def reserved(store: Store, name: str, source_vm: str, timeouts: Timeouts =
             yield work
         except BaseException:
             try:
-                await shielded(_resolve_reserved(store, name, timeouts))
+                await run_to_end(_resolve_reserved(store, name, timeouts))
             except VmforkError as exc:  # the next command retries; report the cause
                 log.warning("template %s: cleaning up after a failed creation failed: %s",
                             name, exc)
@@ -151,17 +152,6 @@ async def _resolve_reserved(store: Store, name: str, timeouts: Timeouts) -> None
     found = store.template_work(name)
     if found is not None and found[0] == TEMPLATE_CREATING and found[1] is not None:
         await resolve(store, found[1], timeouts)
-
-
-async def shielded(coro: Coroutine[Any, Any, T]) -> T:
-    """Run cleanup *coro* to its end even if the caller is cancelled meanwhile
-    (then re-raise the cancellation once it is done)."""
-    task = asyncio.ensure_future(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        raise
 
 
 def _record(store: Store, work: TemplateWork, **changes: Any) -> TemplateWork:
