@@ -232,7 +232,8 @@ def check_updated(env: Env, name: str, r: UpdateReport, old_pid: int, mode: str)
         assert r.bytes_transferred <= 1_000_000
     assert r.pause_host_ms is not None and r.pause_qemu_ms is not None
     sockets = [f for f in run_files(env, name) if f.endswith(".sock")]
-    assert sockets == sorted(f"{k}.{r.generation}.sock" for k in ("agent", "console", "qmp"))
+    assert sockets == sorted(f"{k}.{r.generation}.sock" for k in ("agent", "console", "qga",
+                                                                   "qmp"))
 
 
 # -- the guest survives ------------------------------------------------------------------
