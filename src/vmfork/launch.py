@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from vmfork.errors import InvalidInput, SetupError, StateError
 from vmfork.private import UMASK, make_dirs, private_dir
 from vmfork.proc import process_alive
-from vmfork.qemu.machine import Machine
+from vmfork.qemu.machine import Machine, run_to_end
 from vmfork.records import PoolMember, VMRecord
 from vmfork.spec import RunPaths, VMSpec
 from vmfork.store import Store
@@ -106,12 +106,7 @@ async def finish_in_thread(fn: Callable[..., object], *args: Any) -> None:
     """Run *fn* in a thread. If the caller is cancelled meanwhile, wait for
     the thread to finish before re-raising, so that the caller's cleanup does
     not race with it (a thread cannot be stopped)."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await asyncio.wait({fut})
-        raise
+    await run_to_end(asyncio.to_thread(fn, *args))
 
 
 # -- entries -------------------------------------------------------------------------
@@ -249,8 +244,10 @@ class Launch:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None:
             return
-        # Cleanup runs even when the block was cancelled: shield it.
-        await asyncio.shield(self._undo())
+        # Cleanup runs to its end even when the block was cancelled, and
+        # when the caller is cancelled again meanwhile (a batch of clones
+        # cancels each of its launches once more when one of them fails).
+        await run_to_end(self._undo())
 
     async def _undo(self) -> None:
         if self.machine is not None:

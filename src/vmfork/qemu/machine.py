@@ -108,6 +108,26 @@ async def deadline(aw: Awaitable[T], seconds: float, phase: str, detail: str = "
         raise VmforkTimeout(phase, seconds, detail) from exc
 
 
+async def run_to_end(aw: Awaitable[T]) -> T:
+    """Await *aw* to its end even if the caller is cancelled meanwhile, once
+    or more (a cleanup, a step that must not stop half-way; each of its own
+    waits has a deadline); then the cancellation goes on.
+
+    ``asyncio.shield`` alone is not enough: a second cancellation of the
+    caller ends the caller while the shielded work runs on unowned, and the
+    event loop's shutdown then cancels it half-way."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled and (task.cancelled() or task.exception() is None):
+        raise asyncio.CancelledError
+    return task.result()
+
+
 #: What a QEMU killed by SIGBUS most likely ran into.
 SIGBUS_HINT = ("SIGBUS: its guest memory could not be allocated; is the memory directory "
                "full?")
@@ -220,7 +240,7 @@ class Machine:
             if connect_qmp:
                 await m.connect()
         except BaseException:
-            await asyncio.shield(m.kill())
+            await run_to_end(m.kill())
             raise
         return m
 
@@ -391,12 +411,17 @@ class Machine:
 
     # -- shutdown -------------------------------------------------------------
     async def disconnect(self) -> None:
-        """Drop the QMP connection; QEMU keeps running."""
-        with contextlib.suppress(Exception):
-            await deadline(self._qmp.disconnect(), self.timeouts.qmp, "QMP disconnect")
-        if self._qmp_sock is not None:
-            self._qmp_sock.close()
-            self._qmp_sock = None
+        """Drop the QMP connection; QEMU keeps running. A cancellation waits
+        until the connection is closed (within ``timeouts.qmp``): qemu.qmp
+        left half-way leaves tasks whose errors nobody retrieves."""
+        try:
+            with contextlib.suppress(Exception):
+                await run_to_end(deadline(self._qmp.disconnect(), self.timeouts.qmp,
+                                          "QMP disconnect"))
+        finally:
+            if self._qmp_sock is not None:
+                self._qmp_sock.close()
+                self._qmp_sock = None
 
     async def _wait_exit(self, timeout: float) -> bool:
         if self._proc is not None:

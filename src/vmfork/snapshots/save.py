@@ -39,10 +39,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from vmfork import checkpoints, vm
 from vmfork.errors import GuestError, MigrationError, StateError, VmforkError, VmforkTimeout
@@ -54,7 +53,7 @@ from vmfork.names import check_name
 from vmfork.private import boot_id, check_open_by, check_same, make_dirs
 from vmfork.proc import process_alive
 from vmfork.qemu import features, migration
-from vmfork.qemu.machine import Machine, deadline
+from vmfork.qemu.machine import Machine, deadline, run_to_end
 from vmfork.records import SAVE_MODE, SavedState, VMInfo, VMRecord
 from vmfork.results import MigrationStats, RestoreResult, SaveResult
 from vmfork.spec import MIB
@@ -63,7 +62,7 @@ from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.vm import MANIFEST_FILE, STATE_FILE, state_paths
 
 log = logging.getLogger("vmfork.snapshot")
-T = TypeVar("T")
+
 
 def check_saveable(rec: VMRecord) -> Path:
     """The VM's memory file if save can keep RAM in place, else raise StateError."""
@@ -265,7 +264,7 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
             await checkpoints.checkpoint("save.manifest-written")
         except asyncio.CancelledError:
             if m.alive() and saved_before is None:
-                await _run_to_end(_undo_save(store, m, was_running))
+                await run_to_end(_undo_save(store, m, was_running))
             await m.disconnect()
             raise
         except BaseException:
@@ -275,11 +274,11 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
             raise
         # From here the save is finished even if the caller is cancelled.
         try:
-            await _run_to_end(m.shutdown())  # disconnects
+            await run_to_end(m.shutdown())  # disconnects
             await checkpoints.checkpoint("save.qemu-quit")
         finally:
             if not m.alive():
-                final_flush = await _run_to_end(_record_saved(store, rec, mem, saved))
+                final_flush = await run_to_end(_record_saved(store, rec, mem, saved))
     t_end = time.monotonic()
     log.info("%s: %s -> saved (%d bytes of state)", name,
              "running" if was_running else "paused", saved.size)
@@ -288,17 +287,6 @@ async def save(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> SaveRes
                       memory_size=saved.memory_size, seconds=t_end - t0,
                       downtime_seconds=t_end - t_pause, preflush_seconds=preflush,
                       flush_seconds=final_flush, migration=stats)
-
-
-async def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
-    """Await *coro*; if the caller is cancelled meanwhile, let it finish
-    (each of its waits has its own deadline) before the cancellation goes on."""
-    task = asyncio.ensure_future(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        raise
 
 
 async def _record_saved(store: Store, rec: VMRecord, mem: Path, saved: SavedState) -> float:

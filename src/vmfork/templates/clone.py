@@ -37,7 +37,7 @@ from vmfork.launch import Launch, NewVM
 from vmfork.names import check_name, derived
 from vmfork.private import make_dirs
 from vmfork.qemu import migration
-from vmfork.qemu.machine import deadline
+from vmfork.qemu.machine import deadline, run_to_end
 from vmfork.records import PoolMember, TemplateManifest, VMInfo, VMRecord
 from vmfork.results import CloneResult
 from vmfork.store import Store
@@ -102,16 +102,23 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
-        # One failed (or the call was cancelled): the others stop where they
-        # are (each undoes its own launch), and those that made it are removed.
-        for t in tasks:
-            t.cancel()
-        await asyncio.wait(tasks)
-        for t in tasks:
-            if not t.cancelled() and t.exception() is None:
-                with contextlib.suppress(Exception):
-                    await vm.stop(store, t.result().name, force=True)
+        # One failed (or the call was cancelled): undo the whole batch, to
+        # its end even if this call is cancelled (again) meanwhile.
+        await run_to_end(_undo_batch(store, tasks))
         raise
+
+
+async def _undo_batch(store: Store, tasks: list[asyncio.Task[CloneResult]]) -> None:
+    """Stop the clones of a failed call: those still starting where they are
+    (each undoes its own launch), and wait until every one has; then remove
+    those that made it."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.wait(tasks)
+    for t in tasks:
+        if not t.cancelled() and t.exception() is None:
+            with contextlib.suppress(Exception):
+                await vm.stop(store, t.result().name, force=True)
 
 
 def hook_failure(name: str, status: int, output: str, limit: int = 300) -> str:
