@@ -33,7 +33,7 @@ from collections.abc import Callable
 from vmfork import admission, checkpoints, ports, vm
 from vmfork.errors import AlreadyExists, GuestError, InvalidInput, LaunchError, VmforkTimeout
 from vmfork.guest import identity
-from vmfork.launch import Launch, NewVM
+from vmfork.launch import Launch, NewVM, undo_all_abandoned
 from vmfork.names import check_name, derived
 from vmfork.private import make_dirs
 from vmfork.qemu import migration
@@ -82,8 +82,10 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
     hook has run). *on_clone* replaces the template's default hook for this
     call ("" runs none). With *use_pool* a clone takes a pool member if one
     is ready (the pool is not refilled). If one clone fails, all of this call
-    are removed."""
+    are removed. Launches that a killed vmfork abandoned are undone first
+    (:func:`vmfork.launch.undo_abandoned`): their names are free again."""
     manifest = store.get_template(check_name(template, "template"))
+    await undo_all_abandoned(store, timeouts)
     check_count(count if names is None else len(names))
     if names is None:
         names = next_clone_names(store, template, count)
