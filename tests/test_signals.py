@@ -8,7 +8,10 @@ finished (a save whose QEMU quit): the VM keeps its data (md5 of a file in
 the guest), ``vmfork ls`` shows no half state, and no QEMU, socket, memory
 file or temporary file is left. A second signal during the cleanup does not
 cut it short. A kill -9 at the steps added for clone, pool and import leaves
-what the next command finishes or removes. A save killed after its manifest
+what the next command finishes or removes: a run, clone or import killed
+before it was ready is an abandoned launch, listed as such (listing changes
+nothing) and undone by the next command that creates VMs, its name free
+again, or by ``stop``. A save killed after its manifest
 was written is invalidated by a resume: a later death of that QEMU is not a
 save.
 """
@@ -151,12 +154,22 @@ def test_sigterm_mid_clone_and_pool_refill(env: Env) -> None:
     assert not env.store().pool_members("t")
     assert not qemus(env)
 
-    # kill -9 mid-clone: the half-started clone is listed and 'stop' removes
-    # it with its QEMU; kill -9 mid-fill: the next fill ends the member left
-    # not ready.
+    # kill -9 mid-clone, before its guest runs or after: the half-made clone
+    # is listed as abandoned, and the next clone undoes it (its name is free
+    # again); kill -9 mid-fill: the next fill ends the member left not ready.
     kill9_at(env, "clone.spawned", "clone", "t", "c")
-    half = record(env, "c")
-    assert half.state == "starting" and process_alive(half.pid, half.pid_start)
+    first = record(env, "c")
+    assert first.state == "starting" and process_alive(first.pid, first.pid_start)
+    assert ls(env)["c"]["state"] == "abandoned" and record(env, "c") == first
+    kill9_at(env, "clone.identity", "clone", "t", "c")
+    second = record(env, "c")
+    assert not process_alive(first.pid, first.pid_start)
+    assert second.state == "running" and process_alive(second.pid, second.pid_start)
+    assert ls(env)["c"]["state"] == "abandoned" and record(env, "c") == second
+    env.cli("clone", "t", "c", check=True)
+    assert not process_alive(second.pid, second.pid_start)
+    assert ls(env)["c"]["state"] == "running" and record(env, "c").info.launcher is None
+    assert_no_orphans(env)
     env.cli("stop", "c", check=True)
     assert not qemus(env) and ls(env) == {}
     kill9_at(env, "pool.spawned", "pool", "t", "--size", "1")
@@ -176,10 +189,28 @@ def test_kill9_mid_import_is_removed_by_stop(env: Env) -> None:
     env.cli("snapshot", "export", "a", str(snap), check=True)
     env.cli("stop", "a", check=True)
     kill9_at(env, "import.spawned", "snapshot", "import", str(snap), "b")
-    assert ls(env)["b"]["state"] == "starting"
+    assert ls(env)["b"]["state"] == "abandoned"
     env.cli("stop", "b", check=True)
     assert ls(env) == {} and not qemus(env) and not list(env.memory_dir.iterdir())
     assert not (env.home / "vms" / "b").exists()
+
+
+def test_kill9_mid_run_is_undone_by_the_next_run(env: Env) -> None:
+    kill9_at(env, "run.spawned", "run", "a", "--demo", "--accel", "tcg")
+    half = record(env, "a")
+    assert half.state == "starting" and process_alive(half.pid, half.pid_start)
+    assert half.info.launcher is not None
+    assert not process_alive(half.info.launcher.pid, half.info.launcher.start)
+    assert ls(env)["a"]["state"] == "abandoned" and record(env, "a") == half
+    # The name is free again: the next run undoes the abandoned launch first.
+    p = env.cli("run", "a", "--demo", "--accel", "tcg", "--ready", "none", check=True)
+    assert "abandoned" in p.stderr, p.stderr
+    assert not process_alive(half.pid, half.pid_start)
+    new = record(env, "a")
+    assert new.state == "running" and new.pid != half.pid and new.info.launcher is None
+    assert_no_orphans(env)
+    env.cli("stop", "a", check=True)
+    assert not qemus(env) and not list(env.memory_dir.iterdir())
 
 
 def test_resume_invalidates_an_interrupted_save(env: Env) -> None:

@@ -28,10 +28,11 @@ from vmfork.images.demo import Cpio
 from vmfork.proc import process_alive
 from vmfork.qemu import accel, console_log, features
 from vmfork.qemu.machine import log_tail
-from vmfork.records import RetiredQemu, SavedState, UpdateIntent, VMInfo, VMRecord
+from vmfork.records import Launcher, RetiredQemu, SavedState, UpdateIntent, VMInfo, VMRecord
 from vmfork.results import ExecResult
 from vmfork.spec import MemorySpec, VMSpec
 from vmfork.store import MAX_SOCKET_PATH, Store
+from vmfork.tasks import run_to_end
 from vmfork.timeouts import check_seconds
 
 
@@ -922,7 +923,8 @@ def test_vm_info_round_trip_and_old_records() -> None:
                        machine="pc-q35-10.0")
     info = VMInfo(owns_memory=False, gen=3, updates=2, boot_seconds=1.5, guest="debian",
                   update=UpdateIntent(4, spec, "copy", False, "/new.mem"),
-                  retire=RetiredQemu(pid=9, pid_start=1.25, gen=2), saved=saved)
+                  retire=RetiredQemu(pid=9, pid_start=1.25, gen=2), saved=saved,
+                  launcher=Launcher(pid=7, start=2.5))
     assert VMInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
     # What earlier versions wrote: free keys, some missing, one unknown.
     old = {"owns_memory": True, "gen": 1, "boot_seconds": 2.0, "something_new": 1,
@@ -930,8 +932,52 @@ def test_vm_info_round_trip_and_old_records() -> None:
     got = VMInfo.from_dict(old)
     assert (got.gen, got.updates, got.owns_memory, got.boot_seconds) == (1, 0, True, 2.0)
     assert got.update == UpdateIntent(2, spec, "ignore-shared", True, None)
-    assert got.retire is None and got.saved is None
+    assert got.retire is None and got.saved is None and got.launcher is None
     assert VMInfo.from_dict({}) == VMInfo()
+
+
+def test_an_abandoned_launch_is_one_whose_launcher_is_gone() -> None:
+    from vmfork.launch import this_process
+    from vmfork.listing import ABANDONED, launch_abandoned, observed_state
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    rec = record("a", pid=dead.pid, pid_start=None)
+    rec.state = "starting"
+    assert not launch_abandoned(rec) and observed_state(rec) == "dead"
+    rec.info.launcher = this_process()
+    assert not launch_abandoned(rec) and observed_state(rec) == "dead"
+    rec.info.launcher = Launcher(dead.pid, None)
+    assert launch_abandoned(rec) and observed_state(rec) == ABANDONED
+    rec.state = "running"  # a clone killed in its identity step: not committed either
+    assert observed_state(rec) == ABANDONED
+
+
+def test_run_to_end_holds_every_cancellation_until_the_step_ends() -> None:
+    ended: list[str] = []
+
+    async def step() -> None:
+        await asyncio.sleep(0.05)
+        ended.append("step")
+
+    async def caller() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await run_to_end(step())
+            ended.append("after")
+
+    async def main() -> None:
+        task = asyncio.create_task(caller())
+        await asyncio.sleep(0)
+        for _ in range(3):  # cancelled, then cancelled again during the step
+            task.cancel()
+            await asyncio.sleep(0.01)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    asyncio.run(main())
+    assert ended == ["step"]
 
 
 def test_proc_matches_psutil() -> None:

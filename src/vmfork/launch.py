@@ -3,7 +3,8 @@
 Every path that starts QEMU for a VM — run, clone (fresh or from a pool
 member), a pool member itself, import, restore — goes through :class:`Launch`:
 
-1. the entry is reserved (a new VM's name is taken in the catalog);
+1. the entry is reserved (a new VM's name is taken in the catalog, with the
+   launching vmfork process — pid and start time — as its ``launcher``);
 2. QEMU is spawned, and its pid and start time are recorded as soon as the
    process exists — before the QMP handshake — so that whatever happens next,
    ``vmfork stop`` (or the next command) can find it;
@@ -12,17 +13,29 @@ member), a pool member itself, import, restore — goes through :class:`Launch`:
 4. if the block fails, for any reason including cancellation, the process is
    killed and the entry undone: what the launch made is removed (files,
    sockets, memory file, the catalog row), or, for a restore, the VM goes
-   back to ``saved``.
+   back to ``saved``; if it succeeds, the entry is committed (a new VM's
+   ``launcher`` is cleared).
+
+A new VM whose launcher is gone before the commit (kill -9 of ``vmfork run``,
+``clone`` or ``snapshot import``) is an *abandoned launch*: it never became
+what its command promised, so nothing of value is lost by undoing it.
+:func:`undo_abandoned` does what step 4 would have done (kills its QEMU,
+found by its pid or its QMP socket path, removes its files and its row).
+Commands that create VMs undo every abandoned launch first (so its name is
+free again), and settling (:mod:`vmfork.update.recovery`) undoes one before
+acting on it; listing only shows it as ``abandoned``. Pool members have
+their own rule (:mod:`vmfork.templates.pool`), an interrupted restore too
+(:func:`vmfork.snapshots.save.recover`).
 
 Entries (:class:`NewVM`, :class:`SavedVM`, :class:`NewPoolMember`,
-:class:`Transient`) say what "reserve", "record" and "undo" mean for their
-kind of catalog row.
+:class:`Transient`) say what "reserve", "record", "commit" and "undo" mean
+for their kind of catalog row.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -32,14 +45,17 @@ from types import TracebackType
 from typing import Protocol
 
 from vmfork import tasks
-from vmfork.errors import InvalidInput, SetupError, StateError
+from vmfork.errors import InvalidInput, NotFound, SetupError, StateError, VmforkError
+from vmfork.listing import launch_abandoned
 from vmfork.private import UMASK, make_dirs, private_dir
-from vmfork.proc import process_alive
-from vmfork.qemu.machine import Machine
-from vmfork.records import PoolMember, VMRecord
+from vmfork.proc import process_alive, process_start_time
+from vmfork.qemu.machine import Machine, find_qemu
+from vmfork.records import Launcher, PoolMember, VMRecord
 from vmfork.spec import RunPaths, VMSpec
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
+
+log = logging.getLogger("vmfork.launch")
 
 
 # -- where a VM's process keeps its files ----------------------------------------
@@ -114,24 +130,41 @@ class Entry(Protocol):
     def record(self, pid: int, start: float | None) -> None:
         """Note the QEMU process, as soon as it exists."""
 
+    def commit(self) -> None:
+        """The launch succeeded: what it made is the caller's now."""
+
     def undo(self) -> None:
         """Remove what the launch made (its process is gone already)."""
 
 
+def this_process() -> Launcher:
+    """This vmfork process, as the launcher of a new VM."""
+    pid = os.getpid()
+    return Launcher(pid, process_start_time(pid))
+
+
 class NewVM:
-    """A VM record that the launch creates: run, clone, import."""
+    """A VM record that the launch creates: run, clone, import. Its
+    ``info.launcher`` names this process until the launch commits."""
 
     def __init__(self, store: Store, rec: VMRecord) -> None:
         self.store, self.rec, self.name = store, rec, rec.name
         self._reserved = False
 
     def reserve(self) -> None:
+        self.rec.info.launcher = this_process()
         self.store.add_vm(self.rec)  # AlreadyExists if the name is taken
         self._reserved = True
 
     def record(self, pid: int, start: float | None) -> None:
         self.rec.pid, self.rec.pid_start = pid, start
         self.store.update_vm(self.rec)
+
+    def commit(self) -> None:
+        self.rec.info.launcher = None
+        rec = self.store.get_vm(self.name)  # as the block left it
+        rec.info.launcher = None
+        self.store.update_vm(rec)
 
     def undo(self) -> None:
         if self._reserved:
@@ -154,6 +187,9 @@ class SavedVM:
     def record(self, pid: int, start: float | None) -> None:
         self.rec.pid, self.rec.pid_start = pid, start
         self.store.update_vm(self.rec)
+
+    def commit(self) -> None:
+        pass
 
     def undo(self) -> None:
         self.rec.state, self.rec.pid, self.rec.pid_start = "saved", None, None
@@ -179,6 +215,9 @@ class NewPoolMember:
         self.member.ready = False
         self.store.add_pool_member(self.member)
 
+    def commit(self) -> None:
+        pass
+
     def undo(self) -> None:
         self.store.take_pool_member(self.name)
         shutil.rmtree(self.store.run_dir(self.name), ignore_errors=True)
@@ -196,6 +235,9 @@ class Transient:
         pass
 
     def record(self, pid: int, start: float | None) -> None:
+        pass
+
+    def commit(self) -> None:
         pass
 
     def undo(self) -> None:
@@ -236,9 +278,16 @@ class Launch:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None:
-            return
-        # Cleanup runs even when the block was cancelled: shield it.
-        await asyncio.shield(self._undo())
+            try:
+                self.entry.commit()
+                return
+            except BaseException:
+                await tasks.run_to_end(self._undo())
+                raise
+        # Cleanup runs to its end even when the block was cancelled, and
+        # when the caller is cancelled again meanwhile (a batch of clones
+        # cancels each of its launches once more when one of them fails).
+        await tasks.run_to_end(self._undo())
 
     async def _undo(self) -> None:
         if self.machine is not None:
@@ -281,3 +330,52 @@ class Launch:
         await self.machine.connect()
         return self.machine
 
+
+
+# -- abandoned launches -----------------------------------------------------------------
+async def undo_abandoned(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> bool:
+    """Undo the launch of VM *name* if it was abandoned (its launcher is gone:
+    :func:`vmfork.listing.launch_abandoned`): kill its QEMU, remove its files
+    and its row. Return True if it did. Takes the VM's lock (the caller must
+    not hold it); a VM whose launcher lives, or that is gone, is left alone."""
+    if not _abandoned(store, name):
+        return False  # the usual case: no lock taken
+    async with store.lock_async(name):
+        rec = _abandoned(store, name)
+        if rec is None:
+            return False  # another command undid it meanwhile
+        paths = paths_for(store, rec)
+        pid = rec.pid if process_alive(rec.pid, rec.pid_start) else find_qemu(paths.qmp)
+        if pid is not None:
+            await Machine(rec.spec, paths, qemu_log(store, name), pid,
+                          timeouts=timeouts).kill()
+        remove_vm_files(store, rec)
+        store.remove_vm(name)
+    launcher = rec.info.launcher
+    log.warning("%s: removed a VM whose launch was abandoned (the vmfork that started it, "
+                "pid %s, is gone)", name, launcher.pid if launcher else "?")
+    return True
+
+
+async def undo_all_abandoned(store: Store, timeouts: Timeouts = DEFAULT) -> list[str]:
+    """:func:`undo_abandoned` for every VM of the catalog; return the names of
+    those undone. One that cannot be undone now is logged and left."""
+    done = []
+    for rec in store.list_vms():
+        if not launch_abandoned(rec):
+            continue
+        try:
+            if await undo_abandoned(store, rec.name, timeouts):
+                done.append(rec.name)
+        except VmforkError as exc:
+            log.warning("%s: its abandoned launch could not be undone: %s", rec.name, exc)
+    return done
+
+
+def _abandoned(store: Store, name: str) -> VMRecord | None:
+    """VM *name*'s record if its launch was abandoned, else None."""
+    try:
+        rec = store.get_vm(name)
+    except NotFound:
+        return None
+    return rec if launch_abandoned(rec) else None

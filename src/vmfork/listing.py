@@ -1,7 +1,9 @@
 """The public view of the VMs in the catalog (``vmfork ls``, ``host.ls()``).
 
-Listing only reads: a VM whose QEMU process is gone shows as ``dead``, but
-its record is left as it is (the next operation on it records that). Kept
+Listing only reads: a VM whose QEMU process is gone shows as ``dead``, one
+whose launch was abandoned (the vmfork that started it was killed before it
+was ready) as ``abandoned``, but its record is left as it is (the next
+operation on it records that, or undoes the launch: :mod:`vmfork.launch`). Kept
 light on imports (no asyncio, no QMP, no psutil; the record types are loaded
 with the first record), so that ``vmfork ls`` starts fast."""
 
@@ -19,12 +21,24 @@ if TYPE_CHECKING:
 
 #: States in which a VM has (or is about to have) a QEMU process.
 LIVE_STATES = ("starting", "running", "paused", "updating")
+#: What listing shows for a VM whose launch was abandoned (never in the catalog).
+ABANDONED = "abandoned"
+
+
+def launch_abandoned(rec: VMRecord) -> bool:
+    """True if the launch that creates *rec* is in flight and the vmfork
+    process running it is gone."""
+    launcher = rec.info.launcher
+    return launcher is not None and not proc.process_alive(launcher.pid, launcher.start)
 
 
 def observed_state(rec: VMRecord) -> str:
-    """The record's state, or ``dead`` when it says live and its QEMU is gone.
-    An ``updating`` VM stays ``updating``: its guest may live in the new QEMU
-    (see :mod:`vmfork.update.recovery`)."""
+    """The record's state; ``abandoned`` when its launch was abandoned
+    (:func:`launch_abandoned`); ``dead`` when it says live and its QEMU is
+    gone. An ``updating`` VM stays ``updating``: its guest may live in the
+    new QEMU (see :mod:`vmfork.update.recovery`)."""
+    if launch_abandoned(rec):
+        return ABANDONED
     if (rec.state in LIVE_STATES and rec.state != "updating"
             and not proc.process_alive(rec.pid, rec.pid_start)):
         return "dead"

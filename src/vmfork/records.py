@@ -1,8 +1,9 @@
 """What the catalog keeps, typed: each VM's :class:`VMRecord` with its
 :class:`VMInfo` (memory ownership, QEMU generation, an update in flight, a
-saved state), the saved-state manifest :class:`SavedState`, each template's
-versioned :class:`TemplateManifest`, a template being made or removed
-(:class:`TemplateWork`), and pool members (:class:`PoolMember`).
+saved state, the launch in flight), the saved-state manifest
+:class:`SavedState`, each template's versioned :class:`TemplateManifest`, a
+template being made or removed (:class:`TemplateWork`), and pool members
+(:class:`PoolMember`).
 
 Records are plain values; :mod:`vmfork.store` reads and writes them. Every
 ``from_dict`` accepts what older vmfork versions wrote (unknown keys are
@@ -121,6 +122,23 @@ class RetiredQemu:
         return cls(pid=int(d["pid"]), pid_start=d.get("pid_start"), gen=int(d.get("gen", 0)))
 
 
+@dataclass(frozen=True)
+class Launcher:
+    """The vmfork process (pid, start time) whose launch transaction made a
+    VM record and has not committed it yet (:mod:`vmfork.launch`): when that
+    process is gone, the launch was abandoned."""
+
+    pid: int
+    start: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Launcher:
+        return cls(pid=int(d["pid"]), start=d.get("start"))
+
+
 @dataclass
 class VMInfo:
     """Facts about a VM beyond its spec and state."""
@@ -148,6 +166,9 @@ class VMInfo:
     agent: str | None = None
     #: What qemu-guest-agent said of the guest's OS (``guest-get-osinfo``).
     guest_os: dict[str, str] | None = None
+    #: Set while the launch that creates the VM is in flight (run, clone,
+    #: import), cleared when it commits.
+    launcher: Launcher | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"owns_memory": self.owns_memory, "gen": self.gen,
@@ -156,7 +177,7 @@ class VMInfo:
                   "guest_os"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
-        for k in ("update", "retire", "saved"):
+        for k in ("update", "retire", "saved", "launcher"):
             v = getattr(self, k)
             if v is not None:
                 d[k] = v.to_dict()
@@ -165,13 +186,15 @@ class VMInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VMInfo:
         info = cls(**{k: v for k, v in _known(cls, d).items()
-                      if k not in ("update", "retire", "saved")})
+                      if k not in ("update", "retire", "saved", "launcher")})
         if isinstance(d.get("update"), dict):
             info.update = UpdateIntent.from_dict(d["update"])
         if isinstance(d.get("retire"), dict):
             info.retire = RetiredQemu.from_dict(d["retire"])
         if isinstance(d.get("saved"), dict):
             info.saved = SavedState.from_dict(d["saved"])
+        if isinstance(d.get("launcher"), dict):
+            info.launcher = Launcher.from_dict(d["launcher"])
         return info
 
 

@@ -13,21 +13,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-async def run_to_end(coro: Coroutine[Any, Any, T]) -> T:
-    """Await *coro*; if the caller is cancelled meanwhile, let it finish
-    before the cancellation goes on."""
-    task = asyncio.ensure_future(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        raise
+async def run_to_end(aw: Awaitable[T]) -> T:
+    """Await *aw* to its end even if the caller is cancelled meanwhile, once
+    or more; then the cancellation goes on.
+
+    ``asyncio.shield`` alone is not enough: a second cancellation of the
+    caller ends the caller while the shielded work runs on unowned, and the
+    event loop's shutdown then cancels it half-way."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled and (task.cancelled() or task.exception() is None):
+        raise asyncio.CancelledError
+    return task.result()
 
 
 async def finish_in_thread(fn: Callable[..., T], *args: Any) -> T:

@@ -29,8 +29,16 @@ from vmfork.errors import InvalidInput, StateError, VmforkError
 from vmfork.files import fsync_path, unlink_quietly
 from vmfork.guest import readiness
 from vmfork.images.demo import demo_image
-from vmfork.launch import Launch, NewVM, attach, machine_for, qemu_log, remove_vm_files
-from vmfork.listing import LIVE_STATES, describe, observed_state
+from vmfork.launch import (
+    Launch,
+    NewVM,
+    attach,
+    machine_for,
+    qemu_log,
+    remove_vm_files,
+    undo_all_abandoned,
+)
+from vmfork.listing import ABANDONED, LIVE_STATES, describe, observed_state
 from vmfork.names import check_name
 from vmfork.private import private_dir
 from vmfork.proc import process_alive
@@ -253,7 +261,10 @@ def _ports_for(opts: RunOptions, ready: Readiness) -> tuple[tuple[int, int], ...
 
 async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> VMStatus:
     """Start a VM and (by default) wait until its guest is ready, as its
-    readiness says (:mod:`vmfork.guest.readiness`)."""
+    readiness says (:mod:`vmfork.guest.readiness`). Launches that a killed
+    vmfork abandoned are undone first (:func:`vmfork.launch.undo_abandoned`):
+    their names and memory are free again."""
+    await undo_all_abandoned(store, timeouts)
     spec = build_spec(store, opts)
     admission.check_new_vm(spec.name, spec.memory_mib, memory_dir(spec))
     rec = VMRecord(name=spec.name, spec=spec, state="starting", info=VMInfo(owns_memory=True))
@@ -308,9 +319,10 @@ def invalidate_save(store: Store, name: str) -> None:
 
 
 def reconcile(store: Store, rec: VMRecord) -> VMRecord:
-    """Record a VM whose QEMU is gone as dead (:func:`vmfork.listing.observed_state`)."""
+    """Record a VM whose QEMU is gone as dead (:func:`vmfork.listing.observed_state`;
+    an abandoned launch is undone, not recorded: :func:`vmfork.launch.undo_abandoned`)."""
     state = observed_state(rec)
-    if state != rec.state:
+    if state != rec.state and state != ABANDONED:
         rec.state = state
         store.update_vm(rec)
     return rec

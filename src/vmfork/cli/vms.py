@@ -87,7 +87,9 @@ def run_cmd(name: str, demo: bool, image_name: str | None, kernel: str | None,
 @click.command("ls")
 @click.option("--json", "as_json", is_flag=True)
 def ls_cmd(as_json: bool) -> None:
-    """List VMs (a VM whose QEMU died shows as dead). Listing changes nothing."""
+    """List VMs (a VM whose QEMU died shows as dead; one whose vmfork was
+    killed before it was ready as abandoned: the next run, clone or import,
+    or stop, removes it). Listing changes nothing."""
     from vmfork.listing import statuses
     from vmfork.store import Store
 

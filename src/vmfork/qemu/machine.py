@@ -44,6 +44,7 @@ from vmfork.private import UMASK, make_dirs, opener
 from vmfork.proc import process_alive, process_start_time
 from vmfork.qemu import console_log
 from vmfork.spec import CONSOLE_RING, CONSOLE_RING_ID, RunPaths, VMSpec, build_argv
+from vmfork.tasks import run_to_end
 from vmfork.timeouts import DEFAULT, Timeouts
 
 T = TypeVar("T")
@@ -220,7 +221,7 @@ class Machine:
             if connect_qmp:
                 await m.connect()
         except BaseException:
-            await asyncio.shield(m.kill())
+            await run_to_end(m.kill())
             raise
         return m
 
@@ -391,12 +392,17 @@ class Machine:
 
     # -- shutdown -------------------------------------------------------------
     async def disconnect(self) -> None:
-        """Drop the QMP connection; QEMU keeps running."""
-        with contextlib.suppress(Exception):
-            await deadline(self._qmp.disconnect(), self.timeouts.qmp, "QMP disconnect")
-        if self._qmp_sock is not None:
-            self._qmp_sock.close()
-            self._qmp_sock = None
+        """Drop the QMP connection; QEMU keeps running. A cancellation waits
+        until the connection is closed (within ``timeouts.qmp``): qemu.qmp
+        left half-way leaves tasks whose errors nobody retrieves."""
+        try:
+            with contextlib.suppress(Exception):
+                await run_to_end(deadline(self._qmp.disconnect(), self.timeouts.qmp,
+                                          "QMP disconnect"))
+        finally:
+            if self._qmp_sock is not None:
+                self._qmp_sock.close()
+                self._qmp_sock = None
 
     async def _wait_exit(self, timeout: float) -> bool:
         if self._proc is not None:

@@ -38,7 +38,7 @@ from typing import BinaryIO
 
 from vmfork import admission, checkpoints, vm
 from vmfork.errors import AlreadyExists, BadSnapshotFile, InvalidInput
-from vmfork.launch import Launch, NewVM
+from vmfork.launch import Launch, NewVM, undo_all_abandoned
 from vmfork.names import internal
 from vmfork.private import make_dirs, private_dir
 from vmfork.qemu import features, migration
@@ -65,6 +65,7 @@ async def import_(store: Store, file: Path | str, name: str, persistent: bool = 
     t0 = time.monotonic()
     src = Path(file).absolute()
     store.check_new_name(name)
+    await undo_all_abandoned(store, timeouts)
     header = read_header(src)
     if store.has_vm(name):
         raise AlreadyExists(f"a VM named {name!r} exists already")

@@ -41,7 +41,7 @@ import secrets
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from vmfork import checkpoints, vm
 from vmfork.errors import GuestError, MigrationError, StateError, VmforkError, VmforkTimeout
@@ -63,7 +63,7 @@ from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.vm import MANIFEST_FILE, STATE_FILE, state_paths
 
 log = logging.getLogger("vmfork.snapshot")
-T = TypeVar("T")
+
 
 def check_saveable(rec: VMRecord) -> Path:
     """The VM's memory file if save can keep RAM in place, else raise StateError."""

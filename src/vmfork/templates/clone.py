@@ -33,7 +33,7 @@ from collections.abc import Callable
 from vmfork import admission, checkpoints, ports, vm
 from vmfork.errors import AlreadyExists, GuestError, InvalidInput, LaunchError, VmforkTimeout
 from vmfork.guest import identity
-from vmfork.launch import Launch, NewVM
+from vmfork.launch import Launch, NewVM, undo_all_abandoned
 from vmfork.names import check_name, derived
 from vmfork.private import make_dirs
 from vmfork.qemu import migration
@@ -41,6 +41,7 @@ from vmfork.qemu.machine import deadline
 from vmfork.records import PoolMember, TemplateManifest, VMInfo, VMRecord
 from vmfork.results import CloneResult
 from vmfork.store import Store
+from vmfork.tasks import run_to_end
 from vmfork.templates import pool
 from vmfork.templates.manifest import check, clone_spec, move_disks, template_mac
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -82,8 +83,10 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
     hook has run). *on_clone* replaces the template's default hook for this
     call ("" runs none). With *use_pool* a clone takes a pool member if one
     is ready (the pool is not refilled). If one clone fails, all of this call
-    are removed."""
+    are removed. Launches that a killed vmfork abandoned are undone first
+    (:func:`vmfork.launch.undo_abandoned`): their names are free again."""
     manifest = store.get_template(check_name(template, "template"))
+    await undo_all_abandoned(store, timeouts)
     check_count(count if names is None else len(names))
     if names is None:
         names = next_clone_names(store, template, count)
@@ -102,16 +105,23 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
-        # One failed (or the call was cancelled): the others stop where they
-        # are (each undoes its own launch), and those that made it are removed.
-        for t in tasks:
-            t.cancel()
-        await asyncio.wait(tasks)
-        for t in tasks:
-            if not t.cancelled() and t.exception() is None:
-                with contextlib.suppress(Exception):
-                    await vm.stop(store, t.result().name, force=True)
+        # One failed (or the call was cancelled): undo the whole batch, to
+        # its end even if this call is cancelled (again) meanwhile.
+        await run_to_end(_undo_batch(store, tasks))
         raise
+
+
+async def _undo_batch(store: Store, tasks: list[asyncio.Task[CloneResult]]) -> None:
+    """Stop the clones of a failed call: those still starting where they are
+    (each undoes its own launch), and wait until every one has; then remove
+    those that made it."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.wait(tasks)
+    for t in tasks:
+        if not t.cancelled() and t.exception() is None:
+            with contextlib.suppress(Exception):
+                await vm.stop(store, t.result().name, force=True)
 
 
 def hook_failure(name: str, status: int, output: str, limit: int = 300) -> str:

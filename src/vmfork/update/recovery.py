@@ -24,6 +24,10 @@ Settling is an explicit step, never a side effect of looking: listing VMs
 shows an interrupted update as ``updating`` and changes nothing. Commands
 that act on a VM call :func:`settle` first (:func:`vmfork.update.live.update`
 does it itself); :func:`settle_all` settles every VM no command is working on.
+
+Settling also undoes a launch that a killed vmfork abandoned (a VM listed as
+``abandoned``: :func:`vmfork.launch.undo_abandoned`); the VM is gone then,
+and :func:`settle` raises NotFound for it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import signal
 
 from vmfork import vm
 from vmfork.errors import StateError, VmforkError
-from vmfork.launch import qemu_log
+from vmfork.launch import qemu_log, undo_abandoned, undo_all_abandoned
+from vmfork.listing import launch_abandoned
 from vmfork.names import check_name
 from vmfork.proc import process_alive
 from vmfork.qemu import migration
@@ -62,8 +67,12 @@ async def settle(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> VMRec
     Cheap when there is nothing to settle (one catalog read, no lock).
     Otherwise takes the VM's lock, waiting for a command that works on the
     VM (a running update settles nothing: it ends before the lock is free).
-    The caller must not hold the VM's lock (see :func:`settle_held`)."""
+    The caller must not hold the VM's lock (see :func:`settle_held`).
+    An abandoned launch of the VM is undone: NotFound then."""
     rec = store.get_vm(check_name(name))
+    if launch_abandoned(rec):
+        await undo_abandoned(store, name, timeouts)
+        rec = store.get_vm(name)  # NotFound once undone
     if not pending(rec):
         return rec
     async with store.lock_async(name):
@@ -105,10 +114,11 @@ async def settle_held(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT)
 
 
 async def settle_all(store: Store, timeouts: Timeouts = DEFAULT) -> list[str]:
-    """Settle every VM with an interrupted update that no vmfork command is
-    working on right now; return the names of those settled (a VM that
-    cannot be settled is logged and left as it is)."""
-    done = []
+    """Undo every abandoned launch, and settle every VM with an interrupted
+    update that no vmfork command is working on right now; return the names
+    of those undone or settled (a VM that cannot be settled is logged and
+    left as it is)."""
+    done = await undo_all_abandoned(store, timeouts)
     for rec in store.list_vms():
         if not pending(rec):
             continue
