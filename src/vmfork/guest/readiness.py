@@ -142,7 +142,7 @@ async def _qga_answers(m: Machine, agent: GuestAgent) -> dict[str, str] | None:
                         return {str(k): str(v) for k, v in info.items()
                                 if isinstance(v, str | int)}
                 return None
-        except (GuestError, VmforkTimeout):
+        except (GuestError, VmforkTimeout, OSError):
             m.check_running()
             await asyncio.sleep(RETRY)
 

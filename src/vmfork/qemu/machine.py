@@ -264,7 +264,13 @@ class Machine:
 
     def check_running(self) -> None:
         """Raise LaunchError if QEMU has exited (while a guest was awaited)."""
-        self._raise_if_exited(f"{self.name}: QEMU exited before the guest was ready")
+        self._raise_if_exited(self._exited_before_ready())
+
+    def _exited_before_ready(self) -> str:
+        msg = f"{self.name}: QEMU exited before the guest was ready"
+        if self.exitcode() == -signal.SIGBUS:
+            msg += f" ({SIGBUS_HINT})"
+        return msg
 
     def _raise_if_exited(self, message: str) -> None:
         code = self.exitcode()
@@ -365,9 +371,7 @@ class Machine:
                             with contextlib.suppress(OSError, StateError):
                                 console_log.append(self.paths.console_log,
                                                    buf[len(buf) - min(seen - drained, len(buf)):])
-                        msg = f"{self.name}: QEMU exited before the guest was ready"
-                        if self.exitcode() == -signal.SIGBUS:
-                            msg += f" ({SIGBUS_HINT})"
+                        msg = self._exited_before_ready()
                         self._raise_if_exited(msg)
                         await self.drain_console()
                         raise LaunchError(msg, argv=self.argv,
