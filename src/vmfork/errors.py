@@ -125,3 +125,36 @@ class VmforkTimeout(VmforkError):
         if detail:
             msg += f": {detail}"
         super().__init__(msg)
+
+
+#: The REST API's name and HTTP status of each error class (the first class
+#: an error is an instance of decides); the daemon answers with them and the
+#: client raises the same class again (:func:`error_from`).
+HTTP_ERRORS: tuple[tuple[type[VmforkError], str, int], ...] = (
+    (BadSnapshotFile, "bad_snapshot", 400), (UnsafePath, "unsafe_path", 400),
+    (InvalidInput, "invalid", 400), (NotFound, "not_found", 404),
+    (AlreadyExists, "exists", 409), (SetupError, "setup", 503),
+    (ResourceError, "no_room", 503), (LaunchError, "launch_failed", 500),
+    (QMPCommandError, "qmp", 409), (StateError, "conflict", 409),
+    (GuestError, "guest", 502), (MigrationError, "migration", 500),
+    (TemplateError, "template", 409), (VmforkTimeout, "timeout", 504),
+    (VmforkError, "error", 500),
+)
+
+
+def http_error(exc: VmforkError) -> tuple[str, int]:
+    """The REST API's error code and HTTP status for *exc*."""
+    return next((code, status) for cls, code, status in HTTP_ERRORS if isinstance(exc, cls))
+
+
+def error_from(code: str, message: str) -> VmforkError:
+    """An error of the class the REST API names *code* (VmforkError for a code
+    this version does not know), carrying *message* as it came."""
+    cls = next((c for c, name, _ in HTTP_ERRORS if name == code), VmforkError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    if isinstance(err, VmforkTimeout):
+        err.phase, err.seconds = "an answer of the daemon", 0.0
+    if isinstance(err, LaunchError):
+        err.exitcode, err.argv, err.log_tail = None, [], ""
+    return err

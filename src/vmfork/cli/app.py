@@ -127,6 +127,7 @@ COMMANDS = {
     **_family("updates", "update"),
     **_family("snapshots", "save", "restore", "snapshot"),
     **_family("bench", "bench"),
+    **_family("serve", "serve"),
 }
 
 

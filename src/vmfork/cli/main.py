@@ -22,3 +22,11 @@ def main() -> None:
         print(f"vmfork: error: {exc}", file=sys.stderr)
         sys.exit(2)
     cli()
+
+
+def vmforkd() -> None:
+    """Entry point of the ``vmforkd`` command: ``vmfork serve``."""
+    import sys
+
+    sys.argv[1:1] = ["serve"]
+    main()
