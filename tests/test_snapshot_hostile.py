@@ -125,7 +125,8 @@ def split_option(value: str) -> list[str]:
 OPTION_SHAPES: dict[str, tuple[set[str] | None, set[str]]] = {
     "-machine": (set(MACHINES), {"memory-backend", "aux-ram-share"}),
     "-object": ({"memory-backend-file"}, {"id", "size", "mem-path", "share", "readonly", "rom"}),
-    "-chardev": ({"socket"}, {"id", "path", "server", "wait", "logfile", "logappend"}),
+    "-chardev": ({"socket", "ringbuf", "hub"},
+                 {"id", "path", "server", "wait", "size", "chardevs.0", "chardevs.1"}),
     "-netdev": ({"user"}, {"id", "hostfwd"}),
     "-device": ({"virtio-serial-pci", "virtconsole", "vmgenid", "virtio-rng-pci",
                  "virtio-net-pci", "virtserialport"},
