@@ -450,20 +450,27 @@ class AsyncRemoteTemplate:
 
     @overload
     async def clone(self, count: None = None, *, name: str | None = None,
-                    use_pool: bool = True, on_clone: str | None = None) -> AsyncRemoteClone: ...
+                    names: Sequence[str] | None = None, use_pool: bool = True,
+                    on_clone: str | None = None) -> AsyncRemoteClone: ...
 
     @overload
-    async def clone(self, count: int, *, name: str | None = None, use_pool: bool = True,
+    async def clone(self, count: int, *, name: str | None = None,
+                    names: Sequence[str] | None = None, use_pool: bool = True,
                     on_clone: str | None = None) -> list[AsyncRemoteClone]: ...
 
     async def clone(self, count: int | None = None, *, name: str | None = None,
-                    use_pool: bool = True,
+                    names: Sequence[str] | None = None, use_pool: bool = True,
                     on_clone: str | None = None) -> AsyncRemoteClone | list[AsyncRemoteClone]:
         """Start clones of this template (see :meth:`vmfork.AsyncTemplate.clone`):
-        one clone without *count*, else a list of *count*."""
+        one clone without *count*, else a list of *count*; *name* names them
+        (``NAME-1``.. with *count*), or *names* one by one."""
         n = 1 if count is None else count
+        if names is not None and name:
+            raise InvalidInput("give either name or names, not both")
         body: dict[str, Any] = {"count": n}
-        if name:
+        if names is not None:
+            body["names"] = list(names)
+        elif name:
             body["names"] = [name] if count is None else [f"{name}-{i}" for i in range(1, n + 1)]
         if on_clone is not None:
             body["on_clone"] = on_clone
