@@ -12,6 +12,7 @@ import ast
 import asyncio
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -330,3 +331,24 @@ def test_token_over_tcp(env: Env) -> None:
             assert not isinstance(info.value, vmfork.DaemonUnreachable)
             assert "\n" not in str(info.value)
 
+
+
+@pytest.mark.qemu
+def test_bench_api(env: Env) -> None:
+    """``vmfork bench api`` starts its own daemon, measures both paths, and
+    leaves nothing behind (the clone part once the daemon has template routes)."""
+    has_templates = importlib.util.find_spec("vmfork.service.templates") is not None
+    parts = "exec,clone" if has_templates else "exec"
+    p = env.cli("bench", "api", "--parts", parts, "--samples", "2", "--exec-samples", "5",
+                "--accel", "tcg", "--json", check=True, timeout=600)
+    result = json.loads(p.stdout)
+    for part in parts.split(","):
+        r = result[part]
+        assert r["library_s"] > 0 and r["api_s"] > 0, r
+        assert r["ratio"] == pytest.approx(r["api_s"] / r["library_s"], rel=1e-3)
+    assert ("clone" in result) == has_templates
+    assert list(result["targets"]) == (["clone_api<=1.2x+10ms"] if has_templates else [])
+    s = env.store()
+    assert s.list_vms() == [] and s.template_names() == []
+    s.close()
+    assert sorted(x.name for x in env.home.glob("vmforkd-bench*")) == []
