@@ -1,9 +1,12 @@
-"""The package's structure: no import cycles, the CLI on top (nothing below it
-imports or spawns it), and the public names of ``vmfork.__all__``."""
+"""The package's structure: no import cycles, the CLI, the daemon and its
+client on top (nothing below them imports them or spawns the CLI; the daemon
+and the client do not import each other; the client needs no QEMU part), and
+the public names of ``vmfork.__all__``."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,20 +119,68 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def in_layer(module: str, *layers: str) -> bool:
+    """Whether *module* is one of *layers* or inside one (``vmfork.cli`` is
+    not inside ``vmfork.client``)."""
+    return any(module == layer or module.startswith(layer + ".") for layer in layers)
+
+
+#: The layers beside each other on top: the CLI, the daemon, its REST client.
+TOP = ("vmfork.cli", "vmfork.__main__", "vmfork.service", "vmfork.client")
+#: Modules below the top that use a top layer on purpose: the API benchmark
+#: measures the client against the library (it starts no daemon itself).
+TOP_USERS = {"vmfork.bench.api": ("vmfork.client",)}
+
+
 def test_only_the_cli_imports_the_cli() -> None:
-    offenders = {m: sorted(i for i in deps if i.startswith("vmfork.cli"))
+    offenders = {m: sorted(i for i in deps if in_layer(i, "vmfork.cli"))
                  for m, deps in graph().items()
-                 if not m.startswith(("vmfork.cli", "vmfork.__main__"))}
+                 if not in_layer(m, "vmfork.cli", "vmfork.__main__")}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_the_library_imports_no_top_layer() -> None:
+    """Nothing below the top imports the CLI, the daemon or the client; the
+    daemon and the client do not import each other."""
+    offenders = {}
+    for m, deps in graph().items():
+        if in_layer(m, *TOP):
+            allowed: tuple[str, ...] = ()
+            if in_layer(m, "vmfork.service", "vmfork.client"):
+                mine = "vmfork.service" if in_layer(m, "vmfork.service") else "vmfork.client"
+                allowed = (mine,)
+            else:
+                continue
+        else:
+            allowed = TOP_USERS.get(m, ())
+        bad = sorted(i for i in deps if in_layer(i, *TOP) and not in_layer(i, *allowed))
+        if bad:
+            offenders[m] = bad
+    assert offenders == {}
+
+
+def test_the_client_uses_no_operation() -> None:
+    """The client works on a machine without QEMU: it imports no operation,
+    no QEMU or guest module (only values, errors and the loop thread)."""
+    heavy = ("vmfork.api", "vmfork.vm", "vmfork.qemu", "vmfork.guest", "vmfork.templates",
+             "vmfork.update", "vmfork.snapshots", "vmfork.launch", "vmfork.images")
+    g = graph()
+    reach, todo = set(), [m for m in g if in_layer(m, "vmfork.client")]
+    while todo:
+        m = todo.pop()
+        if m not in reach:
+            reach.add(m)
+            todo.extend(g.get(m, ()))
+    assert sorted(m for m in reach if in_layer(m, *heavy)) == []
 
 
 def test_no_library_module_runs_the_cli() -> None:
     runs_cli = []
     for p in SRC.rglob("*.py"):
-        if module_name(p).startswith(("vmfork.cli", "vmfork.__main__")):
+        if in_layer(module_name(p), "vmfork.cli", "vmfork.__main__"):
             continue
-        text = p.read_text()
-        if '"-m", "vmfork"' in text or "vmfork.cli" in text.replace(":mod:`vmfork.cli", ""):
+        text = p.read_text().replace(":mod:`vmfork.cli", "")
+        if '"-m", "vmfork"' in text or re.search(r"vmfork\.cli\b", text):
             runs_cli.append(module_name(p))
     assert runs_cli == []
 

@@ -10,11 +10,15 @@ The public API, re-exported here (and listed in ``__all__``)::
         tpl = vm.make_template("base")           # the VM ends
         with tpl.clone() as c:                   # stopped when the block ends
             c.exec("hostname")
+    with vmfork.Client(socket_path) as host:     # the same, through vmforkd
+        ...
 
 Names are imported on first use, so ``import vmfork`` (and the CLI) stays
-cheap. Layers, top down: ``cli`` → ``api`` → the operations (``vm``,
-``templates``, ``update``, ``snapshots``) → ``guest``, ``qemu``, ``images`` →
-``store``, ``records``, ``spec``, ``results``, ``errors``, ``timeouts``.
+cheap. Layers, top down: ``cli``, ``service`` (vmforkd) and ``client`` (its
+REST client, which talks to it over HTTP only) → ``api`` → the operations
+(``vm``, ``templates``, ``update``, ``snapshots``) → ``guest``, ``qemu``,
+``images`` → ``store``, ``records``, ``spec``, ``results``, ``errors``,
+``timeouts``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ _EXPORTS = {
     "open_async": "vmfork.api.aio", "AsyncHost": "vmfork.api.aio",
     "AsyncVM": "vmfork.api.aio", "AsyncClone": "vmfork.api.aio",
     "AsyncTemplate": "vmfork.api.aio",
+    # the REST client of vmforkd (same names and results)
+    "Client": "vmfork.client.sync", "AsyncClient": "vmfork.client.aio",
     # results
     "Result": "vmfork.results", "ExecResult": "vmfork.results",
     "VMStatus": "vmfork.results", "CloneResult": "vmfork.results",
@@ -45,7 +51,8 @@ _EXPORTS = {
     # errors
     "VmforkError": "vmfork.errors", "InvalidInput": "vmfork.errors",
     "NotFound": "vmfork.errors", "AlreadyExists": "vmfork.errors",
-    "SetupError": "vmfork.errors", "ResourceError": "vmfork.errors",
+    "SetupError": "vmfork.errors", "DaemonUnreachable": "vmfork.errors",
+    "ResourceError": "vmfork.errors",
     "LaunchError": "vmfork.errors",
     "StateError": "vmfork.errors", "GuestError": "vmfork.errors",
     "MigrationError": "vmfork.errors", "TemplateError": "vmfork.errors",
@@ -55,12 +62,15 @@ _EXPORTS = {
 __all__ = [
     "VM",
     "AlreadyExists",
+    "AsyncClient",
     "AsyncClone",
     "AsyncHost",
     "AsyncTemplate",
     "AsyncVM",
+    "Client",
     "Clone",
     "CloneResult",
+    "DaemonUnreachable",
     "ExecResult",
     "ExportResult",
     "GuestError",
@@ -111,8 +121,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate, AsyncVM, open_async
     from vmfork.api.sync import VM, Clone, Host, Template, open
+    from vmfork.client.aio import AsyncClient
+    from vmfork.client.sync import Client
     from vmfork.errors import (
         AlreadyExists,
+        DaemonUnreachable,
         GuestError,
         InvalidInput,
         LaunchError,

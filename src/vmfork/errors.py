@@ -9,6 +9,7 @@
      +-- NotFound              no VM, template or image by that name
      +-- AlreadyExists         a VM or template of that name exists already
      +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
+     |    +-- DaemonUnreachable  the client finds no vmforkd answering at its address
      +-- ResourceError         the host has no room for it (memory, space for RAM)
      +-- LaunchError           QEMU refused to start (exit code, argv, log tail)
      +-- StateError            the operation does not fit the VM's current state
@@ -57,6 +58,12 @@ class AlreadyExists(VmforkError):
 
 class SetupError(VmforkError):
     """The host is missing something vmfork needs."""
+
+
+class DaemonUnreachable(SetupError):
+    """The REST client (:mod:`vmfork.client`) could not talk to vmforkd: no
+    daemon listens at the address (not started, wrong socket or URL,
+    connection refused), or it closed the connection before it answered."""
 
 
 class ResourceError(VmforkError):

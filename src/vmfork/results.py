@@ -4,13 +4,16 @@ Every public operation returns one of these (or a handle, :mod:`vmfork.api`);
 the CLI's ``--json`` output of a command is the ``to_dict()`` of its result,
 so the keys here are the CLI's JSON keys. Floats are rounded to 4 decimals in
 ``to_dict()``; nested results become nested dicts and tuples become lists.
-Pure values: nothing here does I/O."""
+``from_dict()`` is the way back (the REST client rebuilds its results with
+it). Pure values: nothing here does I/O."""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 
 def _plain(value: Any) -> Any:
@@ -23,12 +26,59 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_FIELD_TYPES: dict[type[Any], dict[str, Any]] = {}
+
+
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    hints = _FIELD_TYPES.get(cls)
+    if hints is None:
+        hints = _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _rebuild(tp: Any, value: Any) -> Any:
+    """*value* (plain JSON data) as the type *tp* of a result's field: nested
+    results, tuples (of tuples), floats that JSON wrote as integers."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _rebuild(options[0], value) if len(options) == 1 else value
+    if isinstance(tp, type) and issubclass(tp, Result) and isinstance(value, dict):
+        return tp.from_dict(value)
+    if origin is tuple and isinstance(value, list | tuple):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_rebuild(args[0], v) for v in value)
+        return tuple(_rebuild(a, v) for a, v in zip(args, value, strict=False))
+    if origin is list and isinstance(value, list | tuple):
+        (arg,) = typing.get_args(tp)
+        return [_rebuild(arg, v) for v in value]
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 class Result:
-    """Base of every result: ``to_dict()`` gives plain JSON-ready data."""
+    """Base of every result: ``to_dict()`` gives plain JSON-ready data,
+    ``from_dict()`` the result again."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = _plain(dataclasses.asdict(self))  # type: ignore[call-overload]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        """The result whose ``to_dict()`` is *d*: nested results and tuples
+        rebuilt; keys the class does not know are ignored (a newer vmfork's),
+        missing ones take their defaults (TypeError if one has none)."""
+        hints = _field_types(cls)
+        known = {f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                 if f.init}
+        return cls(**{k: _rebuild(hints[k], v) for k, v in d.items() if k in known})
 
 
 @dataclass(frozen=True)

@@ -3,24 +3,24 @@
 for scripts and notebooks.
 
 Each call runs the asyncio operation on an event loop of the host's own,
-on a thread of its own, so it also works where the caller already runs a
-loop (a notebook). If the caller is interrupted (Ctrl-C) while it waits, the
-operation is cancelled and its cleanup runs before the interrupt goes on.
+on a thread of its own (:class:`vmfork.loopthread.LoopThread`), so it also
+works where the caller already runs a loop (a notebook). If the caller is
+interrupted (Ctrl-C) while it waits, the operation is cancelled and its
+cleanup runs before the interrupt goes on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate, AsyncVM
-from vmfork.errors import NotFound, StateError
+from vmfork.errors import NotFound
 from vmfork.images.demo import GuestImage
+from vmfork.loopthread import LoopThread
 from vmfork.records import TemplateManifest
 from vmfork.results import (
     CloneResult,
@@ -39,52 +39,6 @@ from vmfork.timeouts import DEFAULT, Timeouts
 T = TypeVar("T")
 
 
-class _Loop:
-    """An event loop running on a daemon thread; :meth:`run` waits for one
-    coroutine on it."""
-
-    def __init__(self, cleanup_seconds: float) -> None:
-        self.cleanup_seconds = cleanup_seconds
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vmfork-loop",
-                                        daemon=True)
-        self._thread.start()
-
-    @property
-    def is_open(self) -> bool:
-        return self._thread.is_alive()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if not self.is_open:
-            coro.close()
-            raise StateError("this vmfork host is closed")
-        started, finished = threading.Event(), threading.Event()
-
-        async def tracked() -> T:
-            started.set()
-            try:
-                return await coro
-            finally:
-                finished.set()
-        fut = asyncio.run_coroutine_threadsafe(tracked(), self._loop)
-        try:
-            return fut.result()
-        except BaseException:
-            # Interrupted while waiting (KeyboardInterrupt): cancel the
-            # operation and give its cleanup time to run before going on.
-            if not fut.done():
-                fut.cancel()
-                if started.is_set():
-                    finished.wait(self.cleanup_seconds)
-            raise
-
-    def close(self) -> None:
-        if self.is_open:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
-
-
 class Host:
     """The VMs and templates under one vmfork home (``$VMFORK_HOME`` by default).
 
@@ -93,7 +47,7 @@ class Host:
 
     def __init__(self, home: Path | str | None = None, memory_dir: Path | str | None = None,
                  timeouts: Timeouts = DEFAULT) -> None:
-        self._loop = _Loop(cleanup_seconds=3 * timeouts.stop + timeouts.qmp)
+        self._loop = LoopThread(cleanup_seconds=3 * timeouts.stop + timeouts.qmp)
 
         async def make() -> AsyncHost:
             return AsyncHost(home, memory_dir, timeouts)

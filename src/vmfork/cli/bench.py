@@ -1,14 +1,28 @@
-"""``vmfork bench clone|update|save``: benchmarks reported as ratios against a
-baseline measured in the same run (the measurements live in :mod:`vmfork.bench`)."""
+"""``vmfork bench clone|update|save|api``: benchmarks reported as ratios
+against a baseline measured in the same run (the measurements live in
+:mod:`vmfork.bench`). ``bench api`` starts a vmforkd of its own on the home
+(:func:`bench_daemon`) unless it is given one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import click
 
 from vmfork.cli.output import ACCELS, configure_logging, emit_json, say
-from vmfork.errors import InvalidInput
+from vmfork.errors import InvalidInput, SetupError
+
+#: Seconds a bench daemon may take to serve, and to end after SIGTERM.
+DAEMON_START_SECONDS = 30.0
+DAEMON_STOP_SECONDS = 60.0
 
 
 def _progress(msg: str) -> None:
@@ -114,9 +128,98 @@ def bench_save(sizes: str, fill: float, samples: int, accel: str, as_json: bool)
         bs.print_report(result)
 
 
+@contextlib.contextmanager
+def bench_daemon(home: Path) -> Iterator[str]:
+    """``vmfork serve`` on a socket of its own in *home*, for a benchmark;
+    yields the socket's path once the daemon answers, and ends it (SIGTERM,
+    then SIGKILL after a deadline) when the block ends."""
+    import vmfork
+
+    sock = home / f"vmforkd-bench-{os.getpid()}.sock"
+    log = home / f"vmforkd-bench-{os.getpid()}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vmfork", "serve", "--socket", str(sock)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        end = time.monotonic() + DAEMON_START_SECONDS
+        with vmfork.Client(sock, timeout=5) as probe:
+            while True:
+                if proc.poll() is not None:
+                    raise SetupError(f"the bench's vmforkd ended ({proc.returncode}): "
+                                     f"{log.read_text(errors='replace').strip()[-500:]}")
+                try:
+                    probe.health()
+                    break
+                except vmfork.DaemonUnreachable:
+                    if time.monotonic() > end:
+                        raise SetupError(f"the bench's vmforkd did not answer within "
+                                         f"{DAEMON_START_SECONDS:g} s") from None
+                    time.sleep(0.05)
+        yield str(sock)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(DAEMON_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.returncode == 0:
+            log.unlink(missing_ok=True)
+        else:
+            say(f"the bench's vmforkd exited {proc.returncode}; its log: {log}")
+
+
+@bench_cmd.command("api")
+@click.option("--samples", default=5, show_default=True,
+              help="Clones per path (in-process, through the API).")
+@click.option("--exec-samples", default=30, show_default=True,
+              help="Guest commands per path.")
+@click.option("--memory", default="256M", show_default=True, help="Guest RAM.")
+@click.option("--accel", type=ACCELS, default="auto", show_default=True)
+@click.option("--parts", default="exec,clone", show_default=True,
+              help="What to measure: exec, clone.")
+@click.option("--socket", "address", metavar="PATH|URL",
+              help="A vmforkd serving this home [default: start one for the run].")
+@click.option("--token-file", metavar="FILE", help="Bearer token file of that daemon.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_api(samples: int, exec_samples: int, memory: str, accel: str, parts: str,
+              address: str | None, token_file: str | None, as_json: bool) -> None:
+    """Clone and exec through vmforkd's REST API vs the in-process library."""
+    from vmfork.api.aio import AsyncHost
+    from vmfork.bench import api as ba
+    from vmfork.bench import print_table
+    from vmfork.client.aio import AsyncClient
+    from vmfork.spec import parse_memory
+    from vmfork.store import Store
+
+    params = ba.ApiBench(samples=samples, exec_samples=exec_samples,
+                         memory_mib=parse_memory(memory), accel=accel,
+                         parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
+                         progress=_progress)
+    params.check()
+
+    async def measure(where: str) -> dict[str, Any]:
+        async with AsyncHost() as host, AsyncClient(where, token_file=token_file) as client:
+            return await ba.run(host, client, params)
+
+    store = Store()  # the home, made private if new, before the daemon's files go in
+    home = store.home
+    store.close()
+    with contextlib.ExitStack() as stack:
+        where = address or stack.enter_context(bench_daemon(home))
+        result = asyncio.run(measure(where))
+    if as_json:
+        emit_json(result)
+        return
+    print_table(ba.title(result), ["metric", "through the API", "in-process", "ratio"],
+                ba.rows(result))
+    for target, ok in result["targets"].items():
+        say(f"target {target}: {'met' if ok else 'NOT met'}")
+
+
 @bench_cmd.command("all")
 @click.pass_context
 def bench_all(ctx: click.Context) -> None:
-    """Every benchmark at its defaults: clone, update, save."""
-    for command in (bench_clone, bench_update, bench_save):
+    """Every benchmark at its defaults: clone, update, save, api."""
+    for command in (bench_clone, bench_update, bench_save, bench_api):
         ctx.invoke(command)
