@@ -10,7 +10,8 @@ json() { "$V" "$@" --json; }
 field() { .venv/bin/python -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 cleanup() {
-  for vm in demo-vm _build.demo-tpl demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved demo-py; do
+  if [ -n "${daemon:-}" ]; then kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; fi
+  for vm in demo-vm _build.demo-tpl demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved demo-py demo-api; do
     "$V" stop "$vm" --force >/dev/null 2>&1 || true
   done
   "$V" template rm demo-tpl --force >/dev/null 2>&1 || true
@@ -85,5 +86,17 @@ with vmfork.open() as host:
               f"exec: exit {r.exit_code}, stdout {r.stdout!r}, stderr {r.stderr!r}")
     print("VMs:", ", ".join(f"{s.name} ({s.state})" for s in host.ls()))
 PY
+
+say "9. The same over the REST API of the daemon (vmforkd)"
+sock="${VMFORK_HOME:-$HOME/.local/share/vmfork}/vmforkd.sock"
+"$V" serve & daemon=$!
+for _ in $(seq 100); do curl -sf --unix-socket "$sock" http://vmforkd/v1/health >/dev/null && break; sleep 0.1; done
+api() { printf '$ curl --unix-socket %s %s\n' "$sock" "$*"; curl -sS --unix-socket "$sock" "$@"; echo; }
+api -X POST http://vmforkd/v1/templates/demo-tpl/clones -H 'content-type: application/json' \
+    -d '{"names": ["demo-api"]}' -o /dev/null -w 'HTTP %{http_code}'
+api -X POST http://vmforkd/v1/vms/demo-api/exec -H 'content-type: application/json' \
+    -d '{"command": "hostname; md5sum /root/data"}'
+api -X DELETE http://vmforkd/v1/vms/demo-api
+kill -TERM "$daemon"; wait "$daemon"; daemon=
 
 say "Done; cleaning up"

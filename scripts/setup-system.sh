@@ -22,7 +22,8 @@ all_ok() {
     && command -v mkinitramfs >/dev/null 2>&1 && command -v lsinitramfs >/dev/null 2>&1 \
     && [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] \
     && command -v extlinux >/dev/null 2>&1 && [ -f /usr/lib/syslinux/mbr/mbr.bin ] \
-    && command -v debugfs >/dev/null 2>&1 && command -v cpio >/dev/null 2>&1
+    && command -v debugfs >/dev/null 2>&1 && command -v cpio >/dev/null 2>&1 \
+    && command -v curl >/dev/null 2>&1
 }
 
 if all_ok; then
@@ -30,7 +31,7 @@ if all_ok; then
   exit 0
 fi
 
-manual="install by hand: QEMU >= 10.0 (qemu-system-x86, qemu-utils), busybox-static, a Linux kernel image in /boot (e.g. linux-image-cloud-amd64), debootstrap, e2fsprogs, initramfs-tools, debian-archive-keyring, extlinux, syslinux-common, cpio"
+manual="install by hand: QEMU >= 10.0 (qemu-system-x86, qemu-utils), busybox-static, a Linux kernel image in /boot (e.g. linux-image-cloud-amd64), debootstrap, e2fsprogs, initramfs-tools, debian-archive-keyring, extlinux, syslinux-common, cpio, curl"
 [ "$(id -u)" -eq 0 ] || die "not root; $manual"
 command -v apt-get >/dev/null 2>&1 || die "no apt-get (not Debian); $manual"
 . /etc/os-release
@@ -80,8 +81,9 @@ apt-get install -y -qq -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--f
 # The Debian guest image (vmfork image debian): debootstrap from the same mirror,
 # mkfs.ext4 -d, and lsinitramfs/mkinitramfs to check or make a virtio-blk initramfs.
 # The tests' own images of foreign guests (tests/foreign_images.py): a disk that
-# boots through extlinux, checked with debugfs and cpio.
+# boots through extlinux, checked with debugfs and cpio. curl: the demo's
+# calls of the daemon's REST API over its UNIX socket.
 apt-get install -y -qq busybox-static debootstrap e2fsprogs initramfs-tools \
-  debian-archive-keyring extlinux syslinux-common cpio >/dev/null
+  debian-archive-keyring extlinux syslinux-common cpio curl >/dev/null
 all_ok || die "packages installed but checks still fail; $manual"
 log "done ($(qemu-system-x86_64 --version | head -1))"
