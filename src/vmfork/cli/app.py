@@ -22,6 +22,7 @@ from vmfork.cli.signals import Interrupted
 from vmfork.errors import (
     AlreadyExists,
     BadSnapshotFile,
+    Busy,
     GuestError,
     InvalidInput,
     LaunchError,
@@ -32,6 +33,7 @@ from vmfork.errors import (
     SetupError,
     StateError,
     TemplateError,
+    TooLarge,
     UnsafePath,
     VmforkError,
     VmforkTimeout,
@@ -39,8 +41,8 @@ from vmfork.errors import (
 
 #: Error class -> exit status. Usage-type errors exit 2, the rest 1.
 EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
-    (BadSnapshotFile, 2), (UnsafePath, 2), (InvalidInput, 2), (NotFound, 1),
-    (AlreadyExists, 1), (SetupError, 1), (ResourceError, 1), (LaunchError, 1),
+    (BadSnapshotFile, 2), (UnsafePath, 2), (TooLarge, 2), (InvalidInput, 2), (NotFound, 1),
+    (AlreadyExists, 1), (SetupError, 1), (ResourceError, 1), (Busy, 1), (LaunchError, 1),
     (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (MigrationError, 1),
     (TemplateError, 1),
     (VmforkTimeout, 1), (VmforkError, 1),
