@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import signal
+import ssl
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
+from vmfork import checkpoints, ports
 from vmfork.guest_files import MAX_FILE
+from vmfork.images.debian import DiskImage
+from vmfork.service.openapi import COPY
 
-from .conftest import Env, qemu_processes
+from .conftest import VMFORK, Env, qemu_processes
 from .daemon import Daemon, daemon, start_daemon, stop_daemon  # noqa: F401
+from .foreign_images import PLAIN_APPEND
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.qemu
 
@@ -240,5 +254,184 @@ def test_starts_beyond_the_limit_are_refused_whole(env: Env) -> None:
         run_demo(d, "late")
         for n in [*started, "late"]:
             assert d.http.delete(f"/v1/vms/{n}").status_code == 200
+    finally:
+        assert stop_daemon(d) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.debian
+def test_files_up_and_down_through_qemu_guest_agent(env: Env, plain_debian: DiskImage) -> None:
+    d = start_daemon(env)
+    try:
+        img = plain_debian
+        st = run_demo(d, "deb", image=None, kernel=img.kernel, initrd=str(img.initrd),
+                      append=PLAIN_APPEND, disks=[img.disk], memory="1G")
+        assert st["agent"] == "qga"
+        check_files_both_ways(d, "deb")
+        with d.http.stream("POST", "/v1/vms/deb/exec/stream",
+                           json={"command": "echo a; sleep 1; echo b >&2"}) as r:
+            events = list(ndjson(r))
+        assert events[:-1] == [{"stdout": "a\n"}, {"stderr": "b\n"}]
+        assert events[-1]["exit_code"] == 0
+        assert d.http.delete("/v1/vms/deb").status_code == 200
+    finally:
+        assert stop_daemon(d) == 0
+
+
+# -- the contract ---------------------------------------------------------------------
+def test_served_openapi_is_the_committed_copy(env: Env, daemon: Daemon) -> None:  # noqa: F811
+    served = daemon.get("/openapi.json").json()
+    committed = json.loads((REPO / COPY).read_text())
+    assert served == committed, f"{COPY} is stale: run 'make openapi' and commit it"
+    assert {"/v1/vms", "/v1/vms/{name}/files", "/v1/vms/{name}/exec/stream"} <= set(
+        served["paths"])
+
+
+# -- TCP, token, TLS --------------------------------------------------------------------
+def serve_tcp(env: Env, *args: str, scheme: str = "http",
+              verify: ssl.SSLContext | bool = True) -> tuple[subprocess.Popen[bytes], str]:
+    """``vmfork serve ARGS`` on a free loopback port; its process and base URL,
+    once it answers."""
+    port = ports.free_port()
+    log = env.home / "vmforkd-tcp.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([VMFORK, "serve", "--listen", f"127.0.0.1:{port}", *args],
+                                env=env.environ, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out)
+    url = f"{scheme}://127.0.0.1:{port}"
+    end = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, log.read_text()
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/v1/health", verify=verify, timeout=5).status_code == 200:
+                return proc, url
+        assert time.monotonic() < end, log.read_text()
+        time.sleep(0.05)
+
+
+def end(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(60)
+
+
+def test_tcp_needs_the_bearer_token(env: Env, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-of-some-length\n")
+    token.chmod(0o600)
+    proc, url = serve_tcp(env, "--token-file", str(token))
+    try:
+        r = httpx.get(f"{url}/v1/vms")
+        assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized")
+        r = httpx.get(f"{url}/v1/vms", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = httpx.get(f"{url}/v1/vms",
+                      headers={"Authorization": "Bearer s3cret-token-of-some-length"})
+        assert (r.status_code, r.json()) == (200, [])
+    finally:
+        assert end(proc) == 0
+
+
+def test_tcp_refuses_to_serve_without_a_private_token(env: Env, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-of-some-length\n")
+    token.chmod(0o640)
+    for args in (["--token-file", str(token)], []):
+        p = env.cli("serve", "--listen", f"127.0.0.1:{ports.free_port()}", *args, timeout=60)
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vmfork: error: "), p.stderr
+    assert "0640" in env.cli("serve", "--listen", "127.0.0.1:1", "--token-file",
+                             str(token)).stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make a certificate")
+def test_tls(env: Env, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-of-some-length\n")
+    token.chmod(0o600)
+    trust = ssl.create_default_context(cafile=str(cert))
+    proc, url = serve_tcp(env, "--token-file", str(token), "--tls-cert", str(cert),
+                          "--tls-key", str(key), scheme="https", verify=trust)
+    try:
+        r = httpx.get(f"{url}/v1/vms", verify=trust,
+                      headers={"Authorization": "Bearer s3cret-token-of-some-length"})
+        assert (r.status_code, r.json()) == (200, [])
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url.replace('https', 'http')}/v1/health", timeout=10)
+    finally:
+        assert end(proc) == 0
+
+
+# -- the daemon's life and the CLI beside it ------------------------------------------
+def test_cli_and_daemon_work_on_one_home_at_once(env: Env, daemon: Daemon) -> None:  # noqa: F811
+    run_demo(daemon, "a")
+    with ThreadPoolExecutor(4) as pool:
+        by_api = pool.submit(run_demo, daemon, "d1")
+        by_cli = pool.submit(env.cli, "run", "c1", "--demo", "--accel", "tcg", check=True)
+        execs_api = pool.submit(lambda: [guest(daemon, "a", f"echo {i}") for i in range(10)])
+        execs_cli = pool.submit(lambda: [env.cli("exec", "a", f"echo {i}", check=True).stdout
+                                         for i in range(10)])
+        by_api.result()
+        by_cli.result()
+        assert execs_api.result() == execs_cli.result() == [f"{i}\n" for i in range(10)]
+    names = {"a", "d1", "c1"}
+    assert {v["name"] for v in daemon.get("/v1/vms").json()} == names
+    assert {v["name"] for v in json.loads(env.cli("ls", "--json", check=True).stdout)} == names
+    assert guest(daemon, "c1", "echo from-api") == "from-api\n"
+    assert env.cli("exec", "d1", "echo from-cli", check=True).stdout == "from-cli\n"
+    assert daemon.http.delete("/v1/vms/c1").status_code == 200
+    env.cli("stop", "d1", check=True)
+    assert [v["name"] for v in daemon.get("/v1/vms").json()] == ["a"]
+
+
+def test_sigterm_ends_the_daemon_and_the_vms_run_on(env: Env) -> None:
+    d = start_daemon(env)
+    pid = run_demo(d, "a")["pid"]
+    assert stop_daemon(d) == 0
+    assert not d.socket.exists()
+    assert psutil.pid_exists(pid)
+    assert env.cli("exec", "a", "echo still here", check=True).stdout == "still here\n"
+
+
+def test_kill9_of_the_daemon_during_an_update(env: Env) -> None:
+    # The daemon stalls in the update with the port forward released by the
+    # old QEMU and not yet taken by the new one, and is killed there.
+    stall = dataclasses.replace(env, environ={**env.environ,
+                                              checkpoints.STALL_ENV: "update.port-released"})
+    d = start_daemon(stall)
+    try:
+        run_demo(d, "a", ports=[[ports.free_port(), 80]])
+        with ThreadPoolExecutor(1) as pool:
+            inflight = pool.submit(d.post, "/v1/vms/a/update", {"mode": "ignore-shared"})
+            end_at = time.monotonic() + 120
+            while "stalling at update.port-released" not in d.log.read_text():
+                assert not inflight.done(), inflight.result().text
+                assert time.monotonic() < end_at, d.log.read_text()
+                time.sleep(0.05)
+            assert env.store().get_vm("a").info.update is not None
+            d.kill9()
+            with pytest.raises(httpx.TransportError):
+                inflight.result()
+    finally:
+        if d.proc.poll() is None:
+            d.kill9()
+        d.http.close()
+    # The VM is not the daemon's: it runs on; the next command settles the
+    # update, and one QEMU, the VM's own, is left.
+    assert env.cli("exec", "a", "echo ok", check=True).stdout == "ok\n"
+    rec = env.store().get_vm("a")
+    assert rec.state == "running" and rec.info.update is None
+    assert [p.pid for p in qemu_processes(str(env.home))] == [rec.pid]
+    # A new daemon serves the VM as it is.
+    d = start_daemon(env)
+    try:
+        assert d.get("/v1/vms/a").json()["state"] == "running"
+        assert guest(d, "a", "echo again") == "again\n"
+        assert d.http.delete("/v1/vms/a").status_code == 200
     finally:
         assert stop_daemon(d) == 0
