@@ -167,9 +167,32 @@ def check_files_both_ways(d: Daemon, name: str) -> None:
     guest(d, name, "rm /root/big")
 
 
-def test_files_up_and_down_through_the_serial_agent(env: Env, daemon: Daemon) -> None:  # noqa: F811
+def test_files_up_and_down_through_the_serial_agent(env: Env, daemon: Daemon,  # noqa: F811
+                                                   tmp_path: Path) -> None:
     assert run_demo(daemon, "a")["agent"] == "serial"
     check_files_both_ways(daemon, "a")
+    # The same through the CLI, beside the daemon: vmfork cp.
+    local = tmp_path / "local.bin"
+    data = os.urandom(300_000) + bytes(range(256))
+    local.write_bytes(data)
+    local.chmod(0o751)
+    env.cli("cp", str(local), "a:/root/cp.bin", check=True)
+    assert guest(daemon, "a", "stat -c %a /root/cp.bin").strip() == "751"
+    assert daemon.get("/v1/vms/a/files", params={"path": "/root/cp.bin"}).content == data
+    env.cli("cp", "a:/root/cp.bin", str(tmp_path / "back.bin"), check=True)
+    assert (tmp_path / "back.bin").read_bytes() == data
+    p = subprocess.run([VMFORK, "cp", "a:/root/cp.bin", "-"], env=env.environ,
+                       capture_output=True, timeout=120, check=True)
+    assert p.stdout == data
+    p = subprocess.run([VMFORK, "cp", "-", "a:/root/stdin.txt", "--mode", "600"],
+                       env=env.environ, input=b"from stdin\n", capture_output=True,
+                       timeout=120, check=True)
+    assert guest(daemon, "a", "cat /root/stdin.txt; stat -c %a /root/stdin.txt") == \
+        "from stdin\n600\n"
+    refused = env.cli("cp", str(local), str(tmp_path / "x"))
+    assert refused.returncode == 2 and "VM:/PATH" in refused.stderr
+    refused = env.cli("cp", "a:/root/none", str(tmp_path / "x"))
+    assert refused.returncode == 1 and "no such file" in refused.stderr
 
 
 # -- streaming exec -------------------------------------------------------------------

@@ -130,6 +130,7 @@ COMMANDS = {
     **_family("snapshots", "save", "restore", "snapshot"),
     **_family("bench", "bench"),
     **_family("serve", "serve"),
+    **_family("files", "cp"),
 }
 
 
