@@ -114,11 +114,28 @@ def test_vm_routes_refuse_bad_requests(env: Env, daemon: Daemon) -> None:  # noq
     assert error_of(daemon.get("/v1/vms/a/files", params={"path": "/etc/hostname"})) == (
         409, "conflict")
     assert daemon.post("/v1/vms/a/resume").json()["state"] == "running"
-    # save needs a persistent VM.
-    assert daemon.post("/v1/vms/a/save").status_code in (400, 409)
+    # save needs a VM whose memory file is on disk.
+    assert error_of(daemon.post("/v1/vms/a/save")) == (409, "conflict")
     r = daemon.post("/v1/vms/a/update", json={"mode": "warp"})
     assert error_of(r) == (400, "invalid"), r.text
     assert daemon.http.delete("/v1/vms/a").status_code == 200
+
+
+def test_update_save_and_restore_through_the_api(env: Env, daemon: Daemon) -> None:  # noqa: F811
+    old_pid = run_demo(daemon, "p", persistent=True)["pid"]
+    guest(daemon, "p", "echo kept > /root/mark")
+    r = daemon.post("/v1/vms/p/update")
+    assert r.status_code == 200, r.text
+    assert r.json()["new_pid"] != old_pid
+    r = daemon.post("/v1/vms/p/save")
+    assert r.status_code == 200, r.text
+    assert daemon.get("/v1/vms/p").json()["state"] == "saved"
+    assert error_of(daemon.post("/v1/vms/p/exec", json={"command": "true"})) == (
+        409, "conflict")
+    r = daemon.post("/v1/vms/p/restore")
+    assert r.status_code == 200, r.text
+    assert guest(daemon, "p", "cat /root/mark") == "kept\n"
+    assert daemon.http.delete("/v1/vms/p").status_code == 200
 
 
 # -- files --------------------------------------------------------------------------
