@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench system venv clean
+.PHONY: demo test test-fast lint bench system venv clean openapi
 
 system:
 	@bash scripts/setup-system.sh
@@ -31,6 +31,10 @@ test: system venv lint
 
 test-fast: venv
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+# The committed OpenAPI document (tests/test_service.py fails when it drifts).
+openapi: venv
+	$(BIN)/vmfork serve --print-openapi > docs/openapi.json
 
 bench: system venv
 	$(BIN)/vmfork bench all

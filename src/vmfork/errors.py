@@ -6,11 +6,13 @@
      +-- InvalidInput          bad user input: a size, a name, a path, an option
      |    +-- BadSnapshotFile  a snapshot file that is malformed, corrupt or hostile
      |    +-- UnsafePath       a directory vmfork would keep private files in is not private
+     |    +-- TooLarge         more data than vmfork moves in one piece (a guest file)
      +-- NotFound              no VM, template or image by that name
      +-- AlreadyExists         a VM or template of that name exists already
      +-- SetupError            the host lacks something (QEMU, a kernel, busybox)
      |    +-- DaemonUnreachable  the client finds no vmforkd answering at its address
      +-- ResourceError         the host has no room for it (memory, space for RAM)
+     +-- Busy                  too many requests of that kind at once; retry later
      +-- LaunchError           QEMU refused to start (exit code, argv, log tail)
      +-- StateError            the operation does not fit the VM's current state
      |    +-- QMPCommandError  QEMU refused a QMP command, or its monitor went away
@@ -48,6 +50,11 @@ class UnsafePath(InvalidInput):
     by other users; vmfork writes nothing into it."""
 
 
+class TooLarge(InvalidInput):
+    """More data than vmfork moves in one piece: a file into or out of a
+    guest over :data:`vmfork.guest_files.MAX_FILE`."""
+
+
 class NotFound(VmforkError):
     """A named VM, template or image does not exist."""
 
@@ -69,6 +76,11 @@ class DaemonUnreachable(SetupError):
 class ResourceError(VmforkError):
     """The host lacks the memory or space a VM needs (:mod:`vmfork.admission`),
     or ran out of it while vmfork worked."""
+
+
+class Busy(VmforkError):
+    """vmforkd has as many requests of this kind in flight and queued as it
+    takes (e.g. QEMU starts); the same request may succeed later."""
 
 
 class LaunchError(VmforkError):
@@ -139,9 +151,9 @@ class VmforkTimeout(VmforkError):
 #: client raises the same class again (:func:`error_from`).
 HTTP_ERRORS: tuple[tuple[type[VmforkError], str, int], ...] = (
     (BadSnapshotFile, "bad_snapshot", 400), (UnsafePath, "unsafe_path", 400),
-    (InvalidInput, "invalid", 400), (NotFound, "not_found", 404),
+    (TooLarge, "too_large", 413), (InvalidInput, "invalid", 400), (NotFound, "not_found", 404),
     (AlreadyExists, "exists", 409), (SetupError, "setup", 503),
-    (ResourceError, "no_room", 503), (LaunchError, "launch_failed", 500),
+    (ResourceError, "no_room", 503), (Busy, "busy", 429), (LaunchError, "launch_failed", 500),
     (QMPCommandError, "qmp", 409), (StateError, "conflict", 409),
     (GuestError, "guest", 502), (MigrationError, "migration", 500),
     (TemplateError, "template", 409), (VmforkTimeout, "timeout", 504),

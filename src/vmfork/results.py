@@ -105,6 +105,27 @@ class ExecResult(Result):
 
 
 @dataclass(frozen=True)
+class ExecExit(Result):
+    """How a streamed guest command ended (:mod:`vmfork.exec_stream`): its
+    output came before, in pieces."""
+
+    exit_code: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FileResult(Result):
+    """A file moved into a guest (:mod:`vmfork.guest_files`): where, how
+    many bytes, the seconds it took and the agent that carried it."""
+
+    name: str
+    path: str
+    size: int
+    seconds: float
+    agent: str
+
+
+@dataclass(frozen=True)
 class MigrationStats(Result):
     """What QEMU reports about a finished migration (a state save counts)."""
 

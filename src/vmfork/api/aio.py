@@ -21,8 +21,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import overload
 
-from vmfork import listing, vm
+from vmfork import guest_files, listing, vm
 from vmfork.errors import InvalidInput, NotFound
+from vmfork.exec_stream import ExecStream
 from vmfork.images.demo import GuestImage, demo_image
 from vmfork.launch import paths_for
 from vmfork.names import check_name
@@ -31,6 +32,7 @@ from vmfork.results import (
     CloneResult,
     ExecResult,
     ExportResult,
+    FileResult,
     PoolStatus,
     RestoreResult,
     Result,
@@ -241,6 +243,29 @@ class AsyncVM:
         return await vm.exec_(self._store, self.name, command, timeout=timeout,
                               timeouts=self.host.timeouts, agent=agent)
 
+    def exec_stream(self, command: str, *, timeout: float | None = None,
+                    agent: str = "auto") -> ExecStream:
+        """The shell *command*, to run in the guest with its output read while
+        it runs: ``async with vm.exec_stream(cmd) as s: async for ev in s``
+        gives :class:`~vmfork.exec_stream.OutputChunk` events and, last, an
+        :class:`~vmfork.results.ExecExit` (:mod:`vmfork.exec_stream`)."""
+        return _SettledStream(self, command, timeout=timeout, agent=agent)
+
+    async def read_file(self, path: str, *, agent: str = "auto") -> bytes:
+        """The bytes of the file *path* in the guest (at most 16 MiB,
+        :data:`vmfork.guest_files.MAX_FILE`)."""
+        await self._settle()
+        return await guest_files.read_file(self._store, self.name, path,
+                                           timeouts=self.host.timeouts, agent=agent)
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644,
+                         agent: str = "auto") -> FileResult:
+        """Write *data* (at most 16 MiB) to the file *path* in the guest, with
+        permissions *mode*; the file is replaced whole, in one rename."""
+        await self._settle()
+        return await guest_files.write_file(self._store, self.name, path, data, mode=mode,
+                                            timeouts=self.host.timeouts, agent=agent)
+
     async def pause(self) -> None:
         await self._settle()
         await vm.pause(self._store, self.name, self.host.timeouts)
@@ -290,6 +315,21 @@ class AsyncVM:
         manifest = await create.create_from_vm(self._store, name, self.name,
                                                self.host.timeouts, on_clone=on_clone)
         return AsyncTemplate(self.host, name, manifest)
+
+
+class _SettledStream(ExecStream):
+    """An :class:`ExecStream` that settles its VM first, as every method of
+    :class:`AsyncVM` does."""
+
+    def __init__(self, handle: AsyncVM, command: str, *, timeout: float | None,
+                 agent: str) -> None:
+        super().__init__(handle.host.store, handle.name, command, timeout=timeout,
+                         timeouts=handle.host.timeouts, agent=agent)
+        self._handle = handle
+
+    async def start(self) -> None:
+        await self._handle._settle()
+        await super().start()
 
 
 class AsyncClone(AsyncVM):

@@ -12,20 +12,23 @@ cleanup runs before the interrupt goes on.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate, AsyncVM
 from vmfork.errors import NotFound
+from vmfork.exec_stream import OutputChunk
 from vmfork.images.demo import GuestImage
 from vmfork.loopthread import LoopThread
 from vmfork.records import TemplateManifest
 from vmfork.results import (
     CloneResult,
+    ExecExit,
     ExecResult,
     ExportResult,
+    FileResult,
     PoolStatus,
     RestoreResult,
     Result,
@@ -187,6 +190,33 @@ class VM:
              agent: str = "auto") -> ExecResult:
         """Run the shell *command* in the guest; stdout, stderr, exit code."""
         return self.host._run(self._a.exec(command, timeout=timeout, agent=agent))
+
+    def exec_stream(self, command: str, *, timeout: float | None = None,
+                    agent: str = "auto") -> Iterator[OutputChunk | ExecExit]:
+        """Run the shell *command* in the guest; its output as it comes
+        (:class:`~vmfork.exec_stream.OutputChunk`), then an
+        :class:`~vmfork.results.ExecExit`. Leaving the loop early ends the
+        command."""
+        stream = self._a.exec_stream(command, timeout=timeout, agent=agent)
+        self.host._run(stream.start())
+        events = aiter(stream)
+
+        async def step() -> OutputChunk | ExecExit | None:
+            return await anext(events, None)
+        try:
+            while (event := self.host._run(step())) is not None:
+                yield event
+        finally:
+            self.host._run(stream.close())
+
+    def read_file(self, path: str, *, agent: str = "auto") -> bytes:
+        """The bytes of the file *path* in the guest (at most 16 MiB)."""
+        return self.host._run(self._a.read_file(path, agent=agent))
+
+    def write_file(self, path: str, data: bytes, *, mode: int = 0o644,
+                   agent: str = "auto") -> FileResult:
+        """Write *data* (at most 16 MiB) to *path* in the guest, with *mode*."""
+        return self.host._run(self._a.write_file(path, data, mode=mode, agent=agent))
 
     def pause(self) -> None:
         self.host._run(self._a.pause())

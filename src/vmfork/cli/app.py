@@ -22,6 +22,7 @@ from vmfork.cli.signals import Interrupted
 from vmfork.errors import (
     AlreadyExists,
     BadSnapshotFile,
+    Busy,
     DaemonUnreachable,
     GuestError,
     InvalidInput,
@@ -33,6 +34,7 @@ from vmfork.errors import (
     SetupError,
     StateError,
     TemplateError,
+    TooLarge,
     UnsafePath,
     VmforkError,
     VmforkTimeout,
@@ -40,9 +42,9 @@ from vmfork.errors import (
 
 #: Error class -> exit status. Usage-type errors exit 2, the rest 1.
 EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
-    (BadSnapshotFile, 2), (UnsafePath, 2), (InvalidInput, 2), (NotFound, 1),
+    (BadSnapshotFile, 2), (UnsafePath, 2), (TooLarge, 2), (InvalidInput, 2), (NotFound, 1),
     (AlreadyExists, 1), (DaemonUnreachable, 1), (SetupError, 1), (ResourceError, 1),
-    (LaunchError, 1),
+    (Busy, 1), (LaunchError, 1),
     (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (MigrationError, 1),
     (TemplateError, 1),
     (VmforkTimeout, 1), (VmforkError, 1),
@@ -130,6 +132,7 @@ COMMANDS = {
     **_family("snapshots", "save", "restore", "snapshot"),
     **_family("bench", "bench"),
     **_family("serve", "serve"),
+    **_family("files", "cp"),
 }
 
 

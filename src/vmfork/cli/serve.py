@@ -7,6 +7,7 @@ import asyncio
 import click
 
 from vmfork.cli.output import configure_logging
+from vmfork.service.gate import MAX_STARTS, START_QUEUE
 
 
 @click.command("serve")
@@ -18,11 +19,24 @@ from vmfork.cli.output import configure_logging
               help="Bearer token file (mode 0600; made with a new token if missing).")
 @click.option("--tls-cert", metavar="FILE", help="TLS certificate (with --tls-key).")
 @click.option("--tls-key", metavar="FILE", help="TLS private key.")
+@click.option("--max-starts", type=click.IntRange(min=1), default=MAX_STARTS, show_default=True,
+              help="QEMU starts (run, clone, restore, update) at once.")
+@click.option("--start-queue", type=click.IntRange(min=0), default=START_QUEUE,
+              show_default=True,
+              help="Starts that may wait for a slot; more are refused (429, Retry-After).")
+@click.option("--print-openapi", is_flag=True, hidden=True,
+              help="Print the OpenAPI document (docs/openapi.json) and exit.")
 def serve_cmd(listen: str | None, socket_path: str | None, token_file: str | None,
-              tls_cert: str | None, tls_key: str | None) -> None:
+              tls_cert: str | None, tls_key: str | None, max_starts: int, start_queue: int,
+              print_openapi: bool) -> None:
     """Serve vmfork's REST API until SIGTERM; VMs keep running after it ends."""
+    if print_openapi:
+        from vmfork.service.openapi import render
+        click.echo(render(), nl=False)
+        return
     configure_logging()
     from vmfork.service.server import serve
     # The server ends itself, gracefully, on SIGTERM and SIGINT.
     asyncio.run(serve(listen=listen, socket_path=socket_path, token_file=token_file,
-                      tls_cert=tls_cert, tls_key=tls_key))
+                      tls_cert=tls_cert, tls_key=tls_key, max_starts=max_starts,
+                      start_queue=start_queue))

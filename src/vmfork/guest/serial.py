@@ -24,6 +24,17 @@ interleaved in the one section, and are read as stdout.
 Calls on one VM are serialised by a file lock, because the agent socket
 takes one client at a time.
 
+A request may be followed by data for the command (*follow* of
+:meth:`SerialAgent.exec`, how :mod:`vmfork.guest_files` moves a file into the
+guest fast): one line of base64 text, which the command reads itself from
+the agent's console (``head -c LEN /proc/$PPID/fd/0``: the agent runs the
+command as its child and reads requests byte by byte, so the data is still
+there; the console is raw, so the line has no length limit). Whatever of it
+a command leaves unread the agent skips as a line that is no request. A
+command that reads data gives up by itself after a deadline (a host killed
+while it sent the data leaves the command waiting for the rest, and the
+agent with it).
+
 A guest may be hostile: no line may be longer than
 :data:`~vmfork.guest.limits.MAX_LINE` and one answer may carry at most
 :data:`~vmfork.guest.limits.MAX_ANSWER` bytes of output. vmfork holds no
@@ -40,6 +51,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -53,6 +65,8 @@ from vmfork.results import ExecResult
 from vmfork.timeouts import DEFAULT
 
 MAX_COMMAND = 3000
+#: What may follow a request (:meth:`SerialAgent.exec`): base64, one line.
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
 #: How often to ask the agent to resend an answer that arrived incomplete.
 RESENDS = 3
 
@@ -147,12 +161,17 @@ class SerialAgent:
         self.name = name
         self.connect_timeout = connect_timeout
 
-    async def exec(self, command: str, timeout: float = DEFAULT.exec) -> ExecResult:
+    async def exec(self, command: str, timeout: float = DEFAULT.exec,
+                   follow: bytes = b"") -> ExecResult:
         """Run *command* with ``sh`` in the guest (in ``/root``, stdin empty);
-        return its exit code, stdout and stderr."""
+        return its exit code, stdout and stderr. *follow*, base64 text, is
+        sent right after the request, ended by a newline, for the command to
+        read (see the module docstring)."""
         payload = base64.b64encode(command.encode())
         if len(payload) > MAX_COMMAND:
             raise InvalidInput(f"guest command too long ({len(command)} bytes)")
+        if follow and not _BASE64.fullmatch(follow):
+            raise InvalidInput("data for a guest command must be base64 text")
         t0 = time.monotonic()
         nonce = secrets.token_hex(6).encode()
         # Another command on this VM holds the channel for at most its own
@@ -170,7 +189,11 @@ class SerialAgent:
                     f"{self.name}: cannot reach the guest agent ({exc.strerror})") from exc
             try:
                 writer.write(nonce + b" " + payload + b"\n")
-                await writer.drain()
+                if follow:
+                    writer.write(follow + b"\n")
+                # The guest takes data as fast as the command reads it.
+                await deadline(writer.drain(), timeout, f"guest command on {self.name}",
+                               command[:60])
                 for attempt in range(RESENDS + 1):
                     try:
                         answer = await deadline(

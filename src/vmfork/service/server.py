@@ -30,6 +30,7 @@ from vmfork.api.aio import AsyncHost
 from vmfork.errors import InvalidInput, StateError, UnsafePath
 from vmfork.private import FILE_MODE
 from vmfork.service.app import create_app
+from vmfork.service.gate import MAX_STARTS, START_QUEUE, StartGate
 from vmfork.service.state import ServiceState
 from vmfork.timeouts import DEFAULT, Timeouts
 
@@ -145,10 +146,13 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 async def serve(home: Path | str | None = None, *, listen: str | None = None,
                 socket_path: Path | str | None = None, token_file: Path | str | None = None,
                 tls_cert: str | None = None, tls_key: str | None = None,
-                timeouts: Timeouts = DEFAULT) -> None:
-    """Serve the REST API until SIGTERM or SIGINT."""
+                timeouts: Timeouts = DEFAULT, max_starts: int = MAX_STARTS,
+                start_queue: int = START_QUEUE) -> None:
+    """Serve the REST API until SIGTERM or SIGINT. At most *max_starts* QEMU
+    starts run at once, *start_queue* more wait (:mod:`vmfork.service.gate`)."""
     if bool(tls_cert) != bool(tls_key):
         raise InvalidInput("TLS needs both --tls-cert and --tls-key")
+    starts = StartGate(max_starts, start_queue)
     token = read_token(token_file) if token_file else None
     async with AsyncHost(home, timeouts=timeouts) as host:
         unix_path: Path | None = None
@@ -165,7 +169,7 @@ async def serve(home: Path | str | None = None, *, listen: str | None = None,
             unix_path = Path(socket_path) if socket_path else default_socket(host.home)
             sock = bind_unix(unix_path)
             where = f"unix:{unix_path}"
-        state = ServiceState(host=host, token=token)
+        state = ServiceState(host=host, token=token, starts=starts)
         app = create_app(state)
         config = uvicorn.Config(app, log_level="warning", access_log=False,
                                 ssl_certfile=tls_cert, ssl_keyfile=tls_key,

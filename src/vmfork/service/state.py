@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from vmfork.api.aio import AsyncHost
+from vmfork.service.gate import StartGate
 
 
 @dataclass
@@ -21,6 +22,8 @@ class ServiceState:
     #: The bearer token every request must carry (None: no token; only on
     #: the UNIX socket, whose mode keeps others out).
     token: str | None = None
+    #: The slots every QEMU start takes (run, restore, update, clone).
+    starts: StartGate = field(default_factory=StartGate)
     #: Extra parts (events, operations, pools, metrics) by name, set by the
     #: modules that own them.
     parts: dict[str, object] = field(default_factory=dict)
