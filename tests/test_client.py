@@ -30,8 +30,10 @@ from vmfork.client.aio import AsyncRemoteVM, exec_result
 from vmfork.client.sync import RemoteVM
 from vmfork.results import (
     CloneResult,
+    ExecExit,
     ExecResult,
     MigrationStats,
+    OutputChunk,
     PoolMemberStatus,
     PoolStatus,
     SaveResult,
@@ -270,15 +272,16 @@ def test_files_through_the_client(env: Env, daemon: Daemon) -> None:  # noqa: F8
 
 @pytest.mark.qemu
 def test_streaming_exec_through_the_client(env: Env, daemon: Daemon) -> None:  # noqa: F811
-    exec_route = paths_of(daemon).get("/v1/vms/{name}/exec", {}).get("post", {})
-    assert isinstance(exec_route, dict)
-    if not any(p.get("name") == "stream" for p in exec_route.get("parameters", [])):
-        pytest.skip("vmforkd has no streaming exec (?stream=true) on this branch")
+    """Output pieces, then the exit: the same events as in-process."""
     with vmfork.Client(daemon.socket) as host, host.run("a", image="demo", accel="tcg") as vm:
-        lines = list(vm.exec_stream("for i in 1 2 3; do echo $i; sleep 0.2; done"))
-        assert len(lines) >= 2 and all(isinstance(x, dict) for x in lines)
-        assert "123" in "".join(str(x.get("data", x.get("stdout", ""))) for x in lines
-                                ).replace("\n", "")
+        events = list(vm.exec_stream("for i in 1 2 3; do echo $i; sleep 0.2; done; "
+                                     "printf '\\377' >&2; exit 4"))
+        *chunks, end = events
+        assert isinstance(end, ExecExit) and end.exit_code == 4
+        assert all(isinstance(c, OutputChunk) for c in chunks)
+        out = b"".join(c.data for c in chunks if c.stream == "stdout")
+        err = b"".join(c.data for c in chunks if c.stream == "stderr")
+        assert (out, err) == (b"1\n2\n3\n", b"\xff")
 
 
 @contextlib.contextmanager

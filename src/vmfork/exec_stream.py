@@ -37,13 +37,12 @@ import logging
 import shlex
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import TracebackType
 
 from vmfork.agents import choose_agent, guest_exec
 from vmfork.errors import GuestError, StateError, VmforkError, VmforkTimeout
 from vmfork.records import VMRecord
-from vmfork.results import ExecExit, ExecResult
+from vmfork.results import ExecExit, ExecResult, OutputChunk
 from vmfork.store import Store
 from vmfork.tasks import run_to_end
 from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
@@ -81,14 +80,6 @@ _POLL = (
 #: is removed); removes the directory.
 _KILL = ('{ kill -9 "$(cat "$1/waiter")"; p=$(cat "$1/pid") && '
          '{ kill -9 -"$p" || kill -9 "$p"; }; } 2>/dev/null; rm -rf "$1"')
-
-
-@dataclass(frozen=True)
-class OutputChunk:
-    """Bytes a streamed command wrote: *stream* is ``stdout`` or ``stderr``."""
-
-    stream: str
-    data: bytes
 
 
 def _script(script: str, *args: str | int) -> str:

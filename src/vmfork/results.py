@@ -105,6 +105,15 @@ class ExecResult(Result):
 
 
 @dataclass(frozen=True)
+class OutputChunk:
+    """Bytes a streamed guest command wrote (:mod:`vmfork.exec_stream`):
+    *stream* is ``stdout`` or ``stderr``."""
+
+    stream: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ExecExit(Result):
     """How a streamed guest command ended (:mod:`vmfork.exec_stream`): its
     output came before, in pieces."""

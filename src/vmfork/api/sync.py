@@ -19,7 +19,6 @@ from typing import Any, TypeVar, overload
 
 from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate, AsyncVM
 from vmfork.errors import NotFound
-from vmfork.exec_stream import OutputChunk
 from vmfork.images.demo import GuestImage
 from vmfork.loopthread import LoopThread
 from vmfork.records import TemplateManifest
@@ -29,6 +28,7 @@ from vmfork.results import (
     ExecResult,
     ExportResult,
     FileResult,
+    OutputChunk,
     PoolStatus,
     RestoreResult,
     Result,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, overload
@@ -42,7 +42,9 @@ from vmfork.errors import (
 from vmfork.records import TemplateManifest
 from vmfork.results import (
     CloneResult,
+    ExecExit,
     ExecResult,
+    OutputChunk,
     PoolStatus,
     RestoreResult,
     Result,
@@ -292,6 +294,52 @@ class AsyncClient:
         return AsyncRemoteTemplate(self, name, _template_parts(answer)[1])
 
 
+def stream_event(d: dict[str, Any]) -> OutputChunk | ExecExit:
+    """One NDJSON line of a streamed command as the in-process API gives it."""
+    if "error" in d:
+        err = d["error"]
+        raise error_from(str(err.get("code", "error")), str(err.get("message", "")))
+    for key in ("stdout", "stderr"):
+        if key in d:
+            raw = (base64.b64decode(d[f"{key}_base64"]) if f"{key}_base64" in d
+                   else str(d[key]).encode())
+            return OutputChunk(key, raw)
+    return ExecExit(int(d["exit_code"]), float(d.get("seconds", 0.0)))
+
+
+class RemoteStream:
+    """A command streamed by the daemon (``async with`` it, then ``async for``
+    its events); leaving early closes the answer, which ends the command."""
+
+    def __init__(self, answer: contextlib.AbstractAsyncContextManager[httpx.Response]) -> None:
+        self._answer = answer
+        self._response: httpx.Response | None = None
+
+    async def start(self) -> None:
+        self._response = await self._answer.__aenter__()
+
+    async def close(self) -> None:
+        if self._response is not None:
+            self._response = None
+            await self._answer.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> RemoteStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def __aiter__(self) -> AsyncIterator[OutputChunk | ExecExit]:
+        if self._response is None:
+            await self.start()
+        assert self._response is not None
+        async for line in self._response.aiter_lines():
+            if line.strip():
+                yield stream_event(json.loads(line))
+
+
 class AsyncRemoteVM:
     """A handle on one VM of the daemon: its name and its client.
     :attr:`result` is the result of the call that returned the handle (the
@@ -338,18 +386,17 @@ class AsyncRemoteVM:
                                   json=self._exec_body(command, timeout, agent), timeout=wait)
         return exec_result(d)
 
-    async def exec_stream(self, command: str, *, timeout: float | None = None,
-                          agent: str = "auto") -> AsyncGenerator[dict[str, Any], None]:
-        """Run *command* in the guest and yield each line of the daemon's
-        NDJSON answer (``POST /v1/vms/NAME/exec?stream=true``) as it arrives,
-        decoded as JSON: the command's output while it runs, then its end."""
+    def exec_stream(self, command: str, *, timeout: float | None = None,
+                    agent: str = "auto") -> RemoteStream:
+        """The shell *command*, to run in the guest with its output read while
+        it runs (``POST /v1/vms/NAME/exec/stream``), as in-process:
+        ``async with vm.exec_stream(cmd) as s: async for ev in s`` gives
+        :class:`~vmfork.results.OutputChunk` events and, last, an
+        :class:`~vmfork.results.ExecExit`."""
         wait = None if timeout is None else timeout + EXEC_MARGIN
-        async with self.host._stream("POST", self._path("exec"), params={"stream": "true"},
-                                     json=self._exec_body(command, timeout, agent),
-                                     timeout=wait) as r:
-            async for line in r.aiter_lines():
-                if line.strip():
-                    yield json.loads(line)
+        return RemoteStream(self.host._stream("POST", self._path("exec", "stream"),
+                                              json=self._exec_body(command, timeout, agent),
+                                              timeout=wait))
 
     async def pause(self) -> None:
         await self.host._json("POST", self._path("pause"))

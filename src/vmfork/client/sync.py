@@ -33,7 +33,9 @@ from vmfork.loopthread import LoopThread
 from vmfork.records import TemplateManifest
 from vmfork.results import (
     CloneResult,
+    ExecExit,
     ExecResult,
+    OutputChunk,
     PoolStatus,
     RestoreResult,
     Result,
@@ -180,19 +182,22 @@ class RemoteVM:
         return self.host._run(self._a.exec(command, timeout=timeout, agent=agent))
 
     def exec_stream(self, command: str, *, timeout: float | None = None,
-                    agent: str = "auto") -> Iterator[dict[str, Any]]:
-        """Run *command* and yield the lines of the daemon's NDJSON answer as
-        they arrive (see :meth:`vmfork.client.AsyncRemoteVM.exec_stream`)."""
-        lines = self._a.exec_stream(command, timeout=timeout, agent=agent)
+                    agent: str = "auto") -> Iterator[OutputChunk | ExecExit]:
+        """Run the shell *command* in the guest; its output as it comes, then
+        an :class:`~vmfork.results.ExecExit` (as :meth:`vmfork.VM.exec_stream`).
+        Leaving the loop early ends the command."""
+        stream = self._a.exec_stream(command, timeout=timeout, agent=agent)
+        self.host._run(stream.start())
+        events = aiter(stream)
 
-        async def next_line() -> dict[str, Any] | None:
-            return await anext(lines, None)
+        async def step() -> OutputChunk | ExecExit | None:
+            return await anext(events, None)
         try:
-            while (line := self.host._run(next_line())) is not None:
-                yield line
+            while (event := self.host._run(step())) is not None:
+                yield event
         finally:
             if self.host._loop.is_open:
-                self.host._run(lines.aclose())
+                self.host._run(stream.close())
 
     def pause(self) -> None:
         self.host._run(self._a.pause())

@@ -43,10 +43,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmfork.errors import TooLarge, VmforkError, http_error
-from vmfork.exec_stream import OutputChunk
 from vmfork.guest_files import MAX_FILE
 from vmfork.guest_files import MAX_PATH as MAX_GUEST_PATH
-from vmfork.results import ExecResult
+from vmfork.results import ExecResult, OutputChunk
 from vmfork.service.state import state_of
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
