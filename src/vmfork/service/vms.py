@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmfork.results import ExecResult
+from vmfork.service import events
 from vmfork.service.state import state_of
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
@@ -81,6 +82,7 @@ async def run_vm(request: Request, body: RunRequest) -> dict[str, Any]:
                         kernel=body.kernel, initrd=body.initrd, append=body.append,
                         disks=body.disks, net=body.net, ports=[(h, g) for h, g in body.ports],
                         persistent=body.persistent, accel=body.accel, ready=body.ready)
+    events.publish(state_of(request), "started", vm=body.name)
     return (await vm.status()).to_dict()
 
 
@@ -94,6 +96,7 @@ async def show_vm(request: Request, name: str) -> dict[str, Any]:
 async def stop_vm(request: Request, name: str, force: bool = False) -> dict[str, Any]:
     """Stop the VM and remove it with its files."""
     await (await state_of(request).host.vm(name)).stop(force=force)
+    events.publish(state_of(request), "stopped", vm=name)
     return {"name": name, "state": "stopped"}
 
 
@@ -108,6 +111,7 @@ async def exec_in_vm(request: Request, name: str, body: ExecRequest) -> dict[str
 async def pause_vm(request: Request, name: str) -> dict[str, Any]:
     vm = await state_of(request).host.vm(name)
     await vm.pause()
+    events.publish(state_of(request), "paused", vm=name)
     return (await vm.status()).to_dict()
 
 
@@ -115,6 +119,7 @@ async def pause_vm(request: Request, name: str) -> dict[str, Any]:
 async def resume_vm(request: Request, name: str) -> dict[str, Any]:
     vm = await state_of(request).host.vm(name)
     await vm.resume()
+    events.publish(state_of(request), "resumed", vm=name)
     return (await vm.status()).to_dict()
 
 
@@ -124,17 +129,24 @@ async def update_vm(request: Request, name: str,
     """Move the guest into a new QEMU process (live update)."""
     b = body or UpdateRequest()
     vm = await state_of(request).host.vm(name)
-    return (await vm.update(qemu=b.qemu, mode=b.mode, timeout=b.timeout)).to_dict()
+    report = await vm.update(qemu=b.qemu, mode=b.mode, timeout=b.timeout)
+    events.publish(state_of(request), "updated", vm=name, mode=report.mode,
+                   pid=report.new_pid)
+    return report.to_dict()
 
 
 @router.post("/{name}/save")
 async def save_vm(request: Request, name: str) -> dict[str, Any]:
-    return (await (await state_of(request).host.vm(name)).save()).to_dict()
+    result = await (await state_of(request).host.vm(name)).save()
+    events.publish(state_of(request), "saved", vm=name)
+    return result.to_dict()
 
 
 @router.post("/{name}/restore")
 async def restore_vm(request: Request, name: str) -> dict[str, Any]:
-    return (await (await state_of(request).host.vm(name)).restore()).to_dict()
+    result = await (await state_of(request).host.vm(name)).restore()
+    events.publish(state_of(request), "restored", vm=name, pid=result.pid)
+    return result.to_dict()
 
 
 __all__ = ["ExecRequest", "RunRequest", "UpdateRequest", "exec_answer", "router"]
