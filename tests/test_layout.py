@@ -123,6 +123,14 @@ def test_only_the_cli_imports_the_cli() -> None:
     assert {m: d for m, d in offenders.items() if d} == {}
 
 
+def test_only_the_cli_imports_the_service() -> None:
+    """The daemon is a layer beside the CLI: the library below never imports it."""
+    offenders = {m: sorted(i for i in deps if i.startswith("vmfork.service"))
+                 for m, deps in graph().items()
+                 if not m.startswith(("vmfork.service", "vmfork.cli", "vmfork.__main__"))}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
 def test_no_library_module_runs_the_cli() -> None:
     runs_cli = []
     for p in SRC.rglob("*.py"):

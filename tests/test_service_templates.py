@@ -9,14 +9,16 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 
-from .conftest import Env, qemu_processes
+from vmfork.templates import catalog
+
+from .conftest import Env, qemu_processes, run
 from .daemon import Daemon, daemon, start_daemon, stop_daemon  # noqa: F401
 
 pytestmark = pytest.mark.qemu
@@ -25,6 +27,18 @@ T = TypeVar("T")
 #: Seconds a test waits for the daemon's background work (a refill, a
 #: replacement, an operation) before it fails.
 BACKGROUND_DEADLINE = 180.0
+
+
+@pytest.fixture(autouse=True)
+def templates_removed(env: Env) -> Iterator[None]:
+    """Remove the test's templates at its end, after its daemon has stopped,
+    with their pool members (which env's teardown does not know of)."""
+    yield
+    s = env.store()
+    for name in s.template_names():
+        with contextlib.suppress(Exception):
+            run(catalog.remove(s, name, force=True))
+    s.close()
 
 
 def poll(what: str, probe: Callable[[], T | None], deadline: float = BACKGROUND_DEADLINE) -> T:
@@ -114,6 +128,16 @@ def test_export_template_from_a_vm_clones_and_events(env: Env, daemon: Daemon,  
     assert [o["id"] for o in daemon.get("/v1/operations").json()] == [op["id"]]
     assert daemon.get("/v1/operations/nope").status_code == 404
 
+    # An import is one too; the snapshot file becomes a template.
+    r = daemon.post("/v1/snapshots/import", json={"file": str(snap), "name": "imp",
+                                                  "as_template": True})
+    assert r.status_code == 202, r.text
+    imp = r.json()["id"]
+    done = poll("the import", lambda: (lambda o: o if o["state"] != "running" else None)(
+        daemon.get(f"/v1/operations/{imp}").json()))
+    assert (done["state"], done["result"]["name"]) == ("done", "imp"), done
+    assert daemon.http.delete("/v1/templates/imp").status_code == 200
+
     # A template from the running VM, and three clones of it.
     r = daemon.post("/v1/templates", json={"name": "t", "from_vm": "a", "image": "demo"})
     assert r.status_code == 400
@@ -145,16 +169,21 @@ def test_export_template_from_a_vm_clones_and_events(env: Env, daemon: Daemon,  
     assert daemon.get("/v1/templates/t").status_code == 404
     assert daemon.get("/v1/vms").json() == []
 
-    poll("the template_removed event", lambda: "template_removed" in reader.kinds())
+    poll("the template_removed event", lambda: reader.kinds(kind="template_removed",
+                                                            template="t"))
     reader.close()
     kinds = reader.kinds()
     assert kinds.index("started") < kinds.index("operation_done") < kinds.index(
-        "template_created") < kinds.index("cloned") < kinds.index("template_removed")
+        "template_created")
+    assert reader.kinds(template="t") == ["stopped", "template_created", *["cloned"] * 5,
+                                          "template_removed"]
+    assert reader.kinds(template="imp") == ["template_created", "template_removed"]
     assert reader.kinds(vm="a") == ["started", "stopped"]
     assert reader.kinds(vm=names[0]) == ["cloned", "stopped"]
 
 
 def test_pool_kept_by_the_daemon_and_metrics(env: Env, daemon: Daemon) -> None:  # noqa: F811
+    reader = EventReader(daemon)
     r = daemon.post("/v1/templates", json={"name": "p", "image": "demo", "memory": "256M",
                                            "accel": "tcg", "prepare": "echo ok > /root/p"})
     assert r.status_code == 201, r.text
@@ -190,10 +219,10 @@ def test_pool_kept_by_the_daemon_and_metrics(env: Env, daemon: Daemon) -> None: 
     assert third["warm"] is True
 
     text = daemon.get("/metrics").text
-    assert metric_value(text, 'vmfork_clone_duration_seconds_count{template="p",'
-                              'source="warm"}') == 1.0
+    assert metric_value(text, 'vmfork_clone_duration_seconds_count{source="warm",'
+                              'template="p"}') == 1.0
     assert metric_value(text, 'vmfork_vms{state="running"}') == 1.0
-    assert metric_value(text, 'vmfork_pool_ready{template="p",kind="warm"}') == 1.0
+    assert metric_value(text, 'vmfork_pool_ready{kind="warm",template="p"}') == 1.0
     assert metric_value(text, 'vmfork_template_memory_bytes{template="p"}') == 256 << 20
     assert metric_value(text, 'vmfork_qemu_processes') == 2.0
     assert metric_value(text, 'vmfork_operations_total{op="clone",result="done"}') == 1.0
@@ -205,8 +234,13 @@ def test_pool_kept_by_the_daemon_and_metrics(env: Env, daemon: Daemon) -> None: 
 
     # The clone's process dies: the daemon records it dead.
     os.kill(c["pid"], signal.SIGKILL)
-    poll("the dead clone", lambda: daemon.get(f"/v1/vms/{c['name']}").json()["state"] == "dead")
-    assert env.store().get_vm(c["name"]).state == "dead"  # recorded, not only shown
+    store = env.store()
+    poll("the dead clone recorded", lambda: store.get_vm(c["name"]).state == "dead")
+    assert daemon.get(f"/v1/vms/{c['name']}").json()["state"] == "dead"
+    poll("the died event", lambda: reader.kinds(vm=c["name"]) == ["cloned", "died"])
+    assert reader.kinds(template="p", member=second["id"]) == ["pool_member_died"]
+    assert reader.kinds(kind="pool_refilled", template="p")
+    reader.close()
 
     r = daemon.http.put("/v1/templates/p/pool", json={"size": 0})
     assert (r.json()["ready"], r.json()["kept"]) == (0, False)
@@ -274,11 +308,11 @@ def test_daemon_killed_during_a_clone(env: Env, daemon: Daemon) -> None:  # noqa
 
     again = start_daemon(env)
     try:
-        def settled() -> list[dict[str, Any]] | None:
-            vms = again.get("/v1/vms").json()
-            return vms if all(v["state"] == "running" for v in vms) else None
+        def settled() -> tuple[list[dict[str, Any]]] | None:
+            vms: list[dict[str, Any]] = again.get("/v1/vms").json()
+            return (vms,) if all(v["state"] == "running" for v in vms) else None
 
-        vms = poll("the abandoned clones to be undone", settled)
+        (vms,) = poll("the abandoned clones to be undone", settled)
         for v in vms:  # those left are complete: they answer
             r = again.post(f"/v1/vms/{v['name']}/exec", json={"command": "true"})
             assert r.json()["exit_code"] == 0, r.text

@@ -15,7 +15,8 @@ async API (:class:`~vmfork.api.aio.AsyncHost`,
 * ``POST /v1/templates/{name}/clones`` ``{"count"?, "names"?, "on_clone"?,
   "use_pool"?}``: 201 with ``{"template", "clones": [CloneResult...]}``
   once every clone runs with its own identity (and its hook has run);
-  ``GET`` of the same lists the clones' statuses;
+  without names, concurrent requests get different ``TEMPLATE-k``
+  (:class:`CloneNames`); ``GET`` of the same lists the clones' statuses;
 * ``GET /v1/templates/{name}/pool``, ``PUT`` ``{"size", "warm"?}``: the
   pool's status (plus ``kept``: the daemon keeps it); PUT sets the target,
   answers once the pool has been filled once (as ``vmfork pool T N``), and
@@ -27,7 +28,9 @@ times go to the metrics (:mod:`vmfork.service.metrics`).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -40,6 +43,7 @@ from vmfork.results import PoolStatus
 from vmfork.service import events, pools
 from vmfork.service.metrics import clone_source, metrics_of
 from vmfork.service.state import ServiceState, state_of
+from vmfork.templates import clone
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
@@ -73,6 +77,33 @@ class CloneRequest(Body):
 class PoolRequest(Body):
     size: int
     warm: bool | None = Field(None, description="warm members (None keeps the kind)")
+
+
+class CloneNames:
+    """Names for clones of concurrent requests that gave none: the lowest free
+    ``TEMPLATE-k`` (as the library picks them), leaving out those that
+    requests in flight have picked and not yet put in the catalog."""
+
+    def __init__(self) -> None:
+        self.pending: set[str] = set()
+
+    @contextlib.contextmanager
+    def picked(self, state: ServiceState, template: str, count: int) -> Iterator[list[str]]:
+        free = clone.next_clone_names(state.host.store, template,
+                                      clone.check_count(count) + len(self.pending))
+        names = [n for n in free if n not in self.pending][:count]
+        self.pending.update(names)
+        try:
+            yield names
+        finally:
+            self.pending.difference_update(names)
+
+
+def clone_names_of(state: ServiceState) -> CloneNames:
+    names = state.parts.get("clone_names")
+    if not isinstance(names, CloneNames):
+        names = state.parts["clone_names"] = CloneNames()
+    return names
 
 
 def _template(state: ServiceState, name: str) -> AsyncTemplate:
@@ -184,8 +215,11 @@ async def clone_template(request: Request, name: str, body: CloneRequest) -> dic
     metrics = metrics_of(state)
     t0 = time.monotonic()
     try:
-        clones = await tpl.clone(count, names=body.names, use_pool=body.use_pool,
-                                 on_clone=body.on_clone)
+        with contextlib.ExitStack() as stack:
+            names = body.names or stack.enter_context(
+                clone_names_of(state).picked(state, tpl.name, count))
+            clones = await tpl.clone(count, names=names, use_pool=body.use_pool,
+                                     on_clone=body.on_clone)
     except VmforkError:
         metrics.observe_operation("clone", "failed", time.monotonic() - t0)
         raise
