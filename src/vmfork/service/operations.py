@@ -103,12 +103,13 @@ Observer = Callable[[str, str, float], None]
 class Operations:
     """The daemon's operations: started as tasks, kept in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
         self._ops: dict[str, Operation] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.observers: list[Observer] = []
 
-    def start(self, state: ServiceState, kind: str, target: str,
+    def start(self, kind: str, target: str,
               work: Callable[[], Awaitable[HasDict]],
               probe: Callable[[], dict[str, Any]] | None = None) -> Operation:
         """Run *work* as a new operation; ResourceError if too many run."""
@@ -116,13 +117,14 @@ class Operations:
             raise ResourceError(f"{MAX_RUNNING} operations are running; try again later")
         op = Operation(id=secrets.token_hex(8), kind=kind, target=target, probe=probe)
         self._ops[op.id] = op
-        self._tasks[op.id] = asyncio.create_task(self._run(state, op, work),
-                                                 name=f"operation {kind} {op.id}")
+        task = asyncio.create_task(self._run(op, work), name=f"operation {kind} {op.id}")
+        task.add_done_callback(lambda t: self._ended(op, t))
+        self._tasks[op.id] = task
         self._forget_old()
         return op
 
-    async def _run(self, state: ServiceState, op: Operation,
-                   work: Callable[[], Awaitable[HasDict]]) -> None:
+    @staticmethod
+    async def _run(op: Operation, work: Callable[[], Awaitable[HasDict]]) -> None:
         try:
             op.result = (await work()).to_dict()
             op.state = "done"
@@ -130,21 +132,25 @@ class Operations:
             code, _ = http_error(exc)
             op.error = {"code": code, "message": " ".join(str(exc).split())[:1000]}
             op.state = "failed"
-        except asyncio.CancelledError:
-            op.error = {"code": "cancelled", "message": "the daemon stopped"}
-            op.state = "failed"
-            raise
         except Exception as exc:
             log.exception("operation %s %s failed", op.kind, op.id)
             op.error = {"code": "error", "message": f"unexpected {type(exc).__name__}: {exc}"}
             op.state = "failed"
-        finally:
-            op.seconds = time.monotonic() - op.t0
-            self._tasks.pop(op.id, None)
-            for observe in self.observers:
-                observe(op.kind, op.state, op.seconds)
-            events.publish(state, f"operation_{op.state}", operation=op.id, op=op.kind,
-                           target=op.target)
+
+    def _ended(self, op: Operation, task: asyncio.Task[None]) -> None:
+        """Record the end of *op*'s task (a task cancelled before it ran
+        included: the daemon stopped); once."""
+        if op.seconds is not None:
+            return
+        if task.cancelled():
+            op.error = {"code": "cancelled", "message": "the daemon stopped"}
+            op.state = "failed"
+        op.seconds = time.monotonic() - op.t0
+        self._tasks.pop(op.id, None)
+        for observe in self.observers:
+            observe(op.kind, op.state, op.seconds)
+        events.publish(self.state, f"operation_{op.state}", operation=op.id, op=op.kind,
+                       target=op.target)
 
     def _forget_old(self) -> None:
         finished = [o for o in self._ops.values() if o.state != "running"]
@@ -163,15 +169,19 @@ class Operations:
         return sorted(self._ops.values(), key=lambda o: o.started, reverse=True)
 
     async def cancel_all(self) -> None:
-        """Cancel the running operations and wait until each has undone its work."""
-        await cancel_all(list(self._tasks.values()))
+        """Cancel the running operations and wait until each has undone its
+        work and is recorded failed."""
+        running = [(self._ops[i], t) for i, t in self._tasks.items()]
+        await cancel_all([t for _, t in running])
+        for op, task in running:
+            self._ended(op, task)
 
 
 def operations_of(state: ServiceState) -> Operations:
     """The daemon's operations (made on first use)."""
     ops = state.parts.get("operations")
     if not isinstance(ops, Operations):
-        ops = state.parts["operations"] = Operations()
+        ops = state.parts["operations"] = Operations(state)
     return ops
 
 
@@ -241,7 +251,7 @@ async def export_vm(request: Request, name: str, body: ExportRequest) -> JSONRes
     state = state_of(request)
     vm = await state.host.vm(name)
     dest = absolute(body.file, "file")
-    op = operations_of(state).start(state, "export", name, lambda: vm.export(dest),
+    op = operations_of(state).start("export", name, lambda: vm.export(dest),
                                     probe=_export_probe(dest))
     return accepted(op)
 
@@ -264,7 +274,7 @@ async def import_snapshot(request: Request, body: ImportRequest) -> JSONResponse
         events.publish(state, "started", vm=name, source="import")
         return vm.result if vm.result is not None else await vm.status()
 
-    return accepted(operations_of(state).start(state, "import", name, work))
+    return accepted(operations_of(state).start("import", name, work))
 
 
 @router.post("/v1/images/{name}", status_code=202, response_model=None)
@@ -276,7 +286,7 @@ async def build_image(request: Request, name: str,
     if name not in IMAGES:
         raise InvalidInput(f"unknown image {name!r}: use one of {', '.join(IMAGES)}")
     rebuild = body.rebuild if body else False
-    op = operations_of(state).start(state, "image", name,
+    op = operations_of(state).start("image", name,
                                     lambda: state.host.image(name, rebuild=rebuild))
     return accepted(op)
 

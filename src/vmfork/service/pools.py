@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from vmfork.errors import TemplateError, VmforkError
@@ -60,6 +61,7 @@ class PoolKeepers:
         self.state = state
         self._keepers: dict[str, Keeper] = {}
         self._failed: dict[str, float] = {}
+        self._held: set[str] = set()
 
     @property
     def templates(self) -> list[str]:
@@ -67,13 +69,13 @@ class PoolKeepers:
         return sorted(n for n, k in self._keepers.items() if k.task and not k.task.done())
 
     def ensure(self, template: str, *, retry: bool = False) -> None:
-        """Start *template*'s keeper unless it runs (or failed less than
-        :data:`FAILED_RETRY` s ago, unless *retry*)."""
-        if self.state.stopping.is_set():
+        """Start *template*'s keeper unless it runs, is held off
+        (:meth:`stopped`), or failed less than :data:`FAILED_RETRY` s ago
+        (unless *retry*)."""
+        if self.state.stopping.is_set() or template in self._held:
             return
         k = self._keepers.get(template)
         if k is not None and k.task is not None and not k.task.done():
-            k.wake.set()
             return
         failed = self._failed.get(template)
         if failed is not None and not retry and time.monotonic() - failed < FAILED_RETRY:
@@ -93,6 +95,17 @@ class PoolKeepers:
         k = self._keepers.pop(template, None)
         if k is not None and k.task is not None:
             await cancel_all([k.task])
+
+    @contextlib.asynccontextmanager
+    async def stopped(self, template: str) -> AsyncIterator[None]:
+        """End *template*'s keeper and start none for it until the block ends
+        (its removal)."""
+        self._held.add(template)
+        try:
+            await self.stop(template)
+            yield
+        finally:
+            self._held.discard(template)
 
     async def stop_all(self) -> None:
         keepers = list(self._keepers.values())

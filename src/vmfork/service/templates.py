@@ -183,8 +183,8 @@ async def remove_template(request: Request, name: str, force: bool = False) -> d
     tpl = _template(state, name)
     await tpl.status()  # NotFound before the keeper is touched
     clones = [c.name for c in await tpl.clones()] if force else []
-    await pools.keepers_of(state).stop(name)
-    await tpl.remove(force=force)
+    async with pools.keepers_of(state).stopped(name):
+        await tpl.remove(force=force)
     for c in clones:
         events.publish(state, "stopped", vm=c, reason="template removed")
     metrics_of(state).forget_template(name)
