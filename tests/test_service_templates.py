@@ -125,8 +125,17 @@ def test_export_template_from_a_vm_clones_and_events(env: Env, daemon: Daemon,  
     assert done["state"] == "done", done
     assert done["result"]["file"] == str(snap) and snap.stat().st_size == done["result"]["size"]
     assert "seconds" in done["progress"]
-    assert [o["id"] for o in daemon.get("/v1/operations").json()] == [op["id"]]
     assert daemon.get("/v1/operations/nope").status_code == 404
+
+    # So is an image build (the demo image is built already: done at once).
+    assert daemon.post("/v1/images/nope").status_code == 400
+    r = daemon.post("/v1/images/demo")
+    assert r.status_code == 202, r.text
+    img = r.json()["id"]
+    done = poll("the image", lambda: (lambda o: o if o["state"] != "running" else None)(
+        daemon.get(f"/v1/operations/{img}").json()))
+    assert (done["state"], done["result"]["name"]) == ("done", "demo"), done
+    assert Path(done["result"]["kernel"]).is_file()
 
     # An import is one too; the snapshot file becomes a template.
     r = daemon.post("/v1/snapshots/import", json={"file": str(snap), "name": "imp",
@@ -178,6 +187,8 @@ def test_export_template_from_a_vm_clones_and_events(env: Env, daemon: Daemon,  
     assert reader.kinds(template="t") == ["stopped", "template_created", *["cloned"] * 5,
                                           "template_removed"]
     assert reader.kinds(template="imp") == ["template_created", "template_removed"]
+    listed = [o["kind"] for o in daemon.get("/v1/operations").json()]
+    assert listed == ["import", "image", "export"]  # newest first
     assert reader.kinds(vm="a") == ["started", "stopped"]
     assert reader.kinds(vm=names[0]) == ["cloned", "stopped"]
 

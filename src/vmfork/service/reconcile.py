@@ -10,8 +10,10 @@ which the loop runs every :data:`RECONCILE_INTERVAL` seconds:
   (:func:`vmfork.launch.undo_all_abandoned`; a ``stopped`` event with
   ``reason: "abandoned"``);
 * a VM whose QEMU died is recorded ``dead`` (:func:`vmfork.vm.reconcile`,
-  under the VM's lock, skipped while another command holds it) and a
-  ``died`` event is sent, once per death this daemon sees;
+  under the VM's lock) and a ``died`` event is sent, once per death this
+  daemon sees; a VM whose lock another command holds is left for the next
+  round (a ``vmfork stop`` ends the QEMU before it removes the VM: that is
+  no death);
 * every template whose pool has a target gets a keeper
   (:class:`~vmfork.service.pools.PoolKeepers`), whoever set the target.
 
@@ -51,10 +53,8 @@ async def reconcile_once(state: ServiceState, seen_dead: set[str]) -> None:
         if observed_state(rec) != "dead":
             seen_dead.discard(rec.name)
             continue
-        if rec.state != "dead":
-            with contextlib.suppress(StateError, NotFound):  # busy, or gone meanwhile
-                async with store.lock_async(rec.name, wait=False):
-                    vm.reconcile(store, store.get_vm(rec.name))
+        if rec.state != "dead" and not await _record_dead(state, rec.name):
+            continue  # a command holds it (a stop, say), or it is gone: next round
         if rec.name not in seen_dead:
             seen_dead.add(rec.name)
             log.warning("%s: its QEMU (pid %s) is gone", rec.name, rec.pid)
@@ -65,6 +65,21 @@ async def reconcile_once(state: ServiceState, seen_dead: set[str]) -> None:
         with contextlib.suppress(NotFound):
             if store.pool_target(name) > 0:
                 keepers.ensure(name)
+
+
+async def _record_dead(state: ServiceState, name: str) -> bool:
+    """Record VM *name* dead if it still is, under its lock; False if another
+    command holds the lock, or the VM is gone or alive after all."""
+    store = state.host.store
+    try:
+        async with store.lock_async(name, wait=False):
+            rec = store.get_vm(name)
+            if observed_state(rec) != "dead":
+                return False
+            vm.reconcile(store, rec)
+            return True
+    except (StateError, NotFound):
+        return False
 
 
 async def _loop(state: ServiceState) -> None:
