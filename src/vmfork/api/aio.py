@@ -378,14 +378,16 @@ class AsyncTemplate:
 
     @overload
     async def clone(self, count: None = None, *, name: str | None = None,
-                    use_pool: bool = True, on_clone: str | None = None) -> AsyncClone: ...
+                    names: Sequence[str] | None = None, use_pool: bool = True,
+                    on_clone: str | None = None) -> AsyncClone: ...
 
     @overload
     async def clone(self, count: int, *, name: str | None = None,
-                    use_pool: bool = True, on_clone: str | None = None) -> list[AsyncClone]: ...
+                    names: Sequence[str] | None = None, use_pool: bool = True,
+                    on_clone: str | None = None) -> list[AsyncClone]: ...
 
     async def clone(self, count: int | None = None, *, name: str | None = None,
-                    use_pool: bool = True,
+                    names: Sequence[str] | None = None, use_pool: bool = True,
                     on_clone: str | None = None) -> AsyncClone | list[AsyncClone]:
         """Start clones of this template and return when they run with their
         own identity (and their on-clone hook has run).
@@ -393,13 +395,19 @@ class AsyncTemplate:
         Without *count*: one clone (use it as ``async with await
         tpl.clone() as c:`` to stop it at the end of the block); with
         *count*: a list. *name* names the clone (``NAME-1``.. with *count*);
-        *on_clone* replaces the template's hook for this call (``""``: none)."""
+        *names* gives each clone's name (as many as *count*; not with
+        *name*); *on_clone* replaces the template's hook for this call
+        (``""``: none)."""
         n = clone.check_count(1 if count is None else count)
+        if names is not None and name:
+            raise InvalidInput("give either name or names, not both")
+        if names is not None and len(names) != n:
+            raise InvalidInput(f"{len(names)} names for {n} clones: give one per clone")
         await self._settle()
-        names = None
-        if name:
+        if names is None and name:
             names = [name] if count is None else [f"{name}-{i}" for i in range(1, n + 1)]
-        results = await clone.clone(self._store, self.name, names=names, count=n,
+        results = await clone.clone(self._store, self.name,
+                                    names=None if names is None else list(names), count=n,
                                     use_pool=use_pool, timeouts=self.host.timeouts,
                                     on_clone=on_clone)
         clones = [AsyncClone(self.host, r) for r in results]

@@ -8,6 +8,12 @@ starts, and outlive it.
 
 Modules: :mod:`~vmfork.service.app` (the FastAPI application, error answers,
 authentication), :mod:`~vmfork.service.state` (what the routes share),
-:mod:`~vmfork.service.vms` (``/v1/vms``), :mod:`~vmfork.service.server` (uvicorn
-on a socket, TLS, signals).
+:mod:`~vmfork.service.vms` (``/v1/vms``), :mod:`~vmfork.service.templates`
+(``/v1/templates``: templates, clones, pools), :mod:`~vmfork.service.pools`
+(pools kept by the daemon), :mod:`~vmfork.service.reconcile` (the background
+loop: dead VMs, abandoned launches, keepers), :mod:`~vmfork.service.events`
+(``/v1/events``), :mod:`~vmfork.service.operations` (202 and
+``/v1/operations``: export, import, image builds),
+:mod:`~vmfork.service.metrics` (``/metrics``), :mod:`~vmfork.service.server`
+(uvicorn on a socket, TLS, signals).
 """

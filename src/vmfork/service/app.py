@@ -13,9 +13,10 @@ in constant time).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from vmfork.errors import VmforkError, http_error
-from vmfork.service import vms
+from vmfork.service import events, metrics, operations, reconcile, templates, vms
 from vmfork.service.state import ServiceState
 
 log = logging.getLogger("vmfork.service")
@@ -54,7 +55,12 @@ def _first_problem(exc: RequestValidationError) -> str:
 
 def create_app(state: ServiceState) -> FastAPI:
     """The REST API v1 application for *state*."""
-    app = FastAPI(title="vmforkd", version="1",
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async with reconcile.background(state):
+            yield
+
+    app = FastAPI(title="vmforkd", version="1", lifespan=lifespan,
                   description="vmfork's REST API: VMs, templates, clones, pools.")
     app.state.vmfork = state
 
@@ -95,6 +101,10 @@ def create_app(state: ServiceState) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(vms.router)
+    app.include_router(templates.router)
+    app.include_router(operations.router)
+    app.include_router(events.router)
+    app.include_router(metrics.router)
     return app
 
 

@@ -176,8 +176,13 @@ async def serve(home: Path | str | None = None, *, listen: str | None = None,
                                 timeout_graceful_shutdown=int(timeouts.stop) + 5)
         server = _Server(config)
         loop = asyncio.get_running_loop()
+
+        def begin_stop() -> None:
+            server.should_exit = True
+            state.stopping.set()  # ends event streams before uvicorn waits for them
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+            loop.add_signal_handler(sig, begin_stop)
         log.warning("vmforkd serves %s", where)
         try:
             await server.serve(sockets=[sock])

@@ -6,6 +6,7 @@ the routes through ``request.app.state.vmfork`` (:func:`state_of`).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -27,6 +28,10 @@ class ServiceState:
     #: Extra parts (events, operations, pools, metrics) by name, set by the
     #: modules that own them.
     parts: dict[str, object] = field(default_factory=dict)
+    #: Set when the daemon starts to stop (SIGTERM, SIGINT), before it waits
+    #: for the requests in flight: open event streams end, background loops
+    #: stop taking new work.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def state_of(request: Request) -> ServiceState:

@@ -46,6 +46,7 @@ from vmfork.errors import TooLarge, VmforkError, http_error
 from vmfork.guest_files import MAX_FILE
 from vmfork.guest_files import MAX_PATH as MAX_GUEST_PATH
 from vmfork.results import ExecResult, OutputChunk
+from vmfork.service import events
 from vmfork.service.state import state_of
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
@@ -118,6 +119,7 @@ async def run_vm(request: Request, body: RunRequest) -> dict[str, Any]:
                                disks=body.disks, net=body.net,
                                ports=[(h, g) for h, g in body.ports],
                                persistent=body.persistent, accel=body.accel, ready=body.ready)
+    events.publish(st, "started", vm=body.name)
     return (await vm.status()).to_dict()
 
 
@@ -131,6 +133,7 @@ async def show_vm(request: Request, name: str) -> dict[str, Any]:
 async def stop_vm(request: Request, name: str, force: bool = False) -> dict[str, Any]:
     """Stop the VM and remove it with its files."""
     await (await state_of(request).host.vm(name)).stop(force=force)
+    events.publish(state_of(request), "stopped", vm=name)
     return {"name": name, "state": "stopped"}
 
 
@@ -145,6 +148,7 @@ async def exec_in_vm(request: Request, name: str, body: ExecRequest) -> dict[str
 async def pause_vm(request: Request, name: str) -> dict[str, Any]:
     vm = await state_of(request).host.vm(name)
     await vm.pause()
+    events.publish(state_of(request), "paused", vm=name)
     return (await vm.status()).to_dict()
 
 
@@ -152,6 +156,7 @@ async def pause_vm(request: Request, name: str) -> dict[str, Any]:
 async def resume_vm(request: Request, name: str) -> dict[str, Any]:
     vm = await state_of(request).host.vm(name)
     await vm.resume()
+    events.publish(state_of(request), "resumed", vm=name)
     return (await vm.status()).to_dict()
 
 
@@ -163,12 +168,16 @@ async def update_vm(request: Request, name: str,
     st = state_of(request)
     vm = await st.host.vm(name)
     async with st.starts.slot(f"update {name}"):
-        return (await vm.update(qemu=b.qemu, mode=b.mode, timeout=b.timeout)).to_dict()
+        report = await vm.update(qemu=b.qemu, mode=b.mode, timeout=b.timeout)
+    events.publish(st, "updated", vm=name, mode=report.mode, pid=report.new_pid)
+    return report.to_dict()
 
 
 @router.post("/{name}/save")
 async def save_vm(request: Request, name: str) -> dict[str, Any]:
-    return (await (await state_of(request).host.vm(name)).save()).to_dict()
+    result = await (await state_of(request).host.vm(name)).save()
+    events.publish(state_of(request), "saved", vm=name)
+    return result.to_dict()
 
 
 @router.post("/{name}/restore")
@@ -177,7 +186,9 @@ async def restore_vm(request: Request, name: str) -> dict[str, Any]:
     st = state_of(request)
     vm = await st.host.vm(name)
     async with st.starts.slot(f"restore {name}"):
-        return (await vm.restore()).to_dict()
+        result = await vm.restore()
+    events.publish(st, "restored", vm=name, pid=result.pid)
+    return result.to_dict()
 
 
 class _Text:
