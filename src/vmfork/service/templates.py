@@ -218,8 +218,11 @@ async def clone_template(request: Request, name: str, body: CloneRequest) -> dic
         with contextlib.ExitStack() as stack:
             names = body.names or stack.enter_context(
                 clone_names_of(state).picked(state, tpl.name, count))
-            clones = await tpl.clone(count, names=names, use_pool=body.use_pool,
-                                     on_clone=body.on_clone)
+            # One slot of the daemon's start queue per request (the library
+            # bounds the QEMU starts within a batch itself).
+            async with state.starts.slot(f"clone {tpl.name}"):
+                clones = await tpl.clone(count, names=names, use_pool=body.use_pool,
+                                         on_clone=body.on_clone)
     except VmforkError:
         metrics.observe_operation("clone", "failed", time.monotonic() - t0)
         raise
