@@ -12,7 +12,6 @@ import ast
 import asyncio
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -338,19 +337,26 @@ def test_token_over_tcp(env: Env) -> None:
 
 @pytest.mark.qemu
 def test_bench_api(env: Env) -> None:
-    """``vmfork bench api`` starts its own daemon, measures both paths, and
-    leaves nothing behind (the clone part once the daemon has template routes)."""
-    has_templates = importlib.util.find_spec("vmfork.service.templates") is not None
-    parts = "exec,clone" if has_templates else "exec"
-    p = env.cli("bench", "api", "--parts", parts, "--samples", "2", "--exec-samples", "5",
-                "--accel", "tcg", "--json", check=True, timeout=600)
+    """``vmfork bench api`` starts its own daemon, measures both paths, fires
+    concurrent clone requests, and leaves nothing behind."""
+    p = env.cli("bench", "api", "--parts", "exec,clone,concurrent", "--samples", "2",
+                "--exec-samples", "5", "--concurrent", "6", "--accel", "tcg", "--json",
+                check=True, timeout=600)
     result = json.loads(p.stdout)
-    for part in parts.split(","):
+    for part in ("exec", "clone"):
         r = result[part]
         assert r["library_s"] > 0 and r["api_s"] > 0, r
         assert r["ratio"] == pytest.approx(r["api_s"] / r["library_s"], rel=1e-3)
-    assert ("clone" in result) == has_templates
-    assert list(result["targets"]) == (["clone_api<=1.2x+10ms"] if has_templates else [])
+    c = result["concurrent"]
+    assert c["requests"] == 6 and sum(c["answers"].values()) == 6, c
+    assert c["answers"]["201"] >= 1 and c["p50_s"] > 0 and c["p99_s"] >= c["p50_s"], c
+    assert c["problems"] == [] and c["answers"]["other"] == 0, c
+    targets = result["targets"]
+    assert sorted(targets) == [
+        "6_concurrent_clones: each 201, or 429/503 with Retry-After",
+        "6_concurrent_clones: nothing lost, nothing leaked", "clone_api<=1.2x+10ms"]
+    assert targets["6_concurrent_clones: each 201, or 429/503 with Retry-After"], targets
+    assert targets["6_concurrent_clones: nothing lost, nothing leaked"], targets
     s = env.store()
     assert s.list_vms() == [] and s.template_names() == []
     s.close()

@@ -176,15 +176,21 @@ def bench_daemon(home: Path) -> Iterator[str]:
               help="Guest commands per path.")
 @click.option("--memory", default="256M", show_default=True, help="Guest RAM.")
 @click.option("--accel", type=ACCELS, default="auto", show_default=True)
-@click.option("--parts", default="exec,clone", show_default=True,
-              help="What to measure: exec, clone.")
+@click.option("--parts", default="exec,clone,concurrent", show_default=True,
+              help="What to measure: exec, clone, concurrent.")
+@click.option("--concurrent", "concurrent", default=50, show_default=True,
+              help="Clone requests fired at once by the part concurrent (the issue's "
+                   "50; each its own connection).")
 @click.option("--socket", "address", metavar="PATH|URL",
               help="A vmforkd serving this home [default: start one for the run].")
 @click.option("--token-file", metavar="FILE", help="Bearer token file of that daemon.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_api(samples: int, exec_samples: int, memory: str, accel: str, parts: str,
-              address: str | None, token_file: str | None, as_json: bool) -> None:
-    """Clone and exec through vmforkd's REST API vs the in-process library."""
+              concurrent: int, address: str | None, token_file: str | None,
+              as_json: bool) -> None:
+    """Clone and exec through vmforkd's REST API vs the in-process library;
+    concurrent clone requests (latency, 429/503 refusals, nothing lost or
+    leaked)."""
     from vmfork.api.aio import AsyncHost
     from vmfork.bench import api as ba
     from vmfork.bench import print_table
@@ -194,6 +200,7 @@ def bench_api(samples: int, exec_samples: int, memory: str, accel: str, parts: s
 
     params = ba.ApiBench(samples=samples, exec_samples=exec_samples,
                          memory_mib=parse_memory(memory), accel=accel,
+                         concurrent=concurrent,
                          parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
                          progress=_progress)
     params.check()

@@ -140,17 +140,28 @@ class AsyncClient:
             address = str(default_home() / SOCKET_NAME)
         if address.startswith(("http://", "https://")):
             self.address = address.rstrip("/")
-            transport = httpx.AsyncHTTPTransport(verify=verify)
-            base_url = self.address
         else:
             self.address = address.removeprefix("unix:")
+        self.timeout = timeout
+        self._token = token
+        self._verify = verify
+        self._http = self.connection()
+
+    def connection(self, timeout: float | None = None) -> httpx.AsyncClient:
+        """A new httpx client of the daemon (its address, TLS verification and
+        token), on connections of its own: for raw requests whose status and
+        headers the caller reads itself (``vmfork bench api`` fires concurrent
+        requests, each on its own connection). The caller closes it."""
+        if self.address.startswith(("http://", "https://")):
+            transport = httpx.AsyncHTTPTransport(verify=self._verify)
+            base_url = self.address
+        else:
             transport = httpx.AsyncHTTPTransport(uds=self.address)
             base_url = _UNIX_BASE
-        self.timeout = timeout
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        return httpx.AsyncClient(
             transport=transport, base_url=base_url, headers=headers,
-            timeout=httpx.Timeout(timeout, connect=CONNECT_SECONDS))
+            timeout=httpx.Timeout(timeout or self.timeout, connect=CONNECT_SECONDS))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address}>"
