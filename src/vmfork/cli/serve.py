@@ -39,4 +39,5 @@ def serve_cmd(listen: str | None, socket_path: str | None, token_file: str | Non
     # The server ends itself, gracefully, on SIGTERM and SIGINT.
     asyncio.run(serve(listen=listen, socket_path=socket_path, token_file=token_file,
                       tls_cert=tls_cert, tls_key=tls_key, max_starts=max_starts,
-                      start_queue=start_queue))
+                      start_queue=start_queue,
+                      on_ready=lambda where: click.echo(f"vmforkd: serving {where}", err=True)))

@@ -21,7 +21,7 @@ import secrets
 import signal
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -147,9 +147,11 @@ async def serve(home: Path | str | None = None, *, listen: str | None = None,
                 socket_path: Path | str | None = None, token_file: Path | str | None = None,
                 tls_cert: str | None = None, tls_key: str | None = None,
                 timeouts: Timeouts = DEFAULT, max_starts: int = MAX_STARTS,
+                on_ready: Callable[[str], None] | None = None,
                 start_queue: int = START_QUEUE) -> None:
     """Serve the REST API until SIGTERM or SIGINT. At most *max_starts* QEMU
-    starts run at once, *start_queue* more wait (:mod:`vmfork.service.gate`)."""
+    starts run at once, *start_queue* more wait (:mod:`vmfork.service.gate`);
+    *on_ready* is called with the address once the daemon listens."""
     if bool(tls_cert) != bool(tls_key):
         raise InvalidInput("TLS needs both --tls-cert and --tls-key")
     starts = StartGate(max_starts, start_queue)
@@ -183,7 +185,9 @@ async def serve(home: Path | str | None = None, *, listen: str | None = None,
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, begin_stop)
-        log.warning("vmforkd serves %s", where)
+        log.info("vmforkd serves %s", where)
+        if on_ready is not None:
+            on_ready(where)
         try:
             await server.serve(sockets=[sock])
         finally:
