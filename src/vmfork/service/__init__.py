@@ -14,6 +14,8 @@ authentication), :mod:`~vmfork.service.state` (what the routes share),
 loop: dead VMs, abandoned launches, keepers), :mod:`~vmfork.service.events`
 (``/v1/events``), :mod:`~vmfork.service.operations` (202 and
 ``/v1/operations``: export, import, image builds),
-:mod:`~vmfork.service.metrics` (``/metrics``), :mod:`~vmfork.service.server`
-(uvicorn on a socket, TLS, signals).
+:mod:`~vmfork.service.metrics` (``/metrics``), :mod:`~vmfork.service.gate`
+(the bounded start queue), :mod:`~vmfork.service.openapi` (the committed
+API description), :mod:`~vmfork.service.server` (uvicorn on a socket, TLS,
+signals).
 """
