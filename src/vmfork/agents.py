@@ -6,10 +6,10 @@ where vmfork's demo and Debian images run vmfork's serial agent; a guest
 runs either, both or neither. What is known is kept in the VM's record
 (``info.agent``): a boot that was ready by an agent's sign records it
 (:mod:`vmfork.guest.readiness`), a clone inherits its template's, and
-otherwise the first command that needs an agent asks both at once and keeps
-the one that answers first (:func:`choose_agent`). A guest where neither
-answers gets a one-line GuestError; that is not kept, so an agent that
-starts later is found by a later command.
+otherwise the first command that needs an agent asks qemu-guest-agent, then
+vmfork's serial agent, and keeps the one that answers (:func:`choose_agent`).
+A guest where neither answers gets a one-line GuestError; that is not kept,
+so an agent that starts later is found by a later command.
 
 Commands run through either agent alike (:func:`guest_exec`,
 :data:`vmfork.guest.qga.SHELL_WRAPPER`).
@@ -17,7 +17,6 @@ Commands run through either agent alike (:func:`guest_exec`,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from dataclasses import replace
@@ -29,7 +28,6 @@ from vmfork.launch import paths_for
 from vmfork.records import VMRecord
 from vmfork.results import ExecResult
 from vmfork.store import Store
-from vmfork.tasks import cancel_all
 from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
 
 log = logging.getLogger("vmfork.agents")
@@ -60,30 +58,21 @@ def no_agent(rec: VMRecord) -> GuestError:
 
 
 async def find_agent(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> str | None:
-    """Ask both agents at once (each for ``timeouts.agent_attempt`` s); the
-    first that answers (``qga`` or ``serial``), or None."""
-    quick = replace(timeouts, agent=timeouts.agent_attempt)
-
-    async def qga() -> str:
-        async with qga_for(store, rec, quick) as g:
-            await g.ping()
+    """The agent that answers (``qga`` or ``serial``), or None: first
+    qemu-guest-agent, then vmfork's serial agent, each for
+    ``timeouts.agent_attempt`` s. Not both at once: a command sent to the
+    serial agent occupies the guest's virtio console until it ends (on a
+    guest without that agent a login prompt may sit there; on one with it,
+    the agent runs one command at a time, and a stuck probe would hold back
+    the next command, e.g. a thaw)."""
+    if await qga_answers(store, rec, timeouts):
         return "qga"
-
-    async def serial() -> str:
-        r = await agent_for(store, rec, quick).exec("true", timeouts.agent_attempt)
-        if r.exit_code != 0:
-            raise GuestError(f"{rec.name}: the serial agent failed 'true'")
-        return "serial"
-    tasks = [asyncio.ensure_future(serial())]
-    if rec.spec.qga:
-        tasks.append(asyncio.ensure_future(qga()))
+    quick = replace(timeouts, agent=timeouts.agent_attempt)
     try:
-        for fut in asyncio.as_completed(tasks):
-            with contextlib.suppress(VmforkError):
-                return await fut
+        r = await agent_for(store, rec, quick).exec("true", timeouts.agent_attempt)
+    except VmforkError:
         return None
-    finally:
-        await cancel_all(tasks)
+    return "serial" if r.exit_code == 0 else None
 
 
 async def qga_answers(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> bool:
