@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, Protocol, TypeVar
 
 from vmfork.errors import StateError
 
 T = TypeVar("T")
+E = TypeVar("E", covariant=True)
+
+
+class Stream(Protocol[E]):
+    """An asynchronous stream that is started, iterated and closed (a
+    streamed guest command, in-process or through the daemon)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[E]: ...
 
 
 class LoopThread:
@@ -61,6 +73,21 @@ class LoopThread:
                 if started.is_set():
                     finished.wait(self.cleanup_seconds)
             raise
+
+    def iterate(self, stream: Stream[T]) -> Iterator[T]:
+        """The events of *stream*, one :meth:`run` each; leaving the loop
+        early (or an error) closes the stream."""
+        self.run(stream.start())
+        events = aiter(stream)
+
+        async def step() -> T | None:
+            return await anext(events, None)
+        try:
+            while (event := self.run(step())) is not None:
+                yield event
+        finally:
+            if self.is_open:
+                self.run(stream.close())
 
     def close(self) -> None:
         if self.is_open:

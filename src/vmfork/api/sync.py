@@ -197,17 +197,8 @@ class VM:
         (:class:`~vmfork.exec_stream.OutputChunk`), then an
         :class:`~vmfork.results.ExecExit`. Leaving the loop early ends the
         command."""
-        stream = self._a.exec_stream(command, timeout=timeout, agent=agent)
-        self.host._run(stream.start())
-        events = aiter(stream)
-
-        async def step() -> OutputChunk | ExecExit | None:
-            return await anext(events, None)
-        try:
-            while (event := self.host._run(step())) is not None:
-                yield event
-        finally:
-            self.host._run(stream.close())
+        return self.host._loop.iterate(
+            self._a.exec_stream(command, timeout=timeout, agent=agent))
 
     def read_file(self, path: str, *, agent: str = "auto") -> bytes:
         """The bytes of the file *path* in the guest (at most 16 MiB)."""

@@ -186,18 +186,8 @@ class RemoteVM:
         """Run the shell *command* in the guest; its output as it comes, then
         an :class:`~vmfork.results.ExecExit` (as :meth:`vmfork.VM.exec_stream`).
         Leaving the loop early ends the command."""
-        stream = self._a.exec_stream(command, timeout=timeout, agent=agent)
-        self.host._run(stream.start())
-        events = aiter(stream)
-
-        async def step() -> OutputChunk | ExecExit | None:
-            return await anext(events, None)
-        try:
-            while (event := self.host._run(step())) is not None:
-                yield event
-        finally:
-            if self.host._loop.is_open:
-                self.host._run(stream.close())
+        return self.host._loop.iterate(
+            self._a.exec_stream(command, timeout=timeout, agent=agent))
 
     def pause(self) -> None:
         self.host._run(self._a.pause())
