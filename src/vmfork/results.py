@@ -196,6 +196,50 @@ class CloneResult(Result):
 
 
 @dataclass(frozen=True)
+class ForkChild(Result):
+    """One child of a fork; times in milliseconds from the fork request."""
+
+    name: str
+    pid: int
+    running_ms: float    # its guest runs
+    responsive_ms: float  # its agent answered with its own identity set
+    hook_status: int | None = None
+    hook_output: str | None = None
+    ports: tuple[tuple[int, int], ...] = ()
+    #: What its identity step did (see :attr:`CloneResult.identity`).
+    identity: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ForkReport(Result):
+    """What one fork of a running VM did and cost.
+
+    The parent was paused once, for :attr:`parent_pause_ms` (host clock, from
+    its guest stopping to running again in its new QEMU). RAM written for the
+    fork: :attr:`captured_bytes` (pages the parent wrote since its memory was
+    last frozen, copied while it was paused) and :attr:`base_copy_bytes`
+    (a copy of an earlier frozen memory file, made before the pause)."""
+
+    name: str
+    #: The frozen state the children (and the parent) now run on: an internal
+    #: template, removed with its last VM.
+    base: str
+    parent_pause_ms: float
+    parent_old_pid: int
+    parent_pid: int
+    captured_bytes: int
+    base_copy_bytes: int
+    ram_bytes_written: int
+    state_bytes: int
+    #: Before the pause: the new QEMU of the parent started, a base copied.
+    prepare_ms: float
+    #: Request to the last child responsive (its hook run).
+    total_ms: float
+    children: tuple[ForkChild, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class UpdateReport(Result):
     """What one live update did and cost."""
 
