@@ -1,0 +1,668 @@
+"""Live fork on real QEMU (demo guest, TCG): what the children start from,
+what they and the parent become, and what a failed or interrupted fork and
+every order of removal leave behind.
+
+- **One instant** (module fixture ``family``): a parent with a scratch disk
+  runs a loop that counts, writing each number to the disk (synced, read
+  back with O_DIRECT) and to a file in RAM, and checks at every turn that
+  the disk holds what its RAM holds. It is forked into two children while
+  it counts: every VM's loop finds disk and RAM in step across the fork,
+  the frozen disk layer holds a number the parent reached between the fork
+  request and its return, and the three loops go on independently. The
+  20 MB written in RAM before the fork have one md5 everywhere. The parent
+  keeps its MAC, hostname, machine-id and VM generation ID and logs no RNG
+  reseed; each child has its own and logs one.
+- **Any VM, any number of times**: five forks in a row of one parent (each
+  child holds the parent's data as of its own fork), a tree of depth 3
+  (parent, child, grandchild, great-grandchild), a fork of a clone.
+- **Failure half-way**: a child's QEMU killed during the fork, the memory
+  directory full, vmfork killed (SIGKILL) at each ``fork.*`` checkpoint and
+  the next command run: the parent runs on with its data and identity, and
+  nothing is left that no VM uses.
+- **Removal in any order** (parent first, children first, a middle VM of the
+  tree first, ``template rm --force`` of the parent's own template): at the
+  end the home holds no VM, template (internal fork bases included), memory
+  file, socket or QEMU process.
+
+The disk-backed Debian guest is forked in tests/test_fork_disks.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import json
+import os
+import pkgutil
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from vmfork import vm
+from vmfork.checkpoints import STALL_ENV
+from vmfork.errors import VmforkError
+from vmfork.fork import fork
+from vmfork.images.demo import demo_image
+from vmfork.results import ForkReport
+from vmfork.store import Store
+from vmfork.templates import catalog, clone, create
+
+from .conftest import Env, module_env, qemu_processes, run
+from .test_admission import fill, mounted
+
+MIB = 1024 * 1024
+RESEED = "crng reseeded due to virtual machine fork"
+#: 20 MiB of random data in the guest's RAM (its root file system is an
+#: initramfs), with its md5 beside it.
+DATA = ("head -c 20971520 /dev/urandom > /root/data && md5sum /root/data | cut -d' ' -f1 "
+        "> /root/data.md5")
+SCRATCH_BYTES = 1 << 20
+#: The sequence loop: counts; writes each number to sector 0 of the scratch
+#: disk (O_DIRECT, synced) and then to /tmp/seq (RAM); before each step it
+#: reads the disk back (O_DIRECT: from the VM's disk, not the guest's page
+#: cache) and notes in /tmp/mismatch any turn where the disk does not hold
+#: the number its RAM holds. /tmp/stop ends it after a whole turn; it writes
+#: its last number to /tmp/stopped.
+SEQ_LOOP = r"""
+put() {
+    printf '%s\n' "$1" | dd of=/dev/vda bs=512 count=1 conv=sync,fsync oflag=direct 2>/dev/null
+}
+get() { dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n 1; }
+n=0
+put 0
+echo 0 > /tmp/seq
+while [ ! -e /tmp/stop ]; do
+    d=$(get)
+    [ "$d" = "$n" ] || echo "ram $n disk $d" >> /tmp/mismatch
+    n=$((n + 1))
+    put "$n"
+    echo "$n" > /tmp/seq
+done
+echo "$n" > /tmp/stopped
+"""
+MAC_CMD = "for d in /sys/class/net/*; do [ ! -e $d/device ] || cat $d/address; done"
+FORK_SOURCES = Path(__file__).resolve().parents[1] / "src" / "vmfork" / "fork"
+
+
+# -- helpers ---------------------------------------------------------------------------
+def fork_checkpoints() -> list[str]:
+    """The ``fork.*`` steps at which a fork awaits a checkpoint, read from
+    the sources of :mod:`vmfork.fork` (in the order they appear)."""
+    steps: list[str] = []
+    for src in sorted(FORK_SOURCES.glob("*.py")):
+        for step in re.findall(r"""checkpoint\(\s*["'](fork\.[\w.-]+)["']""", src.read_text()):
+            if step not in steps:
+                steps.append(step)
+    return steps
+
+
+def do_fork(env: Env, name: str, names: list[str]) -> ForkReport:
+    return run(fork(env.store(), name, names=names))
+
+
+def boot(env: Env, name: str, *, net: bool = False, disk: bool = False,
+         memory_mib: int = 256, memory_dir: Path | None = None) -> None:
+    """Start a demo guest. With *disk* it gets a scratch disk (raw, 1 MiB)
+    as /dev/vda: the demo image given as kernel and initrd, since ``--demo``
+    takes no disk."""
+    s = env.store()
+    opts = vm.RunOptions(name=name, accel="tcg", memory_mib=memory_mib, demo=not disk,
+                         net="user" if net else None,
+                         memory_dir=str(memory_dir) if memory_dir else None)
+    if disk:
+        img = demo_image(s.images_dir)
+        scratch = env.home / f"{name}-scratch.raw"
+        with open(scratch, "wb") as f:
+            f.truncate(SCRATCH_BYTES)
+        opts = dataclasses.replace(opts, kernel=img.kernel, initrd=img.initrd,
+                                   append=img.append, disks=(str(scratch),))
+    run(vm.run(s, opts))
+
+
+def md5_intact(env: Env, name: str) -> bool:
+    now = env.exec(name, "md5sum /root/data | cut -d' ' -f1")
+    return bool(now.strip()) and now == env.exec(name, "cat /root/data.md5")
+
+
+async def _generation_id(store: Store, name: str) -> str:
+    async with vm.attached(store, name) as (_rec, m):
+        return str((await m.qmp("query-vm-generation-id"))["guid"])
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a guest is, as it and its QEMU say."""
+
+    hostname: str
+    machine_id: str
+    mac: str
+    vmgenid: str
+    reseeds: int
+
+
+def identity(env: Env, name: str) -> Identity:
+    out = env.exec(name, f"cat /proc/sys/kernel/hostname /etc/machine-id; echo mac=$({MAC_CMD}); "
+                         f"dmesg | grep -c '{RESEED}' || true").splitlines()
+    hostname, machine_id, mac, reseeds = (x.strip() for x in out)
+    return Identity(hostname, machine_id, mac.removeprefix("mac="),
+                    run(_generation_id(env.store(), name)), int(reseeds))
+
+
+def seq(env: Env, name: str) -> int:
+    """*name*'s counter (-1 before its loop wrote one)."""
+    return int(env.exec(name, "cat /tmp/seq 2>/dev/null || echo -1").strip())
+
+
+def wait_seq_beyond(env: Env, name: str, value: int, timeout: float = 60) -> int:
+    """Wait until *name*'s loop has counted past *value*; its number then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = seq(env, name)
+        if now > value:
+            return now
+        assert time.monotonic() < deadline, f"{name}: the counter stays at {now}"
+        time.sleep(0.2)
+
+
+def stop_loop(env: Env, name: str, timeout: float = 60) -> tuple[int, int, int]:
+    """End *name*'s loop after a whole turn; (last number, /tmp/seq, disk)."""
+    env.exec(name, "touch /tmp/stop")
+    deadline = time.monotonic() + timeout
+    while env.exec(name, "cat /tmp/stopped 2>/dev/null || true").strip() == "":
+        assert time.monotonic() < deadline, f"{name}: the loop did not stop"
+        time.sleep(0.2)
+    last, ram, disk = env.exec(name, "cat /tmp/stopped /tmp/seq; dd if=/dev/vda bs=512 count=1 "
+                                     "iflag=direct 2>/dev/null | tr -d '\\000' | head -n 1"
+                               ).split()
+    return int(last), int(ram), int(disk)
+
+
+def backing_chain(path: str) -> list[dict[str, Any]]:
+    """``qemu-img info --backing-chain`` of an image in use (shared lock)."""
+    p = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
+                       capture_output=True, text=True, timeout=60, check=True)
+    chain = json.loads(p.stdout)
+    return chain if isinstance(chain, list) else [chain]
+
+
+def disk_number(image: str, work: Path) -> int:
+    """The number in sector 0 of qcow2 *image* (read through its chain)."""
+    out = work / "sector.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", image, str(out)],
+                   capture_output=True, timeout=60, check=True)
+    with open(out, "rb") as f:
+        text = f.read(512).rstrip(b"\0").decode()
+    out.unlink()
+    return int(text.split()[0])
+
+
+def orphans(env: Env) -> list[str]:
+    """What the home holds that no VM uses: templates nobody uses, memory
+    files no VM or template names, QEMU processes that are no VM's,
+    sockets outside the run directories of the VMs (empty: all is well)."""
+    s = env.store()
+    vms = s.list_vms()
+    found = []
+    for name in s.template_names():
+        if not (catalog.users(s, name) or s.pool_members(name)
+                or catalog.children_of(s, name)):
+            found.append(f"template {name} that no VM uses")
+    known = {r.spec.memory.path for r in vms} | {t.memory_file for t in s.list_templates()}
+    for d in {env.memory_dir, *(Path(p).parent for p in known if p)}:
+        if d.is_dir():
+            found += [f"memory file {f}" for f in d.iterdir()
+                      if str(f) not in known and f.name != "filler"]
+    pids = {r.pid for r in vms} | {m.pid for m in s.pool_members()}
+    found += [f"QEMU process {p.pid}" for p in qemu_processes(str(env.home))
+              if p.pid not in pids]
+    run_dirs = {s.run_dir(r.name) for r in vms}
+    found += [f"socket {x}" for x in env.home.rglob("*.sock") if x.parent not in run_dirs]
+    return found
+
+
+def assert_home_empty(env: Env) -> None:
+    """Nothing is left: no VM, no template (internal fork bases included),
+    no memory file, no socket, no QEMU process."""
+    s = env.store()
+    assert [r.name for r in s.list_vms()] == []
+    assert s.template_names() == []
+    if s.templates_dir.exists():
+        assert sorted(x.name for x in s.templates_dir.iterdir()) == []
+    assert sorted(x.name for x in env.memory_dir.iterdir()) == []
+    assert [p.pid for p in qemu_processes(str(env.home))] == []
+    assert sorted(str(x) for x in env.home.rglob("*.sock")) == []
+
+
+def stop(env: Env, *names: str) -> None:
+    for n in names:
+        run(vm.stop(env.store(), n))
+
+
+# -- one instant: the module's family (a parent and two children) ------------------------
+@dataclass
+class Family:
+    env: Env
+    report: ForkReport
+    #: The parent's identity before the fork.
+    before: Identity
+    #: The parent's counter read just before the fork request and just after
+    #: the fork returned.
+    seq_before: int
+    seq_after: int
+
+
+@pytest.fixture(scope="module")
+def family(session_images: Path) -> Iterator[Family]:
+    with module_env("vffk", session_images) as env:
+        boot(env, "p", net=True, disk=True)
+        env.exec("p", DATA)
+        env.exec("p", f"cat > /root/seq.sh <<'EOF'\n{SEQ_LOOP}\nEOF\n"
+                      "setsid sh /root/seq.sh </dev/null >/dev/null 2>&1 &")
+        wait_seq_beyond(env, "p", 20)
+        before = identity(env, "p")
+        seq_before = seq(env, "p")
+        report = do_fork(env, "p", ["c1", "c2"])
+        seq_after = seq(env, "p")
+        yield Family(env, report, before, seq_before, seq_after)
+
+
+def test_report_names_the_children_and_the_parents_new_qemu(family: Family) -> None:
+    r, s = family.report, family.env.store()
+    assert r.name == "p"
+    assert [c.name for c in r.children] == ["c1", "c2"]
+    assert r.parent_pause_ms > 0
+    assert r.parent_pid == s.get_vm("p").pid
+    for c in r.children:
+        assert c.pid == s.get_vm(c.name).pid
+        assert 0 < c.running_ms <= c.responsive_ms <= r.total_ms
+    assert r.base.startswith("_fork.")
+    assert {x.name for x in s.list_vms()} == {"p", "c1", "c2"}
+    assert not orphans(family.env)
+
+
+def test_data_written_before_the_fork_is_everywhere(family: Family) -> None:
+    env = family.env
+    md5 = env.exec("p", "cat /root/data.md5")
+    for name in ("p", "c1", "c2"):
+        assert env.exec(name, "cat /root/data.md5") == md5
+        assert md5_intact(env, name), name
+
+
+def test_parent_keeps_its_identity_children_get_their_own(family: Family) -> None:
+    env, before = family.env, family.before
+    assert before.reseeds == 0  # a fresh boot: the guest never saw a fork
+    assert identity(env, "p") == before
+    kids = {c: identity(env, c) for c in ("c1", "c2")}
+    for c, who in kids.items():
+        assert who.hostname == c
+        assert who.reseeds >= 1, f"{c}: no '{RESEED}' in its kernel log"
+        rec = env.store().get_vm(c)
+        assert rec.spec.net is not None and who.mac == rec.spec.net.mac
+    for attr in ("hostname", "machine_id", "mac", "vmgenid"):
+        values = [getattr(before, attr)] + [getattr(k, attr) for k in kids.values()]
+        assert len(set(values)) == 3, f"{attr}: {values}"
+
+
+def test_children_start_from_the_parents_instant_then_count_on_their_own(
+        family: Family) -> None:
+    env, s = family.env, family.env.store()
+    chains = {n: backing_chain(s.get_vm(n).spec.disks[0].path) for n in ("p", "c1", "c2")}
+    # Each VM writes to an overlay of its own over one frozen layer: the
+    # parent's disk at the fork.
+    tops = [chains[n][0]["filename"] for n in chains]
+    assert len(set(tops)) == 3, tops
+    frozen = {chains[n][0].get("full-backing-filename") for n in chains}
+    assert len(frozen) == 1 and None not in frozen, chains
+    (layer,) = frozen
+    fork_number = disk_number(str(layer), env.home)
+    # The parent had reached it: after the request and before the return
+    # (its /tmp/seq follows its disk by at most one turn).
+    assert family.seq_before <= fork_number <= family.seq_after + 1
+    # Every loop goes on from there.
+    now = {n: wait_seq_beyond(env, n, fork_number) for n in ("p", "c1", "c2")}
+    # The first child stops counting; the others go on without it.
+    c1_last, c1_ram, c1_disk = stop_loop(env, "c1")
+    assert c1_last == c1_ram == c1_disk >= now["c1"]
+    wait_seq_beyond(env, "p", max(now["p"], c1_last))
+    wait_seq_beyond(env, "c2", max(now["c2"], c1_last))
+    assert seq(env, "c1") == c1_last
+    for n in ("p", "c2"):
+        last, ram, disk = stop_loop(env, n)
+        assert last == ram == disk > fork_number, n
+    # At no turn, in any VM, did the disk hold another number than RAM:
+    # RAM and disk of each child come from one instant.
+    for n in ("p", "c1", "c2"):
+        assert env.exec(n, "cat /tmp/mismatch 2>/dev/null || true") == "", n
+    # Files written now stay in their VM.
+    for n in ("p", "c1", "c2"):
+        env.exec(n, f"echo {n} > /root/mark-{n}")
+    for n in ("p", "c1", "c2"):
+        assert env.exec(n, "ls /root | grep mark-").split() == [f"mark-{n}"]
+
+
+def test_children_removed_first_then_the_parent_frees_everything(family: Family) -> None:
+    env = family.env
+    stop(env, "c1", "c2")
+    assert md5_intact(env, "p")
+    assert not orphans(env)
+    stop(env, "p")
+    assert_home_empty(env)
+
+
+# -- any VM, any number of times -----------------------------------------------------------
+def test_five_forks_in_a_row_then_the_parent_removed_first(env: Env) -> None:
+    boot(env, "p")
+    env.exec("p", DATA)
+    children = [f"c{k}" for k in range(1, 6)]
+    for k, child in enumerate(children, 1):
+        env.exec("p", f"echo {k} > /root/m{k}")
+        report = do_fork(env, "p", [child])
+        assert [c.name for c in report.children] == [child]
+    assert identity(env, "p").reseeds == 0
+    for k, child in enumerate(children, 1):
+        # The parent's data as of this child's fork, nothing written later.
+        assert env.exec(child, "cat /root/m*").split() == [str(i) for i in range(1, k + 1)]
+        assert md5_intact(env, child)
+    assert not orphans(env)
+    stop(env, "p")
+    for child in children:
+        assert md5_intact(env, child), child
+    assert not orphans(env)
+    stop(env, *children)
+    assert_home_empty(env)
+
+
+def test_fork_tree_of_depth_3_removed_from_the_middle(env: Env) -> None:
+    boot(env, "p")
+    env.exec("p", DATA)
+    line = ["p", "c", "g", "gg"]
+    for level, (parent, child) in enumerate(itertools.pairwise(line)):
+        env.exec(parent, f"echo {level} > /root/level{level}")
+        do_fork(env, parent, [child])
+        env.exec(parent, f"echo after > /root/after-{parent}")
+    for depth, name in enumerate(line):
+        # Each VM holds its ancestors' levels and its own, nothing of its
+        # descendants, nothing its parent wrote after the fork.
+        levels = env.exec(name, "cat /root/level* 2>/dev/null || true").split()
+        assert levels == [str(i) for i in range(min(depth + 1, 3))], name
+        after = env.exec(name, "ls /root | grep after- || true").split()
+        assert after == ([f"after-{name}"] if name != "gg" else []), name
+        assert md5_intact(env, name)
+    ids = [identity(env, n) for n in line]
+    assert [i.hostname for i in ids[1:]] == line[1:]
+    assert len({i.machine_id for i in ids}) == 4 and len({i.vmgenid for i in ids}) == 4
+    assert ids[0].reseeds == 0 and all(i.reseeds >= 1 for i in ids[1:])
+    # A middle VM first, then the root, then the leaves.
+    for gone, left in (("c", ["p", "g", "gg"]), ("p", ["g", "gg"]), ("gg", ["g"])):
+        stop(env, gone)
+        for n in left:
+            assert md5_intact(env, n), f"{n} after {gone} was removed"
+        assert not orphans(env)
+    stop(env, "g")
+    assert_home_empty(env)
+
+
+def test_fork_of_a_clone_then_its_template_removed_with_force(env: Env) -> None:
+    run(create.create_demo(env.store(), "t", memory_mib=256, prepare=DATA, accel="tcg"))
+    run(clone.clone(env.store(), "t", names=["q"]))
+    env.exec("q", "echo mine > /root/q-only")
+    do_fork(env, "q", ["f1", "f2"])
+    for n in ("q", "f1", "f2"):
+        assert md5_intact(env, n)
+        assert env.exec(n, "cat /root/q-only").strip() == "mine"
+    assert identity(env, "q").hostname == "q"
+    assert {identity(env, n).hostname for n in ("f1", "f2")} == {"f1", "f2"}
+    p = env.cli("template", "rm", "t", "--force")
+    assert p.returncode == 0, p.stderr
+    assert not env.store().has_template("t")
+    assert not env.store().has_vm("q")  # a clone of t
+    left = [r.name for r in env.store().list_vms()]
+    for n in left:
+        assert md5_intact(env, n), n
+    assert not orphans(env)
+    stop(env, *left)
+    assert_home_empty(env)
+
+
+# -- failure half-way ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Snapshot:
+    """What a failed fork must leave as it was."""
+
+    vms: list[str]
+    templates: list[str]
+    memory_files: list[str]
+    md5: str
+    who: Identity
+
+
+def snapshot(env: Env, name: str, memory_dir: Path) -> Snapshot:
+    s = env.store()
+    return Snapshot(sorted(r.name for r in s.list_vms()), s.template_names(),
+                    sorted(x.name for x in memory_dir.iterdir()),
+                    env.exec(name, "md5sum /root/data"), identity(env, name))
+
+
+def assert_unchanged(env: Env, name: str, memory_dir: Path, before: Snapshot) -> None:
+    """*name* runs with the data and identity of *before*, no VM came or
+    went, and the only new template and memory file are a base that *name*
+    itself now runs on (if its fork failed after it moved there)."""
+    s = env.store()
+    assert s.get_vm(name).state == "running"
+    assert env.exec(name, "md5sum /root/data") == before.md5
+    assert identity(env, name) == before.who
+    assert sorted(r.name for r in s.list_vms()) == before.vms
+    new_templates = set(s.template_names()) - set(before.templates)
+    assert new_templates <= {s.get_vm(name).template}, new_templates
+    new_files = {x.name for x in memory_dir.iterdir()} - set(before.memory_files)
+    assert new_files <= {Path(s.get_template(t).memory_file).name for t in new_templates}, \
+        new_files
+    assert not orphans(env), orphans(env)
+
+
+class ChildKiller:
+    """Kills (SIGKILL) the first QEMU of the home that is not *parent*'s
+    (a child's, whatever its name) as soon as it appears."""
+
+    def __init__(self, home: Path, parent: str) -> None:
+        self.home, self.parent = str(home), parent
+        self.killed: list[str] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> ChildKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+    def _name(self, p: psutil.Process) -> str:
+        argv = p.info["cmdline"] or []
+        for flag, value in itertools.pairwise(argv):
+            if flag == "-name":
+                return str(value).split(",")[0]
+        return ""
+
+    def _watch(self) -> None:
+        while not self._done.is_set() and not self.killed:
+            for p in qemu_processes(self.home):
+                name = self._name(p)
+                if name and name != self.parent:
+                    try:
+                        p.send_signal(signal.SIGKILL)
+                    except psutil.Error:
+                        continue
+                    self.killed.append(name)
+                    return
+            time.sleep(0.01)
+
+
+def patch_fork_checkpoints(act: Any) -> pytest.MonkeyPatch:
+    """Make every module of :mod:`vmfork.fork` call *act* (a coroutine
+    function of the step's name) at its checkpoints; undo() restores them."""
+    import vmfork.fork as package
+
+    patched = pytest.MonkeyPatch()
+    for info in pkgutil.iter_modules(package.__path__, "vmfork.fork."):
+        module = importlib.import_module(info.name)
+        if hasattr(module, "checkpoint"):
+            patched.setattr(module, "checkpoint", act)
+    return patched
+
+
+def test_child_qemu_killed_during_the_fork_leaves_the_parent_as_it_was(env: Env) -> None:
+    boot(env, "p")
+    env.exec("p", DATA)
+    before = snapshot(env, "p", env.memory_dir)
+    with ChildKiller(env.home, "p") as killer, pytest.raises(VmforkError) as failed:
+        do_fork(env, "p", ["k1", "k2"])
+    assert killer.killed, "no child QEMU was seen"
+    assert "\n" not in str(failed.value)
+    assert_unchanged(env, "p", env.memory_dir, before)
+    # The parent forks again, and everything goes with it.
+    do_fork(env, "p", ["k1"])
+    assert md5_intact(env, "k1")
+    stop(env, "p", "k1")
+    assert_home_empty(env)
+
+
+@pytest.mark.skipif(not any(s.startswith("fork.") for s in fork_checkpoints()),
+                    reason="vmfork.fork has no fork.* checkpoints yet")
+def test_child_qemu_killed_at_each_checkpoint_leaves_the_parent_as_it_was(
+        env: Env) -> None:
+    """At each ``fork.*`` step where a child's QEMU runs, kill it there."""
+    boot(env, "p")
+    env.exec("p", DATA)
+    tried = []
+    for step in fork_checkpoints():
+        before = snapshot(env, "p", env.memory_dir)
+        pids_before = {q.pid for q in qemu_processes(str(env.home))}
+        hit: list[str] = []
+
+        async def kill_child_at(name: str, step: str = step, hit: list[str] = hit,
+                                pids: set[int] = pids_before) -> None:
+            if name == step:
+                for q in qemu_processes(str(env.home)):
+                    argv = q.info["cmdline"] or []
+                    if q.pid not in pids and "p,debug-threads=on" not in argv:
+                        q.send_signal(signal.SIGKILL)
+                        hit.append(name)
+                        break
+
+        patched = patch_fork_checkpoints(kill_child_at)
+        try:
+            do_fork(env, "p", ["k1"])
+        except VmforkError as exc:
+            assert hit, f"{step}: the fork failed before a child's QEMU ran: {exc}"
+            assert "\n" not in str(exc)
+            assert_unchanged(env, "p", env.memory_dir, before)
+            tried.append(step)
+        else:
+            # Nothing to kill at this step, or the fork survived the loss: it
+            # must have a running child then.
+            assert not hit or md5_intact(env, "k1"), step
+            if env.store().has_vm("k1"):
+                stop(env, "k1")
+        finally:
+            patched.undo()
+        assert not orphans(env), (step, orphans(env))
+    assert tried, f"no fork.* step had a child's QEMU to kill: {fork_checkpoints()}"
+    stop(env, "p")
+    assert_home_empty(env)
+
+
+def test_memory_dir_full_fails_the_fork_and_leaves_the_parent_as_it_was(env: Env) -> None:
+    """The parent was forked once (it now runs on a frozen base): its next
+    fork needs a copy of that base in the memory directory, which is full."""
+    with mounted("tmpfs", 320) as small:
+        try:
+            boot(env, "p", memory_mib=128, memory_dir=small)
+            env.exec("p", DATA)
+            do_fork(env, "p", ["c1"])
+            env.exec("p", "echo later > /root/later")
+            filler = fill(small, 1)
+            before = snapshot(env, "p", small)
+            with pytest.raises(VmforkError) as failed:
+                do_fork(env, "p", ["c2"])
+            assert "\n" not in str(failed.value)
+            assert_unchanged(env, "p", small, before)
+            assert env.exec("p", "cat /root/later").strip() == "later"
+            assert md5_intact(env, "c1")
+            # With room again the same fork works.
+            filler.unlink()
+            do_fork(env, "p", ["c2"])
+            assert env.exec("c2", "cat /root/later").strip() == "later"
+        finally:
+            for r in env.store().list_vms():
+                run(vm.stop(env.store(), r.name, force=True))
+        assert sorted(x.name for x in small.iterdir()) == []
+    assert_home_empty(env)
+
+
+# -- vmfork killed during a fork ----------------------------------------------------------------
+FORK_SCRIPT = ("import asyncio, logging, sys\n"
+               "logging.basicConfig(level=logging.WARNING)\n"
+               "from vmfork.fork import fork\n"
+               "from vmfork.store import Store\n"
+               "asyncio.run(fork(Store(), sys.argv[1], names=sys.argv[2:]))\n")
+
+
+@pytest.fixture(scope="module")
+def killed_parent(session_images: Path) -> Iterator[Env]:
+    """A parent 'p' with data, shared by the kill tests of this module."""
+    with module_env("vfkk", session_images) as env:
+        boot(env, "p")
+        env.exec("p", DATA)
+        yield env
+
+
+@pytest.mark.parametrize("step", fork_checkpoints() or ["fork.none"])
+def test_vmfork_killed_at_a_checkpoint_then_the_next_command_settles(
+        killed_parent: Env, step: str) -> None:
+    if step == "fork.none":
+        pytest.skip("vmfork.fork has no fork.* checkpoints yet")
+    env = killed_parent
+    before = identity(env, "p")
+    md5 = env.exec("p", "md5sum /root/data")
+    log = env.home / f"kill-{step}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", FORK_SCRIPT, "p", "k1"],
+                                env={**env.environ, STALL_ENV: step},
+                                stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        deadline = time.monotonic() + 120
+        while f"stalling at {step}".encode() not in log.read_bytes():
+            assert proc.poll() is None, f"the fork ended ({proc.returncode}) before {step}: " \
+                                        f"{log.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, f"{step} was not reached"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    p = env.cli("ls", "--json", timeout=120)
+    assert p.returncode == 0, p.stderr
+    s = env.store()
+    assert s.get_vm("p").state == "running"
+    assert env.exec("p", "md5sum /root/data") == md5
+    assert identity(env, "p") == before
+    if s.has_vm("k1"):  # the fork was finished
+        assert s.get_vm("k1").state == "running"
+        assert env.exec("k1", "md5sum /root/data") == md5
+        assert identity(env, "k1").hostname == "k1"
+        stop(env, "k1")
+    assert sorted(r.name for r in s.list_vms()) == ["p"]
+    assert not orphans(env), orphans(env)
