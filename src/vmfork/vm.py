@@ -398,6 +398,10 @@ async def stop(store: Store, name: str, force: bool = False,
     check_name(name)
     async with store.lock_async(name):
         rec = store.get_vm(name)
+        if rec.info.fork is not None:  # finish or undo it: its files are the VM's
+            from vmfork.fork import recovery  # fork builds on vm
+
+            rec = await recovery.settle_held(store, rec, timeouts)
         if rec.pid and process_alive(rec.pid, rec.pid_start):
             m = machine_for(store, rec, timeouts)
             if not force:
@@ -408,6 +412,10 @@ async def stop(store: Store, name: str, force: bool = False,
         remove_vm_files(store, rec)
         store.remove_vm(name)
     log.info("%s: removed", name)
+    if rec.template and rec.template.startswith("_fork."):
+        from vmfork.fork.base import collect  # fork builds on vm
+
+        await collect(store, timeouts)
 
 
 async def _end_update_leftovers(store: Store, rec: VMRecord, timeouts: Timeouts) -> None:

@@ -456,7 +456,11 @@ async def settle_held(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> 
     state, work = found[0], found[1]
     if work.pid != os.getpid() and process_alive(work.pid, work.pid_start):
         return False
-    if state == TEMPLATE_CREATING:
+    if state == TEMPLATE_CREATING and work.op == "fork":
+        from vmfork.fork.recovery import settle_reservation  # fork builds on templates
+
+        await settle_reservation(store, work, timeouts)
+    elif state == TEMPLATE_CREATING:
         await resolve(store, work, timeouts)
     else:
         await catalog.finish_removal(store, work, timeouts)
