@@ -43,9 +43,9 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
+import vmfork.fork.pages as pages
 from vmfork import checkpoints
 from vmfork.errors import SetupError, StateError, VmforkError
-from vmfork.fork import pages
 from vmfork.fork.base import STATE_FILE, manifest_for
 from vmfork.fork.stream import save_devices
 from vmfork.launch import qemu_log

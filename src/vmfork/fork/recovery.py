@@ -14,7 +14,8 @@ doing it dies, :func:`settle_held` decides from the facts:
 Commands that act on a VM settle it first (with an interrupted update:
 :func:`vmfork.update.recovery.settle_held` calls this); a base reservation
 found without its fork (the vmfork died before recording it in the parent)
-is dropped with its directory (:func:`settle_reservation`).
+is dropped with its directory by the template's settling
+(:mod:`vmfork.templates.recovery`).
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
+from vmfork.errors import StateError, VmforkError
 from vmfork.files import sha256_file
 from vmfork.fork.base import STATE_FILE
 from vmfork.fork.rebase import commit, undo
 from vmfork.launch import qemu_log
+from vmfork.names import check_name
 from vmfork.proc import process_alive
 from vmfork.qemu.machine import Machine
-from vmfork.records import TemplateWork, VMRecord
+from vmfork.records import VMRecord
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.update import forwards
@@ -83,23 +85,35 @@ async def settle_held(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT)
     return store.get_vm(rec.name)
 
 
-async def settle_reservation(store: Store, work: TemplateWork,
-                             timeouts: Timeouts = DEFAULT) -> None:
-    """Settle the base reservation *work* of a fork whose vmfork died: through
-    its parent if the parent records the fork, else drop it with its
-    directory. The caller holds the base's template lock."""
-    parent = work.source_vm
-    if parent and store.has_vm(parent):
-        async with store.lock_async(parent):
-            rec = store.get_vm(parent)
-            if rec.info.fork is not None and rec.info.fork.base == work.name:
-                await settle_held(store, rec, timeouts)
-                return
-    found = store.template_work(work.name)
-    if found is not None and found[0] == "creating":
-        if work.directory:
-            shutil.rmtree(work.directory, ignore_errors=True)
-        store.drop_reservation(work.name)
+async def settle(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> VMRecord:
+    """:func:`settle_held` for a caller that does not hold VM *name*'s lock:
+    cheap when there is no fork to settle (one catalog read, no lock)."""
+    rec = store.get_vm(check_name(name))
+    if rec.info.fork is None:
+        return rec
+    async with store.lock_async(name):
+        return await settle_held(store, store.get_vm(name), timeouts)
 
 
-__all__ = ["settle_held", "settle_reservation"]
+async def settle_all(store: Store, timeouts: Timeouts = DEFAULT) -> list[str]:
+    """Settle every interrupted fork that no vmfork command is working on;
+    return the parents' names."""
+    done = []
+    for rec in store.list_vms():
+        if rec.info.fork is None:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(store.lock(rec.name, wait=False))
+            except StateError:
+                continue  # a command holds the VM's lock: it is not interrupted
+            try:
+                await settle_held(store, store.get_vm(rec.name), timeouts)
+            except VmforkError as exc:
+                log.warning("%s: an interrupted fork could not be settled: %s", rec.name, exc)
+                continue
+            done.append(rec.name)
+    return done
+
+
+__all__ = ["settle", "settle_all", "settle_held"]

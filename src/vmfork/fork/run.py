@@ -22,9 +22,9 @@ import secrets
 import time
 from pathlib import Path
 
+import vmfork.fork.recovery as recovery
 from vmfork import vm
 from vmfork.errors import AlreadyExists, InvalidInput, StateError
-from vmfork.fork import recovery
 from vmfork.fork.base import collect, new_name
 from vmfork.fork.rebase import Rebase, undo
 from vmfork.launch import attach, undo_all_abandoned

@@ -58,7 +58,7 @@ log = logging.getLogger("vmfork.update")
 
 def pending(rec: VMRecord) -> bool:
     """True if *rec* has an interrupted update (or its old QEMU) to settle."""
-    return rec.state == "updating" or rec.info.retire is not None or rec.info.fork is not None
+    return rec.state == "updating" or rec.info.retire is not None
 
 
 async def settle(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> VMRecord:
@@ -81,11 +81,7 @@ async def settle(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> VMRec
 
 async def settle_held(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT) -> VMRecord:
     """:func:`settle` for a caller that holds the VM's lock and has read *rec*
-    under it. An interrupted fork is settled too (:mod:`vmfork.fork.recovery`)."""
-    if rec.info.fork is not None:
-        from vmfork.fork import recovery as fork_recovery  # fork builds on update
-
-        rec = await fork_recovery.settle_held(store, rec, timeouts)
+    under it."""
     rec = retire_old(store, rec)
     intent = rec.info.update
     if rec.state != "updating" or intent is None:
