@@ -45,10 +45,11 @@ from typing import Any
 
 import pytest
 
+import vmfork
 from vmfork import vm
 from vmfork.checkpoints import STALL_ENV
 from vmfork.errors import VmforkError
-from vmfork.fork import fork
+from vmfork.fork.run import fork
 from vmfork.images.demo import demo_image
 from vmfork.results import ForkReport
 from vmfork.store import Store
@@ -240,9 +241,15 @@ def assert_home_empty(env: Env) -> None:
     assert sorted(str(x) for x in env.home.rglob("*.sock")) == []
 
 
-def stop(env: Env, *names: str) -> None:
-    for n in names:
-        run(vm.stop(env.store(), n))
+def stop(env: Env, *names: str, force: bool = False) -> None:
+    """Stop VMs as a user does (the public API: a fork base goes with its
+    last VM)."""
+    async def go() -> None:
+        async with vmfork.open_async(env.home, env.memory_dir) as host:
+            for n in names:
+                await (await host.vm(n)).stop(force=force)
+
+    run(go())
 
 
 # -- one instant: the module's family (a parent and two children) ------------------------
@@ -511,8 +518,7 @@ def test_memory_dir_full_fails_the_fork_and_leaves_the_parent_as_it_was(env: Env
             do_fork(env, "p", ["c2"])
             assert env.exec("c2", "cat /root/later").strip() == "later"
         finally:
-            for r in env.store().list_vms():
-                run(vm.stop(env.store(), r.name, force=True))
+            stop(env, *(r.name for r in env.store().list_vms()), force=True)
         assert sorted(x.name for x in small.iterdir()) == []
     assert_home_empty(env)
 
@@ -520,7 +526,7 @@ def test_memory_dir_full_fails_the_fork_and_leaves_the_parent_as_it_was(env: Env
 # -- killed half-way: a QEMU the fork started, or vmfork itself (one parent for all) -----
 FORK_SCRIPT = ("import asyncio, logging, sys\n"
                "logging.basicConfig(level=logging.WARNING)\n"
-               "from vmfork.fork import fork\n"
+               "from vmfork.fork.run import fork\n"
                "from vmfork.store import Store\n"
                "asyncio.run(fork(Store(), sys.argv[1], names=sys.argv[2:]))\n")
 
