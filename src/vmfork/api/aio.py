@@ -73,7 +73,7 @@ def fork_children(count: int | None = None,
         return n, None
     if len(names) != n:
         raise InvalidInput(f"{len(names)} name{'' if len(names) == 1 else 's'} for {n} "
-                           "children: give one name per child")
+                           f"{'child' if n == 1 else 'children'}: give one name per child")
     for name in names:
         check_name(name)
     repeated = sorted({x for x in names if names.count(x) > 1})
