@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import vmfork
@@ -226,6 +227,27 @@ def orphans(env: Env) -> list[str]:
     run_dirs = {s.run_dir(r.name) for r in vms}
     found += [f"socket {x}" for x in env.home.rglob("*.sock") if x.parent not in run_dirs]
     return found
+
+
+def holders(directory: Path, wait: float = 10) -> list[str]:
+    """The processes that still map or hold open a file under *directory*
+    after *wait* seconds (a QEMU that outlived its VM keeps a memory file
+    busy, and its file system cannot be unmounted)."""
+    deadline = time.monotonic() + wait
+    prefix = f"{directory}/"
+    while True:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                paths = [m.path for m in proc.memory_maps()]
+                paths += [f.path for f in proc.open_files()]
+            except psutil.Error:
+                continue
+            if any(p.startswith(prefix) for p in paths):
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:200]}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def assert_home_empty(env: Env) -> None:
@@ -519,6 +541,7 @@ def test_memory_dir_full_fails_the_fork_and_leaves_the_parent_as_it_was(env: Env
             assert env.exec("c2", "cat /root/later").strip() == "later"
         finally:
             stop(env, *(r.name for r in env.store().list_vms()), force=True)
+        assert holders(small) == []
         assert sorted(x.name for x in small.iterdir()) == []
     assert_home_empty(env)
 
@@ -631,6 +654,21 @@ def test_vmfork_killed_at_a_step_then_the_next_command_settles(
         assert env.cli("stop", "k1", timeout=120).returncode == 0
     assert sorted(r.name for r in s.list_vms()) == ["p"]
     assert sorted(set(orphans(env)) - set(orphans_before)) == []
+
+
+def test_fork_whose_hook_fails_leaves_the_parent_as_it_was(killed_parent: Env) -> None:
+    """A child's on-clone hook fails: the fork fails and removes its
+    children. The parent was forked before, so it now runs on a new base
+    and the base it left must go too."""
+    env = killed_parent
+    do_fork(env, "p", ["k1"])  # the parent runs on a base of its own
+    stop(env, "k1")
+    before = snapshot(env, "p", env.memory_dir)
+    with pytest.raises(VmforkError) as failed:
+        run(fork(env.store(), "p", names=["k1", "k2"], on_clone="exit 3"))
+    assert "\n" not in str(failed.value) and "status 3" in str(failed.value)
+    assert_unchanged(env, "p", env.memory_dir, before, "hook failed")
+    assert not orphans(env), orphans(env)
 
 
 def test_after_the_kills_the_parent_forks_and_everything_is_freed(killed_parent: Env) -> None:
