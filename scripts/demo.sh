@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The vmfork story, end to end on real QEMU: boot, template, clones, warm
-# pool, live update, save/restore. Run by `make demo`; idempotent.
+# pool, live update, save/restore, live fork, the Python API, the daemon.
+# Run by `make demo`; idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=".venv/bin/vmfork"
@@ -11,7 +12,7 @@ field() { .venv/bin/python -c "import json,sys; d=json.load(sys.stdin); print($1
 
 cleanup() {
   if [ -n "${daemon:-}" ]; then kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; fi
-  for vm in demo-vm _build.demo-tpl demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved demo-py demo-api; do
+  for vm in demo-vm _build.demo-tpl demo-tpl-1 demo-tpl-2 demo-tpl-3 demo-pooled demo-warm demo-saved demo-py demo-api demo-fork-a demo-fork-b; do
     "$V" stop "$vm" --force >/dev/null 2>&1 || true
   done
   "$V" template rm demo-tpl --force >/dev/null 2>&1 || true
@@ -74,7 +75,17 @@ if "$V" save --help >/dev/null 2>&1; then
   run exec demo-saved -- cat /root/note
 fi
 
-say "8. The same through the Python API"
+say "8. Live fork: branch a running VM; it keeps running"
+run exec demo-tpl-2 -- '(i=0; while true; do i=$((i+1)); echo $i 1<> /run/counter; done) >/dev/null 2>&1 &'
+sleep 1
+json fork demo-tpl-2 demo-fork-a demo-fork-b | field '"demo-tpl-2 paused %.1f ms; children running %s ms after the request; %d KiB of RAM written" % (d["parent_pause_ms"], " / ".join("%.0f" % c["running_ms"] for c in d["children"]), d["ram_bytes_written"] // 1024)'
+for c in demo-tpl-2 demo-fork-a demo-fork-b; do
+  echo "$c: counter $("$V" exec "$c" -- cat /run/counter), hostname $("$V" exec "$c" -- hostname)"
+done
+sleep 1
+echo "a second later: demo-tpl-2 $("$V" exec demo-tpl-2 -- cat /run/counter), demo-fork-a $("$V" exec demo-fork-a -- cat /run/counter) (each counts on its own)"
+
+say "9. The same through the Python API"
 .venv/bin/python - <<'PY'
 import vmfork
 
@@ -87,7 +98,7 @@ with vmfork.open() as host:
     print("VMs:", ", ".join(f"{s.name} ({s.state})" for s in host.ls()))
 PY
 
-say "9. The same over the REST API of the daemon (vmforkd)"
+say "10. The same over the REST API of the daemon (vmforkd)"
 sock="${VMFORK_HOME:-$HOME/.local/share/vmfork}/vmforkd.sock"
 "$V" serve & daemon=$!
 for _ in $(seq 100); do curl -sf --unix-socket "$sock" http://vmforkd/v1/health >/dev/null && break; sleep 0.1; done
