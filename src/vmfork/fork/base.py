@@ -9,9 +9,12 @@ copy-on-write, from its new QEMU. So the frozen state is a template
 ``x-ignore-shared``), and the parent and the children are its clones.
 
 A fork base is vmfork's, not the user's: it is removed as soon as no VM,
-pool member or other template depends on it (:func:`collect`, called after
-a VM is stopped), and removing the template a forked VM came from removes
-the fork bases made from it with their VMs (``template rm --force``).
+pool member or other template depends on it (:func:`collect`, called after a
+VM is stopped through the API, after a fork, and by the daemon's reconcile
+loop). Its memory file is its own; it depends on the template the forked VM
+came from only through disk layers (the manifest's ``parent``), so removing
+that template with ``template rm --force`` removes such fork bases with
+their VMs, while a memory-only fork outlives it.
 """
 
 from __future__ import annotations

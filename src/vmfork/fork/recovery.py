@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from vmfork.errors import StateError, VmforkError
-from vmfork.fork.base import STATE_FILE
+from vmfork.fork.base import STATE_FILE, collect
 from vmfork.fork.rebase import commit, undo
 from vmfork.launch import qemu_log
 from vmfork.names import check_name
@@ -73,6 +73,7 @@ async def settle_held(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT)
                 log.warning("%s: %s", rec.name, w)
             log.warning("%s: an interrupted fork was completed: the guest runs on its base "
                         "%s (pid %d)", rec.name, work.base, new.pid)
+            await collect(store, timeouts)  # the base the parent left
         else:
             await undo(store, rec, work, old, new, timeouts)
             log.warning("%s: an interrupted fork was undone", rec.name)

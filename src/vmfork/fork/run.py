@@ -100,8 +100,13 @@ async def fork(store: Store, name: str, names: list[str] | None = None,
             await old.disconnect()
     log.info("%s: forked into %s (pause %.1f ms)", name, rebase.work.base, rebase.pause_ms())
     t_children = time.monotonic()
-    results = await clones.clone(store, rebase.work.base, names=kids, use_pool=False,
-                                 on_clone=on_clone or "", timeouts=timeouts)
+    try:
+        results = await clones.clone(store, rebase.work.base, names=kids, use_pool=False,
+                                     on_clone=on_clone or "", timeouts=timeouts)
+    except BaseException:
+        # The parent left its earlier base (a private copy of its memory).
+        await run_to_end(collect(store, timeouts))
+        raise
     base_ms = (t_children - t0) * 1000
     children = tuple(ForkChild(name=r.name, pid=r.pid, running_ms=base_ms + r.running * 1000,
                                responsive_ms=base_ms + r.responsive * 1000,

@@ -224,6 +224,9 @@ class SerialAgent:
             except ValueError as exc:  # over the reader's limit, MAX_LINE
                 raise TooMuchOutput(self.name, "a line from the guest agent",
                                     MAX_LINE) from exc
+            except OSError as exc:  # QEMU ended (the console socket was reset)
+                raise GuestError(f"{self.name}: the connection to the guest agent was "
+                                 f"lost ({exc.strerror or type(exc).__name__})") from exc
             if not line:
                 raise GuestError(f"{self.name}: the guest agent closed the connection")
             answer = parser.feed(line)
