@@ -713,12 +713,14 @@ def test_unversioned_manifest_still_loads(tmp_path: Path) -> None:
     assert m.spec.machine == m.machine == "pc-q35-10.0" and m.spec.qga
     assert m.save.migration.seconds == 0.0113 and m.save.freeze_seconds == 0.0421
     assert tm.template_mac(m) == "52:54:00:12:34:56"
-    # Every key keeps its value (template inspect / create --json); three
+    # Every key keeps its value (template inspect / create --json); five
     # are added, and the spec gets its readiness (the default).
     d = m.to_dict()
     assert d["spec"].pop("ready") == "auto"
     assert {k: d[k] for k in UNVERSIONED_MANIFEST} == UNVERSIONED_MANIFEST
-    assert set(d) - set(UNVERSIONED_MANIFEST) == {"version", "imported_from", "agent"}
+    assert set(d) - set(UNVERSIONED_MANIFEST) == {"version", "imported_from", "agent",
+                                                  "fork_of", "ignore_shared"}
+    assert (d["fork_of"], d["ignore_shared"]) == (None, True)
 
 
 def test_first_release_manifest_loads_with_defaults() -> None:

@@ -139,6 +139,52 @@ class Launcher:
         return cls(pid=int(d["pid"]), start=d.get("start"))
 
 
+@dataclass(frozen=True)
+class ForkWork:
+    """A fork in flight, recorded in the parent's :class:`VMInfo` before its
+    first step, so that the next command can finish or undo it when the
+    vmfork doing it died (:mod:`vmfork.fork.recovery`)."""
+
+    #: The fork base (an internal template, reserved ``creating``) and its directory.
+    base: str
+    directory: str
+    #: The vmfork process doing the fork.
+    pid: int
+    pid_start: float | None
+    #: The generation and spec of the parent's new QEMU.
+    gen: int
+    spec: VMSpec
+    was_running: bool
+    #: The parent's memory file renamed to the base's (shared memory), or
+    #: None: the base's file is a copy (private memory).
+    memory_from: str | None
+    memory_to: str
+    #: Disk overlays moved into the base: (the parent's path, the base's path).
+    disks: tuple[tuple[str, str], ...] = ()
+    #: The parent's template before the fork.
+    template: str | None = None
+    qemu_version: str = ""
+    machine: str = ""
+    #: Set before the guest is paused.
+    paused: bool = False
+    #: The new QEMU (pid, start time), recorded when it is spawned.
+    new_pid: int | None = None
+    new_start: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["spec"] = self.spec.to_json()
+        d["disks"] = [list(x) for x in self.disks]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ForkWork:
+        known = _known(cls, d)
+        known["spec"] = VMSpec.from_json(d["spec"])
+        known["disks"] = tuple((str(a), str(b)) for a, b in d.get("disks") or ())
+        return cls(**known)
+
+
 @dataclass
 class VMInfo:
     """Facts about a VM beyond its spec and state."""
@@ -169,6 +215,8 @@ class VMInfo:
     #: Set while the launch that creates the VM is in flight (run, clone,
     #: import), cleared when it commits.
     launcher: Launcher | None = None
+    #: Set while a fork of the VM is in flight.
+    fork: ForkWork | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"owns_memory": self.owns_memory, "gen": self.gen,
@@ -177,7 +225,7 @@ class VMInfo:
                   "guest_os"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
-        for k in ("update", "retire", "saved", "launcher"):
+        for k in ("update", "retire", "saved", "launcher", "fork"):
             v = getattr(self, k)
             if v is not None:
                 d[k] = v.to_dict()
@@ -186,7 +234,7 @@ class VMInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VMInfo:
         info = cls(**{k: v for k, v in _known(cls, d).items()
-                      if k not in ("update", "retire", "saved", "launcher")})
+                      if k not in ("update", "retire", "saved", "launcher", "fork")})
         if isinstance(d.get("update"), dict):
             info.update = UpdateIntent.from_dict(d["update"])
         if isinstance(d.get("retire"), dict):
@@ -195,6 +243,8 @@ class VMInfo:
             info.saved = SavedState.from_dict(d["saved"])
         if isinstance(d.get("launcher"), dict):
             info.launcher = Launcher.from_dict(d["launcher"])
+        if isinstance(d.get("fork"), dict):
+            info.fork = ForkWork.from_dict(d["fork"])
         return info
 
 
@@ -323,6 +373,12 @@ class TemplateManifest(Result):
     #: The guest agent its guest answered with (``qga``, ``serial``, ``none``;
     #: None: not known), which its clones start out knowing.
     agent: str | None = None
+    #: A fork base (:mod:`vmfork.fork`): the VM whose fork froze it. It is
+    #: vmfork's own and is removed with its last VM.
+    fork_of: str | None = None
+    #: The device state is an ``x-ignore-shared`` migration stream (loaded
+    #: with that capability); False: device state alone, loaded without it.
+    ignore_shared: bool = True
 
     @property
     def memory_path(self) -> Path:
@@ -363,7 +419,8 @@ class TemplateManifest(Result):
                 disks=tuple(TemplateDisk.from_dict(x) for x in d.get("disks") or ()),
                 frozen=bool(d.get("frozen", False)), on_clone=d.get("on_clone"),
                 imported_from=d.get("imported_from"),
-                agent=d.get("agent") if d.get("agent") in ("qga", "serial", "none") else None)
+                agent=d.get("agent") if d.get("agent") in ("qga", "serial", "none") else None,
+                fork_of=d.get("fork_of"), ignore_shared=bool(d.get("ignore_shared", True)))
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise TemplateError(f"template {name}: its manifest is unreadable "
                                 f"({type(exc).__name__}: {exc})") from exc

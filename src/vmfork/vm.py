@@ -405,6 +405,7 @@ async def stop(store: Store, name: str, force: bool = False,
                     await m.connect()
             await m.shutdown(force=force)
         await _end_update_leftovers(store, rec, timeouts)
+        await _end_fork_leftovers(store, rec, timeouts)
         remove_vm_files(store, rec)
         store.remove_vm(name)
     log.info("%s: removed", name)
@@ -428,6 +429,21 @@ async def _end_update_leftovers(store: Store, rec: VMRecord, timeouts: Timeouts)
     if retired is not None and stale and retired.pid != rec.pid:
         await Machine(rec.spec, store.run_paths(rec.name, retired.gen),
                       qemu_log(store, rec.name), retired.pid, timeouts=timeouts).kill()
+
+
+async def _end_fork_leftovers(store: Store, rec: VMRecord, timeouts: Timeouts) -> None:
+    """Kill the new QEMU of an unsettled fork of the VM and remove the fork's
+    base reservation and files (:class:`vmfork.records.ForkWork`): the VM is
+    being removed, the fork with it."""
+    work = rec.info.fork
+    if work is None:
+        return
+    if work.new_pid and work.new_pid != rec.pid and process_alive(work.new_pid, work.new_start):
+        await Machine(work.spec, store.run_paths(rec.name, work.gen), qemu_log(store, rec.name),
+                      work.new_pid, timeouts=timeouts).kill()
+    unlink_quietly(work.memory_to)
+    shutil.rmtree(work.directory, ignore_errors=True)
+    store.drop_reservation(work.base)
 
 
 async def exec_(store: Store, name: str, command: str,

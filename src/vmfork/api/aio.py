@@ -24,6 +24,8 @@ from typing import overload
 from vmfork import guest_files, listing, vm
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.exec_stream import ExecStream
+from vmfork.fork import base as fork_base
+from vmfork.fork import recovery as fork_recovery
 from vmfork.images.demo import GuestImage, demo_image
 from vmfork.launch import paths_for
 from vmfork.names import check_name
@@ -182,6 +184,7 @@ class AsyncHost:
         that a killed vmfork left half done; return the templates and VMs it
         settled."""
         done = await template_recovery.settle_all(self.store, self.timeouts)
+        done += await fork_recovery.settle_all(self.store, self.timeouts)
         return done + await recovery.settle_all(self.store, self.timeouts)
 
 
@@ -213,7 +216,8 @@ class AsyncVM:
 
     async def _settle(self) -> None:
         await self._settle_template()
-        await recovery.settle(self._store, check_name(self.name), self.host.timeouts)
+        await fork_recovery.settle(self._store, check_name(self.name), self.host.timeouts)
+        await recovery.settle(self._store, self.name, self.host.timeouts)
 
     async def _settle_template(self) -> None:
         """Finish or undo a template creation from this VM whose vmfork died
@@ -279,6 +283,7 @@ class AsyncVM:
         (and whatever a half-done update of it left)."""
         await self._settle_template()
         await vm.stop(self._store, self.name, force=force, timeouts=self.host.timeouts)
+        await fork_base.collect(self._store, self.host.timeouts)
 
     async def update(self, *, qemu: str | None = None, mode: str = "auto",
                      timeout: float | None = None) -> UpdateReport:
@@ -440,6 +445,7 @@ class AsyncTemplate:
         if await self._settle() and not self._store.has_template(self.name):
             return
         await catalog.remove(self._store, self.name, force=force, timeouts=self.host.timeouts)
+        await fork_base.collect(self._store, self.host.timeouts)
 
 
 def open_async(home: Path | str | None = None, memory_dir: Path | str | None = None,

@@ -111,8 +111,15 @@ async def remove(store: Store, name: str, force: bool = False,
     """Delete a template with its files (memory, state, disk overlays);
     refuse while clones or pool members use it (*force* stops them) and,
     even with *force*, while another template was made from one of its
-    clones. Marked ``removing`` before anything is stopped or deleted."""
+    clones. Marked ``removing`` before anything is stopped or deleted.
+    With *force*, the fork bases made from its clones go first, with their
+    VMs (:mod:`vmfork.fork.base`: vmfork's own templates)."""
     check_name(name, "template")
+    if force:
+        for child in children_of(store, name):
+            if child.startswith("_fork."):
+                with contextlib.suppress(NotFound):
+                    await remove(store, child, force=True, timeouts=timeouts)
     async with locked(store, name):
         found = store.template_work(name)
         if found is None:

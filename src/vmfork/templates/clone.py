@@ -233,7 +233,7 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
             await checkpoints.checkpoint("clone.spawned")
             if not (member and member.warm):  # a warm member has its state already
                 await migration.load_state(m, manifest.state_path, timeouts.migrate,
-                                           x_ignore_shared=True)
+                                           x_ignore_shared=manifest.ignore_shared)
             t_loaded = time.monotonic() - t0
             await m.resume()
             t_running = time.monotonic() - t0

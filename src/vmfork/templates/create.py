@@ -444,6 +444,21 @@ async def create_demo(store: Store, name: str, memory_mib: int = 512,
         return await freeze_into(store, work, timeouts)
 
 
+def _drop_fork_reservation(store: Store, work: TemplateWork) -> bool:
+    """Drop the base reservation of a fork whose vmfork died before the
+    parent recorded the fork (:mod:`vmfork.fork.recovery` settles one the
+    parent records: not here)."""
+    parent = work.source_vm
+    if parent and store.has_vm(parent):
+        fork = store.get_vm(parent).info.fork
+        if fork is not None and fork.base == work.name:
+            return False
+    if work.directory:
+        shutil.rmtree(work.directory, ignore_errors=True)
+    store.drop_reservation(work.name)
+    return True
+
+
 async def settle_held(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> bool:
     """Finish or undo what a vmfork that died left of template *name*: a
     creation (:func:`resolve`) or a removal
@@ -456,6 +471,8 @@ async def settle_held(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> 
     state, work = found[0], found[1]
     if work.pid != os.getpid() and process_alive(work.pid, work.pid_start):
         return False
+    if state == TEMPLATE_CREATING and work.op == "fork":
+        return _drop_fork_reservation(store, work)
     if state == TEMPLATE_CREATING:
         await resolve(store, work, timeouts)
     else:

@@ -108,7 +108,8 @@ async def _warm_up(store: Store, manifest: TemplateManifest, mid: str, m: Machin
     its own VM generation ID (each pool process gets a new one) and reseeded,
     and a guest frozen in the template is thawed; hostname, machine-id, MAC
     and clock are set when it becomes a clone."""
-    await migration.load_state(m, manifest.state_path, timeouts.migrate, x_ignore_shared=True)
+    await migration.load_state(m, manifest.state_path, timeouts.migrate,
+                               x_ignore_shared=manifest.ignore_shared)
     await m.resume()
     rec = VMRecord(name=mid, spec=m.spec, state="running", pid=m.pid,
                    info=VMInfo(guest=manifest.guest, agent=manifest.agent))
