@@ -4,8 +4,9 @@ Owns the measurements of issue 15's targets, on demo guests holding data in
 RAM (``data_mb``, at most the guest's RAM less :data:`GUEST_RESERVE_MIB`):
 
 * **baseline**, at each RAM size: a fork by full copy of the same VM — QMP
-  ``stop``, a sparse-aware copy of its memory file's data into a new file
-  next to it, ``cont``. Its pause is the time between QEMU's ``STOP`` and
+  ``stop``, a copy of its memory file's data into a new file next to it
+  (holes skipped: :func:`vmfork.fork.pages.sparse_copy`, the fork's own),
+  ``cont``. Its pause is the time between QEMU's ``STOP`` and
   ``RESUME`` events (their timestamps, host clock, microseconds); the time
   around the two QMP calls (host monotonic clock) is reported too. The
   device state is not saved, so the baseline is a lower bound of a real
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import secrets
 import time
@@ -51,7 +51,8 @@ from rich.console import Console
 from vmfork import vm
 from vmfork.bench import fill_guest, print_table, pss_bytes, ratio
 from vmfork.errors import GuestError, InvalidInput
-from vmfork.fork import fork
+from vmfork.fork.pages import sparse_copy
+from vmfork.fork.run import fork
 from vmfork.names import derived, internal
 from vmfork.qemu.machine import deadline
 from vmfork.results import ForkReport
@@ -81,10 +82,6 @@ REPEAT_DIRTY_TARGET_MB = 32   # repeated forks within PAUSE_TARGET_MS up to this
 MEMORY_TARGET = 0.35          # fork family / independent VMs
 #: Child running within this many seconds of the request, up to a RAM size.
 RUNNING_TARGETS = ((512, 1.0), (4096, 4.0))
-
-#: Bytes one copy call of the baseline moves at most.
-COPY_CHUNK = 64 * MIB
-
 
 @dataclass
 class ForkBench:
@@ -147,59 +144,13 @@ class _Made:
             if store.has_vm(name):
                 with contextlib.suppress(Exception):
                     await vm.stop(store, name, force=True, timeouts=timeouts)
-        for base in self.bases:  # a fork base goes with its last VM; else here
+        for base in reversed(self.bases):  # newest first: a base may hold an older one
             if store.has_template(base):
                 with contextlib.suppress(Exception):
                     await catalog.remove(store, base, force=True, timeouts=timeouts)
 
 
 # -- the baseline: a fork by full copy ----------------------------------------------
-
-
-def copy_data(src: str, dst: str) -> int:
-    """Copy the data of file *src* into a new file *dst* of the same size,
-    holes left holes (SEEK_DATA/SEEK_HOLE, then copy_file_range, or
-    read/write where the kernel cannot); return the bytes copied."""
-    copied = 0
-    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(fin).st_size
-            os.ftruncate(fout, size)
-            pos = 0
-            while pos < size:
-                try:
-                    pos = os.lseek(fin, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno != errno.ENXIO:
-                        raise
-                    break  # no data after pos
-                end = os.lseek(fin, pos, os.SEEK_HOLE)
-                while pos < end:
-                    n = _copy_range(fin, fout, pos, min(COPY_CHUNK, end - pos))
-                    pos += n
-                    copied += n
-        finally:
-            os.close(fout)
-    finally:
-        os.close(fin)
-    return copied
-
-
-def _copy_range(fin: int, fout: int, pos: int, n: int) -> int:
-    try:
-        done = os.copy_file_range(fin, fout, n, pos, pos)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-        done = 0
-    if done > 0:
-        return done
-    chunk = os.pread(fin, n, pos)
-    if not chunk:
-        raise OSError(errno.EIO, f"short read at byte {pos}")
-    return os.pwrite(fout, chunk, pos)
 
 
 def _event_time(ev: Any) -> float | None:
@@ -227,7 +178,7 @@ async def full_copy_fork(store: Store, name: str, timeouts: Timeouts) -> dict[st
                 t0 = time.monotonic()
                 await m.qmp("stop")
                 try:
-                    copied = await finish_in_thread(copy_data, mem, copy)
+                    copied = await finish_in_thread(sparse_copy, Path(mem), Path(copy))
                 finally:
                     await run_to_end(m.qmp("cont"))
                 t1 = time.monotonic()
@@ -532,5 +483,5 @@ def print_report(result: dict[str, Any]) -> None:
                  for x in result["targets"]], console)
 
 
-__all__ = ["ForkBench", "copy_data", "family_memory", "full_copy_fork", "print_report", "run",
+__all__ = ["ForkBench", "family_memory", "full_copy_fork", "print_report", "run",
            "targets"]
