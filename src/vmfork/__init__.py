@@ -7,6 +7,7 @@ The public API, re-exported here (and listed in ``__all__``)::
     with vmfork.open() as host:                  # vmfork.open_async(): same, awaitable
         vm = host.run("web", image="demo", memory="512M")
         print(vm.exec("uname -r").stdout)
+        report = vm.fork(count=2)                # web-1, web-2 branch off; web runs on
         tpl = vm.make_template("base")           # the VM ends
         with tpl.clone() as c:                   # stopped when the block ends
             c.exec("hostname")
@@ -45,7 +46,8 @@ _EXPORTS = {
     "RestoreResult": "vmfork.results", "ExportResult": "vmfork.results",
     "ImportResult": "vmfork.results", "PoolStatus": "vmfork.results",
     "PoolMemberStatus": "vmfork.results", "TemplateStatus": "vmfork.results",
-    "MigrationStats": "vmfork.results", "GuestImage": "vmfork.images.demo",
+    "MigrationStats": "vmfork.results", "ForkReport": "vmfork.results",
+    "ForkChild": "vmfork.results", "GuestImage": "vmfork.images.demo",
     # configuration
     "Timeouts": "vmfork.timeouts",
     # errors
@@ -73,6 +75,8 @@ __all__ = [
     "DaemonUnreachable",
     "ExecResult",
     "ExportResult",
+    "ForkChild",
+    "ForkReport",
     "GuestError",
     "GuestImage",
     "Host",
@@ -144,6 +148,8 @@ if TYPE_CHECKING:
         CloneResult,
         ExecResult,
         ExportResult,
+        ForkChild,
+        ForkReport,
         ImportResult,
         MigrationStats,
         PoolMemberStatus,

@@ -26,6 +26,7 @@ from vmfork.errors import InvalidInput, NotFound
 from vmfork.exec_stream import ExecStream
 from vmfork.fork import base as fork_base
 from vmfork.fork import recovery as fork_recovery
+from vmfork.fork import run as fork_run
 from vmfork.images.demo import GuestImage, demo_image
 from vmfork.launch import paths_for
 from vmfork.names import check_name
@@ -35,6 +36,7 @@ from vmfork.results import (
     ExecResult,
     ExportResult,
     FileResult,
+    ForkReport,
     PoolStatus,
     RestoreResult,
     Result,
@@ -54,6 +56,32 @@ from vmfork.update import recovery
 
 #: Named guest images (``image=`` of :meth:`AsyncHost.run`).
 IMAGES = vm.IMAGES
+
+
+def fork_children(count: int | None = None,
+                  names: Sequence[str] | None = None) -> tuple[int, list[str] | None]:
+    """How many children a fork request asks for, and their names (None:
+    ``NAME-k``, chosen by the fork): *count* (default ``len(names)``, else
+    1) must be 1-64 and agree with *names*, which must be valid names, each
+    once. InvalidInput otherwise. The CLI, the API and the daemon ask this
+    before anything is done."""
+    n = count if count is not None else len(names) if names is not None else 1
+    try:
+        clone.check_count(n)
+    except InvalidInput:
+        raise InvalidInput(f"invalid fork count {n}: must be 1-{clone.MAX_CLONES} children "
+                           "per fork") from None
+    if names is None:
+        return n, None
+    if len(names) != n:
+        raise InvalidInput(f"{len(names)} name{'' if len(names) == 1 else 's'} for {n} "
+                           f"{'child' if n == 1 else 'children'}: give one name per child")
+    for name in names:
+        check_name(name)
+    repeated = sorted({x for x in names if names.count(x) > 1})
+    if repeated:
+        raise InvalidInput(f"child names given more than once: {', '.join(repeated)}")
+    return n, list(names)
 
 
 class AsyncHost:
@@ -312,6 +340,25 @@ class AsyncVM:
         """Write the VM (kernel, initrd, RAM, device state) into one snapshot file."""
         await self._settle()
         return await export.export(self._store, self.name, file, self.host.timeouts)
+
+    async def fork(self, count: int | None = None, *, names: Sequence[str] | None = None,
+                   on_clone: str | None = None) -> ForkReport:
+        """Branch this running VM into children that start from its RAM,
+        devices and disks at one instant, while it keeps running (paused once,
+        for :attr:`~vmfork.results.ForkReport.parent_pause_ms`; its identity
+        unchanged). Each child gets its own identity like a clone, then runs
+        *on_clone* (a shell command); a child whose hook fails is removed with
+        the others of this call.
+
+        *count* children (1-64; default ``len(names)``, else 1) named
+        ``NAME-1``.. (the lowest free), or *names* one by one; returns when
+        every child runs and answers. The children are VMs of the host
+        (:meth:`AsyncHost.vm`); :attr:`~vmfork.results.ForkReport.children`
+        has their timings."""
+        n, child_names = fork_children(count, names)
+        await self._settle()
+        return await fork_run.fork(self._store, check_name(self.name), names=child_names,
+                                  count=n, on_clone=on_clone, timeouts=self.host.timeouts)
 
     async def make_template(self, name: str, *, on_clone: str | None = None) -> AsyncTemplate:
         """Freeze this VM into template *name*: device state saved, RAM left in

@@ -28,6 +28,7 @@ from vmfork.results import (
     ExecResult,
     ExportResult,
     FileResult,
+    ForkReport,
     OutputChunk,
     PoolStatus,
     RestoreResult,
@@ -232,6 +233,14 @@ class VM:
 
     def export(self, file: Path | str) -> ExportResult:
         return self.host._run(self._a.export(file))
+
+    def fork(self, count: int | None = None, *, names: Sequence[str] | None = None,
+             on_clone: str | None = None) -> ForkReport:
+        """Branch this running VM into *count* children (or one per name of
+        *names*) that start from its state at one instant; it keeps running
+        (see :meth:`vmfork.AsyncVM.fork`). The children are VMs of the host:
+        ``host.vm(child.name) for child in report.children``."""
+        return self.host._run(self._a.fork(count, names=names, on_clone=on_clone))
 
     def make_template(self, name: str, *, on_clone: str | None = None) -> Template:
         """Freeze this VM into template *name*; the VM ends."""

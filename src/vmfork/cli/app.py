@@ -3,9 +3,10 @@ loading of the commands, and the one table that maps errors to a one-line
 message and an exit status.
 
 Commands live in one module per family (:mod:`.vms`, :mod:`.images`,
-:mod:`.templates`, :mod:`.updates`, :mod:`.snapshots`, :mod:`.bench`) and are
-imported only when invoked (or listed by ``--help``), so that a quick command
-such as ``vmfork ls`` does not pay for what others import."""
+:mod:`.templates`, :mod:`.updates`, :mod:`.forks`, :mod:`.snapshots`,
+:mod:`.bench`) and are imported only when invoked (or listed by ``--help``),
+so that a quick command such as ``vmfork ls`` does not pay for what others
+import."""
 
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ COMMANDS = {
     **_family("images", "image"),
     **_family("templates", "template", "clone", "pool"),
     **_family("updates", "update"),
+    **_family("forks", "fork"),
     **_family("snapshots", "save", "restore", "snapshot"),
     **_family("bench", "bench"),
     **_family("serve", "serve"),

@@ -44,6 +44,7 @@ from vmfork.results import (
     CloneResult,
     ExecExit,
     ExecResult,
+    ForkReport,
     OutputChunk,
     PoolStatus,
     RestoreResult,
@@ -427,6 +428,22 @@ class AsyncRemoteVM:
         wait = None if timeout is None else timeout + EXEC_MARGIN
         return UpdateReport.from_dict(await self.host._json("POST", self._path("update"),
                                                             json=body, timeout=wait))
+
+    async def fork(self, count: int | None = None, *, names: Sequence[str] | None = None,
+                   on_clone: str | None = None) -> ForkReport:
+        """Branch this running VM into *count* children (or one per name of
+        *names*) that start from its state at one instant; it keeps running
+        (``POST /v1/vms/NAME/fork``; see :meth:`vmfork.AsyncVM.fork`). The
+        children are VMs of the daemon: ``host.vm(child.name)``."""
+        body: dict[str, Any] = {}
+        if count is not None:
+            body["count"] = count
+        if names is not None:
+            body["names"] = list(names)
+        if on_clone is not None:
+            body["on_clone"] = on_clone
+        return ForkReport.from_dict(await self.host._json("POST", self._path("fork"),
+                                                          json=body))
 
     async def save(self) -> SaveResult:
         """Write the device state of a persistent VM; its QEMU ends."""

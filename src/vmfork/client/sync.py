@@ -35,6 +35,7 @@ from vmfork.results import (
     CloneResult,
     ExecExit,
     ExecResult,
+    ForkReport,
     OutputChunk,
     PoolStatus,
     RestoreResult,
@@ -203,6 +204,12 @@ class RemoteVM:
                timeout: float | None = None) -> UpdateReport:
         """Live update into a new QEMU process (rolls back on failure)."""
         return self.host._run(self._a.update(qemu=qemu, mode=mode, timeout=timeout))
+
+    def fork(self, count: int | None = None, *, names: Sequence[str] | None = None,
+             on_clone: str | None = None) -> ForkReport:
+        """Branch this running VM into children; it keeps running (see
+        :meth:`vmfork.VM.fork`)."""
+        return self.host._run(self._a.fork(count, names=names, on_clone=on_clone))
 
     def save(self) -> SaveResult:
         return self.host._run(self._a.save())

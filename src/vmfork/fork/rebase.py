@@ -45,7 +45,9 @@ from qemu.qmp import EventListener
 
 import vmfork.fork.pages as pages
 from vmfork import checkpoints
-from vmfork.errors import SetupError, StateError, VmforkError
+from vmfork.admission import check_memory
+from vmfork.errors import ResourceError, SetupError, StateError, VmforkError
+from vmfork.files import sha256_file
 from vmfork.fork.base import STATE_FILE, manifest_for
 from vmfork.fork.stream import save_devices
 from vmfork.launch import qemu_log
@@ -58,7 +60,7 @@ from vmfork.spec import NetSpec, VMSpec
 from vmfork.store import Store
 from vmfork.tasks import finish_in_thread
 from vmfork.timeouts import Timeouts
-from vmfork.update import forwards
+from vmfork.update import forwards, memory
 
 log = logging.getLogger("vmfork.fork")
 
@@ -111,7 +113,6 @@ class Rebase:
     captured: int = 0
     base_copied: int = 0
     state_size: int = 0
-    state_sha256: str = ""
     save_seconds: float = 0.0
     prepare_seconds: float = 0.0
     #: The guest runs in the new QEMU (from then on the fork is committed, not undone).
@@ -143,15 +144,17 @@ class Rebase:
     async def prepare(self) -> None:
         """Everything before the pause (see the module docstring)."""
         w = self.work
-        if w.memory_from is not None:
-            os.rename(w.memory_from, w.memory_to)
-        else:
-            src = Path(str(self.rec.spec.memory.path))
-            self.base_copied = await finish_in_thread(pages.sparse_copy, src,
-                                                      Path(w.memory_to))
-        await checkpoints.checkpoint("fork.memory")
-        for vm_path, base_path in w.disks:
-            os.rename(vm_path, base_path)
+        try:
+            if w.memory_from is not None:
+                os.rename(w.memory_from, w.memory_to)
+            else:
+                await self._copy_base()
+            await checkpoints.checkpoint("fork.memory")
+            for vm_path, base_path in w.disks:
+                os.rename(vm_path, base_path)
+        except OSError as exc:
+            raise ResourceError(f"{self.name}: preparing the fork's memory and disks "
+                                f"failed: {exc.strerror or exc}") from exc
         await finish_in_thread(new_overlays, w.spec, w.disks)
         await checkpoints.checkpoint("fork.disks")
         launch_spec = w.spec
@@ -162,11 +165,25 @@ class Rebase:
             launch_spec, paths, qemu_log(self.store, self.name), incoming=("defer",),
             timeouts=self.timeouts, on_spawn=lambda pid, start: self.record(
                 new_pid=pid, new_start=start))
+        # The state has no RAM and no capability: QEMU's defaults must hold.
+        await migration.set_capabilities(new, x_ignore_shared=False)
         written = await asyncio.to_thread(self._written_by, new.pid)
         if written:
             raise StateError(f"{self.name}: the new QEMU wrote {written} pages of guest "
                              "memory before it got its state")
         await checkpoints.checkpoint("fork.launched")
+
+    async def _copy_base(self) -> None:
+        """Copy the file the parent's private memory maps (its template's, or
+        an earlier fork's base) for the new base; the guest's own pages are
+        added while it is paused. Refused before it starts if the memory
+        directory or the host lacks room for the copy and those pages."""
+        src = Path(str(self.rec.spec.memory.path))
+        need = src.stat().st_blocks * 512 + memory.rss_anon(self.old.pid)
+        check_memory(self.name, need, Path(self.work.memory_to).parent,
+                     purpose="the fork's copy of its frozen memory")
+        self.base_copied = await finish_in_thread(pages.sparse_copy, src,
+                                                  Path(self.work.memory_to))
 
     def _written_by(self, pid: int) -> int:
         m = pages.ram_mapping(pid, self.work.memory_to)
@@ -178,19 +195,23 @@ class Rebase:
         assert new is not None
         self.record(paused=True)
         if w.was_running:
+            # QEMU sends the STOP event before its answer to ``stop``.
             with old.events.listen(self.stop_listener):
                 await old.pause()
-                await old.status()  # the STOP event has arrived
         await checkpoints.checkpoint("fork.paused")
-        if w.memory_from is None:
-            self.captured = await asyncio.to_thread(self._capture)
         t0 = time.monotonic()
-        self.state_size, self.state_sha256 = await save_devices(
-            old, Path(w.directory) / STATE_FILE, w.machine, self.timeouts.migrate)
+        state = Path(w.directory) / STATE_FILE
+        try:
+            if w.memory_from is None:
+                self.captured = await asyncio.to_thread(self._capture)
+            self.state_size = await save_devices(old, state, w.machine, self.timeouts.migrate)
+        except OSError as exc:
+            raise ResourceError(f"{self.name}: writing the fork's frozen state failed: "
+                                f"{exc.strerror or exc}") from exc
         self.save_seconds = time.monotonic() - t0
         await checkpoints.checkpoint("fork.saved")
-        await migration.load_state(new, Path(w.directory) / STATE_FILE,
-                                   self.timeouts.migrate)
+        await migration.start_incoming(new, f"file:{state}")
+        await migration.wait_incoming(new, self.timeouts.migrate)
         self.warnings += await forwards.hand_over(old, new, w.spec.net)
         if w.was_running:
             with new.events.listen(self.resume_listener):
@@ -214,17 +235,18 @@ class Rebase:
         new = self.new
         assert new is not None
         return await commit(self.store, self.rec, self.work, new, self.old,
-                            self.state_size, self.state_sha256, self.save_seconds)
+                            self.save_seconds)
 
 
 async def commit(store: Store, rec: VMRecord, work: ForkWork, new: Machine,
-                 old: Machine | None, state_size: int, state_sha256: str,
-                 save_seconds: float) -> TemplateManifest:
+                 old: Machine | None, save_seconds: float) -> TemplateManifest:
     """Record the base of *work* and make *new* the parent's QEMU; end *old*
     (None: find it by the parent's record). Each step may be repeated."""
     tdir = Path(work.directory)
+    state = tdir / STATE_FILE
     manifest = manifest_for(work, rec.spec, rec.name, rec.info.guest, rec.info.agent,
-                            state_size, state_sha256, save_seconds)
+                            state.stat().st_size, await asyncio.to_thread(sha256_file, state),
+                            save_seconds)
     for p in [tdir / STATE_FILE, Path(work.memory_to), *(Path(b) for _, b in work.disks)]:
         os.chmod(p, READONLY_MODE)
     (tdir / "manifest.json").write_text(manifest.to_json())

@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 
 from vmfork.errors import StateError, VmforkError
-from vmfork.files import sha256_file
 from vmfork.fork.base import STATE_FILE
 from vmfork.fork.rebase import commit, undo
 from vmfork.launch import qemu_log
@@ -69,8 +68,7 @@ async def settle_held(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT)
         if new is not None and status in ("paused", "running") and state.is_file():
             if work.was_running and status == "paused":
                 await new.resume()
-            size = state.stat().st_size
-            await commit(store, rec, work, new, old, size, sha256_file(state), 0.0)
+            await commit(store, rec, work, new, old, 0.0)
             for w in await forwards.ensure(new, work.spec.net):
                 log.warning("%s: %s", rec.name, w)
             log.warning("%s: an interrupted fork was completed: the guest runs on its base "

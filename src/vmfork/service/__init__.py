@@ -8,7 +8,8 @@ starts, and outlive it.
 
 Modules: :mod:`~vmfork.service.app` (the FastAPI application, error answers,
 authentication), :mod:`~vmfork.service.state` (what the routes share),
-:mod:`~vmfork.service.vms` (``/v1/vms``), :mod:`~vmfork.service.templates`
+:mod:`~vmfork.service.vms` (``/v1/vms``), :mod:`~vmfork.service.forks`
+(``/v1/vms/{name}/fork``), :mod:`~vmfork.service.templates`
 (``/v1/templates``: templates, clones, pools), :mod:`~vmfork.service.pools`
 (pools kept by the daemon), :mod:`~vmfork.service.reconcile` (the background
 loop: dead VMs, abandoned launches, keepers), :mod:`~vmfork.service.events`

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from vmfork.errors import VmforkError, http_error
-from vmfork.service import events, metrics, operations, reconcile, templates, vms
+from vmfork.service import events, forks, metrics, operations, reconcile, templates, vms
 from vmfork.service.state import ServiceState
 
 log = logging.getLogger("vmfork.service")
@@ -61,7 +61,7 @@ def create_app(state: ServiceState) -> FastAPI:
             yield
 
     app = FastAPI(title="vmforkd", version="1", lifespan=lifespan,
-                  description="vmfork's REST API: VMs, templates, clones, pools.")
+                  description="vmfork's REST API: VMs, forks, templates, clones, pools.")
     app.state.vmfork = state
 
     @app.exception_handler(VmforkError)
@@ -101,6 +101,7 @@ def create_app(state: ServiceState) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(vms.router)
+    app.include_router(forks.router)
     app.include_router(templates.router)
     app.include_router(operations.router)
     app.include_router(events.router)

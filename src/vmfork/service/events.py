@@ -7,7 +7,7 @@ and the server-sent events stream (``text/event-stream``). Each event is
 carries ``id:``, ``event: KIND`` and the JSON as ``data:``.
 
 Kinds: ``started``, ``stopped``, ``died`` (a VM's QEMU is gone), ``paused``,
-``resumed``, ``cloned``, ``updated``, ``saved``, ``restored``,
+``resumed``, ``cloned``, ``forked``, ``updated``, ``saved``, ``restored``,
 ``template_created``, ``template_removed``, ``pool_refilled``,
 ``pool_member_died``, ``pool_failed``, ``operation_done``,
 ``operation_failed``.

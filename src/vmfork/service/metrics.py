@@ -10,8 +10,11 @@ global one). Recorded as things happen:
 * ``vmfork_operation_duration_seconds{op}`` (histogram) and
   ``vmfork_operations_total{op,result}`` (counter, *result* ``done`` or
   ``failed``): the daemon's operations (``export``, ``import``, ``image``)
-  and its clone and template-create requests (``clone``,
-  ``template_create``).
+  and its clone, fork and template-create requests (``clone``, ``fork``,
+  ``template_create``);
+* ``vmfork_fork_parent_pause_seconds`` (histogram): how long a forked VM
+  was paused (:attr:`~vmfork.results.ForkReport.parent_pause_ms`), and
+  ``vmfork_fork_children_total`` (counter): the children forks started.
 
 Read from the catalog and ``/proc`` at each scrape:
 
@@ -48,7 +51,7 @@ from prometheus_client.registry import Collector
 from vmfork.errors import NotFound
 from vmfork.listing import LIVE_STATES, observed_state
 from vmfork.proc import process_alive
-from vmfork.results import CloneResult
+from vmfork.results import CloneResult, ForkReport
 from vmfork.service import operations
 from vmfork.service.state import ServiceState, state_of
 
@@ -60,6 +63,8 @@ SOURCES = ("fresh", "pool", "warm")
 STATES = ("starting", "running", "paused", "updating", "saved", "dead", "abandoned")
 #: Buckets of the clone histogram, in seconds.
 CLONE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+#: Buckets of the fork pause histogram, in seconds.
+FORK_PAUSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: Buckets of the operation histogram, in seconds.
 OPERATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
@@ -155,11 +160,21 @@ class Metrics:
             ["op"], buckets=OPERATION_BUCKETS, registry=self.registry)
         self.operations = Counter("vmfork_operations", "Operations ended, by result",
                                   ["op", "result"], registry=self.registry)
+        self.fork_pause_seconds = Histogram(
+            "vmfork_fork_parent_pause_seconds",
+            "Seconds a forked VM was paused (host clock, guest stopped to running again)",
+            buckets=FORK_PAUSE_BUCKETS, registry=self.registry)
+        self.fork_children = Counter("vmfork_fork_children", "Children started by forks",
+                                     registry=self.registry)
         self.registry.register(CatalogCollector(state))
 
     def observe_clone(self, template: str, result: CloneResult, warm_pool: bool) -> None:
         self.clone_seconds.labels(template, clone_source(result, warm_pool)).observe(
             result.responsive)
+
+    def observe_fork(self, report: ForkReport) -> None:
+        self.fork_pause_seconds.observe(report.parent_pause_ms / 1000)
+        self.fork_children.inc(len(report.children))
 
     def observe_operation(self, op: str, result: str, seconds: float) -> None:
         self.operation_seconds.labels(op).observe(seconds)

@@ -15,7 +15,11 @@ which the loop runs every :data:`RECONCILE_INTERVAL` seconds:
   round (a ``vmfork stop`` ends the QEMU before it removes the VM: that is
   no death);
 * every template whose pool has a target gets a keeper
-  (:class:`~vmfork.service.pools.PoolKeepers`), whoever set the target.
+  (:class:`~vmfork.service.pools.PoolKeepers`), whoever set the target;
+* a fork whose vmfork process is gone is finished or undone
+  (:func:`vmfork.fork.recovery.settle_all`), and fork bases no VM uses any
+  more are removed (:func:`vmfork.fork.base.collect`: a ``template_removed``
+  event each).
 
 The loop logs and survives any failure of one round.
 """
@@ -29,6 +33,8 @@ from collections.abc import AsyncIterator
 
 from vmfork import launch, vm
 from vmfork.errors import NotFound, StateError, VmforkError
+from vmfork.fork import base as fork_base
+from vmfork.fork import recovery as fork_recovery
 from vmfork.listing import observed_state
 from vmfork.service import events, metrics, operations, pools
 from vmfork.service.state import ServiceState
@@ -60,6 +66,9 @@ async def reconcile_once(state: ServiceState, seen_dead: set[str]) -> None:
             log.warning("%s: its QEMU (pid %s) is gone", rec.name, rec.pid)
             events.publish(state, "died", vm=rec.name, pid=rec.pid, template=rec.template)
     seen_dead &= names
+    await fork_recovery.settle_all(store, timeouts)
+    for name in await fork_base.collect(store, timeouts):
+        events.publish(state, "template_removed", template=name, reason="unused fork base")
     keepers = pools.keepers_of(state)
     for name in store.template_names():
         with contextlib.suppress(NotFound):
