@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import time
@@ -50,7 +51,7 @@ from rich.console import Console
 
 from vmfork import vm
 from vmfork.bench import fill_guest, print_table, pss_bytes, ratio
-from vmfork.errors import GuestError, InvalidInput
+from vmfork.errors import GuestError, InvalidInput, VmforkError
 from vmfork.fork.pages import sparse_copy
 from vmfork.fork.run import fork
 from vmfork.names import derived, internal
@@ -62,7 +63,8 @@ from vmfork.templates import catalog
 from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.update.memory import host_memory
 
-MIB = 1024 * 1024
+log = logging.getLogger("vmfork.bench")
+
 #: Guest RAM left to the demo guest's kernel and files, besides the data
 #: (a 256 MiB demo guest has ~185 MiB free after boot).
 GUEST_RESERVE_MIB = 100
@@ -140,14 +142,20 @@ class _Made:
     bases: list[str] = field(default_factory=list)
 
     async def remove(self, store: Store, timeouts: Timeouts) -> None:
+        """Stop the VMs, then remove the fork bases left; a failure is logged
+        and the rest still removed."""
         for name in [*self.children, *self.parents]:
             if store.has_vm(name):
-                with contextlib.suppress(Exception):
+                try:
                     await vm.stop(store, name, force=True, timeouts=timeouts)
+                except VmforkError as exc:
+                    log.warning("%s: not stopped: %s", name, exc)
         for base in reversed(self.bases):  # newest first: a base may hold an older one
             if store.has_template(base):
-                with contextlib.suppress(Exception):
+                try:
                     await catalog.remove(store, base, force=True, timeouts=timeouts)
+                except VmforkError as exc:
+                    log.warning("fork base %s: not removed: %s", base, exc)
 
 
 # -- the baseline: a fork by full copy ----------------------------------------------
