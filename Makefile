@@ -36,6 +36,7 @@ test-fast: venv
 openapi: venv
 	$(BIN)/vmfork serve --print-openapi > docs/openapi.json
 
+# Every benchmark at its defaults: clone, update, save, api, fork (vmfork bench all).
 bench: system venv
 	$(BIN)/vmfork bench all
 

@@ -1,4 +1,4 @@
-"""``vmfork bench clone|update|save|api``: benchmarks reported as ratios
+"""``vmfork bench clone|update|save|api|fork``: benchmarks reported as ratios
 against a baseline measured in the same run (the measurements live in
 :mod:`vmfork.bench`). ``bench api`` starts a vmforkd of its own on the home
 (:func:`bench_daemon`) unless it is given one."""
@@ -128,6 +128,49 @@ def bench_save(sizes: str, fill: float, samples: int, accel: str, as_json: bool)
         bs.print_report(result)
 
 
+@bench_cmd.command("fork")
+@click.option("--sizes", default="256M,512M,4G", show_default=True,
+              help="RAM sizes of the first forks, comma separated.")
+@click.option("--data", "data_mb", default=200, show_default=True,
+              help="MB of guest data in RAM (at most the RAM less 100 MiB).")
+@click.option("--repeat-size", default="512M", show_default=True,
+              help="The size (one of --sizes) whose parent is forked again after each "
+                   "--dirty.")
+@click.option("--dirty", default="0,8,32,128", show_default=True,
+              help="MB the parent dirties before each repeated fork, comma separated.")
+@click.option("--big-dirty", default=8, show_default=True,
+              help="MB dirtied before one repeated fork at the largest size.")
+@click.option("--memory", default="512M", show_default=True,
+              help="RAM of the VM forked into --children for the memory comparison.")
+@click.option("--children", default=10, show_default=True,
+              help="Children of that fork (against children + 1 independent VMs).")
+@click.option("--accel", type=ACCELS, default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_fork(sizes: str, data_mb: int, repeat_size: str, dirty: str, big_dirty: int,
+               memory: str, children: int, accel: str, as_json: bool) -> None:
+    """Live fork against a fork by full copy: parent pause at several RAM
+    sizes, repeated forks, memory of a parent and its children."""
+    from vmfork.bench import fork as bf
+    from vmfork.cli import signals
+    from vmfork.spec import parse_memory, parse_memory_list
+    from vmfork.store import Store
+
+    try:
+        dirty_mb = tuple(int(d) for d in dirty.split(",") if d.strip())
+    except ValueError as exc:
+        raise InvalidInput(f"invalid --dirty {dirty!r}: use e.g. 0,8,32") from exc
+    params = bf.ForkBench(sizes_mib=parse_memory_list(sizes), data_mb=data_mb,
+                          repeat_mib=parse_memory(repeat_size), dirty_mb=dirty_mb,
+                          big_dirty_mb=big_dirty, memory_mib=parse_memory(memory),
+                          children=children, accel=accel, progress=_progress)
+    params.check()
+    result = signals.run(bf.run(Store(), params))
+    if as_json:
+        emit_json(result)
+    else:
+        bf.print_report(result)
+
+
 @contextlib.contextmanager
 def bench_daemon(home: Path) -> Iterator[str]:
     """``vmfork serve`` on a socket of its own in *home*, for a benchmark;
@@ -227,6 +270,6 @@ def bench_api(samples: int, exec_samples: int, memory: str, accel: str, parts: s
 @bench_cmd.command("all")
 @click.pass_context
 def bench_all(ctx: click.Context) -> None:
-    """Every benchmark at its defaults: clone, update, save, api."""
-    for command in (bench_clone, bench_update, bench_save, bench_api):
+    """Every benchmark at its defaults: clone, update, save, api, fork."""
+    for command in (bench_clone, bench_update, bench_save, bench_api, bench_fork):
         ctx.invoke(command)
