@@ -6,22 +6,29 @@ Owns three things a fork needs of a QEMU process's RAM without QEMU's help:
   memory file, found by device and inode in ``/proc/PID/maps``);
 * which pages of a private (copy-on-write) mapping the guest has written
   (:func:`written_runs`): a written page became an anonymous page of the
-  process, so in ``/proc/PID/pagemap`` it is present and not file-backed (or
-  swapped out); the others still read from the file. The scan reads 8 bytes
-  per page and looks at one of them, in C (``bytes.translate`` and a regular
-  expression), so 4 GiB of RAM (a million pages) take a few milliseconds;
-* copying those pages into a file (:func:`copy_runs`, through
-  ``/proc/PID/mem``), and copying a memory file without its holes
-  (:func:`sparse_copy`, ``SEEK_DATA``/``SEEK_HOLE``), so a copy takes only
-  the memory the guest used.
+  process, so for ``/proc/PID/pagemap`` it is present (or swapped out) and
+  not a file page; the others still read from the file. The kernel's
+  ``PAGEMAP_SCAN`` returns those runs directly, skipping page tables that
+  were never populated (~3 ms for 4 GiB); reading 8 bytes per page of
+  ``/proc/PID/pagemap`` is the fallback (~20 ms for 4 GiB);
+* copying those pages into a file (:class:`PageCopy`: ``process_vm_readv``
+  into a shared mapping of the file, one copy by the kernel, its pages
+  mapped before the guest pauses, two threads), and copying a
+  memory file without its holes (:func:`sparse_copy`,
+  ``SEEK_DATA``/``SEEK_HOLE``), so a copy takes only the memory the guest
+  used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
+import mmap
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +36,6 @@ from vmfork.errors import StateError
 from vmfork.private import FILE_MODE
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-#: Largest single read from ``/proc/PID/mem`` (a run of written pages is
-#: copied in pieces of at most this).
-COPY_CHUNK = 8 << 20
 
 # Byte 7 of a pagemap entry (little endian) holds bits 56-63: 63 present,
 # 62 swapped, 61 file page or shared anonymous.
@@ -79,44 +83,163 @@ def ram_mapping(pid: int, path: str | Path) -> RamMapping:
     return best
 
 
+class _ScanArg(ctypes.Structure):
+    """``struct pm_scan_arg`` of ``<linux/fs.h>``."""
+
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+#: ``_IOWR('f', 16, struct pm_scan_arg)``: Linux >= 6.7.
+_PAGEMAP_SCAN = 0xC0606610
+_IS_FILE, _IS_PRESENT, _IS_SWAPPED, _IS_PFNZERO = 1 << 2, 1 << 3, 1 << 4, 1 << 5
+#: Regions asked for per ``PAGEMAP_SCAN`` call.
+_SCAN_REGIONS = 4096
+#: Most regions per ``process_vm_readv`` call (the kernel's ``IOV_MAX``).
+_IOV_MAX = 1024
+_libc = ctypes.CDLL(None, use_errno=True)
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
 def written_runs(pid: int, m: RamMapping) -> list[tuple[int, int]]:
     """(first page, page count) of each run of pages of mapping *m* that
-    process *pid* holds privately (written since the mapping was made)."""
-    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
-        f.seek(m.start // PAGE * 8)
-        data = f.read(m.pages * 8)
+    process *pid* holds privately (written since the mapping was made):
+    through the kernel's ``PAGEMAP_SCAN``, which skips unpopulated page
+    tables (a few milliseconds whatever the RAM size), or by reading
+    ``/proc/PID/pagemap`` on kernels without it."""
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            return _scan(fd, m)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        os.lseek(fd, m.start // PAGE * 8, os.SEEK_SET)
+        data = b""
+        want = m.pages * 8
+        while len(data) < want:
+            chunk = os.read(fd, want - len(data))
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
     flags = data[7::8].translate(_WRITTEN)
     return [(r.start(), r.end() - r.start()) for r in _RUN.finditer(flags)]
 
 
-def copy_runs(pid: int, m: RamMapping, runs: list[tuple[int, int]], dst: Path) -> int:
-    """Write the pages of *runs* (from :func:`written_runs`) of process
-    *pid*'s mapping *m* into file *dst* at their file offsets; return the
-    bytes copied."""
-    total = 0
-    src = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        out = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
+def _scan(fd: int, m: RamMapping) -> list[tuple[int, int]]:
+    vec = (ctypes.c_uint64 * (3 * _SCAN_REGIONS))()
+    runs: list[tuple[int, int]] = []
+    start = m.start
+    while start < m.end:
+        # Pages that are not file pages (nor the shared zero page) and are
+        # present or swapped out: the process's own copies.
+        arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=start, end=m.end,
+                       vec=ctypes.addressof(vec), vec_len=_SCAN_REGIONS,
+                       category_inverted=_IS_FILE | _IS_PFNZERO,
+                       category_mask=_IS_FILE | _IS_PFNZERO,
+                       category_anyof_mask=_IS_PRESENT | _IS_SWAPPED,
+                       return_mask=_IS_PRESENT | _IS_SWAPPED)
+        n = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg)
+        for i in range(n):
+            lo, hi = vec[3 * i], vec[3 * i + 1]
+            runs.append(((lo - m.start) // PAGE, (hi - lo) // PAGE))
+        if n < _SCAN_REGIONS or arg.walk_end >= m.end:
+            return runs
+        start = arg.walk_end
+    return runs
+
+
+class PageCopy:
+    """Copies written pages of a process into the memory file *dst*, through
+    a shared mapping of it: :meth:`prefault` (before the guest pauses) maps
+    the pages the guest has written so far, so that :meth:`copy` (while it
+    is paused) only copies. Use as a context manager."""
+
+    #: Threads of one copy (the paused guest's core is free meanwhile).
+    THREADS = 2
+
+    def __init__(self, dst: Path) -> None:
+        fd = os.open(dst, os.O_RDWR | os.O_CLOEXEC)
         try:
-            for first, count in runs:
-                addr = m.start + first * PAGE
-                off = m.offset + first * PAGE
-                left = count * PAGE
-                while left:
-                    n = min(left, COPY_CHUNK)
-                    buf = os.pread(src, n, addr)
-                    if len(buf) != n:
-                        raise StateError(f"short read of process {pid}'s memory")
-                    os.pwrite(out, buf, off)
-                    addr += n
-                    off += n
-                    left -= n
-                    total += n
+            self._map = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED)
         finally:
-            os.close(out)
-    finally:
-        os.close(src)
-    return total
+            os.close(fd)
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self._map)
+        self._base = ctypes.addressof(self._anchor)
+
+    def __enter__(self) -> PageCopy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._anchor = None  # the mapping cannot close while it is exported
+        self._map.close()
+
+    def prefault(self, m: RamMapping, runs: list[tuple[int, int]]) -> None:
+        """Map the file pages of *runs* writable now (``MADV_POPULATE_WRITE``);
+        best effort."""
+        for first, count in runs:
+            try:
+                self._map.madvise(_MADV_POPULATE_WRITE, m.offset + first * PAGE, count * PAGE)
+            except OSError:
+                return  # a kernel without it: the copy faults them in
+
+    def copy(self, pid: int, m: RamMapping, runs: list[tuple[int, int]]) -> int:
+        """Write the pages of *runs* (from :func:`written_runs`) of process
+        *pid*'s mapping *m* into the file at their file offsets, with
+        ``process_vm_readv`` (one copy, by the kernel); return the bytes."""
+        total = sum(n for _, n in runs)
+        if total == 0:
+            return 0
+        parts: list[list[tuple[int, int]]] = [[]]
+        share = total / self.THREADS
+        done = 0
+        for run in runs:
+            if done >= share * len(parts) and len(parts) < self.THREADS:
+                parts.append([])
+            parts[-1].append(run)
+            done += run[1]
+        errors: list[BaseException] = []
+
+        def work(part: list[tuple[int, int]]) -> None:
+            try:
+                self._copy(pid, m, part)
+            except BaseException as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=work, args=(p,), name="vmfork-copy")
+                   for p in parts[1:]]
+        for t in threads:
+            t.start()
+        work(parts[0])
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return total * PAGE
+
+    def _copy(self, pid: int, m: RamMapping, runs: list[tuple[int, int]]) -> None:
+        for i in range(0, len(runs), _IOV_MAX):
+            part = runs[i:i + _IOV_MAX]
+            local = (_IOVec * len(part))(*(
+                _IOVec(self._base + m.offset + first * PAGE, count * PAGE)
+                for first, count in part))
+            remote = (_IOVec * len(part))(*(
+                _IOVec(m.start + first * PAGE, count * PAGE) for first, count in part))
+            want = sum(count for _, count in part) * PAGE
+            got = _libc.process_vm_readv(pid, local, len(part), remote, len(part), 0)
+            if got != want:
+                err = ctypes.get_errno()
+                raise StateError(f"copying the written pages of process {pid} failed "
+                                 f"({os.strerror(err) if got < 0 else 'short read'})")
 
 
 def sparse_copy(src: Path, dst: Path) -> int:
@@ -163,4 +286,4 @@ def _copy_data(fin: int, fout: int, size: int) -> int:
     return copied
 
 
-__all__ = ["PAGE", "RamMapping", "copy_runs", "ram_mapping", "sparse_copy", "written_runs"]
+__all__ = ["PAGE", "PageCopy", "RamMapping", "ram_mapping", "sparse_copy", "written_runs"]

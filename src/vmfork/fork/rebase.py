@@ -117,6 +117,8 @@ class Rebase:
     prepare_seconds: float = 0.0
     #: The guest runs in the new QEMU (from then on the fork is committed, not undone).
     resumed: bool = False
+    #: Copies the guest's written pages into the base (private memory only).
+    copier: pages.PageCopy | None = None
     warnings: list[str] = field(default_factory=list)
     stop_listener: EventListener = field(default_factory=lambda: EventListener("STOP"))
     resume_listener: EventListener = field(default_factory=lambda: EventListener("RESUME"))
@@ -184,6 +186,17 @@ class Rebase:
                      purpose="the fork's copy of its frozen memory")
         self.base_copied = await finish_in_thread(pages.sparse_copy, src,
                                                   Path(self.work.memory_to))
+        self.copier = pages.PageCopy(Path(self.work.memory_to))
+        await finish_in_thread(self._prefault)
+
+    def _prefault(self) -> None:
+        """Map the pages the guest wrote so far in the base's file (most of
+        those it will have written at the pause), so that the copy while it
+        is paused does not fault them in."""
+        assert self.copier is not None
+        pid = self.old.pid
+        m = pages.ram_mapping(pid, str(self.rec.spec.memory.path))
+        self.copier.prefault(m, pages.written_runs(pid, m))
 
     def _written_by(self, pid: int) -> int:
         m = pages.ram_mapping(pid, self.work.memory_to)
@@ -225,9 +238,14 @@ class Rebase:
 
     def _capture(self) -> int:
         """Copy the pages the paused guest wrote into the base's memory file."""
+        assert self.copier is not None
         pid = self.old.pid
         m = pages.ram_mapping(pid, str(self.rec.spec.memory.path))
-        return pages.copy_runs(pid, m, pages.written_runs(pid, m), Path(self.work.memory_to))
+        try:
+            return self.copier.copy(pid, m, pages.written_runs(pid, m))
+        finally:
+            self.copier.close()
+            self.copier = None
 
     async def commit(self) -> TemplateManifest:
         """The parent runs in its new QEMU: record the base and the parent,

@@ -186,6 +186,8 @@ async def _rebase(store: Store, rec: VMRecord, old: Machine, timeouts: Timeouts
                 if r.new is not None:
                     await r.new.disconnect()
             raise
+        if r.copier is not None:
+            r.copier.close()
         log.warning("%s: fork failed (%s); undoing it", rec.name, exc or type(exc).__name__)
         await run_to_end(undo(store, rec, r.work, old, r.new, timeouts))
         raise
