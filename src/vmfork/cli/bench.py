@@ -1,7 +1,8 @@
-"""``vmfork bench clone|update|save|api|fork``: benchmarks reported as ratios
-against a baseline measured in the same run (the measurements live in
+"""``vmfork bench clone|update|save|api|fork|lazy``: benchmarks reported as
+ratios against a baseline measured in the same run (the measurements live in
 :mod:`vmfork.bench`). ``bench api`` starts a vmforkd of its own on the home
-(:func:`bench_daemon`) unless it is given one."""
+(:func:`bench_daemon`) unless it is given one; ``bench lazy`` starts a second
+home with a daemon serving it over loopback (:func:`serving_home`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vmfork.cli.output import ACCELS, configure_logging, emit_json, say
 from vmfork.errors import InvalidInput, SetupError
+
+if TYPE_CHECKING:
+    from vmfork.bench.lazy import Serving as LazyServing
+    from vmfork.store import Store
 
 #: Seconds a bench daemon may take to serve, and to end after SIGTERM.
 DAEMON_START_SECONDS = 30.0
@@ -171,21 +176,99 @@ def bench_fork(sizes: str, data_mb: int, repeat_size: str, dirty: str, big_dirty
         bf.print_report(result)
 
 
+@bench_cmd.command("lazy")
+@click.option("--memory", default="512M", show_default=True, help="Guest RAM of the template.")
+@click.option("--data", "data_mb", default=200, show_default=True,
+              help="MB of guest data in the template's RAM.")
+@click.option("--rate-limit", "rate", default="125M", show_default=True,
+              help="Bytes per second the serving daemon sends (125M: a 1 Gbit/s link).")
+@click.option("--accel", type=ACCELS, default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_lazy(memory: str, data_mb: int, rate: str, accel: str, as_json: bool) -> None:
+    """Pull a template from a second vmfork home's daemon over loopback:
+    lazily (with and without its working set) against eagerly against
+    copying its files, each to its first clone answering; a second clone
+    against a local one."""
+    from vmfork.bench import lazy as bl
+    from vmfork.cli import signals
+    from vmfork.spec import parse_memory
+    from vmfork.store import Store
+
+    params = bl.LazyBench(memory_mib=parse_memory(memory), data_mb=data_mb,
+                          rate=bl.parse_rate(rate), accel=accel, progress=_progress)
+    params.check()
+    store = Store()
+    try:
+        with serving_home(store, rate) as serving:
+            result = signals.run(bl.run(store, serving, params))
+    finally:
+        store.close()
+    if as_json:
+        emit_json(result)
+    else:
+        bl.print_report(result)
+
+
 @contextlib.contextmanager
-def bench_daemon(home: Path) -> Iterator[str]:
-    """``vmfork serve`` on a socket of its own in *home*, for a benchmark;
-    yields the socket's path once the daemon answers, and ends it (SIGTERM,
-    then SIGKILL after a deadline) when the block ends."""
+def serving_home(store: Store, rate: str) -> Iterator[LazyServing]:
+    """A second vmfork home beside *store*'s (its images shared through a
+    symlink), with a daemon serving it on a free loopback port, bearer
+    token and ``--rate-limit`` *rate*; both removed when the block ends."""
+    import secrets
+    import shutil
+    import socket
+    import tempfile
+
+    from vmfork.bench.lazy import Serving
+    from vmfork.private import make_dirs, write_file
+    from vmfork.store import Store as HomeStore
+
+    home = Path(tempfile.mkdtemp(prefix=".bench-lazy-serving-", dir=store.home))
+    memory_dir = Path(tempfile.mkdtemp(prefix="vmfork-bench-lazy-",
+                                       dir=store.memory_dir.parent))
+    serving_store: Store | None = None
+    try:
+        (home / "images").symlink_to(make_dirs(store.images_dir))
+        token = home / "token"
+        write_file(token, secrets.token_urlsafe(32).encode())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "VMFORK_HOME": str(home), "VMFORK_MEMORY_DIR": str(memory_dir)}
+        serving_store = HomeStore(home, memory_dir)
+        with bench_daemon(home, listen=f"127.0.0.1:{port}", token_file=token,
+                          args=("--rate-limit", rate), env=env) as url:
+            yield Serving(serving_store, url, token)
+    finally:
+        if serving_store is not None:
+            serving_store.close()
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(memory_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bench_daemon(home: Path, *, listen: str | None = None, token_file: Path | None = None,
+                 args: Sequence[str] = (), env: dict[str, str] | None = None
+                 ) -> Iterator[str]:
+    """``vmfork serve`` for a benchmark: on a socket of its own in *home*, or
+    on TCP address *listen* with bearer token *token_file* (then with
+    environment *env*, e.g. another ``VMFORK_HOME``); *args* go to serve too.
+    Yields the socket's path or the base URL once the daemon answers, and
+    ends it (SIGTERM, then SIGKILL after a deadline) when the block ends."""
     import vmfork
 
     sock = home / f"vmforkd-bench-{os.getpid()}.sock"
     log = home / f"vmforkd-bench-{os.getpid()}.log"
+    where = ["--socket", str(sock)]
+    if listen:
+        where = ["--listen", listen, "--token-file", str(token_file)]
+    address = f"http://{listen}" if listen else str(sock)
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vmfork", "serve", "--socket", str(sock)],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen([sys.executable, "-m", "vmfork", "serve", *where, *args],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
     try:
         end = time.monotonic() + DAEMON_START_SECONDS
-        with vmfork.Client(sock, timeout=5) as probe:
+        with vmfork.Client(address, token_file=token_file, timeout=5) as probe:
             while True:
                 if proc.poll() is not None:
                     raise SetupError(f"the bench's vmforkd ended ({proc.returncode}): "
@@ -198,7 +281,7 @@ def bench_daemon(home: Path) -> Iterator[str]:
                         raise SetupError(f"the bench's vmforkd did not answer within "
                                          f"{DAEMON_START_SECONDS:g} s") from None
                     time.sleep(0.05)
-        yield str(sock)
+        yield address
     finally:
         proc.terminate()
         try:
@@ -270,6 +353,6 @@ def bench_api(samples: int, exec_samples: int, memory: str, accel: str, parts: s
 @bench_cmd.command("all")
 @click.pass_context
 def bench_all(ctx: click.Context) -> None:
-    """Every benchmark at its defaults: clone, update, save, api, fork."""
-    for command in (bench_clone, bench_update, bench_save, bench_api, bench_fork):
+    """Every benchmark at its defaults: clone, update, save, api, fork, lazy."""
+    for command in (bench_clone, bench_update, bench_save, bench_api, bench_fork, bench_lazy):
         ctx.invoke(command)
