@@ -21,6 +21,8 @@ def test_parse_rate() -> None:
     assert parse_rate("125M") == 125_000_000
     assert parse_rate("1G") == 10**9
     assert parse_rate("500k") == 500_000
+    assert parse_rate("2Mi") == 2 << 20
+    assert parse_rate("10MB/s") == 10**7
     assert parse_rate("4096") == 4096
     for bad in ("", "fast", "0", "-5M"):
         with pytest.raises(InvalidInput):

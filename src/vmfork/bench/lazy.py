@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import shutil
 import time
@@ -93,18 +94,19 @@ DOWNLOAD_SECONDS = 60.0
 
 
 def parse_rate(text: str) -> int:
-    """Bytes per second from ``125M``, ``1G``, ``500K`` or a plain number
-    (decimal units: 125M is 125,000,000 bytes/s, a 1 Gbit/s link)."""
-    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
-    t = text.strip().upper().removesuffix("B")
-    unit = t[-1:] if t[-1:] in ("K", "M", "G") else ""
-    try:
-        value = float(t[:len(t) - len(unit)]) * units[unit]
-    except ValueError:
-        raise InvalidInput(f"invalid rate {text!r}: use e.g. 125M (bytes per second)") from None
-    if value < 1:
+    """Bytes per second from ``125M`` (K, M, G powers of 1000: 125M is a
+    1 Gbit/s link; Ki, Mi, Gi powers of 1024; an optional ``B`` or ``B/s``
+    after it): the grammar of ``vmfork serve --rate-limit``, which gets the
+    same text."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?)?(?:B(?:/s)?)?\s*", text or "")
+    if not m:
+        raise InvalidInput(f"invalid rate {text!r}: bytes per second, e.g. 125M (1 Gbit/s)")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9,
+             "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30}[(m.group(2) or "").lower()]
+    rate = int(float(m.group(1)) * scale)
+    if rate < 1:
         raise InvalidInput(f"invalid rate {text!r}: at least 1 byte per second")
-    return int(value)
+    return rate
 
 
 @dataclass
@@ -268,14 +270,15 @@ async def _pull_and_clone(store: Store, serving: Serving, source: str, name: str
     memory fetched by then."""
     made.templates.append((store, name))
     t0 = time.monotonic()
-    await pull(store, serving.template_url(source), name, lazy=lazy,
-               token_file=str(serving.token_file), timeouts=timeouts)
+    pulled = await pull(store, serving.template_url(source), name, lazy=lazy,
+                        token_file=serving.token_file, timeouts=timeouts)
     t_pull = time.monotonic() - t0
     c_seconds, c = await _timed_clone(store, name, derived(name, "-1"), made, timeouts)
     t_clone = time.monotonic() - t0
     status = _lazy_status(store, name) if lazy else {}
     fetched = status.get("fetched_bytes")
     out: dict[str, Any] = {"pull_s": t_pull, "first_clone_s": t_clone,
+                           "pull_fetched_bytes": pulled.fetched_bytes,
                            "clone": _clone_figures(c_seconds, c), "clone_name": c.name}
     if lazy:
         out |= {"fetched_bytes": fetched if isinstance(fetched, int) else None,
