@@ -99,11 +99,14 @@ def layout_of(manifest: TemplateManifest, tdir: Path, timeouts: Timeouts = DEFAU
     *tdir* (no catalog access: safe in a worker thread)."""
     key = _fingerprint(manifest, tdir)
     memo_key = str(tdir)
+    pdir = tdir / PUBLISHED
     with _memo_lock:
         hit = _memo.get(memo_key)
-    if hit and hit[0] == key and all(p.exists() for p in hit[2].values()):
+    # The memo holds while the fingerprint and the built files are the same.
+    if (hit and hit[0] and hit[0] == _memo_id(key, pdir)
+            and all(p.exists() for p in hit[2].values())):
         return hit[1], dict(hit[2])
-    pdir = make_dirs(tdir / PUBLISHED)
+    make_dirs(pdir)
     with held(pdir / _LOCK, timeouts.lock,
               f"template {manifest.name}: another vmfork builds its published layout"):
         found = _load(manifest, tdir, key)
@@ -112,15 +115,24 @@ def layout_of(manifest: TemplateManifest, tdir: Path, timeouts: Timeouts = DEFAU
             found = _build(manifest, tdir, key, timeouts)
             log.info("template %s: published layout built in %.2f s", manifest.name,
                      time.monotonic() - t0)
+        memo_id = _memo_id(key, pdir)
     with _memo_lock:
         _memo.pop(memo_key, None)
-        _memo[memo_key] = (key, found[0], dict(found[1]))
+        _memo[memo_key] = (memo_id, found[0], dict(found[1]))
         while len(_memo) > _MEMO_SIZE:
             _memo.pop(next(iter(_memo)))
     return found
 
 
 # -- identities and the fingerprint ---------------------------------------------
+def _memo_id(key: str, pdir: Path) -> str:
+    """*key* and the identity of the built manifest and its key file."""
+    try:
+        return json.dumps([key, _ident(pdir / MANIFEST), _ident(pdir / _KEY)])
+    except FileNotFoundError:
+        return ""
+
+
 def _ident(path: Path | str) -> list[int]:
     """Device, inode, size and mtime of *path*: the same file, unchanged."""
     st = os.stat(path)
@@ -322,6 +334,8 @@ def write_layout(manifest: TemplateManifest, tdir: Path, directory: Path | str,
     total = 0
     try:
         for fname in sorted(paths, key=lambda f: f == MANIFEST):
+            if stop is not None and stop.is_set():
+                raise StateError(f"publishing template {manifest.name} was stopped")
             dst = out / fname
             written.append(dst)
             total += copy_sparse(paths[fname], dst, stop)
