@@ -42,6 +42,7 @@ from vmfork.templates import clone, create
 from vmfork.templates.manifest import template_dir
 
 from .conftest import VMFORK, Env, module_env, run
+from .daemon import start_daemon, stop_daemon
 
 PREPARE = ("head -c 4194304 /dev/urandom > /root/data && md5sum /root/data | cut -d' ' -f1 "
            "> /root/data.md5")
@@ -413,3 +414,22 @@ def test_layout_of_an_unknown_template(tenv: Env) -> None:
         publish.layout(tenv.store(), "nope")
     with pytest.raises(InvalidInput):
         publish.layout(tenv.store(), "../t")
+
+
+def test_files_without_rate_limit_on_the_unix_socket(tenv: Env) -> None:
+    """The daemon's default socket (no token, no rate limit) serves the same bytes."""
+    published, paths = publish.layout(tenv.store(), "t")
+    d = start_daemon(tenv)
+    try:
+        base = "/v1/templates/t/files"
+        r = d.get(f"{base}/{STATE}")
+        assert r.status_code == 200 and r.content == paths[STATE].read_bytes()
+        i = next(i for i, c in enumerate(published.chunks) if c is not None)
+        r = d.get(f"{base}/{MEMORY}",
+                  headers={"Range": f"bytes={i * CHUNK_SIZE}-{(i + 1) * CHUNK_SIZE - 1}"})
+        assert r.status_code == 206 and hashlib.sha256(r.content).hexdigest() == \
+            published.chunks[i]
+        r = d.get(f"{base}/{disk_file(0)}", headers={"Range": "bytes=0-3"})
+        assert r.status_code == 206 and r.content == b"QFI\xfb"
+    finally:
+        assert stop_daemon(d) == 0, d.log.read_text()

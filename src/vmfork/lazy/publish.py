@@ -139,6 +139,13 @@ def _ident(path: Path | str) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
+def _ident_or_none(path: Path) -> list[int] | None:
+    try:
+        return _ident(path)
+    except FileNotFoundError:
+        return None
+
+
 def _whole_files(manifest: TemplateManifest) -> dict[str, Path]:
     """The layout's files served as they are: state, kernel, initrd."""
     files = {STATE: manifest.state_path}
@@ -160,14 +167,14 @@ def _disk_sources(manifest: TemplateManifest) -> dict[int, list[Any]]:
 
 def _fingerprint(manifest: TemplateManifest, tdir: Path) -> str:
     """What a layout is built from: the template's manifest, the identity of
-    each of its files, its working set."""
+    each of its files and of its working set's."""
     try:
         parts: dict[str, Any] = {
             "manifest": manifest.to_dict(),
             "memory": _ident(manifest.memory_path),
             "files": {k: _ident(p) for k, p in _whole_files(manifest).items()},
             "disks": _disk_sources(manifest),
-            "working_set": list(working_set.read(tdir)),
+            "working_set": _ident_or_none(tdir / working_set.FILE),
         }
     except FileNotFoundError as exc:
         raise TemplateError(f"template {manifest.name}: {exc.filename} is missing") from None

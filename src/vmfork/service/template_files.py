@@ -21,10 +21,12 @@ that speed, for benchmarks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -34,8 +36,10 @@ from vmfork.errors import InvalidInput, NotFound
 from vmfork.lazy import publish
 from vmfork.lazy.published import MANIFEST
 from vmfork.names import check_name
+from vmfork.records import TemplateManifest
 from vmfork.service.state import ServiceState, state_of
 from vmfork.templates.manifest import template_dir
+from vmfork.timeouts import Timeouts
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
@@ -129,108 +133,164 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return a, b
 
 
-async def _open(request: Request, name: str, file: str) -> tuple[int, int, str]:
-    """An open descriptor of *file* of template *name*'s layout, its size and
-    content type (NotFound for a file the layout has not)."""
-    state = state_of(request)
-    store = state.host.store
-    manifest = store.get_template(check_name(name, "template"))
-    tdir = template_dir(store, manifest.name)
-    lock = _build_lock(state, manifest.name)
-    async with lock:  # one build at a time; a built layout answers at once
-        _published, paths = await asyncio.to_thread(publish.layout_of, manifest, tdir,
-                                                    state.host.timeouts)
+@dataclass
+class _Opened:
+    """A file of a layout opened for one answer, in a worker thread: its
+    descriptor (None once closed), its size, the bytes to send (*first* to
+    *last*; *partial* for a range; *unsatisfiable* for a range that cannot
+    be), and those bytes themselves when they fit in one read block."""
+
+    fd: int | None
+    size: int
+    first: int
+    last: int
+    partial: bool
+    unsatisfiable: bool = False
+    data: bytes | None = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _prepare(manifest: TemplateManifest, tdir: Path, file: str, header: str | None,
+             body: bool, timeouts: Timeouts) -> _Opened:
+    """Open *file* of the layout and find the range of *header*; read it at
+    once if it fits in one block (one trip to a worker thread for a chunk)."""
+    _published, paths = publish.layout_of(manifest, tdir, timeouts)
     path = paths.get(file)
     if path is None:
-        raise NotFound(f"template {name} has no file {file[:80]!r} (it has "
+        raise NotFound(f"template {manifest.name} has no file {file[:80]!r} (it has "
                        f"{', '.join(sorted(paths))})")
-    opening = asyncio.ensure_future(asyncio.to_thread(_open_file, path))
     try:
-        fd = await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        opening.add_done_callback(_close_opened)
-        raise
-    size = os.fstat(fd).st_size
-    return fd, size, "application/json" if file == MANIFEST else "application/octet-stream"
-
-
-def _open_file(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise NotFound(f"{path.name} of the template is gone") from None
+        raise NotFound(f"{file} of template {manifest.name} is gone") from None
+    opened = _Opened(fd, 0, 0, -1, False)
+    try:
+        opened.size = os.fstat(fd).st_size
+        opened.last = opened.size - 1
+        if header is not None:
+            r = parse_range(header, opened.size)
+            if r is None:
+                opened.unsatisfiable = True
+                opened.close()
+                return opened
+            opened.first, opened.last, opened.partial = r[0], r[1], True
+        length = opened.last - opened.first + 1
+        if not body:
+            opened.close()
+        elif length <= READ_BLOCK:
+            opened.data = os.pread(fd, length, opened.first)
+            opened.close()
+        return opened
+    except BaseException:
+        opened.close()
+        raise
 
 
-def _close_opened(task: asyncio.Future[int]) -> None:
-    """Close what an abandoned open returned."""
+def _close_opened(task: asyncio.Future[_Opened]) -> None:
+    """Close what an abandoned request opened."""
     if not task.cancelled() and task.exception() is None:
-        os.close(task.result())
+        task.result().close()
 
 
-def _build_lock(state: ServiceState, name: str) -> asyncio.Lock:
-    locks = state.parts.get("file_build_locks")
-    if not isinstance(locks, dict):
-        locks = state.parts["file_build_locks"] = {}
-    lock = locks.get(name)
-    if not isinstance(lock, asyncio.Lock):
-        lock = locks[name] = asyncio.Lock()
+def _first_build_lock(state: ServiceState, name: str) -> asyncio.Lock | None:
+    """A lock for the requests of template *name* until its layout was built
+    once by this daemon (they would all wait for that build, each in a
+    worker thread); None after that."""
+    if name in _built(state):
+        return None
+    locks = state.parts.setdefault("file_build_locks", {})
+    assert isinstance(locks, dict)
+    lock = locks.setdefault(name, asyncio.Lock())
+    assert isinstance(lock, asyncio.Lock)
     return lock
 
 
+def _built(state: ServiceState) -> set[str]:
+    built = state.parts.setdefault("file_layouts_built", set())
+    assert isinstance(built, set)
+    return built
+
+
+async def _open(state: ServiceState, name: str, file: str, header: str | None,
+                body: bool) -> _Opened:
+    store = state.host.store
+    manifest = store.get_template(check_name(name, "template"))
+    tdir = template_dir(store, manifest.name)
+    lock = _first_build_lock(state, manifest.name)
+    async with lock if lock is not None else contextlib.nullcontext():
+        job = asyncio.ensure_future(asyncio.to_thread(
+            _prepare, manifest, tdir, file, header, body, state.host.timeouts))
+        try:
+            opened = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(_close_opened)
+            raise
+        _built(state).add(manifest.name)
+    return opened
+
+
 async def _answer(request: Request, name: str, file: str, body: bool) -> Response:
-    fd, size, media = await _open(request, name, file)
+    state = state_of(request)
+    header = request.headers.get("range")
+    opened = await _open(state, name, file, header, body)
     try:
-        headers = {"Accept-Ranges": "bytes"}
-        status = 200
-        first, last = 0, size - 1
-        header = request.headers.get("range")
-        if header is not None:
-            r = parse_range(header, size)
-            if r is None:
-                os.close(fd)
-                return JSONResponse(
-                    {"error": {"code": "range_not_satisfiable",
-                               "message": f"range {header.strip()[:80]!r} is not within "
-                                          f"the {size} bytes of {file}, or not one range"}},
-                    status_code=416, headers={"Content-Range": f"bytes */{size}",
-                                              "Accept-Ranges": "bytes"})
-            first, last = r
-            status = 206
-            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-        length = last - first + 1
-        headers["Content-Length"] = str(length)
-        if not body:
-            os.close(fd)
-            return Response(status_code=status, headers=headers, media_type=media)
-        limit = rate_limit_of(state_of(request))
-        return StreamingResponse(_blocks(fd, first, length, limit), status_code=status,
-                                 headers=headers, media_type=media)
+        if opened.unsatisfiable:
+            return JSONResponse(
+                {"error": {"code": "range_not_satisfiable",
+                           "message": f"range {(header or '').strip()[:80]!r} is not within "
+                                      f"the {opened.size} bytes of {file}, or not one range"}},
+                status_code=416, headers={"Content-Range": f"bytes */{opened.size}",
+                                          "Accept-Ranges": "bytes"})
+        media = "application/json" if file == MANIFEST else "application/octet-stream"
+        length = opened.last - opened.first + 1
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(length)}
+        if opened.partial:
+            headers["Content-Range"] = f"bytes {opened.first}-{opened.last}/{opened.size}"
+        status = 206 if opened.partial else 200
+        limit = rate_limit_of(state)
+        if not body or (opened.data is not None and limit is None):
+            return Response(opened.data or b"", status_code=status, headers=headers,
+                            media_type=media)
+        blocks = (_sent(opened.data, limit) if opened.data is not None else
+                  _blocks(opened, limit))
+        return StreamingResponse(blocks, status_code=status, headers=headers,
+                                 media_type=media)
     except BaseException:
-        os.close(fd)
+        opened.close()
         raise
 
 
-async def _blocks(fd: int, start: int, length: int,
-                  limit: RateLimit | None) -> AsyncIterator[bytes]:
-    """*length* bytes of *fd* from *start*, in blocks drawn from *limit*;
-    closes *fd* at the end (or when the answer is abandoned)."""
+async def _sent(data: bytes, limit: RateLimit | None) -> AsyncIterator[bytes]:
+    """*data* in blocks drawn from *limit*."""
+    view = memoryview(data)
+    for off in range(0, len(data), SEND_BLOCK):
+        part = view[off:off + SEND_BLOCK]
+        if limit is not None:
+            await limit.take(len(part))
+        yield bytes(part)
+
+
+async def _blocks(opened: _Opened, limit: RateLimit | None) -> AsyncIterator[bytes]:
+    """The range of *opened*, read in blocks and sent through *limit*;
+    closes its file at the end (or when the answer is abandoned)."""
     try:
-        pos, end = start, start + length
-        while pos < end:
-            data = await asyncio.to_thread(os.pread, fd, min(READ_BLOCK, end - pos), pos)
+        pos, end = opened.first, opened.last + 1
+        while pos < end and opened.fd is not None:
+            data = await asyncio.to_thread(os.pread, opened.fd, min(READ_BLOCK, end - pos), pos)
             if not data:
                 return  # the file shrank: the client sees a short body
             pos += len(data)
             if limit is None:
                 yield data
-                continue
-            view = memoryview(data)
-            for off in range(0, len(data), SEND_BLOCK):
-                part = view[off:off + SEND_BLOCK]
-                await limit.take(len(part))
-                yield bytes(part)
+            else:
+                async for part in _sent(data, limit):
+                    yield part
     finally:
-        os.close(fd)
+        opened.close()
 
 
 _RESPONSES: dict[int | str, dict[str, object]] = {
