@@ -2,18 +2,21 @@
 single-range `Range` support (Python's http.server has none), HEAD, 206 with
 `Content-Range`, 416 for a range past the end, `Accept-Ranges: bytes`,
 threaded, optionally limited to a number of bytes per second over all
-responses (a token bucket, like a slow link). Started on a free loopback port
-and stopped by the test or benchmark that owns it:
+responses (a token bucket, like a slow link), or over the responses for some
+files only (``rate_only``: their names); a GET that touches one of the byte
+spans in ``refuse`` (file name, first byte, last byte) answers 503, like a
+source that cannot serve part of a file. Started on a free loopback port and
+stopped by the test or benchmark that owns it:
 
-    with RangeServer(directory, rate=10_000_000) as srv:
+    with RangeServer(directory, rate=10_000_000, rate_only=("memory",)) as srv:
         url = srv.url            # http://127.0.0.1:PORT
         srv.requests             # (method, path, range header) seen so far
         srv.stop()               # idempotent; the with block calls it too
 
 `stop()` closes open connections too, so a client in the middle of a body
 sees the source vanish, like a killed host. `python -m tests.range_server DIR
-[--port P] [--rate BYTES]` runs one in the foreground (for a test that kills
-the server's process)."""
+[--port P] [--rate BYTES] [--rate-only NAME ...]` runs one in the foreground
+and prints its URL (for a test that kills the server's process)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import contextlib
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -133,6 +137,9 @@ class _Handler(BaseHTTPRequestHandler):
                         self.end_headers()
                         return
                     start, end, status = span[0], span[1], HTTPStatus.PARTIAL_CONTENT
+            if body and self._refused(path.name, start, end):
+                self._empty(HTTPStatus.SERVICE_UNAVAILABLE)
+                return
             length = max(0, end - start + 1)
             self.send_response(status)
             self.send_header("Accept-Ranges", "bytes")
@@ -142,14 +149,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()
             if body:
-                self._send_body(f.fileno(), start, length)
+                limited = not self.server.rate_only or path.name in self.server.rate_only
+                self._send_body(f.fileno(), start, length, limited)
 
-    def _send_body(self, fd: int, start: int, length: int) -> None:
+    def _refused(self, name: str, start: int, end: int) -> bool:
+        return any(f == name and start <= last and first <= end
+                   for f, first, last in self.server.refuse)
+
+    def _send_body(self, fd: int, start: int, length: int, limited: bool) -> None:
         srv = self.server
         sent = 0
         while sent < length:
             n = min(_BLOCK, length - sent)
-            if srv.bucket is not None and not srv.bucket.take(n, srv.stopping):
+            if limited and srv.bucket is not None and not srv.bucket.take(n, srv.stopping):
                 return
             if srv.stopping.is_set():
                 return
@@ -174,9 +186,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, root: Path, rate: int | None, port: int) -> None:
+    def __init__(self, root: Path, rate: int | None, rate_only: tuple[str, ...],
+                 refuse: tuple[tuple[str, int, int], ...], port: int) -> None:
         self.root = root.resolve()
         self.bucket = TokenBucket(rate) if rate else None
+        self.rate_only = rate_only
+        self.refuse = refuse
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str | None]] = []
@@ -190,6 +205,13 @@ class _Server(ThreadingHTTPServer):
                 self.conns.add(request)
         super().process_request(request, client_address)
 
+    def handle_error(self, request: _Request, client_address: Any) -> None:
+        """A client that went away (reset, broken pipe) is normal here; any
+        other error is printed as socketserver does."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handle_error(request, client_address)
+
     def shutdown_request(self, request: _Request) -> None:
         if isinstance(request, socket.socket):
             with self.lock:
@@ -201,8 +223,10 @@ class RangeServer:
     """One server on 127.0.0.1 (port 0 = a free one), serving `root`; see the
     module docstring."""
 
-    def __init__(self, root: Path, rate: int | None = None, port: int = 0) -> None:
-        self._srv = _Server(Path(root), rate, port)
+    def __init__(self, root: Path, rate: int | None = None, port: int = 0,
+                 rate_only: tuple[str, ...] = (),
+                 refuse: tuple[tuple[str, int, int], ...] = ()) -> None:
+        self._srv = _Server(Path(root), rate, tuple(rate_only), tuple(refuse), port)
         self.port: int = self._srv.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(
@@ -253,8 +277,10 @@ def main() -> None:
     p.add_argument("directory", type=Path)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--rate", type=int, default=None, help="bytes per second")
+    p.add_argument("--rate-only", action="append", default=[], metavar="NAME",
+                   help="limit only the answers for files of this name (repeatable)")
     a = p.parse_args()
-    srv = RangeServer(a.directory, rate=a.rate, port=a.port)
+    srv = RangeServer(a.directory, rate=a.rate, port=a.port, rate_only=tuple(a.rate_only))
     print(srv.url, flush=True)
     try:
         threading.Event().wait()

@@ -51,6 +51,8 @@ SLOW_SECONDS = 40.0
 #: the margin a test allows beyond it.
 SOURCE_DEADLINE = 30.0
 MARGIN = 60.0
+#: Most chunks a prefetch request of the FUSE server asks for at once.
+PREFETCH_RUN = 4
 #: Seconds a daemon may take to answer, and to end after SIGTERM.
 DAEMON_START = 30.0
 DAEMON_STOP = 60.0
@@ -104,6 +106,17 @@ def lazy_servers(home: Path) -> list[psutil.Process]:
     return found
 
 
+def qemu_of(home: Path) -> list[int]:
+    """Pids of the QEMU processes of *home*'s VMs."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status", "name"]):
+        with contextlib.suppress(psutil.Error):
+            if (p.info["status"] != psutil.STATUS_ZOMBIE and "qemu" in (p.info["name"] or "")
+                    and any(str(home) in a for a in p.info["cmdline"] or [])):
+                found.append(p.pid)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,10 +135,12 @@ def template_row(env: Env, name: str) -> dict[str, Any]:
     return row
 
 
-def one_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, f"not one line: {text!r}"
-    return lines[0]
+def error_line(stderr: str) -> str:
+    """The one ``vmfork: error:`` line of a failed command (other lines may
+    be warnings of what it undid; no traceback)."""
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("vmfork: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, f"not one error line: {stderr!r}"
+    return errors[0]
 
 
 # -- the serving home ------------------------------------------------------------------------
@@ -141,6 +156,8 @@ class Serving:
     published: Path
     manifest: Published
     token: Path
+    #: Chunks of the memory that hold the guest's data and nothing else.
+    data_chunks: tuple[int, ...]
 
     @property
     def nonzero_bytes(self) -> int:
@@ -154,16 +171,41 @@ class Serving:
         return max(64 * 1024, int(self.nonzero_bytes / SLOW_SECONDS))
 
 
+def data_bytes(block: bytes) -> bytes:
+    """The guest's data file: DATA_MB copies of *block* (1 MiB), each after
+    its index on a line (so that no two pages are alike)."""
+    return b"".join(f"{i}\n".encode() + block for i in range(DATA_MB))
+
+
+def data_chunks(memory: Path, data: bytes, chunk_size: int) -> tuple[int, ...]:
+    """Chunks of memory file *memory* made of pages of *data* only (the
+    guest's page cache of the data file): no other guest memory is in them."""
+    page = 4096
+    pages = {data[i:i + page] for i in range(0, len(data) - page + 1, page)}
+    found = []
+    with open(memory, "rb") as f:
+        i = 0
+        while chunk := f.read(chunk_size):
+            if all(chunk[k:k + page] in pages for k in range(0, len(chunk), page)):
+                found.append(i)
+            i += 1
+    return tuple(found)
+
+
 @pytest.fixture(scope="module")
 def serving(session_images: Path) -> Iterator[Serving]:
     with module_env("vflzA", session_images) as e:
         e.cli("run", "build", "--demo", "--memory", TEMPLATE_MEMORY, "--accel", "tcg",
               check=True)
         e.cli("exec", "build", "mount -o remount,size=95% /", check=True)
-        fill = (f"head -c 1048576 /dev/urandom > /run/blk && i=0 && while [ $i -lt {DATA_MB} ];"
-                f" do echo $i; cat /run/blk; i=$((i+1)); done > {DATA_FILE} && rm /run/blk && "
-                f"md5sum {DATA_FILE}")
+        block = os.urandom(1 << 20)
+        (e.home / "block").write_bytes(block)
+        e.cli("cp", str(e.home / "block"), "build:/run/blk", check=True)
+        fill = (f"i=0 && while [ $i -lt {DATA_MB} ]; do echo $i; cat /run/blk; i=$((i+1)); "
+                f"done > {DATA_FILE} && rm /run/blk && md5sum {DATA_FILE}")
         md5 = e.cli("exec", "build", fill, check=True, timeout=600).stdout.split()[0]
+        data = data_bytes(block)
+        assert hashlib.md5(data).hexdigest() == md5
         e.cli("template", "create", "base", "--from", "build", check=True)
         published = e.home / "published-base"
         e.cli("template", "publish", "base", str(published), check=True, timeout=600)
@@ -171,7 +213,10 @@ def serving(session_images: Path) -> Iterator[Serving]:
         token = e.home / "token"
         token.write_text("test-token-" + hashlib.sha256(os.urandom(16)).hexdigest())
         token.chmod(0o600)
-        yield Serving(e, md5, published, manifest, token)
+        chunks = data_chunks(published / MEMORY, data, manifest.chunk_size)
+        # Most of the data's 64 chunks hold nothing else (tmpfs pages in runs).
+        assert len(chunks) >= DATA_MB, chunks
+        yield Serving(e, md5, published, manifest, token, chunks)
 
 
 @dataclass
@@ -328,7 +373,7 @@ def test_daemon_refuses_a_wrong_token_and_eager_pull(serving: Serving, puller: E
     with daemon(serving) as d:
         p = pull(env, d.template_url(), "--eager", "--token-file", str(wrong), check=False)
         assert p.returncode != 0
-        assert "401" in one_line(p.stderr) or "token" in p.stderr.lower(), p.stderr
+        assert "401" in error_line(p.stderr) or "token" in p.stderr.lower(), p.stderr
         assert_gone(env, "base")
 
         pull(env, d.template_url(), "copy", "--eager", "--token-file", str(serving.token))
@@ -404,7 +449,7 @@ def test_a_corrupted_chunk_is_refused(serving: Serving, puller: Env,
     with RangeServer(d) as srv:
         p = pull(env, srv.url, "eager", "--eager", check=False)
         assert p.returncode != 0
-        assert "sha256" in one_line(p.stderr).lower() or "chunk" in p.stderr.lower(), p.stderr
+        assert "sha256" in error_line(p.stderr).lower() or "chunk" in p.stderr.lower(), p.stderr
         assert_gone(env, "eager")
 
         before = len(srv.requests)
@@ -426,28 +471,26 @@ def test_a_corrupted_chunk_is_refused(serving: Serving, puller: Env,
 
 
 def test_source_killed_during_prefetch(serving: Serving, puller: Env) -> None:
-    """The daemon killed while a lazy template is still fetching: within the
-    server's deadline the template is ``broken`` with a one-line cause, a
-    clone that reads memory not yet fetched is reported dead, and
-    ``template rm --force`` leaves no mount, no QEMU and no cache. An eager
-    pull whose source goes away fails with one line and leaves nothing."""
+    """The daemon killed while a lazy template is still fetching, before any
+    clone: a clone fails with one error line within the server's deadline,
+    no QEMU is left, the template is ``broken`` with a one-line cause that
+    names the source, and ``template rm --force`` leaves no mount, no server
+    and no cache. An eager pull whose source goes away fails with one line
+    naming it and leaves nothing."""
     env = puller
     with daemon(serving, rate=serving.slow_rate()) as d:
         pull(env, d.template_url(), "--lazy", "--token-file", str(serving.token))
-        (c,) = cli_json(env, "clone", "base")
         assert template_row(env, "base")["state"] == "fetching"
         d.proc.kill()
         d.proc.wait(10)
+    p = env.cli("clone", "base", timeout=SOURCE_DEADLINE + MARGIN)
+    assert p.returncode != 0, p.stdout
+    error_line(p.stderr)
+    assert cli_json(env, "ls") == []
+    assert not qemu_of(env.home)
     row = wait_for("the template broken", lambda: (
         r := template_row(env, "base"))["state"] == "broken" and r, SOURCE_DEADLINE + MARGIN)
-    assert row["cause"] and "\n" not in row["cause"], row
-    # The data is not all fetched (the rate makes it slow): reading it needs
-    # the source; the clone's QEMU cannot read its memory and ends.
-    r = env.cli("exec", c["name"], f"md5sum {DATA_FILE}", timeout=SOURCE_DEADLINE + MARGIN)
-    assert r.returncode != 0 or r.stdout.split()[0] == serving.md5, r
-    if r.returncode != 0:
-        states = {v["name"]: v["state"] for v in cli_json(env, "ls")}
-        assert states[c["name"]] == "dead", states
+    assert row["cause"] and "\n" not in row["cause"] and "127.0.0.1" in row["cause"], row
     env.cli("template", "rm", "--force", "base", check=True)
     assert_gone(env, "base")
     assert not [p for p in psutil.process_iter(["cmdline"])
@@ -458,9 +501,11 @@ def test_source_killed_during_prefetch(serving: Serving, puller: Env) -> None:
                                 env=env.environ, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            tenth = serving.nonzero_bytes // 10
+            # Past the whole files: a tenth of the memory has been sent.
+            some = sum(f.size for f in serving.manifest.files.values()) + \
+                serving.nonzero_bytes // 10
             wait_for("the eager pull under way",
-                     lambda: srv.bytes_sent > tenth or proc.poll() is not None,
+                     lambda: srv.bytes_sent > some or proc.poll() is not None,
                      SLOW_SECONDS + MARGIN)
             srv.stop()
             _, err = proc.communicate(timeout=SOURCE_DEADLINE + MARGIN)
@@ -469,8 +514,48 @@ def test_source_killed_during_prefetch(serving: Serving, puller: Env) -> None:
                 proc.kill()
                 proc.wait()
     assert proc.returncode != 0, "the eager pull ended well without its source"
-    assert one_line(err), err
+    assert srv.url in error_line(err), err
     assert_gone(env, "eager")
+
+
+def test_clone_that_cannot_read_its_memory_is_reported_dead(serving: Serving,
+                                                            puller: Env) -> None:
+    """A clone runs from a lazy template whose source cannot serve the
+    chunks of the guest's data (503 for them: a source gone for part of the
+    memory): a read of the data ends the clone's QEMU (never wrong data),
+    the clone is reported dead with that cause and the template ``broken``
+    with a cause naming the source; ``template rm --force`` leaves nothing."""
+    env = puller
+    cs = serving.manifest.chunk_size
+    # Chunks of data amid data: a prefetch request for several chunks in a
+    # row that takes one of them asks for data only.
+    data = set(serving.data_chunks)
+    inner = [i for i in data if all(i + k in data for k in range(-PREFETCH_RUN, PREFETCH_RUN + 1))]
+    assert inner, serving.data_chunks
+    refuse = tuple((MEMORY, i * cs, (i + 1) * cs - 1) for i in inner)
+    with RangeServer(serving.published, refuse=refuse) as srv:
+        pull(env, srv.url, "base", "--lazy")
+        (c,) = cli_json(env, "clone", "base")
+        r = env.cli("exec", c["name"], f"md5sum {DATA_FILE}", timeout=SOURCE_DEADLINE + MARGIN)
+        assert r.returncode != 0, f"the data was read without its source: {r.stdout}"
+        error_line(r.stderr)
+        states = wait_for("the clone reported dead", lambda: (
+            s := {v["name"]: v["state"] for v in cli_json(env, "ls")})[c["name"]] == "dead"
+            and s, MARGIN)
+        assert states == {c["name"]: "dead"}
+        row = wait_for("the template broken", lambda: (
+            r := template_row(env, "base"))["state"] == "broken" and r, SOURCE_DEADLINE + MARGIN)
+        assert row["cause"] and srv.url in row["cause"] and "\n" not in row["cause"], row
+    # The dead clone is reported with the cause: by a command on it, or its listing.
+    again = env.cli("exec", c["name"], "true")
+    assert again.returncode != 0
+    (listed,) = [v for v in cli_json(env, "ls") if v["name"] == c["name"]]
+    assert srv.url in error_line(again.stderr) or srv.url in json.dumps(listed), (
+        f"the dead clone's report does not name the cause {row['cause']!r}: "
+        f"{again.stderr.strip()!r}, {listed}")
+    env.cli("template", "rm", "--force", "base", check=True)
+    assert_gone(env, "base")
+    assert not qemu_of(env.home)
 
 
 def test_complete_template_outlives_its_source(serving: Serving, puller: Env) -> None:

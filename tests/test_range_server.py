@@ -4,6 +4,9 @@ the rate limit, and a stop that drops a body in flight."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -50,6 +53,11 @@ def test_ranges_head_and_errors(served: Path) -> None:
         assert c.get("/../secret").status_code == 404
         assert c.get("/%2e%2e/secret").status_code == 404
         assert [m for m, _, _ in srv.requests].count("HEAD") == 1
+    with RangeServer(served, refuse=(("f", 100, 199),)) as srv, httpx.Client() as c:
+        assert c.get(f"{srv.url}/f", headers={"Range": "bytes=0-99"}).status_code == 206
+        assert c.get(f"{srv.url}/f", headers={"Range": "bytes=199-300"}).status_code == 503
+        assert c.get(f"{srv.url}/f").status_code == 503
+        assert c.head(f"{srv.url}/f").status_code == 200
 
 
 def test_rate_limit_and_stop(tmp_path: Path) -> None:
@@ -78,3 +86,38 @@ def test_rate_limit_and_stop(tmp_path: Path) -> None:
     assert not t.is_alive()
     assert failed and not got
     assert srv.bytes_sent < 4 << 20
+
+
+def test_rate_only_some_files_and_the_process(tmp_path: Path) -> None:
+    """With rate_only, other files are not held back; run as a process, the
+    server prints its URL and serves until killed."""
+    (tmp_path / "slow").write_bytes(b"\1" * (4 << 20))
+    (tmp_path / "fast").write_bytes(b"\2" * (1 << 20))
+    with RangeServer(tmp_path, rate=256 * 1024, rate_only=("slow",)) as srv:
+        done = threading.Event()
+
+        def fetch_slow() -> None:
+            with contextlib.suppress(httpx.HTTPError), httpx.Client(timeout=30) as c:
+                c.get(f"{srv.url}/slow")
+            done.set()
+
+        t = threading.Thread(target=fetch_slow)
+        t.start()
+        try:
+            r = httpx.get(f"{srv.url}/fast", timeout=30)
+            assert r.status_code == 200 and len(r.content) == 1 << 20
+            # 4 MiB at 256 KiB/s take ~16 s: the slow answer is still going.
+            assert not done.is_set()
+        finally:
+            srv.stop()
+            t.join(timeout=30)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.range_server", str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert httpx.get(f"{url}/fast", headers={"Range": "bytes=0-0"}).content == b"\2"
+    finally:
+        proc.kill()
+        proc.wait(10)
