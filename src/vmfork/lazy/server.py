@@ -2,7 +2,8 @@
 while it arrives.
 
 Run as its own process, ``python -m vmfork.lazy.server TEMPLATE_DIR
-[--deadline S] [--linger S]`` (``template pull --lazy`` starts it detached).
+[--deadline S] [--linger S] [--no-prefetch]`` (``template pull --lazy``
+starts it detached).
 Owns everything in TEMPLATE_DIR that concerns the memory's arrival:
 
 ``published.json`` (read)
@@ -258,8 +259,9 @@ class LazyMemory:
     """The chunk cache, its bitmap, fetches and prefetch of one template."""
 
     def __init__(self, template_dir: Path, published: Published, source: Source,
-                 deadline: float, linger: float) -> None:
+                 deadline: float, linger: float, prefetch: bool = True) -> None:
         self.dir = template_dir
+        self.prefetch = prefetch
         self.pub = published
         self.source = source
         self.deadline = deadline
@@ -347,7 +349,7 @@ class LazyMemory:
                 local_bytes -= self.n * self.cs - self.size
             return LazyStatus(
                 state=self.state, cause=self.cause,
-                pid=os.getpid() if self.mounted or not self._stopping else None,
+                pid=None if self._stopping else os.getpid(),
                 mounted=self.mounted, fetched_bytes=self.fetched, local_bytes=local_bytes,
                 total_bytes=self.size, chunks_total=self.n, chunks_local=local,
                 started=self.started, completed=self.completed)
@@ -545,7 +547,8 @@ class LazyMemory:
         log.info("%s: serving %s (%s)", self.dir.name, self.dir / MOUNT / MEMORY, self.state)
         order, pos = self._order(), [0]
         targets: list[Callable[[], None]] = [self._keeper]
-        targets += [lambda: self._prefetch(order, pos)] * PREFETCH_THREADS
+        if self.prefetch:
+            targets += [lambda: self._prefetch(order, pos)] * PREFETCH_THREADS
         for t in targets:
             th = threading.Thread(target=t, daemon=True, name="vmfork-lazy")
             th.start()
@@ -626,9 +629,11 @@ class MemoryFS(mfusepy.Operations):  # type: ignore[misc]
         return self.mem.read(size, offset)
 
 
-def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER) -> int:
+def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER,
+          prefetch: bool = True) -> int:
     """Serve *template_dir*'s memory until SIGTERM, or until it is complete
-    and unused; the exit status (0, or 1 when it could not start)."""
+    and unused; the exit status (0, or 1 when it could not start). Without
+    *prefetch* only what is read is fetched (to measure what a clone reads)."""
     mem: LazyMemory | None = None
     source: Source | None = None
     try:
@@ -645,7 +650,7 @@ def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER
             mnt.mkdir(mode=DIR_MODE)
         os.chmod(mnt, DIR_MODE, follow_symlinks=False)
         source = Source(url, token)
-        mem = LazyMemory(template_dir, pub, source, deadline, linger)
+        mem = LazyMemory(template_dir, pub, source, deadline, linger, prefetch)
     except (VmforkError, OSError, subprocess.SubprocessError) as exc:
         cause = str(exc) if isinstance(exc, VmforkError) else f"{template_dir}: {exc}"
         _fail(template_dir, cause)
@@ -694,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds a fetch retries before the template is broken")
     p.add_argument("--linger", type=float, default=LINGER,
                    help="seconds a complete, unused server waits before it exits")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="fetch only what is read (to measure what a clone reads)")
     a = p.parse_args(argv)
     if not a.deadline > 0 or not a.linger >= 0:
         p.error("--deadline must be above 0 and --linger at least 0")
@@ -702,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("mfusepy").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return serve(a.template_dir.absolute(), a.deadline, a.linger)
+    return serve(a.template_dir.absolute(), a.deadline, a.linger, a.prefetch)
 
 
 if __name__ == "__main__":
