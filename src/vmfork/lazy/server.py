@@ -13,9 +13,11 @@ Owns everything in TEMPLATE_DIR that concerns the memory's arrival:
     ``{"url": base url, "token_file": path or null}``: where chunks come from.
 ``mnt/`` (mount point, 0700)
     a read-only FUSE file system (libfuse3 through mfusepy; owner only, no
-    ``allow_other``; ``auto_unmount``, so that a server killed with SIGKILL
-    leaves no mount) holding one file, ``memory`` (0400, ``memory_size``
-    bytes), which clones map privately like any template's memory file.
+    ``allow_other``; ``auto_unmount``: a watching ``fusermount3`` detaches
+    the mount of a server killed with SIGKILL, most of the time; a server
+    that finds a dead mount on ``mnt`` detaches it first) holding one
+    file, ``memory`` (0400, ``memory_size`` bytes), which clones map
+    privately like any template's memory file.
     Mapping is allowed (no ``direct_io``), the kernel keeps what it read
     (``kernel_cache``: the content never changes), and its readahead is
     kept to :data:`MAX_READAHEAD` so that a page fault brings few chunks.
@@ -24,19 +26,20 @@ Owns everything in TEMPLATE_DIR that concerns the memory's arrival:
     its offset; chunks of zeros are never fetched nor written (holes).
 ``chunks.bitmap`` (0600)
     which chunks of the cache are present, tied to the manifest's chunk
-    list; written (atomically, after an fdatasync of the cache) every
-    :data:`STATUS_EVERY` seconds while chunks arrive, so that a restart
-    resumes where the last server stopped, refetching at most the chunks of
-    its last moments.
+    list and to the cache file (device and inode); written atomically,
+    after an fdatasync of the cache, every :data:`STATUS_EVERY` seconds
+    while chunks arrive, so that a restart resumes where the last server
+    stopped, refetching at most the chunks of its last moments.
 ``lazy.json`` (0600, written atomically)
-    :class:`LazyStatus`: ``fetching``, ``complete`` or ``broken`` (with a
-    one-line cause), the server's pid, whether the mount is live, and
-    counts of bytes and chunks. Rewritten every :data:`STATUS_EVERY`
+    :class:`~vmfork.lazy.status.LazyStatus`: ``fetching``, ``complete``
+    or ``broken`` (with a one-line cause), the server's pid, whether the
+    mount is live, and counts of bytes and chunks. Rewritten every :data:`STATUS_EVERY`
     seconds when something changed, and at every change of state.
 ``mount.lock``
     an flock: a server that is complete and unused takes it exclusively
     before it unmounts; whoever starts a process on ``mnt/memory`` holds it
-    shared until that process has the file open (see :func:`exit_lock`).
+    shared until that process has the file open
+    (:func:`vmfork.lazy.status.exit_lock`).
 
 A read of chunks present is served from the cache. A missing chunk is
 fetched (one fetch per chunk however many readers wait for it; a read
@@ -74,8 +77,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +87,24 @@ from vmfork.errors import TemplateError, VmforkError
 from vmfork.files import write_atomic
 from vmfork.lazy.published import MEMORY, Published
 from vmfork.lazy.source import Source, SourceError
+from vmfork.lazy.status import (
+    BITMAP,
+    BROKEN,
+    CACHE,
+    COMPLETE,
+    FETCHING,
+    LOCK,
+    MOUNT,
+    PUBLISHED,
+    SOURCE,
+    LazyStatus,
+    mounted,
+    read_status,
+    write_status,
+)
 from vmfork.private import DIR_MODE, FILE_MODE, READONLY_MODE
 
 log = logging.getLogger("vmfork.lazy.server")
-
-PUBLISHED = "published.json"
-SOURCE = "source.json"
-MOUNT = "mnt"
-CACHE = "memory.cache"
-BITMAP = "chunks.bitmap"
-STATUS = "lazy.json"
-LOCK = "mount.lock"
-
-FETCHING = "fetching"
-COMPLETE = "complete"
-BROKEN = "broken"
 
 #: Kernel readahead on the mount (bytes): a page fault reads this much
 #: around the page, so it spans at most two chunks.
@@ -114,88 +119,15 @@ STATUS_EVERY = 0.5
 DEADLINE = 30.0
 #: Default seconds a complete server waits unused before it exits.
 LINGER = 2.0
+#: Seconds a stopping server waits for each of its threads.
+STOP_WAIT = 2.0
+#: Largest chunk a manifest may ask for (one fetch holds it in memory).
+MAX_CHUNK = 64 << 20
 #: Largest source.json, token file and published.json read.
 _MAX_SOURCE = 64 << 10
 _MAX_PUBLISHED = 64 << 20
 _BITMAP_MAGIC = b"VMFLAZY1"
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-
-
-@dataclass(frozen=True)
-class LazyStatus:
-    """``lazy.json``: how far the memory of a pulled template has arrived."""
-
-    state: str
-    cause: str | None
-    #: The server's pid while it runs; None once it has exited cleanly.
-    pid: int | None
-    #: Whether ``mnt/memory`` is being served.
-    mounted: bool
-    #: Bytes fetched from the source (carried over a restart).
-    fetched_bytes: int
-    #: Bytes of memory available locally (chunks present and chunks of zeros).
-    local_bytes: int
-    total_bytes: int
-    chunks_total: int
-    chunks_local: int
-    #: Wall-clock times (seconds since the epoch) the server started and
-    #: the memory became complete.
-    started: float
-    completed: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def local_percent(self) -> float:
-        return 100.0 * self.local_bytes / self.total_bytes if self.total_bytes else 100.0
-
-
-def read_status(template_dir: Path) -> LazyStatus | None:
-    """The status in *template_dir*'s ``lazy.json``, or None when there is
-    none or it cannot be read."""
-    try:
-        with open(template_dir / STATUS, "rb") as f:
-            d = json.loads(f.read(_MAX_SOURCE))
-        state = str(d["state"])
-        if state not in (FETCHING, COMPLETE, BROKEN):
-            return None
-        cause = d.get("cause")
-        pid = d.get("pid")
-        completed = d.get("completed")
-        return LazyStatus(
-            state=state, cause=None if cause is None else str(cause)[:1000],
-            pid=None if pid is None else int(pid), mounted=bool(d.get("mounted")),
-            fetched_bytes=int(d["fetched_bytes"]), local_bytes=int(d["local_bytes"]),
-            total_bytes=int(d["total_bytes"]), chunks_total=int(d["chunks_total"]),
-            chunks_local=int(d["chunks_local"]), started=float(d["started"]),
-            completed=None if completed is None else float(completed))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-@contextlib.contextmanager
-def exit_lock(template_dir: Path, timeout: float) -> Iterator[None]:
-    """Hold ``mount.lock`` shared: a complete server does not unmount while
-    it is held. Hold it from reading ``lazy.json`` (is the mount live?) until
-    the process given ``mnt/memory`` has it open. TemplateError after
-    *timeout* seconds."""
-    fd = os.open(template_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 FILE_MODE)
-    try:
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= end:
-                    raise TemplateError(f"the lazy memory server of {template_dir} holds "
-                                        f"{LOCK} for more than {timeout:g} s") from None
-                time.sleep(0.02)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _read_bounded(path: Path, cap: int) -> bytes:
@@ -224,29 +156,6 @@ def _load_source(template_dir: Path) -> tuple[str, str | None]:
         except (OSError, UnicodeDecodeError) as exc:
             raise TemplateError(f"cannot read the token file {token_file}: {exc}") from exc
     return url, token
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace *path* with *data* atomically (0600; no fsync: a status)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 FILE_MODE)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _mounted(path: Path) -> bool:
-    """Whether *path* is a mount point (a dead FUSE mount included)."""
-    target = str(path).encode()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if len(fields) > 4 and fields[4].decode("unicode_escape").encode("latin-1") == target:
-                return True
-    return False
 
 
 def _block_signals() -> None:
@@ -290,7 +199,7 @@ class LazyMemory:
         self._idle_since = time.monotonic()
         self._threads: list[threading.Thread] = []
         self._status_lock = threading.Lock()
-        self._last_status = b""
+        self._last_status: LazyStatus | None = None
         self._lock_fd: int | None = None
         self._fd = os.open(template_dir / CACHE,
                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
@@ -305,11 +214,16 @@ class LazyMemory:
         """Take the chunks a previous server left (bitmap of this manifest),
         or start from an empty cache."""
         bits = b""
+        st = os.fstat(self._fd)
+        # The bits name chunks of this manifest in this very cache file (not
+        # one created afresh beside an old bitmap).
+        self._head = (_BITMAP_MAGIC + self._key
+                      + st.st_dev.to_bytes(8, "little") + st.st_ino.to_bytes(8, "little"))
         try:
-            raw = _read_bounded(self.dir / BITMAP, len(_BITMAP_MAGIC) + 32 + self.n // 8 + 1)
-            head = _BITMAP_MAGIC + self._key
-            if raw.startswith(head) and len(raw) == len(head) + (self.n + 7) // 8:
-                bits = raw[len(head):]
+            raw = _read_bounded(self.dir / BITMAP, len(self._head) + self.n // 8 + 1)
+            if (raw.startswith(self._head) and st.st_size == self.size
+                    and len(raw) == len(self._head) + (self.n + 7) // 8):
+                bits = raw[len(self._head):]
         except (OSError, TemplateError):
             pass
         if bits:
@@ -338,7 +252,7 @@ class LazyMemory:
         for i, h in enumerate(have):
             if h:
                 bits[i >> 3] |= 1 << (i & 7)
-        write_atomic(self.dir / BITMAP, _BITMAP_MAGIC + self._key + bytes(bits))
+        write_atomic(self.dir / BITMAP, self._head + bytes(bits))
 
     def status(self) -> LazyStatus:
         with self._cv:
@@ -355,11 +269,11 @@ class LazyMemory:
                 started=self.started, completed=self.completed)
 
     def write_status(self) -> None:
-        data = json.dumps(self.status().to_dict()).encode()
+        st = self.status()
         with self._status_lock:
-            if data != self._last_status:
-                _write_private(self.dir / STATUS, data)
-                self._last_status = data
+            if st != self._last_status:
+                write_status(self.dir, st)
+                self._last_status = st
 
     # -- reads and fetches -----------------------------------------------------------
     def read(self, size: int, offset: int) -> bytes:
@@ -419,6 +333,8 @@ class LazyMemory:
                                     "its sha256 in the manifest (fetched twice): refused")
                         return
                     part = again
+                if self._stopping:
+                    return
                 os.pwrite(self._fd, part, i * self.cs)
                 self._mark(i)
         except OSError as exc:
@@ -441,7 +357,7 @@ class LazyMemory:
 
     def _mark(self, i: int) -> None:
         with self._cv:
-            if self._local[i]:
+            if self._local[i] or self._stopping:
                 return
             self._have[i] = self._local[i] = 1
             self._dirty = True
@@ -458,7 +374,7 @@ class LazyMemory:
     def _break(self, cause: str) -> None:
         cause = " ".join(cause.split())[:500]
         with self._cv:
-            if self.state == BROKEN:
+            if self.state == BROKEN or self._stopping:
                 return
             old, self.state, self.cause = self.state, BROKEN, cause
             self._cv.notify_all()
@@ -570,13 +486,14 @@ class LazyMemory:
             self._stopping = True
             self.mounted = False
             self._cv.notify_all()
-        for th in self._threads:
-            th.join(timeout=self.deadline + 15)
+        for th in self._threads:  # a fetch in flight is not waited for
+            th.join(timeout=STOP_WAIT)
         try:
             self._save_bitmap()
         finally:
             self.write_status()
-            os.close(self._fd)
+            if not any(th.is_alive() for th in self._threads):
+                os.close(self._fd)  # else the process's exit closes it
 
 
 class MemoryFS(mfusepy.Operations):  # type: ignore[misc]
@@ -641,14 +558,19 @@ def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER
             pub = Published.from_json(_read_bounded(template_dir / PUBLISHED, _MAX_PUBLISHED))
         except OSError as exc:
             raise TemplateError(f"cannot read {template_dir / PUBLISHED}: {exc.strerror}") from exc
+        if pub.memory_size <= 0 or pub.chunk_size > MAX_CHUNK:
+            raise TemplateError(f"{template_dir / PUBLISHED}: memory of {pub.memory_size} bytes "
+                                f"in chunks of {pub.chunk_size}: not served")
         url, token = _load_source(template_dir)
         mnt = template_dir / MOUNT
-        if _mounted(mnt):  # left by a server that died
+        if mounted(mnt):  # left by a server that died
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True,
                            timeout=30, check=False)
         with contextlib.suppress(FileExistsError):
             mnt.mkdir(mode=DIR_MODE)
-        os.chmod(mnt, DIR_MODE, follow_symlinks=False)
+        if not stat.S_ISDIR(os.lstat(mnt).st_mode):
+            raise TemplateError(f"mount point {mnt} is not a directory")
+        os.chmod(mnt, DIR_MODE)
         source = Source(url, token)
         mem = LazyMemory(template_dir, pub, source, deadline, linger, prefetch)
     except (VmforkError, OSError, subprocess.SubprocessError) as exc:
@@ -688,7 +610,7 @@ def _fail(template_dir: Path, cause: str) -> None:
                         chunks_local=st.chunks_local if st else 0,
                         started=now, completed=None)
     with contextlib.suppress(OSError):
-        _write_private(template_dir / STATUS, json.dumps(status.to_dict()).encode())
+        write_status(template_dir, status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -716,5 +638,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["BITMAP", "BROKEN", "CACHE", "COMPLETE", "FETCHING", "LOCK", "MOUNT", "PUBLISHED",
-           "SOURCE", "STATUS", "LazyStatus", "exit_lock", "main", "read_status", "serve"]
+__all__ = ["LazyMemory", "MemoryFS", "main", "serve"]
