@@ -27,6 +27,9 @@ one is used from ``memory.cache`` from then on (the template's manifest
 points at it). A ``broken`` one is left broken, with its cause.
 
 Nothing here imports the template operations (they import this module).
+The functions that touch the catalog are coroutines (the catalog's
+connection belongs to the event loop's thread); the rest block, each wait
+bounded, and are run in a thread by async callers.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from vmfork.private import READONLY_MODE, UMASK, opener
 from vmfork.records import TemplateManifest, TemplateWork
 from vmfork.spec import MemorySpec
 from vmfork.store import Store
+from vmfork.tasks import finish_in_thread
 
 log = logging.getLogger("vmfork.lazy")
 
@@ -393,11 +397,17 @@ def remove_dir(tdir: Path, seconds: float) -> None:
     shutil.rmtree(tdir, ignore_errors=True)
 
 
-def undo_pull(store: Store, work: TemplateWork, seconds: float) -> None:
+async def undo_pull(store: Store, work: TemplateWork, seconds: float) -> None:
     """Undo a pull that failed, was interrupted, or whose vmfork died: the
     server ended and unmounted, the eager memory file and the directory
-    removed, then the reservation dropped. The caller holds the template's
-    lock."""
+    removed (in a thread that a cancellation lets finish), then the
+    reservation dropped. The caller holds the template's lock."""
+    await finish_in_thread(_remove_pulled, work, seconds)
+    store.drop_reservation(work.name)
+    log.warning("template %s: pull undone", work.name)
+
+
+def _remove_pulled(work: TemplateWork, seconds: float) -> None:
     tdir = Path(work.directory) if work.directory else None
     if tdir is not None:
         discard(tdir, seconds)
@@ -407,8 +417,6 @@ def undo_pull(store: Store, work: TemplateWork, seconds: float) -> None:
             os.unlink(work.memory_file)
     if tdir is not None:
         remove_dir(tdir, seconds)
-    store.drop_reservation(work.name)
-    log.warning("template %s: pull undone", work.name)
 
 
 # -- the next command's repair ----------------------------------------------------------
@@ -439,26 +447,24 @@ def use_cache(store: Store, tdir: Path, manifest: TemplateManifest) -> TemplateM
     return new
 
 
-def revive(store: Store, tdir: Path, manifest: TemplateManifest, seconds: float) -> str:
+async def revive(store: Store, tdir: Path, manifest: TemplateManifest, seconds: float) -> str:
     """Repair template *manifest* whose server died or ended (see the
     module docstring); return what was done: ``restarted``, ``complete``
     (now from the cache) or ``broken`` (left so). The caller holds the
     template's lock."""
-    unmount(mount_point(tdir), seconds)
+    await finish_in_thread(unmount, mount_point(tdir), seconds)
     status = read_status(tdir)
     if status is not None and status.state == BROKEN:
         log.warning("template %s: its memory is broken (%s); its FUSE server is gone",
                     manifest.name, status.cause)
         return BROKEN
-    if status is not None and status.state == COMPLETE:
-        use_cache(store, tdir, manifest)
-        return COMPLETE
-    log.warning("template %s: its FUSE server is gone; starting it again", manifest.name)
-    state = start_server(tdir, manifest.memory_size, seconds)
-    if state == COMPLETE:
-        use_cache(store, tdir, manifest)
-        return COMPLETE
-    return "restarted"
+    if status is None or status.state != COMPLETE:
+        log.warning("template %s: its FUSE server is gone; starting it again", manifest.name)
+        if await finish_in_thread(start_server, tdir, manifest.memory_size,
+                                  seconds) != COMPLETE:
+            return "restarted"
+    use_cache(store, tdir, manifest)
+    return COMPLETE
 
 
 __all__ = [

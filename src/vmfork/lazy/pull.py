@@ -244,7 +244,7 @@ async def _reserved(store: Store, name: str, url: str,
             yield work
         except BaseException:
             try:
-                await run_to_end(asyncio.to_thread(_undo, store, name, timeouts.stop))
+                await run_to_end(_undo(store, name, timeouts.stop))
             except Exception as exc:  # the next command retries; report the cause
                 log.warning("template %s: cleaning up after a failed pull failed: %s",
                             name, exc)
@@ -258,11 +258,12 @@ def _record(store: Store, work: TemplateWork, **changes: object) -> TemplateWork
     return work
 
 
-def _undo(store: Store, name: str, seconds: float) -> None:
+async def _undo(store: Store, name: str, seconds: float) -> None:
+    """Undo the pull of *name* as its reservation records it now."""
     found = store.template_work(name)
     if found is not None and found[0] == "creating" and found[1] is not None \
             and found[1].op == "pull":
-        lifecycle.undo_pull(store, found[1], seconds)
+        await lifecycle.undo_pull(store, found[1], seconds)
 
 
 async def _fetching(src: Source, fn: Callable[..., T], *args: object) -> T:

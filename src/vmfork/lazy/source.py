@@ -171,7 +171,7 @@ class Source:
                 for block in self._blocks(r):
                     out += block
                     if len(out) > limit:
-                        raise SourceError(f"{url}: more than the {limit} bytes allowed")
+                        raise SourceError(f"{url}: more than the {limit} allowed")
                 self._complete(r, url, len(out))
                 return bytes(out)
         return self._retrying(url, deadline, once)

@@ -73,7 +73,7 @@ from vmfork.records import (
 from vmfork.results import MigrationStats
 from vmfork.spec import DiskSpec, MemorySpec, VMSpec
 from vmfork.store import Store
-from vmfork.tasks import finish_in_thread, run_to_end
+from vmfork.tasks import run_to_end
 from vmfork.templates import catalog
 from vmfork.templates.manifest import disk_record, template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -476,7 +476,7 @@ async def settle_held(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> 
     if state == TEMPLATE_CREATING and work.op == "fork":
         return _drop_fork_reservation(store, work)
     if state == TEMPLATE_CREATING and work.op == "pull":
-        await finish_in_thread(lifecycle.undo_pull, store, work, timeouts.stop)
+        await lifecycle.undo_pull(store, work, timeouts.stop)
         return True
     if state == TEMPLATE_CREATING:
         await resolve(store, work, timeouts)

@@ -36,7 +36,6 @@ from vmfork.lazy import lifecycle
 from vmfork.names import check_name
 from vmfork.records import TEMPLATE_READY
 from vmfork.store import Store
-from vmfork.tasks import finish_in_thread
 from vmfork.templates import catalog
 from vmfork.templates.create import settle_held
 from vmfork.templates.manifest import template_dir
@@ -89,8 +88,7 @@ async def _revive(store: Store, name: str, timeouts: Timeouts) -> bool:
             manifest = store.get_template(name)
             if not lifecycle.needs_revival(tdir, manifest):
                 return False
-            done = await finish_in_thread(lifecycle.revive, store, tdir, manifest,
-                                          timeouts.start)
+            done = await lifecycle.revive(store, tdir, manifest, timeouts.start)
         except VmforkError as exc:
             log.warning("template %s: its FUSE server could not be started again: %s",
                         name, exc)
