@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,6 +74,8 @@ class Served:
     fail_first: int = 0
     #: answer range requests with the whole file (200)
     no_range: bool = False
+    #: seconds each answer waits first (a slow link)
+    delay: float = 0.0
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -100,6 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
             s.fail_first -= 1 if failing else 0
         if failing:
             return self._empty(503)
+        time.sleep(s.delay)
         if s.token is not None and self.headers.get("Authorization") != f"Bearer {s.token}":
             return self._empty(401)
         name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
@@ -432,3 +436,77 @@ def test_a_pull_killed_half_way_is_undone_by_the_next_command(publisher: Publish
     p = env.cli("template", "ls", "--json", check=True)
     assert json.loads(p.stdout) == []
     nothing_left(env, "half")
+
+
+# -- lazy pulls (need the FUSE server, vmfork.lazy.server) ------------------------------------
+def _server_or_skip() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vmfork.lazy.server") is None:
+        pytest.skip("the FUSE server (vmfork.lazy.server) is not here")
+
+
+def wait_for(what: str, check: Callable[[], bool], seconds: float = 60) -> None:
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, f"{what} did not happen within {seconds} s"
+        time.sleep(0.05)
+
+
+def test_lazy_pull_serves_clones_and_rm_ends_the_server(publisher: Publisher, env: Env,
+                                                         token_file: Path) -> None:
+    _server_or_skip()
+    with serving(publisher.directory, token=TOKEN) as srv:
+        p = env.cli("template", "pull", srv.url, "lazy", "--token-file", str(token_file),
+                    "--json", check=True)
+        r = json.loads(p.stdout)
+        assert (r["mode"], r["source"]) == ("lazy", srv.url)
+        tdir = env.home / "templates" / "lazy"
+        assert r["state"] in ("fetching", "complete")
+        if r["state"] == "fetching":
+            assert r["memory_file"] == str(tdir / "mnt" / "memory")
+            assert lifecycle.is_mounted(tdir / "mnt")
+            assert lifecycle.server_pid(tdir) is not None
+        (row,) = json.loads(env.cli("template", "ls", "--json", check=True).stdout)
+        assert row["source"] == srv.url and row["state"] in ("fetching", "complete")
+        env.cli("clone", "lazy", "l", "-n", "2", check=True)
+        assert md5_matches(env, "l-1") and md5_matches(env, "l-2")
+        assert private_tree(tdir) == [], "pulled files are private"
+        pid = lifecycle.server_pid(tdir)
+        env.cli("template", "rm", "lazy", "--force", check=True)
+    assert pid is None or not lifecycle._is_server(pid, tdir)
+    nothing_left(env, "lazy")
+
+
+def test_a_killed_server_is_repaired_by_the_next_command(publisher: Publisher, env: Env,
+                                                          token_file: Path) -> None:
+    """kill -9 of the FUSE server while it fetches (a slow source): the next
+    command unmounts what it left and starts it again; it resumes, completes,
+    and ends once unused; the command after that moves the template onto
+    its cache."""
+    _server_or_skip()
+    tdir = env.home / "templates" / "rev"
+    with serving(publisher.directory, token=TOKEN, delay=0.05) as srv:
+        env.cli("template", "pull", srv.url, "rev", "--token-file", str(token_file),
+                check=True)
+        pid = lifecycle.server_pid(tdir)
+        assert pid is not None and lifecycle.read_status(tdir).state == "fetching"
+        os.kill(pid, signal.SIGKILL)
+        wait_for("the server's end", lambda: not lifecycle._is_server(pid, tdir))
+        env.cli("template", "ls", check=True)  # settles: a new server
+        again = lifecycle.server_pid(tdir)
+        assert again not in (None, pid) and lifecycle.is_mounted(tdir / "mnt")
+        env.cli("clone", "rev", "r", check=True)
+        assert md5_matches(env, "r")
+        env.cli("stop", "r", check=True)
+        wait_for("the memory complete and the server gone",
+                 lambda: lifecycle.server_pid(tdir) is None, 300)
+    assert lifecycle.read_status(tdir).state == "complete"
+    (row,) = json.loads(env.cli("template", "ls", "--json", check=True).stdout)
+    assert (row["state"], row["local_percent"]) == ("complete", 100.0)
+    assert env.store().get_template("rev").memory_file == str(tdir / lifecycle.CACHE_FILE)
+    assert not lifecycle.is_mounted(tdir / "mnt")
+    env.cli("clone", "rev", "r2", check=True)  # the source is gone: from the cache
+    assert md5_matches(env, "r2")
+    env.cli("template", "rm", "rev", "--force", check=True)
+    nothing_left(env, "rev")
