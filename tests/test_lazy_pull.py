@@ -510,3 +510,35 @@ def test_a_killed_server_is_repaired_by_the_next_command(publisher: Publisher, e
     assert md5_matches(env, "r2")
     env.cli("template", "rm", "rev", "--force", check=True)
     nothing_left(env, "rev")
+
+
+def test_the_daemon_pulls_as_an_operation(publisher: Publisher, env: Env,
+                                          token_file: Path) -> None:
+    from .daemon import start_daemon, stop_daemon
+
+    d = start_daemon(env)
+    try:
+        r = d.post("/v1/templates/pull", {"url": "ftp://x/y"})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid")
+        r = d.post("/v1/templates/pull", {"url": "http://127.0.0.1:1/x",
+                                          "token_file": "relative.token"})
+        assert r.status_code == 400
+        with serving(publisher.directory, token=TOKEN) as srv:
+            r = d.post("/v1/templates/pull", {"url": srv.url, "name": "api", "lazy": False,
+                                              "token_file": str(token_file)})
+            assert r.status_code == 202, r.text
+            op = r.json()
+            wait_for("the pull operation's end",
+                     lambda: d.get(f"/v1/operations/{op['id']}").json()["state"] != "running",
+                     120)
+        done = d.get(f"/v1/operations/{op['id']}").json()
+        assert done["state"] == "done", done
+        assert (done["result"]["name"], done["result"]["mode"]) == ("api", "eager")
+        shown = d.get("/v1/templates/api").json()
+        assert (shown["source"], shown["state"], shown["local_percent"]) == (
+            srv.url, "complete", 100.0)
+        assert shown["manifest"]["imported_from"] == srv.url
+        assert d.http.delete("/v1/templates/api").status_code == 200
+    finally:
+        assert stop_daemon(d) == 0
+    nothing_left(env, "api")
