@@ -338,6 +338,26 @@ class ImportResult(Result):
 
 
 @dataclass(frozen=True)
+class PublishResult(Result):
+    """A template's published layout written to a directory (``template publish``)."""
+
+    name: str
+    directory: str
+    #: The files written, by their names in the layout.
+    files: tuple[str, ...]
+    #: Their apparent size, and the bytes of data in them (the memory's holes
+    #: are left out).
+    size: int
+    data: int
+    memory_size: int
+    #: Memory chunks, those all zeros (never fetched), and those of the working set.
+    chunks: int
+    zero_chunks: int
+    working_set: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class PoolMemberStatus(Result):
     id: str
     pid: int

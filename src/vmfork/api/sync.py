@@ -31,6 +31,7 @@ from vmfork.results import (
     ForkReport,
     OutputChunk,
     PoolStatus,
+    PublishResult,
     PullResult,
     RestoreResult,
     Result,
@@ -291,6 +292,11 @@ class Template:
 
     def status(self) -> TemplateStatus:
         return self.host._run(self._a.status())
+
+    def publish(self, directory: Path | str) -> PublishResult:
+        """Write the template's published layout into *directory* (see
+        :meth:`vmfork.api.aio.AsyncTemplate.publish`)."""
+        return self.host._run(self._a.publish(directory))
 
     def clones(self) -> list[VM]:
         """The VMs cloned from this template that exist now."""

@@ -1,4 +1,4 @@
-"""``vmfork template create|pull|ls|inspect|rm``, ``clone`` and ``pool``."""
+"""``vmfork template create|pull|ls|inspect|rm|publish``, ``clone`` and ``pool``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vmfork.errors import InvalidInput
 if TYPE_CHECKING:
     from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate
     from vmfork.records import TemplateManifest
-    from vmfork.results import PoolStatus, PullResult, TemplateStatus
+    from vmfork.results import PoolStatus, PublishResult, PullResult, TemplateStatus
 
 
 @click.group("template")
@@ -168,6 +168,27 @@ def template_rm(name: str, force: bool) -> None:
         await AsyncTemplate(host, name).remove(force=force)
     on_host(go)
     say(f"template {name}: removed")
+
+
+@template_cmd.command("publish")
+@click.argument("name")
+@click.argument("directory", metavar="DIR")
+@click.option("--json", "as_json", is_flag=True)
+def template_publish(name: str, directory: str, as_json: bool) -> None:
+    """Write template NAME's published layout into DIR (missing or empty).
+
+    DIR then holds manifest.json, state, memory (with its holes), kernel and
+    initrd if the template has them, and each disk flattened (disk0.qcow2
+    ...), all 0600: serve it with any static HTTP server that supports Range
+    requests, and 'vmfork template pull URL' on another host. A daemon
+    serves the same layout at /v1/templates/NAME/files/."""
+    async def go(host: AsyncHost) -> PublishResult:
+        return await (await host.template(name)).publish(directory)
+    r = on_host(go)
+    report(as_json, r, f"template {name}: published to {r.directory} ({len(r.files)} files, "
+                       f"{r.data >> 20} MiB of data; memory {r.memory_size >> 20} MiB in "
+                       f"{r.chunks} chunks, {r.zero_chunks} of them zeros; working set "
+                       f"{r.working_set} chunks)")
 
 
 @click.command("clone")
