@@ -5,10 +5,10 @@ data, refusals (bad URL or token, a corrupted file or chunk) that leave
 nothing behind, a pull killed half-way undone by the next command, and the
 modes of what a pull writes.
 
-The published directory is written here from the publisher's template with
-:mod:`vmfork.lazy.published` and served by :class:`FileServer`, a small
+The published directory is written by ``publish_to_dir`` (what ``vmfork
+template publish`` does) and served by :class:`FileServer`, a small
 Range-capable HTTP server with an optional bearer token that can corrupt a
-byte of a file as it sends it.
+byte of a file as it sends it, fail or answer slowly.
 """
 
 from __future__ import annotations
@@ -36,20 +36,10 @@ import pytest
 
 from vmfork.errors import InvalidInput, SourceError
 from vmfork.lazy import lifecycle
-from vmfork.lazy.published import (
-    CHUNK_SIZE,
-    INITRD,
-    KERNEL,
-    MANIFEST,
-    MEMORY,
-    STATE,
-    Published,
-    PublishedFile,
-    chunk_sha256s,
-)
+from vmfork.lazy.publish import publish_to_dir
+from vmfork.lazy.published import CHUNK_SIZE, KERNEL, MANIFEST, MEMORY, STATE, Published
 from vmfork.lazy.pull import _runs
 from vmfork.lazy.source import Source, base_url
-from vmfork.records import TemplateManifest
 from vmfork.templates import create
 
 from .conftest import VMFORK, Env, module_env, run
@@ -164,26 +154,6 @@ def serving(root: Path, **kw: object) -> Iterator[FileServer]:
 
 
 # -- the publisher ---------------------------------------------------------------------------
-def publish(manifest: TemplateManifest, dest: Path) -> Published:
-    """Write the published layout of a local template (no disks) into *dest*."""
-    dest.mkdir(mode=0o700, exist_ok=True)
-    subprocess.run(["cp", "--sparse=always", manifest.memory_file, str(dest / MEMORY)],
-                   check=True)
-    shutil.copyfile(manifest.state_file, dest / STATE)
-    for key, src in ((KERNEL, manifest.spec.kernel), (INITRD, manifest.spec.initrd)):
-        if src:
-            shutil.copyfile(src, dest / key)
-    from vmfork.files import sha256_file
-
-    files = {p.name: PublishedFile(p.stat().st_size, sha256_file(p))
-             for p in dest.iterdir() if p.name != MEMORY}
-    published = Published(name=manifest.name, template=manifest, files=files,
-                          memory_size=manifest.memory_size, chunk_size=CHUNK_SIZE,
-                          chunks=chunk_sha256s(dest / MEMORY))
-    (dest / MANIFEST).write_bytes(published.to_json())
-    return published
-
-
 @dataclass
 class Publisher:
     env: Env
@@ -200,7 +170,9 @@ def publisher(session_images: Path) -> Iterator[Publisher]:
                                           prepare=PREPARE, accel="tcg"))
         directory = Path(tempfile.mkdtemp(prefix="vfpub", dir="/tmp"))
         try:
-            yield Publisher(env, publish(manifest, directory / "base"), directory / "base")
+            publish_to_dir(env.store(), manifest.name, directory / "base")
+            published = Published.from_json((directory / "base" / MANIFEST).read_bytes())
+            yield Publisher(env, published, directory / "base")
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
