@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from vmfork import vm
+from vmfork.fork import base as fork_base
 from vmfork.images.demo import demo_image
 from vmfork.store import Store
 
@@ -144,6 +145,8 @@ def env(session_images: Path, monkeypatch: pytest.MonkeyPatch,
             run(vm.stop(s, name, force=True))
         except Exception as exc:  # pragma: no cover - reported below
             sys.stderr.write(f"cleanup of {name} failed: {exc}\n")
+    if leftover:  # their fork bases go with them, as through the API
+        run(fork_base.collect(s))
     s.close()
     procs = qemu_processes(str(home))
     for p in procs:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +30,7 @@ from vmfork.fork import recovery as fork_recovery
 from vmfork.fork import run as fork_run
 from vmfork.images.demo import GuestImage, demo_image
 from vmfork.launch import paths_for
+from vmfork.lazy import publish
 from vmfork.names import check_name
 from vmfork.records import TemplateManifest
 from vmfork.results import (
@@ -38,6 +40,8 @@ from vmfork.results import (
     FileResult,
     ForkReport,
     PoolStatus,
+    PublishResult,
+    PullResult,
     RestoreResult,
     Result,
     SaveResult,
@@ -48,8 +52,10 @@ from vmfork.results import (
 from vmfork.snapshots import export, imports, save
 from vmfork.spec import parse_memory
 from vmfork.store import Store
+from vmfork.tasks import run_to_end
 from vmfork.templates import catalog, clone, create, pool
 from vmfork.templates import recovery as template_recovery
+from vmfork.templates.manifest import template_dir
 from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
 from vmfork.update import live as live_update
 from vmfork.update import recovery
@@ -180,6 +186,18 @@ class AsyncHost:
         manifest = await create.create_demo(self.store, name, parse_memory(memory), prepare,
                                             accel, self.timeouts, on_clone=on_clone)
         return AsyncTemplate(self, name, manifest)
+
+    async def pull_template(self, url: str, name: str | None = None, *, lazy: bool = True,
+                            token_file: Path | str | None = None) -> PullResult:
+        """Pull the template published at *url* (a daemon's
+        ``http://HOST:PORT/v1/templates/NAME`` or a published directory's
+        base URL) as template *name* (default: its name there); *lazy*: its
+        memory arrives on first read, else all of it first (``vmfork
+        template pull``). Returns once the template can be cloned."""
+        from vmfork.lazy import pull
+
+        return await pull.pull(self.store, url, name, lazy=lazy, token_file=token_file,
+                               timeouts=self.timeouts)
 
     # -- snapshot files ---------------------------------------------------------
     async def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,
@@ -484,6 +502,25 @@ class AsyncTemplate:
         await self._settle()
         return await pool.keep(self._store, self.name, size, warm, stop=stop,
                                timeouts=self.host.timeouts)
+
+    async def publish(self, directory: Path | str) -> PublishResult:
+        """Write the template's published layout (manifest, device state,
+        memory, kernel/initrd, flattened disks) into *directory* (missing or
+        empty), for any static HTTP server with Range support to serve to
+        ``vmfork template pull``. A cancelled call removes what it wrote."""
+        await self._settle()
+        manifest = catalog.get(self._store, self.name)
+        stop = threading.Event()
+        task = asyncio.ensure_future(asyncio.to_thread(
+            publish.write_layout, manifest, template_dir(self._store, manifest.name),
+            directory, self.host.timeouts, stop))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            stop.set()  # the copy stops and removes its files
+            with contextlib.suppress(Exception):
+                await run_to_end(task)
+            raise
 
     async def remove(self, *, force: bool = False) -> None:
         """Remove the template and its files (refused while clones or pool

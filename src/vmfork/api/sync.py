@@ -31,6 +31,8 @@ from vmfork.results import (
     ForkReport,
     OutputChunk,
     PoolStatus,
+    PublishResult,
+    PullResult,
     RestoreResult,
     Result,
     SaveResult,
@@ -128,6 +130,12 @@ class Host:
         return Template(self, self._run(self._async.create_template(
             name, image=image, memory=memory, prepare=prepare, accel=accel,
             on_clone=on_clone)))
+
+    def pull_template(self, url: str, name: str | None = None, *, lazy: bool = True,
+                      token_file: Path | str | None = None) -> PullResult:
+        """Pull the template published at *url* as template *name*."""
+        return self._run(self._async.pull_template(url, name, lazy=lazy,
+                                                   token_file=token_file))
 
     # -- snapshot files, images, recovery ---------------------------------------
     def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,
@@ -284,6 +292,11 @@ class Template:
 
     def status(self) -> TemplateStatus:
         return self.host._run(self._a.status())
+
+    def publish(self, directory: Path | str) -> PublishResult:
+        """Write the template's published layout into *directory* (see
+        :meth:`vmfork.api.aio.AsyncTemplate.publish`)."""
+        return self.host._run(self._a.publish(directory))
 
     def clones(self) -> list[VM]:
         """The VMs cloned from this template that exist now."""

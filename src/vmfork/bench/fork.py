@@ -56,6 +56,7 @@ from vmfork.fork.pages import sparse_copy
 from vmfork.fork.run import fork
 from vmfork.names import derived, internal
 from vmfork.qemu.machine import deadline
+from vmfork.qemu.pause import pause_ms
 from vmfork.results import ForkReport
 from vmfork.store import Store
 from vmfork.tasks import finish_in_thread, run_to_end
@@ -161,15 +162,6 @@ class _Made:
 # -- the baseline: a fork by full copy ----------------------------------------------
 
 
-def _event_time(ev: Any) -> float | None:
-    """An event's timestamp in seconds (QEMU's host clock), None if absent."""
-    try:
-        ts = ev["timestamp"]
-        return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 async def full_copy_fork(store: Store, name: str, timeouts: Timeouts) -> dict[str, Any]:
     """Pause VM *name*, copy its memory file's data next to it, resume it;
     the copy is removed. Returns the pause by QEMU's events
@@ -196,10 +188,8 @@ async def full_copy_fork(store: Store, name: str, timeouts: Timeouts) -> dict[st
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(copy)
-    t_stop = next((t for t in map(_event_time, stops.history) if t is not None), None)
-    t_resume = next((t for t in map(_event_time, resumes.history) if t is not None), None)
-    by_events = (t_resume - t_stop) * 1000 if t_stop is not None and t_resume is not None else None
-    return {"pause_ms": by_events, "pause_call_ms": (t1 - t0) * 1000, "copied_bytes": copied}
+    return {"pause_ms": pause_ms(stops, resumes), "pause_call_ms": (t1 - t0) * 1000,
+            "copied_bytes": copied}
 
 
 async def _wait_event(listener: EventListener) -> None:

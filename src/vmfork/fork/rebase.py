@@ -55,6 +55,7 @@ from vmfork.private import READONLY_MODE, UMASK
 from vmfork.proc import process_alive
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, remove_sockets
+from vmfork.qemu.pause import pause_ms, resume_running
 from vmfork.records import ForkWork, TemplateManifest, VMRecord
 from vmfork.spec import NetSpec, VMSpec
 from vmfork.store import Store
@@ -63,14 +64,6 @@ from vmfork.timeouts import Timeouts
 from vmfork.update import forwards, memory
 
 log = logging.getLogger("vmfork.fork")
-
-
-def _event_time(ev: Any) -> float | None:
-    try:
-        ts = ev["timestamp"]
-        return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _virtual_size(path: str) -> int:
@@ -136,11 +129,7 @@ class Rebase:
     def pause_ms(self) -> float:
         """Guest stop in the old QEMU to resume in the new one, by QEMU's event
         timestamps (host clock); 0 if the guest was not running."""
-        stops = [t for t in map(_event_time, self.stop_listener.history) if t is not None]
-        resumes = [t for t in map(_event_time, self.resume_listener.history) if t is not None]
-        if not stops or not resumes:
-            return 0.0
-        return round((resumes[-1] - stops[-1]) * 1000, 3)
+        return pause_ms(self.stop_listener, self.resume_listener) or 0.0
 
     # -- steps ----------------------------------------------------------------
     async def prepare(self) -> None:
@@ -227,12 +216,7 @@ class Rebase:
         await migration.wait_incoming(new, self.timeouts.migrate)
         self.warnings += await forwards.hand_over(old, new, w.spec.net)
         if w.was_running:
-            with new.events.listen(self.resume_listener):
-                await new.resume()
-                status = await new.status()
-            if status != "running":
-                raise StateError(f"{self.name}: the guest does not run in its new QEMU "
-                                 f"(state {status!r})")
+            await resume_running(new, self.resume_listener, "its new QEMU")
         self.resumed = True
         await checkpoints.checkpoint("fork.resumed")
 

@@ -180,23 +180,24 @@ async def _rebase(store: Store, rec: VMRecord, old: Machine, timeouts: Timeouts
         await r.switch()
     except BaseException as exc:
         if r.resumed:  # the guest runs in the new QEMU: keep it there
-            try:
-                await run_to_end(r.commit())
-            finally:
-                if r.new is not None:
-                    await r.new.disconnect()
+            await _commit(r)
             raise
         if r.copier is not None:
             r.copier.close()
         log.warning("%s: fork failed (%s); undoing it", rec.name, exc or type(exc).__name__)
         await run_to_end(undo(store, rec, r.work, old, r.new, timeouts))
         raise
+    await _commit(r)
+    return r
+
+
+async def _commit(r: Rebase) -> None:
+    """Commit *r* to its end (even if cancelled), then let its new QEMU go."""
     try:
         await run_to_end(r.commit())
     finally:
         if r.new is not None:
             await r.new.disconnect()
-    return r
 
 
 __all__ = ["child_names", "fork", "plan"]

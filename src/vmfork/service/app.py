@@ -24,7 +24,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from vmfork.errors import VmforkError, http_error
-from vmfork.service import events, forks, metrics, operations, reconcile, templates, vms
+from vmfork.service import (
+    events,
+    forks,
+    metrics,
+    operations,
+    reconcile,
+    template_files,
+    templates,
+    vms,
+)
 from vmfork.service.state import ServiceState
 
 log = logging.getLogger("vmfork.service")
@@ -103,6 +112,7 @@ def create_app(state: ServiceState) -> FastAPI:
     app.include_router(vms.router)
     app.include_router(forks.router)
     app.include_router(templates.router)
+    app.include_router(template_files.router)
     app.include_router(operations.router)
     app.include_router(events.router)
     app.include_router(metrics.router)

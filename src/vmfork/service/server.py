@@ -5,7 +5,8 @@ a socket vmfork binds itself (uvicorn would make its own 0666) and makes
 0600 before it listens, inside the 0700 home; a stale socket of a daemon
 that is gone is replaced, a live daemon's is refused. ``listen="HOST:PORT"``
 serves TCP and then needs a bearer token (:func:`read_token`); an address
-other than loopback is warned about; ``tls_cert``/``tls_key`` turn on TLS.
+other than loopback is warned about; ``tls_cert``/``tls_key`` turn on TLS;
+``rate_limit`` caps the template file answers (a link of that speed).
 SIGTERM and SIGINT end the daemon after the requests in flight (uvicorn's
 graceful shutdown); VMs keep running either way.
 """
@@ -29,6 +30,7 @@ import uvicorn
 from vmfork.api.aio import AsyncHost
 from vmfork.errors import InvalidInput, StateError, UnsafePath
 from vmfork.private import FILE_MODE
+from vmfork.service import template_files
 from vmfork.service.app import create_app
 from vmfork.service.gate import MAX_STARTS, START_QUEUE, StartGate
 from vmfork.service.state import ServiceState
@@ -132,7 +134,10 @@ def bind_unix(path: Path) -> socket.socket:
 
 def bind_tcp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say
+    # TCP, and without it a small answer written after its headers waits for
+    # the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -148,10 +153,12 @@ async def serve(home: Path | str | None = None, *, listen: str | None = None,
                 tls_cert: str | None = None, tls_key: str | None = None,
                 timeouts: Timeouts = DEFAULT, max_starts: int = MAX_STARTS,
                 on_ready: Callable[[str], None] | None = None,
-                start_queue: int = START_QUEUE) -> None:
+                start_queue: int = START_QUEUE, rate_limit: float | None = None) -> None:
     """Serve the REST API until SIGTERM or SIGINT. At most *max_starts* QEMU
     starts run at once, *start_queue* more wait (:mod:`vmfork.service.gate`);
-    *on_ready* is called with the address once the daemon listens."""
+    *rate_limit* caps the bytes/s of all template file answers together
+    (:mod:`vmfork.service.template_files`); *on_ready* is called with the
+    address once the daemon listens."""
     if bool(tls_cert) != bool(tls_key):
         raise InvalidInput("TLS needs both --tls-cert and --tls-key")
     starts = StartGate(max_starts, start_queue)
@@ -172,6 +179,7 @@ async def serve(home: Path | str | None = None, *, listen: str | None = None,
             sock = bind_unix(unix_path)
             where = f"unix:{unix_path}"
         state = ServiceState(host=host, token=token, starts=starts)
+        template_files.set_rate_limit(state, rate_limit)
         app = create_app(state)
         config = uvicorn.Config(app, log_level="warning", access_log=False,
                                 ssl_certfile=tls_cert, ssl_keyfile=tls_key,

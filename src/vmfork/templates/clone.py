@@ -18,6 +18,9 @@ own (:mod:`vmfork.ports`), reported in its :class:`CloneResult` and status.
 Hooks: a shell command (``on_clone``) run in each clone after its identity,
 before :func:`clone` returns; a template keeps a default one, a call may
 replace it. A clone whose hook fails is removed, with the others of its call.
+
+The template's first clone records the template's working set once it
+answers, before its hook (:mod:`vmfork.lazy.working_set`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from vmfork import admission, checkpoints, ports, vm
 from vmfork.errors import AlreadyExists, GuestError, InvalidInput, LaunchError, VmforkTimeout
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewVM, undo_all_abandoned
+from vmfork.lazy import working_set
 from vmfork.names import check_name, derived
 from vmfork.private import make_dirs
 from vmfork.qemu import migration
@@ -43,7 +47,13 @@ from vmfork.results import CloneResult
 from vmfork.store import Store
 from vmfork.tasks import run_to_end
 from vmfork.templates import pool
-from vmfork.templates.manifest import check, clone_spec, move_disks, template_mac
+from vmfork.templates.manifest import (
+    check,
+    clone_spec,
+    move_disks,
+    template_dir,
+    template_mac,
+)
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template.clone")
@@ -252,6 +262,8 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
             elif frozen:
                 await identity.thaw(store, rec, timeouts)
             t_resp = time.monotonic() - t0
+            working_set.record_quietly(template_dir(store, manifest.name), manifest, m.pid,
+                                       name)
             await checkpoints.checkpoint("clone.identity")
             if hook:
                 hook_result = await run_hook(store, rec, hook, timeouts)

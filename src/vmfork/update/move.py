@@ -38,6 +38,7 @@ from vmfork.launch import qemu_log
 from vmfork.private import private_dir
 from vmfork.qemu import migration
 from vmfork.qemu.machine import Machine, deadline, exit_text, log_tail
+from vmfork.qemu.pause import pause_ms, resume_running
 from vmfork.records import VMRecord
 from vmfork.results import MigrationStats
 from vmfork.spec import VMSpec
@@ -79,14 +80,6 @@ def remove_move_sockets(store: Store, name: str, gen: int) -> None:
     for p in move_sockets(store, name, gen):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
-
-
-def _event_time(ev: Any) -> float | None:
-    try:
-        ts = ev["timestamp"]
-        return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 @dataclass
@@ -135,11 +128,7 @@ class Move:
     def pause_host_ms(self) -> float | None:
         """Guest stop in the old QEMU to resume in the new one, by QEMU's
         event timestamps (host clock); None if either event is missing."""
-        stops = [t for t in map(_event_time, self.stop_listener.history) if t is not None]
-        resumes = [t for t in map(_event_time, self.resume_listener.history) if t is not None]
-        if not stops or not resumes:
-            return None
-        return round((resumes[-1] - stops[-1]) * 1000, 3)
+        return pause_ms(self.stop_listener, self.resume_listener)
 
     # -- steps ----------------------------------------------------------------
     async def launch(self) -> Machine:
@@ -214,12 +203,7 @@ class Move:
         await call_hook(self.hook, "migrated", new.pid)
         self.warnings += await forwards.hand_over(self.old, new, self.new_spec.net)
         if self.was_running:
-            with new.events.listen(self.resume_listener):
-                await new.resume()
-                status = await new.status()
-            if status != "running":
-                raise StateError(f"{self.name}: the guest does not run in the new QEMU "
-                                 f"(state {status!r})")
+            await resume_running(new, self.resume_listener, "the new QEMU")
         self.switch_seconds = time.monotonic() - t0
 
     # -- rollback ---------------------------------------------------------------
