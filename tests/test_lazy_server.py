@@ -30,21 +30,22 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vmfork.lazy.published import CHUNK_SIZE, MEMORY, Published, PublishedFile, chunk_sha256s
-from vmfork.lazy.status import (
-    BITMAP,
+from vmfork.lazy.lifecycle import (
+    BITMAP_FILE,
     BROKEN,
-    CACHE,
+    CACHE_FILE,
     COMPLETE,
     FETCHING,
-    MOUNT,
-    PUBLISHED,
-    SOURCE,
-    STATUS,
+    MOUNT_DIR,
+    PUBLISHED_FILE,
+    SOURCE_FILE,
+    STATUS_FILE,
     LazyStatus,
-    exit_lock,
+    is_mounted,
     read_status,
 )
+from vmfork.lazy.mountlock import exit_lock
+from vmfork.lazy.published import CHUNK_SIZE, MEMORY, Published, PublishedFile, chunk_sha256s
 from vmfork.records import TemplateManifest, TemplateSave
 from vmfork.results import MigrationStats
 from vmfork.spec import MemorySpec, VMSpec
@@ -168,15 +169,15 @@ class Layout:
 
     @property
     def mnt(self) -> Path:
-        return self.tdir / MOUNT / MEMORY
+        return self.tdir / MOUNT_DIR / MEMORY
 
 
 def write_layout(root: Path, pub: Published, url: str | None = None) -> Path:
     tdir = root / "tpl"
     tdir.mkdir(mode=0o700, exist_ok=True)
-    (tdir / PUBLISHED).write_bytes(pub.to_json())
+    (tdir / PUBLISHED_FILE).write_bytes(pub.to_json())
     if url is not None:
-        (tdir / SOURCE).write_text(json.dumps({"url": url, "token_file": None}))
+        (tdir / SOURCE_FILE).write_text(json.dumps({"url": url, "token_file": None}))
     return tdir
 
 
@@ -221,9 +222,7 @@ def status(tdir: Path) -> LazyStatus:
 
 
 def mounted(tdir: Path) -> bool:
-    target = str(tdir / MOUNT)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split(" ")[4] == target for line in f)
+    return is_mounted(tdir / MOUNT_DIR)
 
 
 class Server:
@@ -242,10 +241,9 @@ class Server:
         def up() -> bool:
             assert self.proc.poll() is None, f"server exited: {self.output()}"
             st = read_status(self.tdir)
-            return st is not None and st.mounted and st.pid == self.proc.pid
+            return st is not None and st.pid == self.proc.pid and mounted(self.tdir)
 
         wait_for("the mount", up)
-        assert mounted(self.tdir)
 
     def output(self) -> str:
         return (self.tdir.parent / "server.log").read_text(errors="replace")[-3000:]
@@ -263,7 +261,7 @@ class Server:
                 self.proc.wait(30)
         self.log.close()
         if mounted(self.tdir):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.tdir / MOUNT)], check=False,
+            subprocess.run(["fusermount3", "-u", "-z", str(self.tdir / MOUNT_DIR)], check=False,
                            timeout=30)
         return self.proc.returncode
 
@@ -278,7 +276,7 @@ def saved_chunks(tdir: Path) -> int:
     """Chunks named in ``chunks.bitmap`` (after its 56-byte header: magic,
     manifest key, cache device and inode)."""
     try:
-        return sum(bin(b).count("1") for b in (tdir / BITMAP).read_bytes()[56:])
+        return sum(bin(b).count("1") for b in (tdir / BITMAP_FILE).read_bytes()[56:])
     except FileNotFoundError:
         return 0
 
@@ -297,11 +295,11 @@ def test_reads_right_bytes_fetches_each_chunk_once_and_never_zeros(layout: Layou
             assert (st.state, st.fetched_bytes, st.total_bytes) == (FETCHING, 0, SIZE)
             assert st.chunks_local == len(layout.chunks) - len(layout.nonzero)
             # Private: the cache, the status, the mount and its file.
-            assert private(layout.tdir / CACHE) == 0o600
-            assert private(layout.tdir / STATUS) == 0o600
-            assert private(layout.tdir / MOUNT) == 0o500
+            assert private(layout.tdir / CACHE_FILE) == 0o600
+            assert private(layout.tdir / STATUS_FILE) == 0o600
+            assert private(layout.tdir / MOUNT_DIR) == 0o500
             assert private(layout.mnt) == 0o400
-            assert os.listdir(layout.tdir / MOUNT) == [MEMORY]
+            assert os.listdir(layout.tdir / MOUNT_DIR) == [MEMORY]
             assert layout.mnt.stat().st_size == SIZE
             with pytest.raises(OSError):
                 open(layout.mnt, "r+b").close()
@@ -329,7 +327,7 @@ def test_reads_right_bytes_fetches_each_chunk_once_and_never_zeros(layout: Layou
             assert (st.fetched_bytes, st.local_bytes, st.chunks_local) == (
                 layout.nonzero_bytes, SIZE, len(layout.chunks))
             assert st.local_percent == 100.0 and st.completed is not None
-            assert private(layout.tdir / BITMAP) == 0o600
+            assert private(layout.tdir / BITMAP_FILE) == 0o600
             # The file maps privately, read-only, as QEMU maps a template's memory.
             with open(layout.mnt, "rb") as f:
                 m = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -340,11 +338,11 @@ def test_reads_right_bytes_fetches_each_chunk_once_and_never_zeros(layout: Layou
             assert srv.stop() == 0  # SIGTERM
         assert not mounted(layout.tdir)
         st = status(layout.tdir)
-        assert (st.state, st.mounted, st.pid) == (COMPLETE, False, None)
+        assert (st.state, st.pid) == (COMPLETE, None)
 
 
 def _published(layout: Layout) -> Published:
-    return Published.from_json((layout.tdir / PUBLISHED).read_bytes())
+    return Published.from_json((layout.tdir / PUBLISHED_FILE).read_bytes())
 
 
 def test_prefetch_completes_working_set_first_then_exits_when_unused(layout: Layout) -> None:
@@ -354,7 +352,7 @@ def test_prefetch_completes_working_set_first_then_exits_when_unused(layout: Lay
             assert srv.wait() == 0, srv.output()  # complete, nobody uses it: it exits
             assert not mounted(layout.tdir)
             st = status(layout.tdir)
-            assert (st.state, st.mounted, st.pid, st.cause) == (COMPLETE, False, None, None)
+            assert (st.state, st.pid, st.cause) == (COMPLETE, None, None)
             assert (st.chunks_local, st.fetched_bytes) == (len(layout.chunks),
                                                            layout.nonzero_bytes)
             # The working set went first, then the rest; each chunk once.
@@ -362,7 +360,7 @@ def test_prefetch_completes_working_set_first_then_exits_when_unused(layout: Lay
                 first = [start // CS for _, start, _ in src.http.ranges[:1]]
             assert first[0] in WORKING_SET
             assert src.chunk_fetches() == {i: 1 for i in layout.nonzero}
-            assert (layout.tdir / CACHE).read_bytes() == layout.memory
+            assert (layout.tdir / CACHE_FILE).read_bytes() == layout.memory
 
 
 def test_restart_after_kill_resumes_from_the_bitmap(layout: Layout) -> None:
@@ -398,9 +396,9 @@ def test_restart_after_kill_resumes_from_the_bitmap(layout: Layout) -> None:
         assert src.chunk_fetches() == {i: 1 for i in layout.nonzero}
         st = status(layout.tdir)
         assert (st.state, st.fetched_bytes) == (COMPLETE, layout.nonzero_bytes)
-        assert (layout.tdir / CACHE).read_bytes() == layout.memory
+        assert (layout.tdir / CACHE_FILE).read_bytes() == layout.memory
         # A bitmap without its cache file names nothing: all is fetched again.
-        (layout.tdir / CACHE).unlink()
+        (layout.tdir / CACHE_FILE).unlink()
         with Server(layout.tdir, "--no-prefetch") as srv:
             srv.wait_mounted()
             assert status(layout.tdir).chunks_local == len(layout.chunks) - len(layout.nonzero)
@@ -468,14 +466,14 @@ def test_source_gone_fails_reads_by_the_deadline(layout: Layout) -> None:
 def test_unusable_template_dir_fails_at_start(tmp_path: Path) -> None:
     tdir = tmp_path / "tpl"
     tdir.mkdir(mode=0o700)
-    (tdir / PUBLISHED).write_text('{"version": 1}')
-    (tdir / SOURCE).write_text(json.dumps({"url": "http://127.0.0.1:9", "token_file": None}))
+    (tdir / PUBLISHED_FILE).write_text('{"version": 1}')
+    (tdir / SOURCE_FILE).write_text(json.dumps({"url": "http://127.0.0.1:9", "token_file": None}))
     with Server(tdir) as srv:
         assert srv.wait() == 1
         assert "published manifest is invalid" in srv.output()
     st = status(tdir)
     assert st.state == BROKEN and st.cause and "invalid" in st.cause
-    assert not mounted(tdir) and private(tdir / STATUS) == 0o600
+    assert not mounted(tdir) and private(tdir / STATUS_FILE) == 0o600
 
 
 # -- a real clone through the mount -------------------------------------------------------
@@ -503,7 +501,7 @@ def test_clone_of_a_demo_template_maps_its_memory_through_the_mount(
         with Server(tdir, "--no-prefetch") as srv:
             srv.wait_mounted()
             s.add_template(dataclasses.replace(m, name="lz",
-                                               memory_file=str(tdir / MOUNT / MEMORY)))
+                                               memory_file=str(tdir / MOUNT_DIR / MEMORY)))
             try:
                 env.cli("clone", "lz", "c1", check=True)
                 answered = status(tdir).fetched_bytes

@@ -31,15 +31,16 @@ Owns everything in TEMPLATE_DIR that concerns the memory's arrival:
     while chunks arrive, so that a restart resumes where the last server
     stopped, refetching at most the chunks of its last moments.
 ``lazy.json`` (0600, written atomically)
-    :class:`~vmfork.lazy.status.LazyStatus`: ``fetching``, ``complete``
-    or ``broken`` (with a one-line cause), the server's pid, whether the
-    mount is live, and counts of bytes and chunks. Rewritten every :data:`STATUS_EVERY`
-    seconds when something changed, and at every change of state.
+    :class:`~vmfork.lazy.lifecycle.LazyStatus`: ``fetching``, ``complete``
+    or ``broken`` (with a one-line cause), the server's pid (None once it
+    has ended), and counts of bytes and chunks. Rewritten every
+    :data:`STATUS_EVERY` seconds when something changed, and at every
+    change of state.
 ``mount.lock``
     an flock: a server that is complete and unused takes it exclusively
     before it unmounts; whoever starts a process on ``mnt/memory`` holds it
     shared until that process has the file open
-    (:func:`vmfork.lazy.status.exit_lock`).
+    (:func:`vmfork.lazy.mountlock.exit_lock`).
 
 A read of chunks present is served from the cache. A missing chunk is
 fetched (one fetch per chunk however many readers wait for it; a read
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -85,23 +87,23 @@ import mfusepy  # type: ignore[import-untyped]
 
 from vmfork.errors import TemplateError, VmforkError
 from vmfork.files import write_atomic
-from vmfork.lazy.published import MEMORY, Published
-from vmfork.lazy.source import Source, SourceError
-from vmfork.lazy.status import (
-    BITMAP,
+from vmfork.lazy.lifecycle import (
+    BITMAP_FILE,
     BROKEN,
-    CACHE,
+    CACHE_FILE,
     COMPLETE,
     FETCHING,
-    LOCK,
-    MOUNT,
-    PUBLISHED,
-    SOURCE,
+    MOUNT_DIR,
+    PUBLISHED_FILE,
+    SOURCE_FILE,
     LazyStatus,
-    mounted,
+    is_mounted,
     read_status,
     write_status,
 )
+from vmfork.lazy.mountlock import open_lock
+from vmfork.lazy.published import MEMORY, Published
+from vmfork.lazy.source import Source, SourceError
 from vmfork.private import DIR_MODE, FILE_MODE, READONLY_MODE
 
 log = logging.getLogger("vmfork.lazy.server")
@@ -140,7 +142,7 @@ def _read_bounded(path: Path, cap: int) -> bytes:
 
 def _load_source(template_dir: Path) -> tuple[str, str | None]:
     try:
-        d = json.loads(_read_bounded(template_dir / SOURCE, _MAX_SOURCE))
+        d = json.loads(_read_bounded(template_dir / SOURCE_FILE, _MAX_SOURCE))
         url = d["url"]
         token_file = d.get("token_file")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
@@ -148,7 +150,7 @@ def _load_source(template_dir: Path) -> tuple[str, str | None]:
         if token_file is not None and not isinstance(token_file, str):
             raise ValueError("bad token_file")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TemplateError(f"{template_dir / SOURCE} is unusable: {exc}") from exc
+        raise TemplateError(f"{template_dir / SOURCE_FILE} is unusable: {exc}") from exc
     token = None
     if token_file:
         try:
@@ -201,7 +203,7 @@ class LazyMemory:
         self._status_lock = threading.Lock()
         self._last_status: LazyStatus | None = None
         self._lock_fd: int | None = None
-        self._fd = os.open(template_dir / CACHE,
+        self._fd = os.open(template_dir / CACHE_FILE,
                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
         try:
             self._resume()
@@ -220,7 +222,7 @@ class LazyMemory:
         self._head = (_BITMAP_MAGIC + self._key
                       + st.st_dev.to_bytes(8, "little") + st.st_ino.to_bytes(8, "little"))
         try:
-            raw = _read_bounded(self.dir / BITMAP, len(self._head) + self.n // 8 + 1)
+            raw = _read_bounded(self.dir / BITMAP_FILE, len(self._head) + self.n // 8 + 1)
             if (raw.startswith(self._head) and st.st_size == self.size
                     and len(raw) == len(self._head) + (self.n + 7) // 8):
                 bits = raw[len(self._head):]
@@ -252,7 +254,7 @@ class LazyMemory:
         for i, h in enumerate(have):
             if h:
                 bits[i >> 3] |= 1 << (i & 7)
-        write_atomic(self.dir / BITMAP, self._head + bytes(bits))
+        write_atomic(self.dir / BITMAP_FILE, self._head + bytes(bits))
 
     def status(self) -> LazyStatus:
         with self._cv:
@@ -263,8 +265,8 @@ class LazyMemory:
                 local_bytes -= self.n * self.cs - self.size
             return LazyStatus(
                 state=self.state, cause=self.cause,
-                pid=None if self._stopping else os.getpid(),
-                mounted=self.mounted, fetched_bytes=self.fetched, local_bytes=local_bytes,
+                pid=None if self._stopping else os.getpid(), fetched_bytes=self.fetched,
+                local_bytes=local_bytes,
                 total_bytes=self.size, chunks_total=self.n, chunks_local=local,
                 started=self.started, completed=self.completed)
 
@@ -338,7 +340,7 @@ class LazyMemory:
                 os.pwrite(self._fd, part, i * self.cs)
                 self._mark(i)
         except OSError as exc:
-            self._break(f"cannot write the cache {self.dir / CACHE}: {exc.strerror}")
+            self._break(f"cannot write the cache {self.dir / CACHE_FILE}: {exc.strerror}")
         finally:
             with self._cv:
                 self._inflight.difference_update(run)
@@ -441,8 +443,7 @@ class LazyMemory:
                     and time.monotonic() - self._idle_since >= self.linger)
 
     def _take_exit_lock(self) -> bool:
-        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     FILE_MODE)
+        fd = open_lock(self.dir)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -460,7 +461,7 @@ class LazyMemory:
         with self._cv:
             self.mounted = True
         self.write_status()
-        log.info("%s: serving %s (%s)", self.dir.name, self.dir / MOUNT / MEMORY, self.state)
+        log.info("%s: serving %s (%s)", self.dir.name, self.dir / MOUNT_DIR / MEMORY, self.state)
         order, pos = self._order(), [0]
         targets: list[Callable[[], None]] = [self._keeper]
         if self.prefetch:
@@ -554,16 +555,17 @@ def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER
     mem: LazyMemory | None = None
     source: Source | None = None
     try:
+        published = template_dir / PUBLISHED_FILE
         try:
-            pub = Published.from_json(_read_bounded(template_dir / PUBLISHED, _MAX_PUBLISHED))
+            pub = Published.from_json(_read_bounded(published, _MAX_PUBLISHED))
         except OSError as exc:
-            raise TemplateError(f"cannot read {template_dir / PUBLISHED}: {exc.strerror}") from exc
+            raise TemplateError(f"cannot read {published}: {exc.strerror}") from exc
         if pub.memory_size <= 0 or pub.chunk_size > MAX_CHUNK:
-            raise TemplateError(f"{template_dir / PUBLISHED}: memory of {pub.memory_size} bytes "
-                                f"in chunks of {pub.chunk_size}: not served")
+            raise TemplateError(f"{published}: memory of {pub.memory_size} bytes in chunks of "
+                                f"{pub.chunk_size}: not served")
         url, token = _load_source(template_dir)
-        mnt = template_dir / MOUNT
-        if mounted(mnt):  # left by a server that died
+        mnt = template_dir / MOUNT_DIR
+        if is_mounted(mnt):  # left by a server that died
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True,
                            timeout=30, check=False)
         with contextlib.suppress(FileExistsError):
@@ -579,7 +581,7 @@ def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER
         if source is not None:
             source.close()
         return 1
-    fs = MemoryFS(mem, (template_dir / PUBLISHED).stat().st_mtime_ns)
+    fs = MemoryFS(mem, (template_dir / PUBLISHED_FILE).stat().st_mtime_ns)
     failure: str | None = None
     try:
         mfusepy.FUSE(fs, str(mnt), foreground=True, ro=True, default_permissions=True,
@@ -600,17 +602,11 @@ def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER
 def _fail(template_dir: Path, cause: str) -> None:
     """A server that cannot start: a broken status and one line on stderr."""
     print(f"vmfork lazy server: {cause}", file=sys.stderr)
-    st = read_status(template_dir)
-    now = time.time()
-    status = LazyStatus(state=BROKEN, cause=cause[:500], pid=None, mounted=False,
-                        fetched_bytes=st.fetched_bytes if st else 0,
-                        local_bytes=st.local_bytes if st else 0,
-                        total_bytes=st.total_bytes if st else 0,
-                        chunks_total=st.chunks_total if st else 0,
-                        chunks_local=st.chunks_local if st else 0,
-                        started=now, completed=None)
+    old = read_status(template_dir) or LazyStatus(state=BROKEN)
     with contextlib.suppress(OSError):
-        write_status(template_dir, status)
+        write_status(template_dir, dataclasses.replace(
+            old, state=BROKEN, cause=cause[:500], pid=None, started=time.time(),
+            completed=None))
 
 
 def main(argv: list[str] | None = None) -> int:
