@@ -44,12 +44,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from vmfork.errors import SourceError, VmforkTimeout
+from vmfork.errors import SourceError, TemplateError, VmforkTimeout
 from vmfork.files import write_atomic
+from vmfork.lazy.mountlock import exit_lock
 from vmfork.lazy.published import MEMORY
 from vmfork.private import READONLY_MODE, UMASK, opener
 from vmfork.records import TemplateManifest, TemplateWork
@@ -445,6 +447,33 @@ def use_cache(store: Store, tdir: Path, manifest: TemplateManifest) -> TemplateM
     write_atomic(tdir / "manifest.json", new.to_json().encode())
     log.info("template %s: memory complete; clones now map %s", manifest.name, cache)
     return new
+
+
+@contextlib.contextmanager
+def memory_held(store: Store, tdir: Path, manifest: TemplateManifest,
+                seconds: float) -> Iterator[TemplateManifest]:
+    """Keep the memory of template *manifest* (in *tdir*) where its clones
+    can map it while the block runs; yield the manifest to start them from.
+
+    A template whose memory a FUSE server serves: ``mount.lock`` is held
+    shared, so a complete server does not unmount meanwhile
+    (:func:`vmfork.lazy.mountlock.exit_lock`); a server that already ended
+    with the memory complete leaves the template on its cache first; one
+    that ended otherwise is a TemplateError naming the state (the next
+    template command restarts it). Any other template: as it is."""
+    if manifest.memory_file != str(served_memory(tdir)):
+        yield manifest
+        return
+    with exit_lock(tdir, seconds):
+        if not is_mounted(mount_point(tdir)):
+            status = read_status(tdir)
+            if status is None or status.state != COMPLETE:
+                why = f": {status.cause}" if status is not None and status.cause else ""
+                raise TemplateError(f"template {manifest.name}: its memory server is not "
+                                    f"running ({status.state if status else 'no status'}"
+                                    f"{why}); 'vmfork template ls' starts it again")
+            manifest = use_cache(store, tdir, manifest)
+        yield manifest
 
 
 async def revive(store: Store, tdir: Path, manifest: TemplateManifest, seconds: float) -> str:
