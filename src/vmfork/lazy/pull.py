@@ -201,8 +201,10 @@ def _check_room(published: Published, tdir: Path, lazy: bool, memory_dir: Path) 
     nonzero = sum(1 for c in published.chunks if c is not None) * published.chunk_size
     files = sum(f.size for f in published.files.values())
     need: dict[int, tuple[int, Path]] = {}
-    for where, size in ((tdir, files + (nonzero if lazy else 0)),
-                        (memory_dir, 0 if lazy else nonzero)):
+    places = [(tdir, files + (nonzero if lazy else 0))]
+    if not lazy:
+        places.append((memory_dir, nonzero))
+    for where, size in places:
         dev = os.stat(where).st_dev
         have = need.get(dev, (0, where))[0]
         need[dev] = (have + size, where)
@@ -288,9 +290,9 @@ def _fetch_files(src: Source, published: Published, tdir: Path, lazy: bool,
                  memory_dir: Path) -> int:
     """Fetch every whole file of the layout into *tdir* (each checked,
     made read-only); return the bytes fetched."""
-    _check_room(published, tdir, lazy, memory_dir)
     if not lazy:
         private_dir(memory_dir, "memory dir")
+    _check_room(published, tdir, lazy, memory_dir)
     total = 0
     order = [STATE, *sorted(k for k in published.files if k != STATE)]
     for key in order:
