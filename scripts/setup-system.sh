@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what vmfork needs from the system, idempotently: QEMU >= 10 (from
 # bookworm-backports), qemu-utils, busybox-static and a Debian kernel for the
-# demo guest. The backports mirror is derived from the machine's own apt
+# demo guest, fuse3 (fusermount3 and libfuse3 for the memory of lazily pulled
+# templates). The backports mirror is derived from the machine's own apt
 # sources; no host name is written here.
 set -euo pipefail
 
@@ -23,7 +24,8 @@ all_ok() {
     && [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] \
     && command -v extlinux >/dev/null 2>&1 && [ -f /usr/lib/syslinux/mbr/mbr.bin ] \
     && command -v debugfs >/dev/null 2>&1 && command -v cpio >/dev/null 2>&1 \
-    && command -v curl >/dev/null 2>&1
+    && command -v curl >/dev/null 2>&1 && command -v fusermount3 >/dev/null 2>&1 \
+    && compgen -G '/usr/lib/*/libfuse3.so.3*' >/dev/null
 }
 
 if all_ok; then
@@ -31,7 +33,7 @@ if all_ok; then
   exit 0
 fi
 
-manual="install by hand: QEMU >= 10.0 (qemu-system-x86, qemu-utils), busybox-static, a Linux kernel image in /boot (e.g. linux-image-cloud-amd64), debootstrap, e2fsprogs, initramfs-tools, debian-archive-keyring, extlinux, syslinux-common, cpio, curl"
+manual="install by hand: QEMU >= 10.0 (qemu-system-x86, qemu-utils), busybox-static, a Linux kernel image in /boot (e.g. linux-image-cloud-amd64), debootstrap, e2fsprogs, initramfs-tools, debian-archive-keyring, extlinux, syslinux-common, cpio, curl, fuse3"
 [ "$(id -u)" -eq 0 ] || die "not root; $manual"
 command -v apt-get >/dev/null 2>&1 || die "no apt-get (not Debian); $manual"
 . /etc/os-release
@@ -82,8 +84,9 @@ apt-get install -y -qq -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--f
 # mkfs.ext4 -d, and lsinitramfs/mkinitramfs to check or make a virtio-blk initramfs.
 # The tests' own images of foreign guests (tests/foreign_images.py): a disk that
 # boots through extlinux, checked with debugfs and cpio. curl: the demo's
-# calls of the daemon's REST API over its UNIX socket.
+# calls of the daemon's REST API over its UNIX socket. fuse3: fusermount3 and
+# libfuse3, which the FUSE server of a lazily pulled template uses (mfusepy).
 apt-get install -y -qq busybox-static debootstrap e2fsprogs initramfs-tools \
-  debian-archive-keyring extlinux syslinux-common cpio curl >/dev/null
+  debian-archive-keyring extlinux syslinux-common cpio curl fuse3 >/dev/null
 all_ok || die "packages installed but checks still fail; $manual"
 log "done ($(qemu-system-x86_64 --version | head -1))"

@@ -47,7 +47,8 @@ _EXPORTS = {
     "ImportResult": "vmfork.results", "PoolStatus": "vmfork.results",
     "PoolMemberStatus": "vmfork.results", "TemplateStatus": "vmfork.results",
     "MigrationStats": "vmfork.results", "ForkReport": "vmfork.results",
-    "ForkChild": "vmfork.results", "GuestImage": "vmfork.images.demo",
+    "ForkChild": "vmfork.results", "PullResult": "vmfork.results",
+    "GuestImage": "vmfork.images.demo",
     # configuration
     "Timeouts": "vmfork.timeouts",
     # errors
@@ -58,6 +59,7 @@ _EXPORTS = {
     "LaunchError": "vmfork.errors",
     "StateError": "vmfork.errors", "GuestError": "vmfork.errors",
     "MigrationError": "vmfork.errors", "TemplateError": "vmfork.errors",
+    "SourceError": "vmfork.errors",
     "VmforkTimeout": "vmfork.errors", "UnsafePath": "vmfork.errors",
 }
 
@@ -88,11 +90,13 @@ __all__ = [
     "NotFound",
     "PoolMemberStatus",
     "PoolStatus",
+    "PullResult",
     "ResourceError",
     "RestoreResult",
     "Result",
     "SaveResult",
     "SetupError",
+    "SourceError",
     "StateError",
     "Template",
     "TemplateError",
@@ -137,6 +141,7 @@ if TYPE_CHECKING:
         NotFound,
         ResourceError,
         SetupError,
+        SourceError,
         StateError,
         TemplateError,
         UnsafePath,
@@ -154,6 +159,7 @@ if TYPE_CHECKING:
         MigrationStats,
         PoolMemberStatus,
         PoolStatus,
+        PullResult,
         RestoreResult,
         Result,
         SaveResult,

@@ -17,6 +17,7 @@
      +-- StateError            the operation does not fit the VM's current state
      |    +-- QMPCommandError  QEMU refused a QMP command, or its monitor went away
      +-- GuestError            the guest agent failed or the guest is unreachable
+     +-- SourceError           the source of a pulled template refused, failed or sent bad data
      +-- MigrationError        a state save/load or a migration failed
      +-- TemplateError         a template is unusable (manifest, checksum, files)
      +-- VmforkTimeout         a wait ran out of time; ``phase`` says which wait
@@ -126,6 +127,12 @@ class GuestError(VmforkError):
     """The guest agent did not answer properly."""
 
 
+class SourceError(VmforkError):
+    """The source of a pulled template (:mod:`vmfork.lazy.source`) refused a
+    request (401/403/404), kept failing until its deadline, or sent data that
+    does not match its manifest."""
+
+
 class MigrationError(VmforkError):
     """Saving, loading or moving device state failed."""
 
@@ -155,7 +162,7 @@ HTTP_ERRORS: tuple[tuple[type[VmforkError], str, int], ...] = (
     (AlreadyExists, "exists", 409), (SetupError, "setup", 503),
     (ResourceError, "no_room", 503), (Busy, "busy", 429), (LaunchError, "launch_failed", 500),
     (QMPCommandError, "qmp", 409), (StateError, "conflict", 409),
-    (GuestError, "guest", 502), (MigrationError, "migration", 500),
+    (GuestError, "guest", 502), (SourceError, "source", 502), (MigrationError, "migration", 500),
     (TemplateError, "template", 409), (VmforkTimeout, "timeout", 504),
     (VmforkError, "error", 500),
 )

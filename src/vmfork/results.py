@@ -391,3 +391,40 @@ class TemplateStatus(Result):
     #: ``ready``; ``creating`` or ``removing`` while a command works on it
     #: (a template is usable only when ready).
     status: str = "ready"
+    #: A pulled template (``vmfork template pull``): the URL it came from,
+    #: and its memory's ``state`` (``fetching``, ``complete`` or ``broken``,
+    #: with the one-line ``cause``), the share of it that is here and the
+    #: bytes fetched so far. All None for a template made here.
+    source: str | None = None
+    state: str | None = None
+    local_percent: float | None = None
+    fetched_bytes: int | None = None
+    cause: str | None = None
+
+
+@dataclass(frozen=True)
+class PullResult(Result):
+    """A template pulled from another host (``vmfork template pull``).
+
+    The template is usable when this returns. ``mode`` is ``lazy`` (its
+    memory is served through FUSE and fetched on first read and in the
+    background: ``state`` ``fetching``, or ``complete`` if it all came
+    already) or ``eager`` (every non-zero chunk fetched and checked first:
+    ``complete``). ``fetched_bytes`` counts what the pull itself fetched
+    (manifest, state, boot files, disks and, eager, the memory)."""
+
+    name: str
+    source: str
+    mode: str
+    state: str
+    memory_file: str
+    memory_mib: int
+    #: Bytes of the memory that are not all zeros (what an eager pull
+    #: fetched, and a lazy one fetches in the end).
+    memory_bytes: int
+    fetched_bytes: int
+    disks: int
+    #: Seconds from the start of the pull to the template being usable, and
+    #: of it fetching the manifest and device state.
+    seconds: float
+    manifest_seconds: float

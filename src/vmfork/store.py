@@ -377,6 +377,15 @@ class Store:
             if source_vm is not None:
                 self._db.execute("DELETE FROM vms WHERE name=?", (source_vm,))
 
+    def set_template_manifest(self, manifest: TemplateManifest) -> None:
+        """Replace the manifest of ready template *manifest.name* (a pulled
+        template whose memory moved from its FUSE mount to its cache);
+        StateError if it is not ready."""
+        cur = self._db.execute("UPDATE templates SET manifest=? WHERE name=? AND state='ready'",
+                               (json.dumps(manifest.to_dict()), manifest.name))
+        if cur.rowcount != 1:
+            raise StateError(f"template {manifest.name} is not ready")
+
     def drop_reservation(self, name: str) -> None:
         """Remove the row of a template being made (not one that is ready)."""
         self._db.execute("DELETE FROM templates WHERE name=? AND state='creating'", (name,))

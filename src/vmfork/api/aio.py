@@ -41,6 +41,7 @@ from vmfork.results import (
     ForkReport,
     PoolStatus,
     PublishResult,
+    PullResult,
     RestoreResult,
     Result,
     SaveResult,
@@ -185,6 +186,18 @@ class AsyncHost:
         manifest = await create.create_demo(self.store, name, parse_memory(memory), prepare,
                                             accel, self.timeouts, on_clone=on_clone)
         return AsyncTemplate(self, name, manifest)
+
+    async def pull_template(self, url: str, name: str | None = None, *, lazy: bool = True,
+                            token_file: Path | str | None = None) -> PullResult:
+        """Pull the template published at *url* (a daemon's
+        ``http://HOST:PORT/v1/templates/NAME`` or a published directory's
+        base URL) as template *name* (default: its name there); *lazy*: its
+        memory arrives on first read, else all of it first (``vmfork
+        template pull``). Returns once the template can be cloned."""
+        from vmfork.lazy import pull
+
+        return await pull.pull(self.store, url, name, lazy=lazy, token_file=token_file,
+                               timeouts=self.timeouts)
 
     # -- snapshot files ---------------------------------------------------------
     async def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,

@@ -32,6 +32,7 @@ from vmfork.results import (
     OutputChunk,
     PoolStatus,
     PublishResult,
+    PullResult,
     RestoreResult,
     Result,
     SaveResult,
@@ -129,6 +130,12 @@ class Host:
         return Template(self, self._run(self._async.create_template(
             name, image=image, memory=memory, prepare=prepare, accel=accel,
             on_clone=on_clone)))
+
+    def pull_template(self, url: str, name: str | None = None, *, lazy: bool = True,
+                      token_file: Path | str | None = None) -> PullResult:
+        """Pull the template published at *url* as template *name*."""
+        return self._run(self._async.pull_template(url, name, lazy=lazy,
+                                                   token_file=token_file))
 
     # -- snapshot files, images, recovery ---------------------------------------
     def import_snapshot(self, file: Path | str, name: str, *, persistent: bool = False,

@@ -33,6 +33,7 @@ from vmfork.errors import (
     QMPCommandError,
     ResourceError,
     SetupError,
+    SourceError,
     StateError,
     TemplateError,
     TooLarge,
@@ -46,7 +47,8 @@ EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
     (BadSnapshotFile, 2), (UnsafePath, 2), (TooLarge, 2), (InvalidInput, 2), (NotFound, 1),
     (AlreadyExists, 1), (DaemonUnreachable, 1), (SetupError, 1), (ResourceError, 1),
     (Busy, 1), (LaunchError, 1),
-    (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (MigrationError, 1),
+    (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (SourceError, 1),
+    (MigrationError, 1),
     (TemplateError, 1),
     (VmforkTimeout, 1), (VmforkError, 1),
 )

@@ -1,4 +1,4 @@
-"""``vmfork template create|ls|inspect|rm|publish``, ``clone`` and ``pool``."""
+"""``vmfork template create|pull|ls|inspect|rm|publish``, ``clone`` and ``pool``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vmfork.errors import InvalidInput
 if TYPE_CHECKING:
     from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate
     from vmfork.records import TemplateManifest
-    from vmfork.results import PoolStatus, PublishResult, TemplateStatus
+    from vmfork.results import PoolStatus, PublishResult, PullResult, TemplateStatus
 
 
 @click.group("template")
@@ -62,30 +62,95 @@ def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
                        + ("; file systems frozen" if m.frozen else ""))
 
 
+@template_cmd.command("pull")
+@click.argument("url")
+@click.argument("name", required=False)
+@click.option("--lazy/--eager", default=True, show_default=True,
+              help="Lazy: the template is usable at once; its memory is served through "
+                   "FUSE, fetched on first read and in the background. Eager: all of the "
+                   "memory is fetched first.")
+@click.option("--token-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The source daemon's bearer token.")
+@click.option("--json", "as_json", is_flag=True)
+def template_pull(url: str, name: str | None, lazy: bool, token_file: str | None,
+                  as_json: bool) -> None:
+    """Pull the template published at URL as template NAME (default: its name
+    there).
+
+    URL is a daemon's http://HOST:PORT/v1/templates/NAME or the base URL of a
+    directory written by 'vmfork template publish' behind any HTTP server
+    with Range support. The manifest, device state, kernel, initrd and disks
+    are fetched and checked (sha256) first."""
+    async def go(host: AsyncHost) -> PullResult:
+        return await host.pull_template(url, name, lazy=lazy, token_file=token_file)
+    r = on_host(go)
+    memory = ("all fetched" if r.mode == "eager" else
+              "complete" if r.state == "complete" else "fetching in the background")
+    report(as_json, r, f"template {r.name}: pulled from {r.source} in {r.seconds:.2f} s "
+                       f"({r.mode}; memory {r.memory_mib} MiB, {memory}; "
+                       f"{_size(r.fetched_bytes)} fetched)")
+
+
+def _size(n: int | None) -> str:
+    """Bytes in the unit that reads best (``512K``, ``12.3M``, ``1.2G``)."""
+    if n is None:
+        return "-"
+    if n < 1 << 20:
+        return f"{n >> 10}K"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.1f}M"
+    return f"{n / (1 << 30):.1f}G"
+
+
+def _local(r: TemplateStatus) -> str:
+    """The memory column of a pulled template: its state and local share."""
+    if r.state is None:
+        return "-"
+    if r.state == "fetching":
+        return f"fetching {r.local_percent or 0:.0f}%"
+    return r.state
+
+
 @template_cmd.command("ls")
 @click.option("--json", "as_json", is_flag=True)
 def template_ls(as_json: bool) -> None:
-    """List templates."""
+    """List templates (a pulled one with its source, its memory's state, the
+    share of it that is here and the bytes fetched)."""
     async def go(host: AsyncHost) -> list[TemplateStatus]:
         return [await t.status() for t in await host.templates()]
     rows = on_host(go)
     if as_json:
         emit_json(rows)
         return
-    table(("NAME", "MEMORY", "STATE", "CLONES", "POOL", "QEMU", "STATUS"),
-          [(r.name, f"{r.memory_mib}M", f"{r.state_kib}K", r.clones, r.pool, r.qemu or "-",
-            r.status) for r in rows])
+    headers: tuple[str, ...] = ("NAME", "MEMORY", "STATE", "CLONES", "POOL", "QEMU", "STATUS")
+    cells = [[r.name, f"{r.memory_mib}M", f"{r.state_kib}K", r.clones, r.pool, r.qemu or "-",
+              r.status] for r in rows]
+    if any(r.source is not None for r in rows):
+        headers += ("LOCAL", "FETCHED", "SOURCE")
+        for r, row in zip(rows, cells, strict=True):
+            row += [_local(r), _size(r.fetched_bytes), r.source or "-"]
+    table(headers, cells)
+    for r in rows:
+        if r.state == "broken":
+            say(f"template {r.name}: memory broken: {r.cause or 'no cause given'}")
 
 
 @template_cmd.command("inspect")
 @click.argument("name")
 def template_inspect(name: str) -> None:
-    """Print a template's manifest (JSON), with its clones and its pool."""
+    """Print a template's manifest (JSON), with its clones and its pool, and
+    for a pulled template its source and its memory's state (``pull``)."""
     async def go(host: AsyncHost) -> dict[str, object]:
         tpl = await host.template(name)
         manifest = (await tpl.inspect()).to_dict()
         manifest["clones"] = [c.name for c in await tpl.clones()]
         manifest["pool"] = await tpl.pool()
+        status = await tpl.status()
+        if status.source is not None:
+            manifest["pull"] = {"source": status.source, "state": status.state,
+                                "local_percent": status.local_percent,
+                                "fetched_bytes": status.fetched_bytes,
+                                "cause": status.cause}
         return manifest
     emit_json(on_host(go))
 

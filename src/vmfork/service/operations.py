@@ -3,6 +3,7 @@
 Owns :class:`Operations` (the daemon's operations, in memory) and the routes
 that start or show one: ``POST /v1/vms/{name}/export`` ``{"file": ...}``,
 ``POST /v1/snapshots/import`` ``{"file", "name", "as_template"?, ...}``,
+``POST /v1/templates/pull`` ``{"url", "name"?, "lazy"?, "token_file"?}``,
 ``POST /v1/images/{name}`` (build ``demo`` or ``debian``), ``GET
 /v1/operations`` and ``GET /v1/operations/{id}``.
 
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vmfork.api.aio import IMAGES
 from vmfork.errors import InvalidInput, NotFound, ResourceError, VmforkError, http_error
+from vmfork.lazy.source import base_url, read_token_file
 from vmfork.names import check_name
 from vmfork.service import events
 from vmfork.service.state import ServiceState, state_of
@@ -229,6 +231,18 @@ class ImportRequest(Body):
     persistent: bool = False
 
 
+class PullRequest(Body):
+    url: str = Field(max_length=2048, description="a daemon's http(s)://HOST:PORT/v1/"
+                     "templates/NAME, or the base URL of a published directory")
+    name: str | None = Field(None, max_length=200,
+                             description="the new template's name (default: its name there)")
+    lazy: bool = Field(True, description="serve the memory through FUSE, fetched on first "
+                       "read and in the background (false: fetch it all first)")
+    token_file: str | None = Field(None, max_length=4096,
+                                   description="absolute path of a file with the source's "
+                                               "bearer token")
+
+
 class ImageRequest(Body):
     rebuild: bool = False
 
@@ -275,6 +289,26 @@ async def import_snapshot(request: Request, body: ImportRequest) -> JSONResponse
         return vm.result if vm.result is not None else await vm.status()
 
     return accepted(operations_of(state).start("import", name, work))
+
+
+@router.post("/v1/templates/pull", status_code=202, response_model=None)
+async def pull_template(request: Request, body: PullRequest) -> JSONResponse:
+    """Pull a template published by another daemon or in a directory behind
+    an HTTP server (an operation; its result is the pull's)."""
+    state = state_of(request)
+    base_url(body.url)  # a bad URL or token file is refused now, not by the operation
+    token_file = absolute(body.token_file, "token_file") if body.token_file else None
+    if token_file is not None:
+        read_token_file(token_file)
+    name = check_name(body.name, "template") if body.name is not None else None
+
+    async def work() -> HasDict:
+        result = await state.host.pull_template(body.url, name, lazy=body.lazy,
+                                                token_file=token_file)
+        events.publish(state, "template_created", template=result.name, source="pull")
+        return result
+
+    return accepted(operations_of(state).start("pull", name or body.url, work))
 
 
 @router.post("/v1/images/{name}", status_code=202, response_model=None)

@@ -13,7 +13,8 @@ on clones and pools refuse it), then its clones and pool members are
 stopped, then its files deleted, and its row goes last; a removal whose
 vmfork died is finished by the next command (:func:`finish_removal`, called
 by :mod:`vmfork.templates.recovery`). A template is never clonable with
-half of its files gone.
+half of its files gone. A pulled template's FUSE server is ended and its
+mount removed before its directory (:mod:`vmfork.lazy.lifecycle`).
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from vmfork import vm
 from vmfork.checkpoints import checkpoint
 from vmfork.errors import NotFound, StateError
+from vmfork.lazy import lifecycle
 from vmfork.names import check_name, pool_lock, template_lock
 from vmfork.proc import process_start_time
 from vmfork.records import TEMPLATE_CREATING, TEMPLATE_READY, TemplateManifest, TemplateWork
 from vmfork.results import TemplateStatus
 from vmfork.store import Store
+from vmfork.tasks import finish_in_thread
 from vmfork.templates import pool
 from vmfork.templates.manifest import template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
@@ -74,12 +77,20 @@ def users(store: Store, template: str) -> list[str]:
 
 def status(store: Store, manifest: TemplateManifest, state: str = TEMPLATE_READY
            ) -> TemplateStatus:
-    """One row of ``vmfork template ls``."""
+    """One row of ``vmfork template ls`` (with the source and memory status
+    of a pulled template)."""
+    tdir = template_dir(store, manifest.name)
+    source = lifecycle.pulled_from(tdir)
+    lazy = lifecycle.read_status(tdir) if source is not None else None
     return TemplateStatus(name=manifest.name, memory_mib=manifest.memory_size >> 20,
                           state_kib=round(manifest.state_size / 1024),
                           clones=len(users(store, manifest.name)),
                           pool=store.pool_target(manifest.name), qemu=manifest.qemu_version,
-                          age_seconds=round(time.time() - manifest.created), status=state)
+                          age_seconds=round(time.time() - manifest.created), status=state,
+                          source=source, state=lazy.state if lazy else None,
+                          local_percent=round(lazy.local_percent, 1) if lazy else None,
+                          fetched_bytes=lazy.fetched_bytes if lazy else None,
+                          cause=lazy.cause if lazy else None)
 
 
 def status_of(store: Store, name: str) -> TemplateStatus:
@@ -170,10 +181,19 @@ async def finish_removal(store: Store, work: TemplateWork, timeouts: Timeouts = 
             if store.take_pool_member(member.id):
                 await pool.kill_member(store, member)
     await checkpoint("template-rm.stopped")
+    tdir = Path(work.directory) if work.directory else template_dir(store, name)
+    # A pulled template's FUSE server ends and its memory is unmounted first
+    # (its memory file may be the served one, inside the directory).
+    await finish_in_thread(lifecycle.discard, tdir, timeouts.stop)
     if work.memory_file:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(work.memory_file)
-    shutil.rmtree(work.directory or template_dir(store, name), ignore_errors=True)
+        except FileNotFoundError:
+            pass
+        except OSError:  # the served file of a mount that stays: remove_dir says so
+            if not Path(work.memory_file).is_relative_to(tdir):
+                raise
+    await finish_in_thread(lifecycle.remove_dir, tdir, timeouts.stop)
     await checkpoint("template-rm.files-removed")
     store.remove_template(name)
     log.info("template %s: removed", name)

@@ -37,7 +37,7 @@ from vmfork import admission, checkpoints, ports, vm
 from vmfork.errors import AlreadyExists, GuestError, InvalidInput, LaunchError, VmforkTimeout
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewVM, undo_all_abandoned
-from vmfork.lazy import working_set
+from vmfork.lazy import lifecycle, working_set
 from vmfork.names import check_name, derived
 from vmfork.private import make_dirs
 from vmfork.qemu import migration
@@ -106,19 +106,23 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
             raise AlreadyExists(f"a VM named {n!r} exists already")
     if len(set(names)) != len(names):
         raise InvalidInput("clone names must differ")
-    check(manifest, timeouts=timeouts, cache_dir=store.cache_dir)
-    hook = manifest.on_clone if on_clone is None else on_clone
-    starting = asyncio.Semaphore(MAX_STARTING)
-    tasks = [asyncio.ensure_future(_clone_one(store, manifest, n, use_pool, set_identity,
-                                              timeouts, hook or None, starting))
-             for n in names]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        # One failed (or the call was cancelled): undo the whole batch, to
-        # its end even if this call is cancelled (again) meanwhile.
-        await run_to_end(_undo_batch(store, tasks))
-        raise
+    # A pulled template's memory server stays mounted until every clone of
+    # this call has its memory file open.
+    with lifecycle.memory_held(store, template_dir(store, template), manifest,
+                               timeouts.stop) as manifest:
+        check(manifest, timeouts=timeouts, cache_dir=store.cache_dir)
+        hook = manifest.on_clone if on_clone is None else on_clone
+        starting = asyncio.Semaphore(MAX_STARTING)
+        tasks = [asyncio.ensure_future(_clone_one(store, manifest, n, use_pool, set_identity,
+                                                  timeouts, hook or None, starting))
+                 for n in names]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            # One failed (or the call was cancelled): undo the whole batch, to
+            # its end even if this call is cancelled (again) meanwhile.
+            await run_to_end(_undo_batch(store, tasks))
+            raise
 
 
 async def _undo_batch(store: Store, tasks: list[asyncio.Task[CloneResult]]) -> None:

@@ -57,6 +57,7 @@ from vmfork.checkpoints import checkpoint
 from vmfork.errors import GuestError, StateError, TemplateError, VmforkError, VmforkTimeout
 from vmfork.files import sha256_file, write_atomic
 from vmfork.launch import attach
+from vmfork.lazy import lifecycle
 from vmfork.names import build_name
 from vmfork.private import FILE_MODE, READONLY_MODE, make_dirs
 from vmfork.proc import process_alive, process_start_time
@@ -461,7 +462,8 @@ def _drop_fork_reservation(store: Store, work: TemplateWork) -> bool:
 
 async def settle_held(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> bool:
     """Finish or undo what a vmfork that died left of template *name*: a
-    creation (:func:`resolve`) or a removal
+    creation (:func:`resolve`), a pull (undone:
+    :func:`vmfork.lazy.lifecycle.undo_pull`) or a removal
     (:func:`vmfork.templates.catalog.finish_removal`). The caller holds the
     template's lock; work whose owner still runs is left alone. True if
     something was settled."""
@@ -473,6 +475,9 @@ async def settle_held(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> 
         return False
     if state == TEMPLATE_CREATING and work.op == "fork":
         return _drop_fork_reservation(store, work)
+    if state == TEMPLATE_CREATING and work.op == "pull":
+        await lifecycle.undo_pull(store, work, timeouts.stop)
+        return True
     if state == TEMPLATE_CREATING:
         await resolve(store, work, timeouts)
     else:

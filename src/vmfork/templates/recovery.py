@@ -18,6 +18,12 @@ Settling is an explicit step of the commands that touch templates or a VM
 from that VM). Work whose owner still runs is left alone and shows as
 ``creating`` or ``removing``. Never raises for work it cannot settle: it
 logs and leaves it for the next command.
+
+A pulled template's FUSE server (:mod:`vmfork.lazy.lifecycle`) is a process
+of its own that a kill -9 or a reboot ends too: settling a ready template
+that was pulled lazily looks whether its server still runs and, if not,
+unmounts what it left and starts it again (memory still ``fetching``) or
+moves the template onto its complete cache.
 """
 
 from __future__ import annotations
@@ -26,19 +32,25 @@ import contextlib
 import logging
 
 from vmfork.errors import StateError, VmforkError
+from vmfork.lazy import lifecycle
 from vmfork.names import check_name
+from vmfork.records import TEMPLATE_READY
 from vmfork.store import Store
 from vmfork.templates import catalog
 from vmfork.templates.create import settle_held
+from vmfork.templates.manifest import template_dir
 from vmfork.timeouts import DEFAULT, Timeouts
 
 log = logging.getLogger("vmfork.template")
 
 
 async def settle(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> bool:
-    """Finish or undo what a dead vmfork left of template *name*; True if
-    something was settled. Cheap when there is nothing (one catalog read)."""
+    """Finish or undo what a dead vmfork left of template *name*, or repair
+    a pulled template whose FUSE server is gone; True if something was
+    settled. Cheap when there is nothing (one catalog read)."""
     found = store.template_work(check_name(name, "template"))
+    if found is not None and found[0] == TEMPLATE_READY:
+        return await _revive(store, name, timeouts)
     if found is None or found[1] is None:
         return False
     async with contextlib.AsyncExitStack() as stack:
@@ -53,10 +65,49 @@ async def settle(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> bool:
     return False
 
 
+async def _revive(store: Store, name: str, timeouts: Timeouts) -> bool:
+    """Repair ready template *name* if it was pulled lazily and its FUSE
+    server is gone (:func:`vmfork.lazy.lifecycle.revive`: restarted, or
+    moved onto its complete cache); under the template's lock, skipped if
+    another command holds it."""
+    tdir = template_dir(store, name)
+    if not lifecycle.is_pulled(tdir):
+        return False
+    try:
+        manifest = store.get_template(name)
+    except VmforkError:
+        return False
+    if not lifecycle.needs_revival(tdir, manifest):
+        return False
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(catalog.locked(store, name))
+        except StateError:
+            return False
+        try:
+            manifest = store.get_template(name)
+            if not lifecycle.needs_revival(tdir, manifest):
+                return False
+            done = await lifecycle.revive(store, tdir, manifest, timeouts.start)
+        except VmforkError as exc:
+            log.warning("template %s: its FUSE server could not be started again: %s",
+                        name, exc)
+            return False
+        log.info("template %s: memory server repaired (%s)", name, done)
+        return True
+    return False
+
+
 async def settle_all(store: Store, timeouts: Timeouts = DEFAULT) -> list[str]:
-    """Settle every template with work left by a dead vmfork; return their names."""
-    return [work.name for _state, work in store.template_works()
+    """Settle every template with work left by a dead vmfork, and every
+    pulled template whose FUSE server is gone; return their names."""
+    done = [work.name for _state, work in store.template_works()
             if await settle(store, work.name, timeouts)]
+    for manifest in store.list_templates():
+        if (lifecycle.is_pulled(template_dir(store, manifest.name))
+                and await _revive(store, manifest.name, timeouts)):
+            done.append(manifest.name)
+    return done
 
 
 async def settle_vm(store: Store, vm_name: str, timeouts: Timeouts = DEFAULT) -> list[str]:
