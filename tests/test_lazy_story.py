@@ -428,7 +428,8 @@ def corrupted(serving: Serving, tmp_path: Path) -> tuple[Path, int]:
     chunk's index."""
     d = tmp_path / "published"
     shutil.copytree(serving.published, d)
-    index = next(i for i, c in enumerate(serving.manifest.chunks) if c is not None)
+    # The last one: nothing reads it before the background prefetch does.
+    index = max(i for i, c in enumerate(serving.manifest.chunks) if c is not None)
     with open(d / MEMORY, "r+b") as f:
         pos = index * serving.manifest.chunk_size + 100
         f.seek(pos)
