@@ -114,13 +114,13 @@ log = logging.getLogger("vmfork.lazy.server")
 MAX_READAHEAD = 128 << 10
 #: Chunks per prefetch request (consecutive chunks in one range): of the
 #: working set, and of the rest.
-WORKING_SET_RUN = 16
+WORKING_SET_RUN = 8
 PREFETCH_RUN = 4
 #: Prefetch requests in flight at once: of the working set (what a clone is
 #: about to read: fetched as fast as the link allows, beside the reads),
 #: and of the rest (only while no read has waited for a fetch for
 #: :data:`QUIET` seconds, so that it never delays a clone).
-WORKING_SET_THREADS = 6
+WORKING_SET_THREADS = 4
 PREFETCH_THREADS = 2
 QUIET = 0.5
 #: Seconds between writes of the bitmap and the status file.
