@@ -48,6 +48,7 @@ import hashlib
 import logging
 import os
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -120,11 +121,14 @@ async def pull(store: Store, url: str, name: str | None = None, *, lazy: bool = 
         async with _reserved(store, name, url, timeouts) as work:
             tdir = Path(work.directory)
             fetched = len(raw)
+            # A lazy pull's memory server starts first: it mounts, and
+            # fetches the working set, while the other files arrive.
+            server = _start_serving(src, published, tdir, url, token) if lazy else None
             fetched += await _fetching(src, _fetch_files, src, published, tdir, lazy,
                                        store.memory_dir)
             await checkpoint("pull.files")
-            if lazy:
-                memory, state = await _serve(src, published, tdir, url, token, timeouts)
+            if server is not None:
+                memory, state = await _served(src, server, published, tdir, timeouts)
             else:
                 memory = _memory_path(store, name)
                 _record(store, work, memory_file=str(memory))
@@ -414,14 +418,21 @@ def _write_complete(tdir: Path, published: Published) -> None:
         chunks_total=n, chunks_local=n, started=now, completed=now))
 
 
-async def _serve(src: Source, published: Published, tdir: Path, url: str, token: str | None,
-                 timeouts: Timeouts) -> tuple[Path, str]:
-    """Start the FUSE server of a lazy pull and wait until it serves the
-    memory; return the memory file clones map and the memory's state."""
+def _start_serving(src: Source, published: Published, tdir: Path, url: str,
+                   token: str | None) -> subprocess.Popen[bytes]:
+    """Start the FUSE server of a lazy pull (detached; the pull's undo ends
+    it through its pid file)."""
     write_atomic(tdir / lifecycle.PUBLISHED_FILE, published.to_json())
     lifecycle.write_source(tdir, src.base, url, token)
     lifecycle.mount_point(tdir).mkdir(mode=DIR_MODE)
-    state = await _fetching(src, lifecycle.start_server, tdir, published.memory_size,
+    return lifecycle.spawn_server(tdir)
+
+
+async def _served(src: Source, server: subprocess.Popen[bytes], published: Published,
+                  tdir: Path, timeouts: Timeouts) -> tuple[Path, str]:
+    """Wait until the FUSE server of a lazy pull serves the memory; return
+    the memory file clones map and the memory's state."""
+    state = await _fetching(src, lifecycle.wait_mounted, tdir, server, published.memory_size,
                             timeouts.start)
     await checkpoint("pull.mounted")
     if state == lifecycle.COMPLETE:

@@ -46,9 +46,10 @@ A read of chunks present is served from the cache. A missing chunk is
 fetched (one fetch per chunk however many readers wait for it; a read
 waits for the chunks it covers), its sha256 checked (a mismatch is fetched
 once more, then refused), written to the cache and marked. A background
-prefetch brings the working set first, then every other chunk in order,
-in runs of up to :data:`PREFETCH_RUN` chunks, yielding to reads that wait
-for a fetch. When every chunk is local the state becomes ``complete``.
+prefetch brings the working set first, at full speed beside the reads
+(what a clone is about to read), then every other chunk in order, in runs
+of up to :data:`PREFETCH_RUN` chunks, only while no read has waited for a
+fetch for :data:`QUIET` seconds. When every chunk is local the state becomes ``complete``.
 
 Failures: the source gone or slow makes a fetch retry with backoff until
 ``--deadline`` seconds (default 30) have passed; then, as for a refused
@@ -111,10 +112,17 @@ log = logging.getLogger("vmfork.lazy.server")
 #: Kernel readahead on the mount (bytes): a page fault reads this much
 #: around the page, so it spans at most two chunks.
 MAX_READAHEAD = 128 << 10
-#: Chunks per prefetch request (consecutive chunks in one range).
+#: Chunks per prefetch request (consecutive chunks in one range): of the
+#: working set, and of the rest.
+WORKING_SET_RUN = 8
 PREFETCH_RUN = 4
-#: Prefetch requests in flight at once.
+#: Prefetch requests in flight at once: of the working set (what a clone is
+#: about to read: fetched as fast as the link allows, beside the reads),
+#: and of the rest (only while no read has waited for a fetch for
+#: :data:`QUIET` seconds, so that it never delays a clone).
+WORKING_SET_THREADS = 4
 PREFETCH_THREADS = 2
+QUIET = 0.5
 #: Seconds between writes of the bitmap and the status file.
 STATUS_EVERY = 0.5
 #: Default seconds a fetch retries before the template is broken.
@@ -189,6 +197,7 @@ class LazyMemory:
         self._cv = threading.Condition()
         self._inflight: set[int] = set()
         self._demand = 0
+        self._last_demand = 0.0
         self._stopping = False
         self._dirty = False
         self.state = FETCHING
@@ -311,6 +320,7 @@ class LazyMemory:
         finally:
             with self._cv:
                 self._demand -= 1
+                self._last_demand = time.monotonic()
                 self._cv.notify_all()
         if not self._local[i]:
             raise mfusepy.FuseOSError(errno.EIO)
@@ -393,12 +403,16 @@ class LazyMemory:
                 order.append(i)
         return order
 
-    def _prefetch(self, order: list[int], pos: list[int]) -> None:
+    def _prefetch(self, order: list[int], pos: list[int], most: int, polite: bool) -> None:
+        """Fetch the chunks of *order* from *pos* on, *most* consecutive
+        ones per request; *polite*: only while reads have not waited for a
+        fetch for :data:`QUIET` seconds."""
         _block_signals()
         while True:
             with self._cv:
-                while self._demand and not self._stopping and self.state == FETCHING:
-                    self._cv.wait(0.1)  # reads that wait for a fetch go first
+                while (polite and not self._stopping and self.state == FETCHING
+                       and (self._demand or time.monotonic() - self._last_demand < QUIET)):
+                    self._cv.wait(0.05)
                 if self._stopping or self.state != FETCHING:
                     return
                 run: list[int] = []
@@ -407,7 +421,7 @@ class LazyMemory:
                     pos[0] += 1
                     if not self._local[i] and i not in self._inflight:
                         run.append(i)
-                while (run and len(run) < PREFETCH_RUN and pos[0] < len(order)
+                while (run and len(run) < most and pos[0] < len(order)
                        and order[pos[0]] == run[-1] + 1
                        and not self._local[order[pos[0]]]
                        and order[pos[0]] not in self._inflight):
@@ -417,6 +431,29 @@ class LazyMemory:
                     return
                 self._inflight.update(run)
             self._fetch(run)
+
+    def _prefetch_all(self) -> None:
+        """The working set at full speed, then the rest politely."""
+        ws = [i for i in dict.fromkeys(self.pub.working_set) if not self._zero[i]]
+        pos = [0]
+        threads = [threading.Thread(target=self._prefetch,
+                                    args=(ws, pos, WORKING_SET_RUN, False),
+                                    daemon=True, name="vmfork-lazy-ws")
+                   for _ in range(WORKING_SET_THREADS - 1)]
+        for t in threads:
+            t.start()
+        self._prefetch(ws, pos, WORKING_SET_RUN, False)
+        for t in threads:
+            t.join()
+        rest, pos = self._order(), [0]
+        threads = [threading.Thread(target=self._prefetch, args=(rest, pos, PREFETCH_RUN, True),
+                                    daemon=True, name="vmfork-lazy")
+                   for _ in range(PREFETCH_THREADS - 1)]
+        for t in threads:
+            t.start()
+        self._prefetch(rest, pos, PREFETCH_RUN, True)
+        for t in threads:
+            t.join()
 
     def _keeper(self) -> None:
         """Every STATUS_EVERY seconds: the bitmap and the status; and the
@@ -462,10 +499,9 @@ class LazyMemory:
             self.mounted = True
         self.write_status()
         log.info("%s: serving %s (%s)", self.dir.name, self.dir / MOUNT_DIR / MEMORY, self.state)
-        order, pos = self._order(), [0]
         targets: list[Callable[[], None]] = [self._keeper]
         if self.prefetch:
-            targets += [lambda: self._prefetch(order, pos)] * PREFETCH_THREADS
+            targets.append(self._prefetch_all)
         for t in targets:
             th = threading.Thread(target=t, daemon=True, name="vmfork-lazy")
             th.start()
