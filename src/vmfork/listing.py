@@ -10,6 +10,7 @@ with the first record), so that ``vmfork ls`` starts fast."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmfork import proc
@@ -50,13 +51,33 @@ def describe(rec: VMRecord) -> VMStatus:
     from vmfork.results import VMStatus
 
     spec = rec.spec
-    return VMStatus(name=rec.name, state=observed_state(rec), pid=rec.pid,
+    state = observed_state(rec)
+    return VMStatus(name=rec.name, state=state, pid=rec.pid,
                     memory_mib=spec.memory_mib, memory_file=spec.memory.path,
                     template=rec.template, accel=spec.accel,
                     age_seconds=time.time() - rec.created, boot_seconds=rec.info.boot_seconds,
                     ports=spec.net.ports if spec.net else (), ready=spec.ready,
                     agent=rec.info.agent,
-                    os=(rec.info.guest_os or {}).get("pretty-name"))
+                    os=(rec.info.guest_os or {}).get("pretty-name"),
+                    cause=death_cause(rec) if state == "dead" else None)
+
+
+def death_cause(rec: VMRecord) -> str | None:
+    """Why VM *rec*, whose QEMU is gone, died, when vmfork can tell: it
+    mapped the memory of a lazily pulled template whose memory server could
+    not fetch it (``broken``: a read failed, so QEMU got SIGBUS)."""
+    path = rec.spec.memory.path
+    if not path:
+        return None
+    mem = Path(path)
+    if mem.parent.name != "mnt":
+        return None
+    from vmfork.lazy.lifecycle import BROKEN, read_status
+
+    status = read_status(mem.parent.parent)
+    if status is None or status.state != BROKEN or not status.cause:
+        return None
+    return f"its memory could not be fetched: {status.cause}"
 
 
 def statuses(store: Store) -> list[VMStatus]:

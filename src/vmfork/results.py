@@ -168,6 +168,9 @@ class VMStatus(Result):
     agent: str | None = None
     #: The guest's OS as qemu-guest-agent named it (``pretty-name``), if known.
     os: str | None = None
+    #: Why a ``dead`` VM died, when vmfork knows (its memory could not be
+    #: fetched from a pulled template's source).
+    cause: str | None = None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from vmfork.launch import (
     remove_vm_files,
     undo_all_abandoned,
 )
-from vmfork.listing import ABANDONED, LIVE_STATES, describe, observed_state
+from vmfork.listing import ABANDONED, LIVE_STATES, death_cause, describe, observed_state
 from vmfork.names import check_name
 from vmfork.private import private_dir
 from vmfork.proc import process_alive
@@ -332,8 +332,9 @@ def reconcile(store: Store, rec: VMRecord) -> VMRecord:
 def get_live(store: Store, name: str) -> VMRecord:
     rec = reconcile(store, store.get_vm(check_name(name)))
     if rec.state == "dead":
-        raise StateError(f"{name}: its QEMU process is gone (dead); 'vmfork stop {name}' "
-                         "removes it")
+        cause = death_cause(rec)
+        raise StateError(f"{name}: its QEMU process is gone (dead"
+                         f"{'; ' + cause if cause else ''}); 'vmfork stop {name}' removes it")
     if rec.state not in LIVE_STATES:
         raise StateError(f"{name} is {rec.state}, not running")
     return rec
