@@ -115,10 +115,6 @@ MAX_READAHEAD = 128 << 10
 #: Chunks per prefetch request (consecutive chunks in one range): of the
 #: working set, and of the rest.
 WORKING_SET_RUN = 8
-#: Chunks a read that misses fetches: the one it needs and those after it
-#: that are missing too (a clone reads memory in runs: one round trip
-#: instead of several).
-DEMAND_RUN = 4
 PREFETCH_RUN = 4
 #: Prefetch requests in flight at once: of the working set (what a clone is
 #: about to read: fetched as fast as the link allows, beside the reads),
@@ -317,14 +313,10 @@ class LazyMemory:
                 self._cv.wait(min(left, 1.0))
             else:
                 return
-            run = [i]
-            while (len(run) < DEMAND_RUN and run[-1] + 1 < self.n
-                   and not self._local[run[-1] + 1] and run[-1] + 1 not in self._inflight):
-                run.append(run[-1] + 1)
-            self._inflight.update(run)
+            self._inflight.add(i)
             self._demand += 1
         try:
-            self._fetch(run)
+            self._fetch([i])
         finally:
             with self._cv:
                 self._demand -= 1
