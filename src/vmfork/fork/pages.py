@@ -11,6 +11,8 @@ Owns three things a fork needs of a QEMU process's RAM without QEMU's help:
   ``PAGEMAP_SCAN`` returns those runs directly, skipping page tables that
   were never populated (~3 ms for 4 GiB); reading 8 bytes per page of
   ``/proc/PID/pagemap`` is the fallback (~20 ms for 4 GiB);
+* which pages of a mapping a process has touched at all
+  (:func:`used_runs`: a template's working set, :mod:`vmfork.lazy.working_set`);
 * copying those pages into a file (:class:`PageCopy`: ``process_vm_readv``
   into a shared mapping of the file, one copy by the kernel, its pages
   mapped before the guest pauses, two threads), and copying a
@@ -42,6 +44,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
 _WRITTEN = bytes(1 if (b & _SWAPPED) or (b & _PRESENT and not b & _FILE) else 0
                  for b in range(256))
+_USED = bytes(1 if b & (_PRESENT | _SWAPPED) else 0 for b in range(256))
 _RUN = re.compile(b"\x01+")
 
 
@@ -109,13 +112,28 @@ _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 def written_runs(pid: int, m: RamMapping) -> list[tuple[int, int]]:
     """(first page, page count) of each run of pages of mapping *m* that
     process *pid* holds privately (written since the mapping was made):
-    through the kernel's ``PAGEMAP_SCAN``, which skips unpopulated page
-    tables (a few milliseconds whatever the RAM size), or by reading
-    ``/proc/PID/pagemap`` on kernels without it."""
+    pages that are not file pages (nor the shared zero page) and are present
+    or swapped out."""
+    return _runs(pid, m, _WRITTEN, inverted=_IS_FILE | _IS_PFNZERO,
+                 mask=_IS_FILE | _IS_PFNZERO)
+
+
+def used_runs(pid: int, m: RamMapping) -> list[tuple[int, int]]:
+    """(first page, page count) of each run of pages of mapping *m* that
+    process *pid* has touched: present or swapped out, read or written."""
+    return _runs(pid, m, _USED, inverted=0, mask=0)
+
+
+def _runs(pid: int, m: RamMapping, table: bytes, inverted: int,
+          mask: int) -> list[tuple[int, int]]:
+    """Runs of pages of *m* in the categories given, through the kernel's
+    ``PAGEMAP_SCAN`` (which skips unpopulated page tables: a few ms whatever
+    the RAM size), or by reading ``/proc/PID/pagemap`` on kernels without
+    it: byte 7 of each entry through *table* (1: wanted)."""
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
-            return _scan(fd, m)
+            return _scan(fd, m, inverted, mask)
         except OSError as exc:
             if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
@@ -129,21 +147,18 @@ def written_runs(pid: int, m: RamMapping) -> list[tuple[int, int]]:
             data += chunk
     finally:
         os.close(fd)
-    flags = data[7::8].translate(_WRITTEN)
+    flags = data[7::8].translate(table)
     return [(r.start(), r.end() - r.start()) for r in _RUN.finditer(flags)]
 
 
-def _scan(fd: int, m: RamMapping) -> list[tuple[int, int]]:
+def _scan(fd: int, m: RamMapping, inverted: int, mask: int) -> list[tuple[int, int]]:
     vec = (ctypes.c_uint64 * (3 * _SCAN_REGIONS))()
     runs: list[tuple[int, int]] = []
     start = m.start
     while start < m.end:
-        # Pages that are not file pages (nor the shared zero page) and are
-        # present or swapped out: the process's own copies.
         arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=start, end=m.end,
                        vec=ctypes.addressof(vec), vec_len=_SCAN_REGIONS,
-                       category_inverted=_IS_FILE | _IS_PFNZERO,
-                       category_mask=_IS_FILE | _IS_PFNZERO,
+                       category_inverted=inverted, category_mask=mask,
                        category_anyof_mask=_IS_PRESENT | _IS_SWAPPED,
                        return_mask=_IS_PRESENT | _IS_SWAPPED)
         n = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg)
@@ -286,4 +301,5 @@ def _copy_data(fin: int, fout: int, size: int) -> int:
     return copied
 
 
-__all__ = ["PAGE", "PageCopy", "RamMapping", "ram_mapping", "sparse_copy", "written_runs"]
+__all__ = ["PAGE", "PageCopy", "RamMapping", "ram_mapping", "sparse_copy", "used_runs",
+           "written_runs"]

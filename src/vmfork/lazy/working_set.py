@@ -23,16 +23,13 @@ and never fails a clone (:func:`record_quietly` logs a failure and goes on).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import fcntl
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from vmfork.fork.pages import PAGE, RamMapping, ram_mapping
+from vmfork.fork.pages import PAGE, RamMapping, ram_mapping, used_runs
 from vmfork.lazy.published import CHUNK_SIZE
 from vmfork.private import FILE_MODE
 from vmfork.records import TemplateManifest
@@ -44,72 +41,6 @@ FILE = "working_set.json"
 VERSION = 1
 #: Largest working_set.json read (a 64 GiB memory has 262144 chunks).
 MAX_FILE = 8 << 20
-
-
-class _ScanArg(ctypes.Structure):
-    """``struct pm_scan_arg`` of ``<linux/fs.h>``."""
-
-    _fields_ = [(n, ctypes.c_uint64) for n in (
-        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
-        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
-
-
-#: ``_IOWR('f', 16, struct pm_scan_arg)``: Linux >= 6.7.
-_PAGEMAP_SCAN = 0xC0606610
-_IS_PRESENT, _IS_SWAPPED = 1 << 3, 1 << 4
-_REGIONS = 4096
-# Byte 7 of a pagemap entry: bit 63 present, bit 62 swapped.
-_USED = 0x80 | 0x40
-
-
-def used_runs(pid: int, m: RamMapping) -> list[tuple[int, int]]:
-    """(first page, page count) of each run of pages of mapping *m* that
-    process *pid* has present or swapped out (every page it touched)."""
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            return _scan(fd, m)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-        return _read_pagemap(fd, m)
-    finally:
-        os.close(fd)
-
-
-def _scan(fd: int, m: RamMapping) -> list[tuple[int, int]]:
-    vec = (ctypes.c_uint64 * (3 * _REGIONS))()
-    runs: list[tuple[int, int]] = []
-    start = m.start
-    while start < m.end:
-        arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=start, end=m.end,
-                       vec=ctypes.addressof(vec), vec_len=_REGIONS,
-                       category_anyof_mask=_IS_PRESENT | _IS_SWAPPED,
-                       return_mask=_IS_PRESENT | _IS_SWAPPED)
-        n = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg)
-        for i in range(n):
-            lo, hi = vec[3 * i], vec[3 * i + 1]
-            runs.append(((lo - m.start) // PAGE, (hi - lo) // PAGE))
-        if n < _REGIONS or arg.walk_end >= m.end:
-            return runs
-        start = arg.walk_end
-    return runs
-
-
-def _read_pagemap(fd: int, m: RamMapping) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    step = 1 << 15  # pages per read
-    for first in range(0, m.pages, step):
-        count = min(step, m.pages - first)
-        data = os.pread(fd, count * 8, (m.start // PAGE + first) * 8)
-        for i, flags in enumerate(data[7::8]):
-            if not flags & _USED:
-                continue
-            if runs and runs[-1][0] + runs[-1][1] == first + i:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((first + i, 1))
-    return runs
 
 
 def chunks_of(m: RamMapping, runs: list[tuple[int, int]],
