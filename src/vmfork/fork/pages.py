@@ -257,17 +257,23 @@ class PageCopy:
                                  f"({os.strerror(err) if got < 0 else 'short read'})")
 
 
-def sparse_copy(src: Path, dst: Path) -> int:
+def sparse_copy(src: Path, dst: Path, stop: threading.Event | None = None,
+                sync: bool = False) -> int:
     """Copy file *src* to a new file *dst* (0600, refused if it exists)
-    without its holes; return the bytes of data copied. *dst* is removed if
-    the copy fails."""
+    without its holes; return the bytes of data copied. By the kernel
+    (``copy_file_range``) where it can, else read and written here (across
+    file systems that refuse it). StateError once *stop* is set; *sync*:
+    flushed to disk before it returns. *dst* is removed if the copy fails."""
     fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fin).st_size
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                       FILE_MODE)
         try:
             os.ftruncate(fout, size)
-            copied = _copy_data(fin, fout, size)
+            copied = _copy_data(fin, fout, size, stop, src)
+            if sync:
+                os.fsync(fout)
         except BaseException:
             os.close(fout)
             with contextlib.suppress(FileNotFoundError):
@@ -279,9 +285,17 @@ def sparse_copy(src: Path, dst: Path) -> int:
         os.close(fin)
 
 
-def _copy_data(fin: int, fout: int, size: int) -> int:
+#: Largest piece of one copy step (a stop is seen between two).
+_COPY_STEP = 64 << 20
+#: ``copy_file_range`` refused between these files: read and write instead.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _copy_data(fin: int, fout: int, size: int, stop: threading.Event | None,
+               src: Path) -> int:
     copied = 0
     pos = 0
+    kernel = True
     while pos < size:
         try:
             start = os.lseek(fin, pos, os.SEEK_DATA)
@@ -292,7 +306,22 @@ def _copy_data(fin: int, fout: int, size: int) -> int:
         end = os.lseek(fin, start, os.SEEK_HOLE)
         off = start
         while off < end:
-            n = os.copy_file_range(fin, fout, end - off, off, off)
+            if stop is not None and stop.is_set():
+                raise StateError(f"copying {src} was stopped")
+            n = min(end - off, _COPY_STEP)
+            if kernel:
+                try:
+                    n = os.copy_file_range(fin, fout, n, off, off)
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    kernel = False
+                    continue
+            else:
+                block = os.pread(fin, min(n, 1 << 20), off)
+                n = len(block)
+                if n:
+                    os.pwrite(fout, block, off)
             if n == 0:
                 break
             off += n

@@ -31,7 +31,6 @@ processes and threads.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -45,6 +44,7 @@ from typing import Any
 
 from vmfork.errors import InvalidInput, StateError, TemplateError
 from vmfork.files import sha256_file, write_atomic
+from vmfork.fork.pages import sparse_copy
 from vmfork.lazy import working_set
 from vmfork.lazy.published import (
     CHUNK_SIZE,
@@ -60,7 +60,7 @@ from vmfork.lazy.published import (
 )
 from vmfork.locking import held
 from vmfork.names import check_name
-from vmfork.private import FILE_MODE, UMASK, make_dirs
+from vmfork.private import UMASK, make_dirs
 from vmfork.records import TemplateManifest
 from vmfork.results import PublishResult
 from vmfork.store import Store
@@ -345,7 +345,7 @@ def write_layout(manifest: TemplateManifest, tdir: Path, directory: Path | str,
                 raise StateError(f"publishing template {manifest.name} was stopped")
             dst = out / fname
             written.append(dst)
-            total += copy_sparse(paths[fname], dst, stop)
+            total += sparse_copy(paths[fname], dst, stop, sync=True)
     except BaseException as exc:
         for p in written:
             with contextlib.suppress(FileNotFoundError):
@@ -367,45 +367,5 @@ def write_layout(manifest: TemplateManifest, tdir: Path, directory: Path | str,
                          seconds=time.monotonic() - t0)
 
 
-def copy_sparse(src: Path, dst: Path, stop: threading.Event | None = None) -> int:
-    """Copy *src* to a new file *dst* (0600, refused if it exists), leaving
-    its holes as holes, across file systems; return the bytes of data
-    copied. StateError (and *dst* left as it is) once *stop* is set."""
-    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fin).st_size
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                       FILE_MODE)
-        try:
-            os.ftruncate(fout, size)
-            copied = 0
-            pos = 0
-            while pos < size:
-                try:
-                    start = os.lseek(fin, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # only a hole is left
-                        break
-                    raise
-                end = os.lseek(fin, start, os.SEEK_HOLE)
-                off = start
-                while off < end:
-                    if stop is not None and stop.is_set():
-                        raise StateError(f"copying {src} was stopped")
-                    block = os.pread(fin, min(1 << 20, end - off), off)
-                    if not block:
-                        break
-                    os.pwrite(fout, block, off)
-                    off += len(block)
-                copied += off - start
-                pos = end
-            os.fsync(fout)
-        finally:
-            os.close(fout)
-        return copied
-    finally:
-        os.close(fin)
-
-
-__all__ = ["PUBLISHED", "Layout", "copy_sparse", "layout", "layout_of", "publish_to_dir",
+__all__ = ["PUBLISHED", "Layout", "layout", "layout_of", "publish_to_dir",
            "write_layout"]
