@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -258,6 +259,47 @@ def test_source_ranges_retries_and_refusals(tmp_path: Path) -> None:
         with pytest.raises(SourceError, match=r"no answer after \d+ tries \(HTTP 503\)"):
             src.get("f", time.monotonic() + 1)
         assert len(srv.served.requests) > 1
+
+
+class _KeepAliveThenClose(BaseHTTPRequestHandler):
+    """HTTP/1.1, answers one request per connection, then closes it without
+    saying so (a keep-alive that ended while the client kept it)."""
+
+    protocol_version = "HTTP/1.1"
+    connections: ClassVar[list[int]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        assert m is not None
+        body = bytes(range(int(m[1]), int(m[2]) + 1))
+        self.connections.append(id(self.connection))
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {m[1]}-{m[2]}/256")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+
+def test_source_keeps_connections_and_replaces_one_the_source_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A retry with backoff would outlast the deadline: the closed kept
+    # connection is replaced at once, not retried.
+    monkeypatch.setattr("vmfork.lazy.source.BACKOFF_FIRST", 60.0)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveThenClose)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    try:
+        with Source(f"http://127.0.0.1:{srv.server_address[1]}/x") as src:
+            for i in range(5):
+                assert src.get_range("f", i, 3, time.monotonic() + 10) == bytes(range(i, i + 3))
+        assert len(_KeepAliveThenClose.connections) == 5
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_source_gone_fails_at_the_deadline() -> None:
