@@ -413,6 +413,13 @@ class Store:
                              f"{'created' if row[1] == 'creating' else 'removed'}")
         return TemplateManifest.from_json(row[0])
 
+    def template_row(self, name: str) -> tuple[str, str] | None:
+        """Template *name*'s manifest as the catalog holds it (JSON text)
+        and its state, unparsed; None if there is no such row."""
+        row = self._db.execute("SELECT manifest, state FROM templates WHERE name=?",
+                               (name,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
     def has_template(self, name: str) -> bool:
         """Whether a row holds *name* (a template, or one being made or removed)."""
         return self._db.execute("SELECT 1 FROM templates WHERE name=?",

@@ -10,12 +10,18 @@ answer 416 (``range_not_satisfiable``, with ``Content-Range: bytes */SIZE``);
 a ``Range`` that is not a byte range is ``invalid`` (400). The daemon's
 bearer token applies as to every route. The layout is built on first use
 (hashing the memory, flattening disks) in a worker thread, one build per
-template at a time.
+template at a time. The path of a template's memory, once found, is kept
+for as long as the template's manifest in the catalog is the same: a range
+of memory (what a lazy puller asks for on a clone's page fault) then costs
+one catalog read and one ``pread``, in the event loop (the memory file lives
+in memory).
 
 Owns the daemon's rate limit on these answers (``vmfork serve --rate-limit``,
 :class:`RateLimit`): one token bucket that every file answer draws from
 before each block it sends, so their sum never exceeds the rate — a link of
-that speed, for benchmarks.
+that speed, for benchmarks. An answer that fits in one read block draws
+its bytes at once and is sent whole; a larger one is streamed, block by
+block.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.lazy import publish
-from vmfork.lazy.published import MANIFEST
+from vmfork.lazy.published import MANIFEST, MEMORY
 from vmfork.names import check_name
 from vmfork.records import TemplateManifest
 from vmfork.service.state import ServiceState, state_of
@@ -48,9 +54,13 @@ READ_BLOCK = 1 << 20
 SEND_BLOCK = 64 << 10
 #: Key of the rate limit in :attr:`ServiceState.parts`.
 PART = "file_rate"
+#: Key of the memory paths known (template name -> (catalog manifest, path)).
+_MEMORY_PATHS = "file_memory_paths"
 #: The longest ``Range`` header read.
 MAX_RANGE_HEADER = 200
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+#: Memory paths kept (templates served recently).
+_MAX_MEMORY_PATHS = 64
 
 
 class RateLimit:
@@ -155,18 +165,24 @@ class _Opened:
 
 
 def _prepare(manifest: TemplateManifest, tdir: Path, file: str, header: str | None,
-             body: bool, timeouts: Timeouts) -> _Opened:
+             body: bool, timeouts: Timeouts) -> tuple[_Opened, Path]:
     """Open *file* of the layout and find the range of *header*; read it at
-    once if it fits in one block (one trip to a worker thread for a chunk)."""
+    once if it fits in one block (one trip to a worker thread for a chunk).
+    Also the file's path."""
     _published, paths = publish.layout_of(manifest, tdir, timeouts)
     path = paths.get(file)
     if path is None:
         raise NotFound(f"template {manifest.name} has no file {file[:80]!r} (it has "
                        f"{', '.join(sorted(paths))})")
+    return _read_range(manifest.name, file, path, header, body), path
+
+
+def _read_range(name: str, file: str, path: Path, header: str | None,
+                body: bool) -> _Opened:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise NotFound(f"{file} of template {manifest.name} is gone") from None
+        raise NotFound(f"{file} of template {name} is gone") from None
     opened = _Opened(fd, 0, 0, -1, False)
     try:
         opened.size = os.fstat(fd).st_size
@@ -190,10 +206,10 @@ def _prepare(manifest: TemplateManifest, tdir: Path, file: str, header: str | No
         raise
 
 
-def _close_opened(task: asyncio.Future[_Opened]) -> None:
+def _close_opened(task: asyncio.Future[tuple[_Opened, Path]]) -> None:
     """Close what an abandoned request opened."""
     if not task.cancelled() and task.exception() is None:
-        task.result().close()
+        task.result()[0].close()
 
 
 def _first_build_lock(state: ServiceState, name: str) -> asyncio.Lock | None:
@@ -215,21 +231,45 @@ def _built(state: ServiceState) -> set[str]:
     return built
 
 
+def _memory_paths(state: ServiceState) -> dict[str, tuple[str, Path, bool]]:
+    paths = state.parts.setdefault(_MEMORY_PATHS, {})
+    assert isinstance(paths, dict)
+    return paths
+
+
 async def _open(state: ServiceState, name: str, file: str, header: str | None,
                 body: bool) -> _Opened:
     store = state.host.store
-    manifest = store.get_template(check_name(name, "template"))
+    name = check_name(name, "template")
+    row = store.template_row(name) if file == MEMORY else None
+    if row is not None:
+        known = _memory_paths(state).get(name)
+        if known is not None and row == (known[0], "ready"):
+            if known[2]:
+                return _read_range(name, file, known[1], header, body)
+            return await asyncio.to_thread(_read_range, name, file, known[1], header, body)
+    manifest = store.get_template(name)
     tdir = template_dir(store, manifest.name)
     lock = _first_build_lock(state, manifest.name)
     async with lock if lock is not None else contextlib.nullcontext():
         job = asyncio.ensure_future(asyncio.to_thread(
             _prepare, manifest, tdir, file, header, body, state.host.timeouts))
         try:
-            opened = await asyncio.shield(job)
+            opened, path = await asyncio.shield(job)
         except asyncio.CancelledError:
             job.add_done_callback(_close_opened)
             raise
         _built(state).add(manifest.name)
+    if row is not None:
+        # Kept under the catalog's manifest as read before this request:
+        # another manifest since then is another key, never matched.
+        paths = _memory_paths(state)
+        paths.pop(name, None)
+        # A memory file in the memory directory is read in the event loop;
+        # elsewhere (a pulled template's own FUSE mount) in a worker thread.
+        paths[name] = (row[0], path, path.parent == store.memory_dir)
+        while len(paths) > _MAX_MEMORY_PATHS:
+            paths.pop(next(iter(paths)))
     return opened
 
 
@@ -255,9 +295,12 @@ async def _answer(request: Request, name: str, file: str, body: bool) -> Respons
         if not body or (opened.data is not None and limit is None):
             return Response(opened.data or b"", status_code=status, headers=headers,
                             media_type=media)
-        blocks = (_sent(opened.data, limit) if opened.data is not None else
-                  _blocks(opened, limit))
-        return StreamingResponse(blocks, status_code=status, headers=headers,
+        if opened.data is not None:
+            assert limit is not None
+            await limit.take(len(opened.data))
+            return Response(opened.data, status_code=status, headers=headers,
+                            media_type=media)
+        return StreamingResponse(_blocks(opened, limit), status_code=status, headers=headers,
                                  media_type=media)
     except BaseException:
         opened.close()
