@@ -28,10 +28,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmfork.errors import TemplateError
-from vmfork.records import TemplateManifest
+
+if TYPE_CHECKING:
+    from vmfork.records import TemplateManifest
 
 #: Layout version this vmfork writes and reads.
 VERSION = 1
@@ -56,6 +58,57 @@ class PublishedFile:
 
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class PublishedMemory:
+    """The memory's part of ``manifest.json``: what a lazy pull's FUSE
+    server reads (:meth:`from_json` parses no template manifest, so the
+    server need not import vmfork's records)."""
+
+    memory_size: int
+    chunk_size: int
+    #: One sha256 per chunk; None for a chunk of zeros (never fetched).
+    chunks: tuple[str | None, ...]
+    #: Chunks a clone reads first, in that order.
+    working_set: tuple[int, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PublishedMemory:
+        """The memory fields of manifest *d* (ValueError, KeyError or
+        TypeError if they are not consistent)."""
+        chunk_size = int(d["chunk_size"])
+        memory_size = int(d["memory_size"])
+        chunks = tuple(None if c is None else _hex(c) for c in d["chunks"])
+        if chunk_size <= 0 or chunk_size % 4096:
+            raise ValueError(f"bad chunk size {chunk_size}")
+        if len(chunks) != -(-memory_size // chunk_size):
+            raise ValueError("chunk count does not match the memory size")
+        ws = tuple(int(i) for i in d.get("working_set") or ())
+        if any(not 0 <= i < len(chunks) for i in ws):
+            raise ValueError("working set names a chunk out of range")
+        return cls(memory_size=memory_size, chunk_size=chunk_size, chunks=chunks,
+                   working_set=ws)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> PublishedMemory:
+        """Read the memory's part of a manifest from elsewhere (TemplateError,
+        one line, if it is not a consistent layout of this version)."""
+        try:
+            return cls.from_dict(_manifest_dict(data))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TemplateError(f"published manifest is invalid: {exc}") from exc
+
+
+def _manifest_dict(data: bytes) -> dict[str, Any]:
+    if len(data) > MAX_MANIFEST:
+        raise TemplateError(f"published manifest too large ({len(data)} bytes)")
+    d = json.loads(data)
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    if d.get("version") != VERSION:
+        raise ValueError(f"layout version {d.get('version')!r}, this vmfork reads {VERSION}")
+    return d
 
 
 @dataclass(frozen=True)
@@ -91,32 +144,19 @@ class Published:
     def from_json(cls, data: bytes) -> Published:
         """Read and check a manifest from elsewhere (TemplateError, one line,
         for anything that is not a consistent layout of this version)."""
-        if len(data) > MAX_MANIFEST:
-            raise TemplateError(f"published manifest too large ({len(data)} bytes)")
+        # Here, not at the top: the FUSE server reads PublishedMemory only.
+        from vmfork.records import TemplateManifest
+
         try:
-            d = json.loads(data)
-            if not isinstance(d, dict):
-                raise ValueError("not a JSON object")
-            if d.get("version") != VERSION:
-                raise ValueError(f"layout version {d.get('version')!r}, this vmfork reads "
-                                 f"{VERSION}")
-            chunk_size = int(d["chunk_size"])
-            memory_size = int(d["memory_size"])
-            chunks = tuple(None if c is None else _hex(c) for c in d["chunks"])
-            if chunk_size <= 0 or chunk_size % 4096:
-                raise ValueError(f"bad chunk size {chunk_size}")
-            if len(chunks) != -(-memory_size // chunk_size):
-                raise ValueError("chunk count does not match the memory size")
-            ws = tuple(int(i) for i in d.get("working_set") or ())
-            if any(not 0 <= i < len(chunks) for i in ws):
-                raise ValueError("working set names a chunk out of range")
+            d = _manifest_dict(data)
+            mem = PublishedMemory.from_dict(d)
             files = {_file(k): PublishedFile(int(v["size"]), _hex(v["sha256"]))
                      for k, v in dict(d["files"]).items()}
             if STATE not in files:
                 raise ValueError("no state file")
             return cls(name=str(d["name"]), template=TemplateManifest.from_dict(d["template"]),
-                       files=files, memory_size=memory_size, chunk_size=chunk_size,
-                       chunks=chunks, working_set=ws)
+                       files=files, memory_size=mem.memory_size, chunk_size=mem.chunk_size,
+                       chunks=mem.chunks, working_set=mem.working_set)
         except TemplateError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -171,4 +211,4 @@ def chunk_sha256s(path: Path, chunk_size: int = CHUNK_SIZE) -> tuple[str | None,
 
 
 __all__ = ["CHUNK_SIZE", "INITRD", "KERNEL", "MANIFEST", "MEMORY", "STATE", "VERSION",
-           "Published", "PublishedFile", "chunk_sha256s", "disk_file"]
+           "Published", "PublishedFile", "PublishedMemory", "chunk_sha256s", "disk_file"]
