@@ -231,7 +231,8 @@ def test_first_clone_records_the_working_set(tenv: Env) -> None:
         assert recorded["clone"] == "c1" and recorded["chunk_size"] == CHUNK_SIZE
         chunks = recorded["chunks"]
         n = (256 << 20) // CHUNK_SIZE
-        assert chunks and all(0 <= c < n for c in chunks) and chunks == sorted(set(chunks))
+        # Each chunk once, in the order the clone used them.
+        assert chunks and all(0 <= c < n for c in chunks) and len(chunks) == len(set(chunks))
         # The guest ran: it used some of its memory, not all of it.
         assert len(chunks) < n
         ident = ws_file.stat().st_mtime_ns

@@ -1,10 +1,11 @@
 """The working set of a template: the chunks of its memory its first clone used.
 
-Owns ``working_set.json`` in a template's directory: :func:`record` writes it
-once, at the end of the template's first clone (after the clone answered,
-before its hook), and :func:`read` gives it to the publisher
-(:mod:`vmfork.lazy.publish`), which ships it in the published manifest so
-that a lazy pull fetches those chunks first (REAP-style prefetch).
+Owns ``working_set.json`` in a template's directory: a :class:`Recorder`
+writes it once, from the template's first clone (sampled from its QEMU's
+start until it answered, before its hook), and :func:`read` gives it to
+the publisher (:mod:`vmfork.lazy.publish`), which ships it in the published
+manifest so that a lazy pull fetches those chunks first, in that order
+(REAP-style prefetch).
 
 Which chunks: those holding a page of the template's memory file that the
 clone's QEMU has in its mapping of the file — present or swapped out, read
@@ -13,11 +14,12 @@ first write, so the page was read too). Pages the guest never touched are
 not in the mapping. The kernel's ``PAGEMAP_SCAN`` returns those runs
 directly, skipping page tables never populated (a few milliseconds whatever
 the RAM size); reading ``/proc/PID/pagemap`` is the fallback on kernels
-without it. The kernel does not tell in which order pages were first used,
-so chunks are listed by address.
+without it. The kernel does not tell in which order pages were first used:
+the recorder samples the mapping every few tens of milliseconds, and lists
+the chunks of each sample (by address) after those of the samples before.
 
-Recording is best effort: it costs milliseconds, is done once per template,
-and never fails a clone (:func:`record_quietly` logs a failure and goes on).
+Recording is best effort: it costs a few milliseconds per sample, is done
+once per template, and never fails a clone (a failure is logged).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -54,16 +57,106 @@ def chunks_of(m: RamMapping, runs: list[tuple[int, int]],
     return sorted(found)
 
 
-def record(tdir: Path, manifest: TemplateManifest, pid: int, clone: str) -> list[int] | None:
-    """Write ``working_set.json`` of the template in *tdir* from its clone
-    *clone* (QEMU process *pid*) unless the template has one already;
-    return the chunks recorded (None: it had one)."""
+#: Seconds between two samples of the clone's pages while it starts.
+SAMPLE_EVERY = 0.02
+#: Most samples (the first clone stops being sampled after this many).
+MAX_SAMPLES = 1000
+
+
+class Recorder:
+    """The working set of a template's first clone, in the order it was used.
+
+    :meth:`start` samples the pages the clone's QEMU (process *pid*) has in
+    its mapping of the template's memory file every :data:`SAMPLE_EVERY`
+    seconds, from QEMU's start (its device state touches memory as it
+    loads) until :meth:`finish`, when the clone answers: each chunk is
+    listed after those seen in earlier samples, so a lazy pull fetches
+    first what a clone reads first. :meth:`finish` takes a last sample and
+    writes ``working_set.json`` unless the template has one already.
+    Best effort: a failure is logged, never raised; a clone that fails
+    calls :meth:`cancel` (nothing written).
+    """
+
+    def __init__(self, tdir: Path, manifest: TemplateManifest, pid: int, clone: str) -> None:
+        self.tdir = tdir
+        self.manifest = manifest
+        self.pid = pid
+        self.clone = clone
+        self.order: list[int] = []
+        self._seen: set[int] = set()
+        self._mapping: RamMapping | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
+
+    @classmethod
+    def start_for(cls, tdir: Path, manifest: TemplateManifest, pid: int,
+                  clone: str) -> Recorder | None:
+        """A started recorder for clone *clone* of the template in *tdir*,
+        or None if there is nothing to record (the template has a working
+        set, or is a fork base)."""
+        if manifest.fork_of is not None or (tdir / FILE).exists():
+            return None
+        r = cls(tdir, manifest, pid, clone)
+        r._thread = threading.Thread(target=r._run, daemon=True, name=f"working set {clone}")
+        r._thread.start()
+        return r
+
+    def _sample(self) -> None:
+        if self._mapping is None:
+            self._mapping = ram_mapping(self.pid, self.manifest.memory_file)
+        m = self._mapping
+        with self._lock:
+            for c in chunks_of(m, used_runs(self.pid, m)):
+                if c not in self._seen and c * CHUNK_SIZE < self.manifest.memory_size:
+                    self._seen.add(c)
+                    self.order.append(c)
+
+    def _run(self) -> None:
+        for _ in range(MAX_SAMPLES):
+            try:
+                self._sample()
+            except Exception as exc:  # not mapped yet, or QEMU gone: next sample
+                self._failure = str(exc)
+            if self._stop.wait(SAMPLE_EVERY):
+                return
+
+    def _end(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def cancel(self) -> None:
+        """Stop sampling; nothing is written."""
+        self._end()
+
+    def finish(self) -> list[int] | None:
+        """Stop sampling, take a last sample and write the working set;
+        return it (None: not written)."""
+        t0 = time.monotonic()
+        self._end()
+        try:
+            self._sample()
+            written = _write(self.tdir, self.order, self.manifest, self.clone)
+        except Exception as exc:  # best effort: a clone never fails for it
+            log.warning("template %s: the working set of clone %s was not recorded: %s",
+                        self.manifest.name, self.clone, self._failure or exc)
+            return None
+        if written:
+            log.info("template %s: working set of %d chunks (%d MiB) recorded from %s "
+                     "(last sample %.1f ms)", self.manifest.name, len(self.order),
+                     len(self.order) * CHUNK_SIZE >> 20, self.clone,
+                     (time.monotonic() - t0) * 1000)
+            return self.order
+        return None
+
+
+def _write(tdir: Path, chunks: list[int], manifest: TemplateManifest, clone: str) -> bool:
+    """Write ``working_set.json`` in *tdir* unless it exists; whether it was."""
     path = tdir / FILE
     if path.exists():
-        return None
-    m = ram_mapping(pid, manifest.memory_file)
-    chunks = [c for c in chunks_of(m, used_runs(pid, m))
-              if c * CHUNK_SIZE < manifest.memory_size]
+        return False
     data = json.dumps({"version": VERSION, "chunk_size": CHUNK_SIZE, "chunks": chunks,
                        "memory_size": manifest.memory_size, "clone": clone,
                        "recorded": time.time()}).encode()
@@ -80,25 +173,7 @@ def record(tdir: Path, manifest: TemplateManifest, pid: int, clone: str) -> list
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    return chunks
-
-
-def record_quietly(tdir: Path, manifest: TemplateManifest, pid: int, clone: str) -> None:
-    """:func:`record`, for a clone: fork bases have none, and a failure is
-    logged, never raised."""
-    if manifest.fork_of is not None:
-        return
-    t0 = time.monotonic()
-    try:
-        chunks = record(tdir, manifest, pid, clone)
-    except Exception as exc:  # best effort: a clone never fails for it
-        log.warning("template %s: the working set of clone %s was not recorded: %s",
-                    manifest.name, clone, exc)
-        return
-    if chunks is not None:
-        log.info("template %s: working set of %d chunks (%d MiB) recorded from %s in %.1f ms",
-                 manifest.name, len(chunks), len(chunks) * CHUNK_SIZE >> 20, clone,
-                 (time.monotonic() - t0) * 1000)
+    return True
 
 
 def read(tdir: Path, chunk_size: int = CHUNK_SIZE) -> tuple[int, ...]:
@@ -127,4 +202,4 @@ def read(tdir: Path, chunk_size: int = CHUNK_SIZE) -> tuple[int, ...]:
     return tuple(out)
 
 
-__all__ = ["FILE", "chunks_of", "read", "record", "record_quietly", "used_runs"]
+__all__ = ["FILE", "Recorder", "chunks_of", "read", "used_runs"]

@@ -19,8 +19,8 @@ Hooks: a shell command (``on_clone``) run in each clone after its identity,
 before :func:`clone` returns; a template keeps a default one, a call may
 replace it. A clone whose hook fails is removed, with the others of its call.
 
-The template's first clone records the template's working set once it
-answers, before its hook (:mod:`vmfork.lazy.working_set`).
+The template's first clone records the template's working set from its start
+until it answers, before its hook (:mod:`vmfork.lazy.working_set`).
 """
 
 from __future__ import annotations
@@ -235,6 +235,7 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
     hook_result: tuple[int, str] | None = None
     t_hook: float | None = None
     made: dict[str, str] = {}
+    recorder: working_set.Recorder | None = None
     try:
         async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts,
                           adopt=adopt) as launch:
@@ -244,6 +245,8 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
             else:
                 m = await launch.spawn(incoming=("defer",), fresh_overlays=True)
             t_spawn = time.monotonic() - t0
+            recorder = working_set.Recorder.start_for(template_dir(store, manifest.name),
+                                                      manifest, m.pid, name)
             await checkpoints.checkpoint("clone.spawned")
             if not (member and member.warm):  # a warm member has its state already
                 await migration.load_state(m, manifest.state_path, timeouts.migrate,
@@ -266,8 +269,9 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
             elif frozen:
                 await identity.thaw(store, rec, timeouts)
             t_resp = time.monotonic() - t0
-            working_set.record_quietly(template_dir(store, manifest.name), manifest, m.pid,
-                                       name)
+            if recorder is not None:
+                await asyncio.to_thread(recorder.finish)
+                recorder = None
             await checkpoints.checkpoint("clone.identity")
             if hook:
                 hook_result = await run_hook(store, rec, hook, timeouts)
@@ -276,6 +280,9 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
         if member:  # its files, if they were not moved to the clone's
             pool.discard_member_files(store, member)
         raise
+    finally:
+        if recorder is not None:
+            recorder.cancel()
     log.info("%s: cloned from %s in %.3f s (%s)", name, manifest.name, t_running,
              "pool" if member else "spawned")
     return CloneResult(name=name, pid=m.pid, pooled=member is not None,
