@@ -7,8 +7,10 @@ QEMU clone."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -230,12 +232,12 @@ class Server:
     SIGKILL; then any mount left is detached) runs at the end of the
     ``with`` block whatever happened."""
 
-    def __init__(self, tdir: Path, *args: str) -> None:
+    def __init__(self, tdir: Path, *args: str, hold: bool = False) -> None:
         self.tdir = tdir
         self.log = open(tdir.parent / "server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "vmfork.lazy.server", str(tdir),
                                       *args], stdout=self.log, stderr=self.log,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.PIPE if hold else subprocess.DEVNULL)
 
     def wait_mounted(self) -> None:
         def up() -> bool:
@@ -251,7 +253,14 @@ class Server:
     def wait(self, timeout: float = 60) -> int:
         return self.proc.wait(timeout)
 
+    def release(self) -> None:
+        """End the server's stdin: a held server starts its prefetch."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+
     def stop(self) -> int:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -343,6 +352,108 @@ def test_reads_right_bytes_fetches_each_chunk_once_and_never_zeros(layout: Layou
 
 def _published(layout: Layout) -> Published:
     return Published.from_json((layout.tdir / PUBLISHED_FILE).read_bytes())
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident_pages(m: mmap.mmap, offset: int, length: int) -> int:
+    """Pages of the file mapped by *m* (privately and writable, so that
+    ctypes takes its buffer; never touched here) in [offset, offset +
+    length) that the kernel's page cache holds, filled (mincore)."""
+    view = ctypes.c_char.from_buffer(m, offset)
+    try:
+        vec = (ctypes.c_ubyte * (length // 4096))()
+        if _libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(length),
+                         vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(b & 1 for b in vec)
+    finally:
+        del view
+
+
+#: A process that maps a file as QEMU maps guest RAM (privately, advised
+#: for huge pages) and, for each offset read from stdin, prints the md5 of
+#: the page there, or of the whole file for "all" (after writing to a page:
+#: a private copy). A process of its own: a page fault blocks it, and the
+#: HTTP server of these tests runs in the test's process.
+_TOUCHER = """
+import hashlib, mmap, sys
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+m.madvise(mmap.MADV_HUGEPAGE)
+for line in sys.stdin:
+    if line.strip() == "all":
+        m[0:4] = b"mine"
+        data = m[:]
+    else:
+        at = int(line)
+        data = m[at:at + 4096]
+    print(hashlib.md5(data).hexdigest(), flush=True)
+"""
+
+
+def test_a_page_fault_fetches_its_chunk_alone_and_fills_the_page_cache(
+        layout: Layout) -> None:
+    """On a mapping advised for huge pages (as QEMU advises guest RAM) the
+    kernel reads 4 MiB (16 chunks) around a faulting page; the server
+    refuses that readahead and serves the page alone: one chunk fetched,
+    then pushed whole into the page cache."""
+    k = next(i for i in sorted(layout.nonzero) if i + 1 in layout.nonzero)
+    page = k * CS + 5 * 4096
+    with range_server(layout.pub) as src:
+        write_layout(layout.pub.parent, _published(layout), src.url)
+        with Server(layout.tdir, "--no-prefetch") as srv:
+            srv.wait_mounted()
+            toucher = subprocess.Popen([sys.executable, "-c", _TOUCHER, str(layout.mnt)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert toucher.stdin is not None and toucher.stdout is not None
+            try:
+                toucher.stdin.write(f"{page}\n")
+                toucher.stdin.flush()
+                assert toucher.stdout.readline().strip() == hashlib.md5(
+                    layout.memory[page:page + 4096]).hexdigest()
+                assert src.chunk_fetches() == {k: 1}
+                # The rest of the chunk is in the page cache without being
+                # read through the server; its refused neighbour is not.
+                with open(layout.mnt, "rb") as f:
+                    m = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+                try:
+                    wait_for("the chunk in the page cache",
+                             lambda: resident_pages(m, k * CS, CS) == CS // 4096)
+                    assert resident_pages(m, (k + 1) * CS, CS) == 0
+                finally:
+                    m.close()
+                # Every byte reads right, a write stays private, each chunk
+                # is fetched once, no chunk of zeros ever.
+                toucher.stdin.write("all\n")
+                toucher.stdin.flush()
+                assert toucher.stdout.readline().strip() == hashlib.md5(
+                    b"mine" + layout.memory[4:]).hexdigest()
+                assert src.chunk_fetches() == {i: 1 for i in layout.nonzero}
+            finally:
+                toucher.kill()
+                toucher.wait()
+            assert layout.mnt.read_bytes() == layout.memory
+
+
+def test_a_held_server_prefetches_once_its_stdin_ends(layout: Layout) -> None:
+    """A pull holds its server's prefetch while it downloads the other
+    files; reads are served meanwhile."""
+    k = sorted(layout.nonzero)[-1]
+    with range_server(layout.pub) as src:
+        write_layout(layout.pub.parent, _published(layout), src.url)
+        with Server(layout.tdir, "--linger", "30", hold=True) as srv:
+            srv.wait_mounted()
+            with open(layout.mnt, "rb") as f:
+                assert os.pread(f.fileno(), 4096, k * CS) == layout.memory[k * CS:k * CS + 4096]
+            time.sleep(1.0)  # time to prefetch everything, were it not held
+            assert src.chunk_fetches() == {k: 1}
+            assert status(layout.tdir).state == FETCHING
+            srv.release()
+            wait_for("the prefetch", lambda: status(layout.tdir).state == COMPLETE)
+            assert src.chunk_fetches() == {i: 1 for i in layout.nonzero}
 
 
 def test_prefetch_completes_working_set_first_then_exits_when_unused(layout: Layout) -> None:

@@ -124,8 +124,12 @@ async def pull(store: Store, url: str, name: str | None = None, *, lazy: bool = 
             # A lazy pull's memory server starts first: it mounts, and
             # fetches the working set, while the other files arrive.
             server = _start_serving(src, published, tdir, url, token) if lazy else None
-            fetched += await _fetching(src, _fetch_files, src, published, tdir, lazy,
-                                       store.memory_dir)
+            try:
+                fetched += await _fetching(src, _fetch_files, src, published, tdir, lazy,
+                                           store.memory_dir)
+            finally:
+                if server is not None:
+                    lifecycle.release(server)
             await checkpoint("pull.files")
             if server is not None:
                 memory, state = await _served(src, server, published, tdir, timeouts)
@@ -425,7 +429,7 @@ def _start_serving(src: Source, published: Published, tdir: Path, url: str,
     write_atomic(tdir / lifecycle.PUBLISHED_FILE, published.to_json())
     lifecycle.write_source(tdir, src.base, url, token)
     lifecycle.mount_point(tdir).mkdir(mode=DIR_MODE)
-    return lifecycle.spawn_server(tdir)
+    return lifecycle.spawn_server(tdir, hold=True)
 
 
 async def _served(src: Source, server: subprocess.Popen[bytes], published: Published,

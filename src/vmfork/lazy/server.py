@@ -7,7 +7,8 @@ starts it detached).
 Owns everything in TEMPLATE_DIR that concerns the memory's arrival:
 
 ``published.json`` (read)
-    the :class:`~vmfork.lazy.published.Published` manifest as pulled: the
+    the published manifest as pulled; the server reads its memory's part
+    (:class:`~vmfork.lazy.published.PublishedMemory`): the
     memory's size, chunk size, one sha256 per chunk, the working set.
 ``source.json`` (read)
     ``{"url": base url, "token_file": path or null}``: where chunks come from.
@@ -19,8 +20,9 @@ Owns everything in TEMPLATE_DIR that concerns the memory's arrival:
     file, ``memory`` (0400, ``memory_size`` bytes), which clones map
     privately like any template's memory file.
     Mapping is allowed (no ``direct_io``), the kernel keeps what it read
-    (``kernel_cache``: the content never changes), and its readahead is
-    kept to :data:`MAX_READAHEAD` so that a page fault brings few chunks.
+    (``kernel_cache``: the content never changes), its reads are at most a
+    chunk (:func:`max_read`) and its readahead is kept to
+    :data:`MAX_READAHEAD`.
 ``memory.cache`` (0600)
     a sparse file of ``memory_size`` bytes: each chunk present is written at
     its offset; chunks of zeros are never fetched nor written (holes).
@@ -45,11 +47,29 @@ Owns everything in TEMPLATE_DIR that concerns the memory's arrival:
 A read of chunks present is served from the cache. A missing chunk is
 fetched (one fetch per chunk however many readers wait for it; a read
 waits for the chunks it covers), its sha256 checked (a mismatch is fetched
-once more, then refused), written to the cache and marked. A background
-prefetch brings the working set first, at full speed beside the reads
-(what a clone is about to read), then every other chunk in order, in runs
-of up to :data:`PREFETCH_RUN` chunks, only while no read has waited for a
-fetch for :data:`QUIET` seconds. When every chunk is local the state becomes ``complete``.
+once more, then refused), written to the cache and marked. When every
+chunk is local the state becomes ``complete``.
+
+Page faults. QEMU advises its guest RAM for huge pages, and on such a
+mapping the kernel reads 4 MiB around every page fault of a file mapping
+whatever the readahead setting: 16 chunks, 33 ms of a 1 Gbit/s link, for
+one page. So a read of more than a page that needs a chunk never refused
+before is refused (EIO: the kernel's readahead gives up, without harm);
+the kernel then reads the faulting page alone, and that read is served
+(:meth:`LazyMemory._refuse`). Each fault costs one chunk. The chunks a
+refused read named are fetched in the background, newest first
+(:data:`SPECULATE_THREADS` at a time: the neighbours of a page a clone has
+just touched), and every chunk whose pages the kernel may hold unfilled,
+with those a clone is about to need (the working set), is pushed into the
+kernel's page cache of the mount once local (:mod:`vmfork.lazy.page_cache`),
+so that the clone's next faults there never reach this server.
+
+Prefetch brings the working set first, in its recorded order, at full
+speed beside the reads, then every other chunk in order, in runs of up to
+:data:`PREFETCH_RUN` chunks, only while no read has waited for a fetch for
+:data:`QUIET` seconds. A server started by a pull holds its prefetch until
+the pull has its other files (its stdin, a pipe, ends): they are on the
+first clone's path too.
 
 Failures: the source gone or slow makes a fetch retry with backoff until
 ``--deadline`` seconds (default 30) have passed; then, as for a refused
@@ -66,6 +86,7 @@ whole memory.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -88,7 +109,11 @@ import mfusepy  # type: ignore[import-untyped]
 
 from vmfork.errors import TemplateError, VmforkError
 from vmfork.files import write_atomic
-from vmfork.lazy.lifecycle import (
+from vmfork.lazy.mountlock import open_lock
+from vmfork.lazy.page_cache import PageCache
+from vmfork.lazy.published import MEMORY, PublishedMemory
+from vmfork.lazy.source import Source, SourceError
+from vmfork.lazy.status import (
     BITMAP_FILE,
     BROKEN,
     CACHE_FILE,
@@ -102,19 +127,21 @@ from vmfork.lazy.lifecycle import (
     read_status,
     write_status,
 )
-from vmfork.lazy.mountlock import open_lock
-from vmfork.lazy.published import MEMORY, Published
-from vmfork.lazy.source import Source, SourceError
 from vmfork.private import DIR_MODE, FILE_MODE, READONLY_MODE
 
 log = logging.getLogger("vmfork.lazy.server")
 
 #: Kernel readahead on the mount (bytes): a page fault reads this much
-#: around the page, so it spans at most two chunks.
+#: around the page, so it spans at most two chunks (a mapping advised for
+#: huge pages, as QEMU's guest RAM is, reads 4 MiB whatever this says).
 MAX_READAHEAD = 128 << 10
+#: Largest read the kernel sends (a readahead is cut into reads of this
+#: size, at most a chunk: see :func:`max_read`).
+MAX_READ = 1 << 20
+PAGE = 4096
 #: Chunks per prefetch request (consecutive chunks in one range): of the
 #: working set, and of the rest.
-WORKING_SET_RUN = 8
+WORKING_SET_RUN = 2
 PREFETCH_RUN = 4
 #: Prefetch requests in flight at once: of the working set (what a clone is
 #: about to read: fetched as fast as the link allows, beside the reads),
@@ -122,6 +149,10 @@ PREFETCH_RUN = 4
 #: :data:`QUIET` seconds, so that it never delays a clone).
 WORKING_SET_THREADS = 4
 PREFETCH_THREADS = 2
+#: Fetches of refused chunks at once (see :meth:`LazyMemory._speculate`),
+#: and the most consecutive ones in one request.
+SPECULATE_THREADS = 2
+SPECULATE_RUN = 1
 QUIET = 0.5
 #: Seconds between writes of the bitmap and the status file.
 STATUS_EVERY = 0.5
@@ -138,6 +169,12 @@ _MAX_SOURCE = 64 << 10
 _MAX_PUBLISHED = 64 << 20
 _BITMAP_MAGIC = b"VMFLAZY1"
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def max_read(chunk_size: int) -> int:
+    """Reads of at most one chunk, so that a refused readahead
+    (:meth:`LazyMemory._refuse`) names few chunks."""
+    return min(chunk_size, MAX_READ)
 
 
 def _read_bounded(path: Path, cap: int) -> bytes:
@@ -177,7 +214,7 @@ def _block_signals() -> None:
 class LazyMemory:
     """The chunk cache, its bitmap, fetches and prefetch of one template."""
 
-    def __init__(self, template_dir: Path, published: Published, source: Source,
+    def __init__(self, template_dir: Path, published: PublishedMemory, source: Source,
                  deadline: float, linger: float, prefetch: bool = True) -> None:
         self.dir = template_dir
         self.prefetch = prefetch
@@ -191,6 +228,12 @@ class LazyMemory:
         self.n = n
         self._zero = bytes(1 if c is None else 0 for c in published.chunks)
         self._have = bytearray(n)
+        #: Chunks whose pages the kernel may hold unfilled (a refused
+        #: readahead): pushed into its page cache once local.
+        self._refused = bytearray(n)
+        #: Chunks refused, newest last: fetched in the background, newest first.
+        self._wanted: collections.deque[int] = collections.deque()
+        self.page_cache: PageCache | None = None
         self._local = bytearray(self._zero)
         self._key = hashlib.sha256(json.dumps(
             [self.size, self.cs, list(published.chunks)]).encode()).digest()
@@ -219,6 +262,11 @@ class LazyMemory:
         except BaseException:
             os.close(self._fd)
             raise
+
+    @property
+    def fd(self) -> int:
+        """The cache file, open for reading and writing."""
+        return self._fd
 
     # -- cache and bitmap ------------------------------------------------------------
     def _resume(self) -> None:
@@ -291,10 +339,30 @@ class LazyMemory:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
-        for i in range(offset // self.cs, (end - 1) // self.cs + 1):
-            if not self._local[i]:
-                self._ensure(i)
+        missing = [i for i in range(offset // self.cs, (end - 1) // self.cs + 1)
+                   if not self._local[i]]
+        if missing and size > PAGE and self._refuse(missing):
+            raise mfusepy.FuseOSError(errno.EIO)
+        for i in missing:
+            self._ensure(i)
         return os.pread(self._fd, end - offset, offset)
+
+    def _refuse(self, missing: list[int]) -> bool:
+        """Whether to refuse a read of more than a page that needs chunks
+        *missing*: the kernel's readahead around a page fault (several MiB
+        of a mapping QEMU advised for huge pages). Refused, the kernel
+        reads the faulting page alone (one page), which is served: only its
+        chunk is fetched. A read that needs a chunk refused before is that
+        second read (or one of a page near it) and is served."""
+        with self._cv:
+            if self.state != FETCHING or any(self._refused[i] for i in missing):
+                return False
+            for i in missing:
+                self._refused[i] = 1
+            if self.prefetch:
+                self._wanted.extend(missing)
+                self._cv.notify_all()
+            return True
 
     def _ensure(self, i: int) -> None:
         """Chunk *i* local, fetched by this thread or another; EIO if it
@@ -316,7 +384,7 @@ class LazyMemory:
             self._inflight.add(i)
             self._demand += 1
         try:
-            self._fetch([i])
+            self._fetch([i], push=True)
         finally:
             with self._cv:
                 self._demand -= 1
@@ -325,8 +393,9 @@ class LazyMemory:
         if not self._local[i]:
             raise mfusepy.FuseOSError(errno.EIO)
 
-    def _fetch(self, run: list[int]) -> None:
-        """Fetch consecutive chunks *run* (this thread holds them in flight)."""
+    def _fetch(self, run: list[int], push: bool = False) -> None:
+        """Fetch consecutive chunks *run* (this thread holds them in flight);
+        *push*: into the kernel's page cache too."""
         try:
             start = run[0] * self.cs
             length = min((run[-1] + 1) * self.cs, self.size) - start
@@ -348,7 +417,7 @@ class LazyMemory:
                 if self._stopping:
                     return
                 os.pwrite(self._fd, part, i * self.cs)
-                self._mark(i)
+                self._mark(i, push)
         except OSError as exc:
             self._break(f"cannot write the cache {self.dir / CACHE_FILE}: {exc.strerror}")
         finally:
@@ -367,11 +436,13 @@ class LazyMemory:
             self.fetched += len(data)
         return data
 
-    def _mark(self, i: int) -> None:
+    def _mark(self, i: int, push: bool) -> None:
         with self._cv:
             if self._local[i] or self._stopping:
                 return
             self._have[i] = self._local[i] = 1
+            if (push or self._refused[i]) and self.page_cache is not None:
+                self.page_cache.push(i * self.cs, min(self.cs, self.size - i * self.cs))
             self._dirty = True
             self._missing -= 1
             done = self._missing == 0 and self.state == FETCHING
@@ -430,10 +501,37 @@ class LazyMemory:
                 if not run:
                     return
                 self._inflight.update(run)
+            self._fetch(run, push=not polite)
+
+    def _speculate(self) -> None:
+        """Fetch refused chunks, newest first, a few consecutive ones per
+        request: the neighbours of a page a clone has just faulted on, which
+        it may read next. The kernel's readahead would have fetched them
+        before the faulting page was served; here the clone goes on
+        meanwhile."""
+        _block_signals()
+        while True:
+            with self._cv:
+                run: list[int] = []
+                while not run:
+                    if self._stopping or self.state != FETCHING:
+                        return
+                    while self._wanted and not run:
+                        i = self._wanted.pop()
+                        if not self._local[i] and i not in self._inflight:
+                            run.append(i)
+                    if not run:
+                        self._cv.wait(1.0)
+                while (len(run) < SPECULATE_RUN and run[-1] + 1 < self.n
+                       and self._refused[run[-1] + 1] and not self._local[run[-1] + 1]
+                       and run[-1] + 1 not in self._inflight):
+                    run.append(run[-1] + 1)
+                self._inflight.update(run)
             self._fetch(run)
 
     def _prefetch_all(self) -> None:
         """The working set at full speed, then the rest politely."""
+        self._held()
         ws = [i for i in dict.fromkeys(self.pub.working_set) if not self._zero[i]]
         pos = [0]
         threads = [threading.Thread(target=self._prefetch,
@@ -493,6 +591,14 @@ class LazyMemory:
         return True
 
     # -- lifecycle -------------------------------------------------------------------
+    def _held(self) -> None:
+        """Wait until the pulling process lets prefetch begin: the end of
+        this process's stdin (closed by it, or by its end); at once if stdin
+        is not a pipe."""
+        with contextlib.suppress(OSError, ValueError):
+            if stat.S_ISFIFO(os.fstat(0).st_mode):
+                os.read(0, 1)
+
     def start(self) -> None:
         """On the mount's init: threads for prefetch and the keeper."""
         with self._cv:
@@ -502,6 +608,7 @@ class LazyMemory:
         targets: list[Callable[[], None]] = [self._keeper]
         if self.prefetch:
             targets.append(self._prefetch_all)
+            targets.extend([self._speculate] * SPECULATE_THREADS)
         for t in targets:
             th = threading.Thread(target=t, daemon=True, name="vmfork-lazy")
             th.start()
@@ -523,6 +630,8 @@ class LazyMemory:
             self._stopping = True
             self.mounted = False
             self._cv.notify_all()
+        if self.page_cache is not None:
+            self.page_cache.close(STOP_WAIT)
         for th in self._threads:  # a fetch in flight is not waited for
             th.join(timeout=STOP_WAIT)
         try:
@@ -546,11 +655,21 @@ class MemoryFS(mfusepy.Operations):  # type: ignore[misc]
     def init_with_config(self, conn: Any, config: Any) -> None:
         if conn is not None:
             conn.max_readahead = min(conn.max_readahead, MAX_READAHEAD)
+            conn.max_read = max_read(self.mem.cs)
         if config is not None:
             config.kernel_cache = 1
             config.direct_io = 0
             config.entry_timeout = config.attr_timeout = 3600.0
+        try:
+            fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
+            self.mem.page_cache = PageCache.of_mount(mfusepy._libfuse, fuse, self.mem.fd)
+        except (AttributeError, OSError, ValueError) as exc:
+            log.warning("no pushing into the page cache: %s", exc)
         self.mem.start()
+
+    def destroy(self, path: str) -> None:
+        if self.mem.page_cache is not None:  # before libfuse ends the session
+            self.mem.page_cache.close(STOP_WAIT)
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         base = {"st_uid": self.uid, "st_gid": self.gid, "st_atime": self.mtime,
@@ -593,7 +712,7 @@ def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER
     try:
         published = template_dir / PUBLISHED_FILE
         try:
-            pub = Published.from_json(_read_bounded(published, _MAX_PUBLISHED))
+            pub = PublishedMemory.from_json(_read_bounded(published, _MAX_PUBLISHED))
         except OSError as exc:
             raise TemplateError(f"cannot read {published}: {exc.strerror}") from exc
         if pub.memory_size <= 0 or pub.chunk_size > MAX_CHUNK:
@@ -621,7 +740,8 @@ def serve(template_dir: Path, deadline: float = DEADLINE, linger: float = LINGER
     failure: str | None = None
     try:
         mfusepy.FUSE(fs, str(mnt), foreground=True, ro=True, default_permissions=True,
-                     auto_unmount=True, fsname="vmfork-lazy", subtype="vmfork")
+                     auto_unmount=True, fsname="vmfork-lazy", subtype="vmfork",
+                     max_read=max_read(mem.cs))
     except RuntimeError as exc:
         if not mem.mounted:
             failure = f"cannot mount {mnt} (libfuse status {exc})"
@@ -662,7 +782,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("mfusepy").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     return serve(a.template_dir.absolute(), a.deadline, a.linger, a.prefetch)
 
 
