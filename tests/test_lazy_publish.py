@@ -38,7 +38,7 @@ from vmfork.lazy.published import (
 )
 from vmfork.records import TemplateManifest
 from vmfork.service.template_files import RateLimit, parse_range, parse_rate
-from vmfork.templates import clone, create
+from vmfork.templates import catalog, clone, create
 from vmfork.templates.manifest import template_dir
 
 from .conftest import VMFORK, Env, module_env, run
@@ -383,6 +383,35 @@ def test_files_byte_ranges(tenv: Env, http: httpx.Client) -> None:
         assert r.json()["error"]["code"] == "range_not_satisfiable"
     r = http.get(MEMORY, headers={"Range": "bytes=9-3"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid"
+
+
+def test_memory_of_a_template_made_again_under_its_name(tenv: Env, served: str) -> None:
+    """The daemon keeps where a template's memory is while its catalog
+    entry is the same: a template removed answers 404, one made again under
+    the same name serves its own memory."""
+    s = tenv.store()
+    img = demo_image(s.images_dir)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Range": "bytes=4096-8191"}
+    url = f"{served}/v1/templates/u/files/{MEMORY}"
+    try:
+        for round_ in range(2):
+            run(vm.run(s, vm.RunOptions(name="usrc", kernel=img.kernel, initrd=img.initrd,
+                                        append=img.append, memory_mib=128, accel="tcg")))
+            tenv.exec("usrc", f"echo round {round_} > /dev/null")
+            run(create.create_from_vm(s, "u", "usrc"))
+            memory = Path(s.get_template("u").memory_file)
+            for _ in range(2):  # the second answer from what the daemon kept
+                r = httpx.get(url, headers=headers, timeout=60)
+                assert r.status_code == 206
+                assert r.content == memory.read_bytes()[4096:8192]
+            run(catalog.remove(s, "u"))
+            r = httpx.get(url, headers=headers, timeout=60)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    finally:
+        if s.has_vm("usrc"):
+            run(vm.stop(s, "usrc", force=True))
+        if s.has_template("u"):
+            run(catalog.remove(s, "u", force=True))
 
 
 def test_rate_limit_slows_a_large_answer(http: httpx.Client) -> None:
