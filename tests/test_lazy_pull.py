@@ -328,6 +328,9 @@ def test_eager_pull_from_a_directory_gives_working_clones(publisher: Publisher, 
     assert private_tree(tdir) == [] and private_tree(memory) == []
     assert stat.S_IMODE(tdir.stat().st_mode) == 0o700
     assert memory.read_bytes() == (publisher.directory / MEMORY).read_bytes()
+    # The demo kernel is among this host's images: copied from there, not fetched.
+    assert (tdir / KERNEL).read_bytes() == (publisher.directory / KERNEL).read_bytes()
+    assert f"/{KERNEL}" not in {r[0] for r in srv.served.requests}
 
     rows = json.loads(env.cli("template", "ls", "--json", check=True).stdout)
     (row,) = rows

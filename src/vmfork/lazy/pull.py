@@ -48,6 +48,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import threading
 import time
@@ -126,7 +127,7 @@ async def pull(store: Store, url: str, name: str | None = None, *, lazy: bool = 
             server = _start_serving(src, published, tdir, url, token) if lazy else None
             try:
                 fetched += await _fetching(src, _fetch_files, src, published, tdir, lazy,
-                                           store.memory_dir)
+                                           store.memory_dir, store.images_dir)
             finally:
                 if server is not None:
                     lifecycle.release(server)
@@ -295,18 +296,55 @@ async def _fetching(src: Source, fn: Callable[..., T], *args: object) -> T:
 
 # -- files ---------------------------------------------------------------------------------
 def _fetch_files(src: Source, published: Published, tdir: Path, lazy: bool,
-                 memory_dir: Path) -> int:
+                 memory_dir: Path, images_dir: Path) -> int:
     """Fetch every whole file of the layout into *tdir* (each checked,
-    made read-only); return the bytes fetched."""
+    made read-only); return the bytes fetched. A kernel or initrd that this
+    host's images have already (same size and sha256) is copied from there."""
     if not lazy:
         private_dir(memory_dir, "memory dir")
     _check_room(published, tdir, lazy, memory_dir)
     total = 0
     order = [STATE, *sorted(k for k in published.files if k != STATE)]
     for key in order:
-        total += _fetch_file(src, key, published.files[key].size,
-                             published.files[key].sha256, tdir / key)
+        f = published.files[key]
+        if key in (KERNEL, INITRD) and _copy_local(images_dir, f.size, f.sha256, tdir / key):
+            continue
+        total += _fetch_file(src, key, f.size, f.sha256, tdir / key)
     return total
+
+
+def _copy_local(images_dir: Path, size: int, sha256: str, dest: Path) -> bool:
+    """Copy to *dest* (0400) a file of this host's images (``IMAGE/FILE``)
+    of *size* bytes whose sha256 is *sha256*; whether one was found. A
+    template's boot files are a kernel and an initrd that every host of a
+    fleet usually has."""
+    try:
+        images = sorted(p for p in images_dir.iterdir() if p.is_dir())
+    except OSError:
+        return False
+    for image in images:
+        with contextlib.suppress(OSError):
+            for cand in sorted(image.iterdir()):
+                if (cand.is_symlink() or not cand.is_file() or cand.stat().st_size != size
+                        or _sha256(cand) != sha256):
+                    continue
+                try:
+                    shutil.copyfile(cand, dest)
+                    if _sha256(dest) != sha256:  # changed while copied
+                        raise OSError(f"{cand} changed")
+                    os.chmod(dest, READONLY_MODE)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        dest.unlink()
+                    raise
+                log.info("%s: copied from %s (same sha256)", dest.name, cand)
+                return True
+    return False
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fetch_file(src: Source, key: str, size: int, sha256: str, dest: Path) -> int:
