@@ -67,6 +67,9 @@ def test_bench_lazy(env: Env) -> None:
     assert r["lazy"]["second_clone"]["seconds"] > 0
     assert r["lazy"]["clone_once_complete"]["seconds"] > 0 and r["lazy"]["complete_s"] >= 0
     assert r["local_clone"]["second"]["seconds"] > 0
+    for part in ("lazy", "lazy_working_set", "eager"):
+        assert r["over_local_clone_s"][part] == pytest.approx(
+            r[part]["first_clone_s"] - r["local_clone"]["second"]["seconds"])
     # The serving side's first clone recorded a working set.
     assert r["working_set_chunks"] > 0, r
     base = r["baseline"]
