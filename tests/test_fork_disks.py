@@ -12,6 +12,7 @@ its own, and removing them frees everything.
 from __future__ import annotations
 
 import secrets
+import time
 
 import pytest
 
@@ -45,7 +46,12 @@ def test_fork_of_a_debian_guest_shares_its_disk_without_copying(
         disks=(img.disk,), memory_mib=512, net="user", accel="tcg")))
     token = secrets.token_hex(8)
     env.exec("deb", f"echo {token} > /root/before && {BIG}")
-    before = identity(env, "deb")
+    # qemu-guest-agent answers before udev has loaded virtio-net: the MAC
+    # appears in the guest a moment after the VM is ready.
+    end = time.monotonic() + 60
+    while not (before := identity(env, "deb")).mac:
+        assert time.monotonic() < end, "the Debian guest never showed its NIC"
+        time.sleep(0.5)
 
     do_fork(env, "deb", ["d1", "d2"])
     vms = ("deb", "d1", "d2")

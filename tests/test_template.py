@@ -183,7 +183,10 @@ def test_cli_template_story_and_bad_input(env: Env) -> None:
     (row,) = json.loads(env.cli("template", "ls", "--json", check=True).stdout)
     assert row == {"name": "t", "memory_mib": 256, "state_kib": round(created["state_size"] / 1024),
                    "clones": 0, "pool": 0, "qemu": created["qemu_version"],
-                   "age_seconds": row["age_seconds"], "status": "ready"}
+                   "age_seconds": row["age_seconds"], "status": "ready",
+                   # a local template: no source, no memory arriving
+                   "source": None, "state": None, "local_percent": None,
+                   "fetched_bytes": None, "cause": None}
     r = env.cli("clone", "t", "x", "-n", "2", "--json", check=True)
     clones = json.loads(r.stdout)
     assert [c["name"] for c in clones] == ["x-1", "x-2"]
