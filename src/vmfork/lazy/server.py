@@ -67,7 +67,8 @@ so that the clone's next faults there never reach this server.
 Prefetch brings the working set first, in its recorded order, at full
 speed beside the reads, then every other chunk in order, in runs of up to
 :data:`PREFETCH_RUN` chunks, only while no read has waited for a fetch for
-:data:`QUIET` seconds. A server started by a pull holds its prefetch until
+:data:`QUIET` seconds and the file was not opened (a clone starting) for
+:data:`START_QUIET` seconds. A server started by a pull holds its prefetch until
 the pull has its other files (its stdin, a pipe, ends): they are on the
 first clone's path too.
 
@@ -154,6 +155,9 @@ PREFETCH_THREADS = 2
 SPECULATE_THREADS = 2
 SPECULATE_RUN = 1
 QUIET = 0.5
+#: Seconds the rest's prefetch also waits after the memory file was opened:
+#: a clone starting (it shares the host's CPUs with the prefetch).
+START_QUIET = 1.0
 #: Seconds between writes of the bitmap and the status file.
 STATUS_EVERY = 0.5
 #: Default seconds a fetch retries before the template is broken.
@@ -241,6 +245,7 @@ class LazyMemory:
         self._inflight: set[int] = set()
         self._demand = 0
         self._last_demand = 0.0
+        self._last_open = 0.0
         self._stopping = False
         self._dirty = False
         self.state = FETCHING
@@ -482,7 +487,8 @@ class LazyMemory:
         while True:
             with self._cv:
                 while (polite and not self._stopping and self.state == FETCHING
-                       and (self._demand or time.monotonic() - self._last_demand < QUIET)):
+                       and (self._demand or time.monotonic() - self._last_demand < QUIET
+                            or time.monotonic() - self._last_open < START_QUIET)):
                     self._cv.wait(0.05)
                 if self._stopping or self.state != FETCHING:
                     return
@@ -504,9 +510,9 @@ class LazyMemory:
             self._fetch(run, push=not polite)
 
     def _speculate(self) -> None:
-        """Fetch refused chunks, newest first, a few consecutive ones per
-        request: the neighbours of a page a clone has just faulted on, which
-        it may read next. The kernel's readahead would have fetched them
+        """Fetch refused chunks, newest first, up to :data:`SPECULATE_RUN`
+        consecutive ones per request: the neighbours of a page a clone has
+        just faulted on, which it may read next. The kernel's readahead would have fetched them
         before the faulting page was served; here the clone goes on
         meanwhile."""
         _block_signals()
@@ -617,6 +623,7 @@ class LazyMemory:
     def opened(self) -> None:
         with self._cv:
             self.opens += 1
+            self._last_open = time.monotonic()
 
     def released(self) -> None:
         with self._cv:
