@@ -539,24 +539,20 @@ class LazyMemory:
         """The working set at full speed, then the rest politely."""
         self._held()
         ws = [i for i in dict.fromkeys(self.pub.working_set) if not self._zero[i]]
+        self._prefetch_with(WORKING_SET_THREADS, ws, WORKING_SET_RUN, False)
+        self._prefetch_with(PREFETCH_THREADS, self._order(), PREFETCH_RUN, True)
+
+    def _prefetch_with(self, threads: int, order: list[int], most: int, polite: bool) -> None:
+        """:meth:`_prefetch` of *order* on *threads* threads (this one among
+        them) sharing one position; returns when all are done."""
         pos = [0]
-        threads = [threading.Thread(target=self._prefetch,
-                                    args=(ws, pos, WORKING_SET_RUN, False),
-                                    daemon=True, name="vmfork-lazy-ws")
-                   for _ in range(WORKING_SET_THREADS - 1)]
-        for t in threads:
+        others = [threading.Thread(target=self._prefetch, args=(order, pos, most, polite),
+                                   daemon=True, name="vmfork-lazy-prefetch")
+                  for _ in range(threads - 1)]
+        for t in others:
             t.start()
-        self._prefetch(ws, pos, WORKING_SET_RUN, False)
-        for t in threads:
-            t.join()
-        rest, pos = self._order(), [0]
-        threads = [threading.Thread(target=self._prefetch, args=(rest, pos, PREFETCH_RUN, True),
-                                    daemon=True, name="vmfork-lazy")
-                   for _ in range(PREFETCH_THREADS - 1)]
-        for t in threads:
-            t.start()
-        self._prefetch(rest, pos, PREFETCH_RUN, True)
-        for t in threads:
+        self._prefetch(order, pos, most, polite)
+        for t in others:
             t.join()
 
     def _keeper(self) -> None:
