@@ -4,8 +4,10 @@ directory entry, checksums. Nothing here knows about VMs."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from vmfork.private import FILE_MODE
 
@@ -45,6 +47,19 @@ def sha256_file(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: Path | str, cap: int) -> Any:
+    """The JSON in *path*, read up to *cap* bytes; None if the file is
+    missing, larger than that, unreadable or not JSON."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+        if len(data) > cap:
+            return None
+        return json.loads(data)
+    except (OSError, ValueError):
+        return None
 
 
 def unlink_quietly(*paths: Path | str) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vmfork.errors import InvalidInput, StateError, TemplateError
-from vmfork.files import sha256_file, write_atomic
+from vmfork.files import read_json, sha256_file, write_atomic
 from vmfork.fork.pages import sparse_copy
 from vmfork.lazy import working_set
 from vmfork.lazy.published import (
@@ -184,14 +184,7 @@ def _fingerprint(manifest: TemplateManifest, tdir: Path) -> str:
 # -- the cache ----------------------------------------------------------------------
 def _read_json(path: Path) -> Any:
     """The JSON in *path* (None if missing, too large or unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_CACHE + 1)
-        if len(data) > _MAX_CACHE:
-            return None
-        return json.loads(data)
-    except (OSError, ValueError):
-        return None
+    return read_json(path, _MAX_CACHE)
 
 
 def _paths(manifest: TemplateManifest, tdir: Path) -> dict[str, Path]:

@@ -61,7 +61,7 @@ from typing import TypeVar
 from vmfork import admission
 from vmfork.checkpoints import checkpoint
 from vmfork.errors import AlreadyExists, ResourceError, SourceError, StateError, TemplateError
-from vmfork.files import write_atomic
+from vmfork.files import sha256_file, write_atomic
 from vmfork.lazy import lifecycle
 from vmfork.lazy.published import (
     INITRD,
@@ -326,11 +326,11 @@ def _copy_local(images_dir: Path, size: int, sha256: str, dest: Path) -> bool:
         with contextlib.suppress(OSError):
             for cand in sorted(image.iterdir()):
                 if (cand.is_symlink() or not cand.is_file() or cand.stat().st_size != size
-                        or _sha256(cand) != sha256):
+                        or sha256_file(cand) != sha256):
                     continue
                 try:
                     shutil.copyfile(cand, dest)
-                    if _sha256(dest) != sha256:  # changed while copied
+                    if sha256_file(dest) != sha256:  # changed while copied
                         raise OSError(f"{cand} changed")
                     os.chmod(dest, READONLY_MODE)
                 except BaseException:
@@ -340,11 +340,6 @@ def _copy_local(images_dir: Path, size: int, sha256: str, dest: Path) -> bool:
                 log.info("%s: copied from %s (same sha256)", dest.name, cand)
                 return True
     return False
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fetch_file(src: Source, key: str, size: int, sha256: str, dest: Path) -> int:

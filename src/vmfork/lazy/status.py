@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from vmfork import files
 from vmfork.files import write_atomic
 from vmfork.lazy.published import MEMORY
 
@@ -102,14 +103,7 @@ class LazyStatus:
 
 def read_json(path: Path) -> Any:
     """The JSON in *path* (at most :data:`MAX_STATUS` bytes), or None."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STATUS + 1)
-        if len(data) > MAX_STATUS:
-            return None
-        return json.loads(data)
-    except (OSError, ValueError):
-        return None
+    return files.read_json(path, MAX_STATUS)
 
 
 def read_status(tdir: Path) -> LazyStatus | None:
