@@ -15,7 +15,7 @@ system:
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-	@$(BIN)/python -c 'import vmfork, qemu.qmp, click, rich, psutil, fastapi, uvicorn, httpx, prometheus_client, mfusepy' && touch $(STAMP)
+	@$(BIN)/python -c 'import vmfork, qemu.qmp, click, rich, psutil, fastapi, uvicorn, httpx, prometheus_client, mfusepy, zstandard' && touch $(STAMP)
 
 venv: $(STAMP)
 

@@ -64,6 +64,8 @@ def test_bench_lazy(env: Env) -> None:
         # Memory fetched by the first clone: some, never a zero chunk.
         assert 0 < x["fetched_bytes"] <= r["nonzero_memory_bytes"], (part, x)
         assert x["fetched_share"] == pytest.approx(x["fetched_bytes"] / ram), (part, x)
+        # Received for it: compressed (the pack), so less than its size.
+        assert 0 < x["received_bytes"] < x["fetched_bytes"], (part, x)
     assert r["lazy"]["second_clone"]["seconds"] > 0
     assert r["lazy"]["clone_once_complete"]["seconds"] > 0 and r["lazy"]["complete_s"] >= 0
     assert r["local_clone"]["second"]["seconds"] > 0

@@ -24,13 +24,14 @@ from vmfork import ports, vm
 from vmfork.errors import InvalidInput
 from vmfork.fork.pages import PAGE, RamMapping
 from vmfork.images.demo import demo_image
-from vmfork.lazy import publish, working_set
+from vmfork.lazy import pack, publish, working_set
 from vmfork.lazy.published import (
     CHUNK_SIZE,
     INITRD,
     KERNEL,
     MANIFEST,
     MEMORY,
+    MEMORY_PACK,
     STATE,
     Published,
     chunk_sha256s,
@@ -150,7 +151,7 @@ def test_layout_has_every_file_with_its_sha256(tenv: Env) -> None:
     m = manifest_of(tenv)
     published, paths = publish.layout(s, "t")
     assert published.name == "t" and published.template == m
-    assert set(paths) == {MANIFEST, STATE, MEMORY, KERNEL, INITRD, disk_file(0)}
+    assert set(paths) == {MANIFEST, STATE, MEMORY, MEMORY_PACK, KERNEL, INITRD, disk_file(0)}
     assert set(published.files) == {STATE, KERNEL, INITRD, disk_file(0)}
     assert paths[MEMORY] == m.memory_path and paths[STATE] == m.state_path
     assert paths[KERNEL] == Path(m.spec.kernel or "") and paths[INITRD] == Path(m.spec.initrd
@@ -165,6 +166,17 @@ def test_layout_has_every_file_with_its_sha256(tenv: Env) -> None:
     assert published.chunks == chunk_sha256s(m.memory_path)
     data = sum(c is not None for c in published.chunks)
     assert 4 << 20 <= data * CHUNK_SIZE < published.memory_size
+    # The pack: each non-zero chunk's frame, in order, unpacking to the chunk.
+    assert len(published.packed) == len(published.chunks)
+    at = pack.offsets(published.packed)
+    assert paths[MEMORY_PACK].stat().st_size == at[-1] < data * CHUNK_SIZE
+    blob = paths[MEMORY_PACK].read_bytes()
+    with open(m.memory_path, "rb") as mem:
+        for i, c in enumerate(published.chunks):
+            if c is not None:
+                mem.seek(i * CHUNK_SIZE)
+                raw = mem.read(CHUNK_SIZE)
+                assert pack.unpack(blob[at[i]:at[i + 1]], CHUNK_SIZE) == raw, i
     # manifest.json is the manifest, and reads back as it.
     assert Published.from_json(paths[MANIFEST].read_bytes()) == published
     # The disk: one standalone qcow2 image holding what the overlay chain holds.

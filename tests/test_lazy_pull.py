@@ -36,9 +36,17 @@ import httpx
 import pytest
 
 from vmfork.errors import InvalidInput, SourceError
-from vmfork.lazy import lifecycle
+from vmfork.lazy import lifecycle, pack
 from vmfork.lazy.publish import publish_to_dir
-from vmfork.lazy.published import CHUNK_SIZE, KERNEL, MANIFEST, MEMORY, STATE, Published
+from vmfork.lazy.published import (
+    CHUNK_SIZE,
+    KERNEL,
+    MANIFEST,
+    MEMORY,
+    MEMORY_PACK,
+    STATE,
+    Published,
+)
 from vmfork.lazy.pull import _runs
 from vmfork.lazy.source import Source, base_url
 from vmfork.templates import create
@@ -176,6 +184,19 @@ def publisher(session_images: Path) -> Iterator[Publisher]:
             yield Publisher(env, published, directory / "base")
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def unpacked(publisher: Publisher, tmp_path: Path) -> Path:
+    """The publisher's directory as a publisher that packs no memory writes
+    it: no ``memory.zst``, no ``packed`` in the manifest."""
+    d = tmp_path / "unpacked"
+    shutil.copytree(publisher.directory, d)
+    (d / MEMORY_PACK).unlink()
+    m = json.loads((d / MANIFEST).read_bytes())
+    del m["packed"]
+    (d / MANIFEST).write_text(json.dumps(m))
+    return d
 
 
 @pytest.fixture
@@ -321,7 +342,11 @@ def test_eager_pull_from_a_directory_gives_working_clones(publisher: Publisher, 
     assert (r["name"], r["mode"], r["state"], r["source"]) == ("copy", "eager", "complete",
                                                                srv.url)
     assert r["memory_mib"] == 256
-    assert r["fetched_bytes"] >= r["memory_bytes"] > 4 << 20
+    # The memory came compressed (the guest's 4 MiB of random data do not
+    # compress, its kernel does).
+    assert 4 << 20 < r["fetched_bytes"] < r["memory_bytes"]
+    asked = {r[0] for r in srv.served.requests}
+    assert f"/{MEMORY_PACK}" in asked and f"/{MEMORY}" not in asked
     tdir = env.home / "templates" / "copy"
     memory = Path(r["memory_file"])
     assert memory.parent == env.memory_dir
@@ -414,13 +439,31 @@ def test_bad_urls_and_tokens_give_one_line(publisher: Publisher, env: Env,
     nothing_left(env, "x")
 
 
+def test_eager_pull_of_an_unpacked_layout(unpacked: Path, publisher: Publisher,
+                                          env: Env) -> None:
+    """A layout without ``memory.zst``: the memory comes from ``memory``."""
+    with serving(unpacked) as srv:
+        env.cli("template", "pull", srv.url, "raw", "--eager", check=True)
+    asked = {r[0] for r in srv.served.requests}
+    assert f"/{MEMORY}" in asked and f"/{MEMORY_PACK}" not in asked
+    memory = env.store().get_template("raw").memory_path
+    assert memory.read_bytes() == (publisher.directory / MEMORY).read_bytes()
+    env.cli("template", "rm", "raw", check=True)
+    nothing_left(env, "raw")
+
+
 def test_corrupted_files_are_refused_and_leave_nothing(publisher: Publisher, env: Env,
+                                                       unpacked: Path,
                                                        token_file: Path) -> None:
     first = next(i for i, c in enumerate(publisher.published.chunks) if c is not None)
-    for name, offset, what in ((STATE, 100, "state: its sha256 differs"),
-                               (MEMORY, first * CHUNK_SIZE + 123,
-                                f"chunk {first} .*does not match its sha256")):
-        with serving(publisher.directory, token=TOKEN, corrupt={name: offset}) as srv:
+    at = pack.offsets(publisher.published.packed)
+    chunk = f"chunk {first} .*does not match its sha256"
+    for directory, name, offset, what in (
+            (publisher.directory, STATE, 100, "state: its sha256 differs"),
+            # a byte of the chunk's frame in the pack
+            (publisher.directory, MEMORY_PACK, (at[first] + at[first + 1]) // 2, chunk),
+            (unpacked, MEMORY, first * CHUNK_SIZE + 123, chunk)):
+        with serving(directory, token=TOKEN, corrupt={name: offset}) as srv:
             p = env.cli("template", "pull", srv.url, "bad", "--eager", "--token-file",
                         str(token_file))
         assert p.returncode == 1, p.stderr

@@ -34,7 +34,8 @@ import httpx
 import psutil
 import pytest
 
-from vmfork.lazy.published import MANIFEST, MEMORY, Published
+from vmfork.lazy import pack
+from vmfork.lazy.published import MANIFEST, MEMORY, MEMORY_PACK, Published
 
 from .conftest import VMFORK, Env, module_env
 from .range_server import RangeServer
@@ -160,15 +161,13 @@ class Serving:
     data_chunks: tuple[int, ...]
 
     @property
-    def nonzero_bytes(self) -> int:
-        size = self.manifest.memory_size
-        cs = self.manifest.chunk_size
-        return sum(min(cs, size - i * cs) for i, c in enumerate(self.manifest.chunks)
-                   if c is not None)
+    def pack_bytes(self) -> int:
+        """The memory as sent: its pack (each non-zero chunk compressed)."""
+        return pack.offsets(self.manifest.packed)[-1]
 
     def slow_rate(self) -> int:
         """Bytes/s at which the whole memory takes SLOW_SECONDS."""
-        return max(64 * 1024, int(self.nonzero_bytes / SLOW_SECONDS))
+        return max(64 * 1024, int(self.pack_bytes / SLOW_SECONDS))
 
 
 def data_bytes(block: bytes) -> bytes:
@@ -339,7 +338,7 @@ def test_done_when_lazy_pull_from_a_daemon(serving: Serving, puller: Env) -> Non
         # Clones run, and the memory has not fully arrived.
         row = template_row(env, "base")
         assert row["state"] == "fetching", row
-        assert 0 < row["fetched_bytes"] < serving.nonzero_bytes, row
+        assert 0 < row["fetched_bytes"] < serving.pack_bytes, row
         assert 0 < row["local_percent"] < 100, row
         for c in clones:
             assert guest_md5(env, c["name"]) == serving.md5
@@ -352,8 +351,8 @@ def test_done_when_lazy_pull_from_a_daemon(serving: Serving, puller: Env) -> Non
         row = wait_for("the pulled template complete",
                        lambda: (r := template_row(env, "base"))["state"] == "complete" and r,
                        SLOW_SECONDS * 3 + MARGIN)
-    # Every non-zero chunk fetched once, no zero chunk fetched.
-    assert row["fetched_bytes"] == serving.nonzero_bytes, row
+    # Every non-zero chunk fetched once (its frame in the pack), no zero chunk.
+    assert row["fetched_bytes"] == serving.pack_bytes, row
     assert row["local_percent"] == 100, row
     assert row["cause"] in (None, ""), row
     for c in clones:
@@ -405,17 +404,17 @@ def test_pull_from_a_published_directory(serving: Serving, puller: Env) -> None:
         (c2,) = cli_json(env, "clone", "eager")
         assert guest_md5(env, c2["name"]) == serving.md5
         requests = srv.requests
-    memory_gets = [(m, rng) for m, path, rng in requests if path.endswith(f"/{MEMORY}")]
+    # The memory came from the pack, by ranges of whole chunk frames.
+    assert not [r for r in requests if r[1].endswith(f"/{MEMORY}")], requests
+    memory_gets = [(m, rng) for m, path, rng in requests if path.endswith(f"/{MEMORY_PACK}")]
     assert memory_gets, requests
     assert all(m in ("GET", "HEAD") for m, _ in memory_gets)
     assert all(rng for m, rng in memory_gets if m == "GET"), memory_gets
-    # Nothing of the memory outside the non-zero chunks was asked for.
-    cs = serving.manifest.chunk_size
+    frames = set(pack.offsets(serving.manifest.packed))
     for m, rng in memory_gets:
         if m == "GET" and rng:
             first, _, last = rng.removeprefix("bytes=").partition("-")
-            for i in range(int(first) // cs, int(last) // cs + 1):
-                assert serving.manifest.chunks[i] is not None, (rng, i)
+            assert int(first) in frames and int(last) + 1 in frames, rng
     assert template_row(env, "eager")["state"] in ("complete", None)
     for c in (c1, c2):
         env.cli("stop", c["name"], check=True)
@@ -424,14 +423,15 @@ def test_pull_from_a_published_directory(serving: Serving, puller: Env) -> None:
 @pytest.fixture
 def corrupted(serving: Serving, tmp_path: Path) -> tuple[Path, int]:
     """A copy of the published directory with one non-zero chunk of the
-    memory changed (its sha256 in the manifest no longer matches); the
-    chunk's index."""
+    memory changed in the pack (what it unpacks to no longer matches its
+    sha256 in the manifest); the chunk's index."""
     d = tmp_path / "published"
     shutil.copytree(serving.published, d)
     # The last one: nothing reads it before the background prefetch does.
     index = max(i for i, c in enumerate(serving.manifest.chunks) if c is not None)
-    with open(d / MEMORY, "r+b") as f:
-        pos = index * serving.manifest.chunk_size + 100
+    at = pack.offsets(serving.manifest.packed)
+    with open(d / MEMORY_PACK, "r+b") as f:
+        pos = (at[index] + at[index + 1]) // 2
         f.seek(pos)
         byte = f.read(1)
         f.seek(pos)
@@ -446,7 +446,7 @@ def test_a_corrupted_chunk_is_refused(serving: Serving, puller: Env,
     with a one-line cause, and ``template rm`` cleans up."""
     env = puller
     d, index = corrupted
-    cs = serving.manifest.chunk_size
+    at = pack.offsets(serving.manifest.packed)
     with RangeServer(d) as srv:
         p = pull(env, srv.url, "eager", "--eager", check=False)
         assert p.returncode != 0
@@ -462,9 +462,9 @@ def test_a_corrupted_chunk_is_refused(serving: Serving, puller: Env,
         # The bad chunk was fetched twice by the lazy server (one more try).
         lazy_tries = 0
         for m, path, rng in srv.requests[before:]:
-            if m == "GET" and path.endswith(f"/{MEMORY}") and rng:
+            if m == "GET" and path.endswith(f"/{MEMORY_PACK}") and rng:
                 first, _, last = rng.removeprefix("bytes=").partition("-")
-                if int(first) <= index * cs <= int(last):
+                if int(first) <= at[index] <= int(last):
                     lazy_tries += 1
         assert lazy_tries >= 2, srv.requests
     env.cli("template", "rm", "--force", "lazy", check=True)
@@ -504,7 +504,7 @@ def test_source_killed_during_prefetch(serving: Serving, puller: Env) -> None:
         try:
             # Past the whole files: a tenth of the memory has been sent.
             some = sum(f.size for f in serving.manifest.files.values()) + \
-                serving.nonzero_bytes // 10
+                serving.pack_bytes // 10
             wait_for("the eager pull under way",
                      lambda: srv.bytes_sent > some or proc.poll() is not None,
                      SLOW_SECONDS + MARGIN)
@@ -527,13 +527,13 @@ def test_clone_that_cannot_read_its_memory_is_reported_dead(serving: Serving,
     the clone is reported dead with that cause and the template ``broken``
     with a cause naming the source; ``template rm --force`` leaves nothing."""
     env = puller
-    cs = serving.manifest.chunk_size
     # Chunks of data amid data: a prefetch request for several chunks in a
     # row that takes one of them asks for data only.
     data = set(serving.data_chunks)
     inner = [i for i in data if all(i + k in data for k in range(-PREFETCH_RUN, PREFETCH_RUN + 1))]
     assert inner, serving.data_chunks
-    refuse = tuple((MEMORY, i * cs, (i + 1) * cs - 1) for i in inner)
+    at = pack.offsets(serving.manifest.packed)
+    refuse = tuple((MEMORY_PACK, at[i], at[i + 1] - 1) for i in inner)
     with RangeServer(serving.published, refuse=refuse) as srv:
         pull(env, srv.url, "base", "--lazy")
         (c,) = cli_json(env, "clone", "base")

@@ -41,6 +41,25 @@ def process_start_time(pid: int) -> float | None:
     return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
+def blocked_in_kernel(pid: int) -> bool:
+    """True if a thread of *pid* sleeps uninterruptibly in the kernel (state
+    D): killed, it ends only once that call returns — e.g. a read of a file
+    whose FUSE server has not answered yet."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if data[data.rindex(")") + 2:].startswith("D"):
+            return True
+    return False
+
+
 def process_alive(pid: int | None, start_time: float | None = None) -> bool:
     """True if *pid* runs (not a zombie) and, if given, started at *start_time*."""
     if not pid:

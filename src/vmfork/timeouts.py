@@ -60,7 +60,12 @@ class Timeouts:
     start: float = 15.0      # QEMU process up and QMP greeting received
     qmp: float = 10.0        # one QMP command
     boot: float = 120.0      # guest ready marker after start
-    stop: float = 10.0       # each of quit, SIGTERM and SIGKILL
+    stop: float = 10.0       # each of quit and SIGTERM
+    # A killed QEMU's exit: at once, unless a thread is blocked in the kernel,
+    # which it leaves only once that call returns — a page fault on a lazily
+    # pulled template's memory waits for its FUSE server, which answers
+    # within its fetch deadline (30 s).
+    killed_exit: float = 60.0
     migrate: float = 120.0   # a state save, load or migration to complete
     exec: float = 60.0       # one guest command via the agent
     agent: float = 10.0      # connect to the guest agent

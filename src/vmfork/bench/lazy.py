@@ -13,8 +13,10 @@ template; then, each on a template pulled under a new name:
   manifest lists no working set. From the start of
   :func:`vmfork.lazy.pull.pull` (``lazy=True``) to the first clone
   answering (:func:`vmfork.templates.clone.clone` returns once the guest
-  agent answered): the time, and the memory fetched by then (the FUSE
-  server's ``fetched_bytes`` in ``lazy.json``) against the RAM size. Then a
+  agent answered): the time, and the memory here by then (the chunks the
+  FUSE server fetched, from ``local_bytes`` in ``lazy.json``, zero chunks
+  left out) against the RAM size, with the bytes received for it
+  (``fetched_bytes``: compressed, :mod:`vmfork.lazy.pack`). Then a
   **second clone** of the pulled template, timed around the call, while the
   memory still arrives, and one more once it is complete (the two clones
   before it stopped), each against a **local clone** on the serving side
@@ -269,11 +271,13 @@ async def _check_md5(store: Store, name: str, md5: str, timeouts: Timeouts) -> N
 
 
 async def _pull_and_clone(store: Store, serving: Serving, source: str, name: str, lazy: bool,
-                          memory_size: int, made: _Made, timeouts: Timeouts
+                          published: Published, made: _Made, timeouts: Timeouts
                           ) -> dict[str, Any]:
-    """Pull *source* as *name*, then clone it once: the seconds from the
-    start of the pull to its end and to the clone answering, and (lazy) the
-    memory fetched by then."""
+    """Pull *source* (manifest *published*) as *name*, then clone it once:
+    the seconds from the start of the pull to its end and to the clone
+    answering, and (lazy) the memory here by then: the bytes of its chunks
+    fetched (zero chunks, never fetched, left out), and the bytes received
+    for them (compressed)."""
     made.templates.append((store, name))
     t0 = time.monotonic()
     pulled = await pull(store, serving.template_url(source), name, lazy=lazy,
@@ -282,16 +286,25 @@ async def _pull_and_clone(store: Store, serving: Serving, source: str, name: str
     c_seconds, c = await _timed_clone(store, name, derived(name, "-1"), made, timeouts)
     t_clone = time.monotonic() - t0
     status = _lazy_status(store, name) if lazy else {}
-    fetched = status.get("fetched_bytes")
+    fetched, local = status.get("fetched_bytes"), status.get("local_bytes")
+    size = published.memory_size
+    arrived = (local - (size - _nonzero_bytes(published))
+               if isinstance(local, int) else None)
     out: dict[str, Any] = {"pull_s": t_pull, "first_clone_s": t_clone,
                            "pull_fetched_bytes": pulled.fetched_bytes,
                            "clone": _clone_figures(c_seconds, c), "clone_name": c.name}
     if lazy:
-        out |= {"fetched_bytes": fetched if isinstance(fetched, int) else None,
+        out |= {"fetched_bytes": arrived,
+                "received_bytes": fetched if isinstance(fetched, int) else None,
                 "state_then": status.get("state"),
-                "fetched_share": (fetched / memory_size
-                                  if isinstance(fetched, int) and memory_size else None)}
+                "fetched_share": arrived / size if arrived is not None and size else None}
     return out
+
+
+def _nonzero_bytes(published: Published) -> int:
+    """Bytes of the memory in its non-zero chunks (what a pull fetches)."""
+    size, cs = published.memory_size, published.chunk_size
+    return sum(min(cs, size - i * cs) for i, c in enumerate(published.chunks) if c is not None)
 
 
 async def _wait_complete(store: Store, name: str, at_rate: float) -> float:
@@ -354,14 +367,16 @@ async def run(store: Store, serving: Serving, p: LazyBench,
         md5 = await _make_template(serving, tname, p, made, timeouts)
         published = await finish_in_thread(_manifest, serving, tname, timeouts)
         size = published.memory_size
-        nonzero = sum(1 for c in published.chunks if c is not None) * published.chunk_size
-        out |= {"memory_bytes": size, "nonzero_memory_bytes": min(nonzero, size),
+        nonzero = _nonzero_bytes(published)
+        out |= {"memory_bytes": size, "nonzero_memory_bytes": nonzero,
+                "packed_memory_bytes": sum(published.packed) or None,
                 "files_bytes": sum(f.size for f in published.files.values()),
                 "working_set_chunks_before": len(published.working_set)}
 
         p.progress("lazy pull, no working set, and a first clone")
         b1 = derived(tname, "-lazy")
-        lazy = await _pull_and_clone(store, serving, tname, b1, True, size, made, timeouts)
+        lazy = await _pull_and_clone(store, serving, tname, b1, True, published, made,
+                                      timeouts)
         p.progress("a second clone of the pulled template")
         s_seconds, s = await _timed_clone(store, b1, derived(b1, "-2"), made, timeouts)
         lazy["second_clone"] = _clone_figures(s_seconds, s)
@@ -390,13 +405,15 @@ async def run(store: Store, serving: Serving, p: LazyBench,
         p.progress(f"lazy pull with a working set of {len(published.working_set)} chunks, "
                    "and a first clone")
         b2 = derived(tname, "-ws")
-        out["lazy_working_set"] = await _pull_and_clone(store, serving, tname, b2, True, size,
+        out["lazy_working_set"] = await _pull_and_clone(store, serving, tname, b2, True,
+                                                        published,
                                                         made, timeouts)
         await made.remove(timeouts, side=store)
 
         p.progress("eager pull and a first clone")
         b3 = derived(tname, "-eager")
-        eager = await _pull_and_clone(store, serving, tname, b3, False, size, made, timeouts)
+        eager = await _pull_and_clone(store, serving, tname, b3, False, published, made,
+                                      timeouts)
         await _check_md5(store, eager["clone_name"], md5, timeouts)
         out["eager"] = eager
         await made.remove(timeouts, side=store)
@@ -480,19 +497,21 @@ def print_report(result: dict[str, Any]) -> None:
     print_table(f"vmfork bench lazy: a {result['memory_mib']} MiB template holding "
                 f"{result['data_mb']} MB, pulled over a link of "
                 f"{result['rate_bytes_per_s'] / 1e6:g} MB/s (seconds from the pull's start)",
-                ["how", "pull returned", "first clone answered", "memory fetched by then MB",
-                 "share of RAM", "memory state then"],
+                ["how", "pull returned", "first clone answered", "memory here by then MB",
+                 "share of RAM", "received for it MB", "memory state then"],
                 [["lazy", _s(lazy["pull_s"]), _s(lazy["first_clone_s"]),
                   _mb(lazy["fetched_bytes"]), share(lazy["fetched_bytes"]),
-                  lazy["state_then"] or "-"],
+                  _mb(lazy["received_bytes"]), lazy["state_then"] or "-"],
                  [f"lazy, working set of {result['working_set_chunks']} chunks",
                   _s(ws["pull_s"]), _s(ws["first_clone_s"]), _mb(ws["fetched_bytes"]),
-                  share(ws["fetched_bytes"]), ws["state_then"] or "-"],
+                  share(ws["fetched_bytes"]), _mb(ws["received_bytes"]),
+                  ws["state_then"] or "-"],
                  ["eager", _s(eager["pull_s"]), _s(eager["first_clone_s"]),
                   _mb(result["nonzero_memory_bytes"]), share(result["nonzero_memory_bytes"]),
-                  "complete"],
+                  _mb(eager["pull_fetched_bytes"]), "complete"],
                  ["baseline: copy the files, clone", _s(base["copy_s"]), _s(base["total_s"]),
-                  _mb(base["copied_bytes"]), share(base["copied_bytes"]), "-"]], console)
+                  _mb(base["copied_bytes"]), share(base["copied_bytes"]),
+                  _mb(base["copied_bytes"]), "-"]], console)
     local = result["local_clone"]
     print_table("clones (seconds of the call; responsive: the guest agent answered)",
                 ["clone", "seconds", "running", "responsive"],

@@ -12,9 +12,10 @@ template's directory (0700; removed with the template):
 * ``disk{i}.qcow2``: each disk of the template's spec flattened into one
   standalone qcow2 image (``qemu-img convert``: overlay and the images under
   it, or a read-only image as it is), remade when its source changes;
-* ``chunks.json``: the sha256 of each memory chunk (a 512 MiB memory takes
-  about a second to hash), kept while the memory file is the same (device,
-  inode, size, mtime);
+* ``memory.zst`` and ``chunks.json``: the memory compressed chunk by chunk
+  (:mod:`vmfork.lazy.pack`), the sha256 of each chunk and its length in the
+  pack (a 512 MiB memory takes about a second), kept while the memory file
+  and the pack are the same (device, inode, size, mtime);
 * ``sums.json``: the sha256 of each other whole file, kept the same way;
 * ``manifest.json`` and ``manifest.key``: the manifest, and the fingerprint
   of what it was built from (the template's manifest, its files' identities,
@@ -45,17 +46,17 @@ from typing import Any
 from vmfork.errors import InvalidInput, StateError, TemplateError
 from vmfork.files import read_json, sha256_file, write_atomic
 from vmfork.fork.pages import sparse_copy
-from vmfork.lazy import working_set
+from vmfork.lazy import pack, working_set
 from vmfork.lazy.published import (
     CHUNK_SIZE,
     INITRD,
     KERNEL,
     MANIFEST,
     MEMORY,
+    MEMORY_PACK,
     STATE,
     Published,
     PublishedFile,
-    chunk_sha256s,
     disk_file,
 )
 from vmfork.locking import held
@@ -190,7 +191,7 @@ def _read_json(path: Path) -> Any:
 def _paths(manifest: TemplateManifest, tdir: Path) -> dict[str, Path]:
     pdir = tdir / PUBLISHED
     paths = {MANIFEST: pdir / MANIFEST, MEMORY: manifest.memory_path,
-             **_whole_files(manifest)}
+             MEMORY_PACK: pdir / MEMORY_PACK, **_whole_files(manifest)}
     for i in range(len(manifest.spec.disks)):
         paths[disk_file(i)] = pdir / disk_file(i)
     return paths
@@ -211,19 +212,31 @@ def _load(manifest: TemplateManifest, tdir: Path, key: str) -> Layout | None:
     return published, paths
 
 
-def _chunks(memory: Path, pdir: Path) -> tuple[str | None, ...]:
-    """The chunk sha256s of *memory*, from ``chunks.json`` while it is the same file."""
+def _chunks(memory: Path, pdir: Path) -> tuple[tuple[str | None, ...], tuple[int, ...]]:
+    """The chunk sha256s of *memory* and the length of each chunk in its
+    pack ``memory.zst``; from ``chunks.json`` while the memory and the pack
+    are the same files, else made afresh (one read of the memory)."""
     ident = _ident(memory)
+    pack_path = pdir / MEMORY_PACK
     cached = _read_json(pdir / _CHUNKS)
+    n = -(-ident[2] // CHUNK_SIZE)
     if (isinstance(cached, dict) and cached.get("id") == ident
             and cached.get("chunk_size") == CHUNK_SIZE
-            and isinstance(cached.get("chunks"), list)
-            and len(cached["chunks"]) == -(-ident[2] // CHUNK_SIZE)):
-        return tuple(cached["chunks"])
-    chunks = chunk_sha256s(memory, CHUNK_SIZE)
-    write_atomic(pdir / _CHUNKS, json.dumps({"id": ident, "chunk_size": CHUNK_SIZE,
-                                             "chunks": list(chunks)}).encode())
-    return chunks
+            and cached.get("pack") == _ident_or_none(pack_path)
+            and isinstance(cached.get("chunks"), list) and len(cached["chunks"]) == n
+            and isinstance(cached.get("packed"), list) and len(cached["packed"]) == n):
+        return tuple(cached["chunks"]), tuple(cached["packed"])
+    tmp = pdir / f".{MEMORY_PACK}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        chunks, packed = pack.build(memory, CHUNK_SIZE, tmp)
+        os.replace(tmp, pack_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_atomic(pdir / _CHUNKS, json.dumps({
+        "id": ident, "chunk_size": CHUNK_SIZE, "pack": _ident(pack_path),
+        "chunks": list(chunks), "packed": list(packed)}).encode())
+    return chunks, packed
 
 
 def _flatten(manifest: TemplateManifest, pdir: Path, timeouts: Timeouts) -> None:
@@ -282,17 +295,17 @@ def _build(manifest: TemplateManifest, tdir: Path, key: str, timeouts: Timeouts)
     try:
         if memory.stat().st_size != manifest.memory_size:
             raise TemplateError(f"template {manifest.name}: memory file {memory} was resized")
-        chunks = _chunks(memory, pdir)
+        chunks, packed = _chunks(memory, pdir)
         _flatten(manifest, pdir, timeouts)
         paths = _paths(manifest, tdir)
-        whole = {k: p for k, p in paths.items() if k not in (MANIFEST, MEMORY)}
+        whole = {k: p for k, p in paths.items() if k not in (MANIFEST, MEMORY, MEMORY_PACK)}
         files = _sums(whole, pdir)
     except FileNotFoundError as exc:
         raise TemplateError(f"template {manifest.name}: {exc.filename} is missing") from None
     ws = tuple(i for i in working_set.read(tdir) if i < len(chunks) and chunks[i] is not None)
     published = Published(name=manifest.name, template=manifest, files=files,
                           memory_size=manifest.memory_size, chunk_size=CHUNK_SIZE,
-                          chunks=chunks, working_set=ws)
+                          chunks=chunks, working_set=ws, packed=packed)
     write_atomic(pdir / MANIFEST, published.to_json())
     write_atomic(pdir / _KEY, key.encode())
     return published, paths

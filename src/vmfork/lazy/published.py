@@ -10,13 +10,17 @@ the files beside it. Under one base URL (a daemon's
                     the working set
     state           the device state
     memory          the memory file (holes read as zeros)
+    memory.zst      the same, each non-zero chunk compressed on its own
+                    (:mod:`vmfork.lazy.pack`), if the manifest lists ``packed``
     kernel, initrd  the boot files the template's QEMU was started with (QEMU
                     opens them when a clone starts), if it had them
     disk0.qcow2 ... each template disk, flattened into one standalone image
 
 Memory is split into chunks of :data:`CHUNK_SIZE` bytes; ``chunks[i]`` is
 the sha256 of chunk *i*, or None for a chunk that is all zeros (never
-fetched: a puller fills it with zeros). ``working_set`` lists the chunks the
+fetched: a puller fills it with zeros); ``packed[i]``, if the manifest has
+it, the length of chunk *i* in ``memory.zst`` (0 for a zero chunk), where a
+puller fetches it from. ``working_set`` lists the chunks the
 template's first clone read in its first seconds, in the order to fetch
 them first.
 """
@@ -42,6 +46,7 @@ CHUNK_SIZE = 256 << 10
 MANIFEST = "manifest.json"
 STATE = "state"
 MEMORY = "memory"
+MEMORY_PACK = "memory.zst"
 KERNEL = "kernel"
 INITRD = "initrd"
 #: Largest manifest.json a puller accepts (a 64 GiB memory is ~17 MB of it).
@@ -72,6 +77,9 @@ class PublishedMemory:
     chunks: tuple[str | None, ...]
     #: Chunks a clone reads first, in that order.
     working_set: tuple[int, ...] = ()
+    #: Length of each chunk in ``memory.zst`` (0: zero chunk); () if there
+    #: is no pack.
+    packed: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PublishedMemory:
@@ -87,8 +95,17 @@ class PublishedMemory:
         ws = tuple(int(i) for i in d.get("working_set") or ())
         if any(not 0 <= i < len(chunks) for i in ws):
             raise ValueError("working set names a chunk out of range")
+        packed = tuple(int(n) for n in d.get("packed") or ())
+        if packed:
+            if len(packed) != len(chunks):
+                raise ValueError("packed lengths do not match the chunk count")
+            # A frame is at most a little longer than its chunk.
+            most = chunk_size + (chunk_size >> 7) + 512
+            if any((n == 0) != (c is None) or not 0 <= n <= most
+                   for n, c in zip(packed, chunks, strict=True)):
+                raise ValueError("a packed length does not fit its chunk")
         return cls(memory_size=memory_size, chunk_size=chunk_size, chunks=chunks,
-                   working_set=ws)
+                   working_set=ws, packed=packed)
 
     @classmethod
     def from_json(cls, data: bytes) -> PublishedMemory:
@@ -127,15 +144,26 @@ class Published:
     chunk_size: int
     chunks: tuple[str | None, ...]
     working_set: tuple[int, ...] = ()
+    packed: tuple[int, ...] = ()
     version: int = VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "name": self.name,
-                "template": self.template.to_dict(),
-                "files": {k: {"size": f.size, "sha256": f.sha256}
-                          for k, f in self.files.items()},
-                "memory_size": self.memory_size, "chunk_size": self.chunk_size,
-                "chunks": list(self.chunks), "working_set": list(self.working_set)}
+        d = {"version": self.version, "name": self.name,
+             "template": self.template.to_dict(),
+             "files": {k: {"size": f.size, "sha256": f.sha256}
+                       for k, f in self.files.items()},
+             "memory_size": self.memory_size, "chunk_size": self.chunk_size,
+             "chunks": list(self.chunks), "working_set": list(self.working_set)}
+        if self.packed:
+            d["packed"] = list(self.packed)
+        return d
+
+    @property
+    def memory(self) -> PublishedMemory:
+        """The memory's part of this manifest."""
+        return PublishedMemory(memory_size=self.memory_size, chunk_size=self.chunk_size,
+                               chunks=self.chunks, working_set=self.working_set,
+                               packed=self.packed)
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict()).encode()
@@ -156,7 +184,7 @@ class Published:
                 raise ValueError("no state file")
             return cls(name=str(d["name"]), template=TemplateManifest.from_dict(d["template"]),
                        files=files, memory_size=mem.memory_size, chunk_size=mem.chunk_size,
-                       chunks=mem.chunks, working_set=mem.working_set)
+                       chunks=mem.chunks, working_set=mem.working_set, packed=mem.packed)
         except TemplateError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -185,30 +213,36 @@ def chunk_sha256s(path: Path, chunk_size: int = CHUNK_SIZE) -> tuple[str | None,
     """sha256 of each chunk of memory file *path* (None: all zeros; holes
     are skipped without reading)."""
     size = path.stat().st_size
-    n = -(-size // chunk_size)
-    out: list[str | None] = [None] * n
+    out: list[str | None] = [None] * -(-size // chunk_size)
     zero = bytes(chunk_size)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break  # only a hole is left
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            first, last = start // chunk_size, -(-end // chunk_size)
-            for i in range(first, last):
-                if out[i] is not None:
-                    continue
-                data = os.pread(fd, chunk_size, i * chunk_size)
-                if data != zero[:len(data)]:
-                    out[i] = hashlib.sha256(data).hexdigest()
-            pos = last * chunk_size
+        for i in data_chunks(fd, size, chunk_size):
+            data = os.pread(fd, chunk_size, i * chunk_size)
+            if data != zero[:len(data)]:
+                out[i] = hashlib.sha256(data).hexdigest()
     finally:
         os.close(fd)
     return tuple(out)
 
 
-__all__ = ["CHUNK_SIZE", "INITRD", "KERNEL", "MANIFEST", "MEMORY", "STATE", "VERSION",
-           "Published", "PublishedFile", "PublishedMemory", "chunk_sha256s", "disk_file"]
+def data_chunks(fd: int, size: int, chunk_size: int) -> list[int]:
+    """Indexes of the chunks of the *size* bytes of file *fd* that hold data
+    (not only holes), in order."""
+    out: list[int] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break  # only a hole is left
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        first, last = start // chunk_size, -(-end // chunk_size)
+        out.extend(range(max(first, out[-1] + 1 if out else 0), last))
+        pos = last * chunk_size
+    return out
+
+
+__all__ = ["CHUNK_SIZE", "INITRD", "KERNEL", "MANIFEST", "MEMORY", "MEMORY_PACK", "STATE",
+           "VERSION", "Published", "PublishedFile", "PublishedMemory", "chunk_sha256s",
+           "data_chunks", "disk_file"]

@@ -62,13 +62,14 @@ from vmfork import admission
 from vmfork.checkpoints import checkpoint
 from vmfork.errors import AlreadyExists, ResourceError, SourceError, StateError, TemplateError
 from vmfork.files import sha256_file, write_atomic
-from vmfork.lazy import lifecycle
+from vmfork.lazy import lifecycle, pack
 from vmfork.lazy.published import (
     INITRD,
     KERNEL,
     MANIFEST,
     MAX_MANIFEST,
     MEMORY,
+    MEMORY_PACK,
     STATE,
     Published,
     disk_file,
@@ -390,30 +391,31 @@ def _fetch_memory(src: Source, published: Published, path: Path) -> int:
     """Fetch every non-zero chunk into the new memory file *path* (zero
     chunks stay holes); return the bytes fetched."""
     size, cs = published.memory_size, published.chunk_size
+    mem = published.memory
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     failed = threading.Event()
     fetched = 0
     lock = threading.Lock()
 
+    starts = pack.offsets(published.packed) if published.packed else ()
+    source = MEMORY_PACK if published.packed else MEMORY
+
     def fetch(first: int, count: int) -> None:
         nonlocal fetched
         if failed.is_set():
             return
-        start = first * cs
-        length = min(count * cs, size - start)
-        data = src.get_range(MEMORY, start, length, time.monotonic() + SOURCE_DEADLINE)
-        got = length
-        for i in range(first, first + count):
-            off = (i - first) * cs
-            piece = data[off:off + cs]
+        parts, got = pack.fetch_run(src, mem, first, count,
+                                    time.monotonic() + SOURCE_DEADLINE, starts)
+        for i, piece in enumerate(parts, first):
             if hashlib.sha256(piece).hexdigest() != published.chunks[i]:
-                piece = src.get_range(MEMORY, i * cs, len(piece),
-                                      time.monotonic() + SOURCE_DEADLINE)
-                got += len(piece)
+                again, more = pack.fetch_run(src, mem, i, 1,
+                                             time.monotonic() + SOURCE_DEADLINE, starts)
+                piece = again[0]
+                got += more
                 if hashlib.sha256(piece).hexdigest() != published.chunks[i]:
-                    raise SourceError(f"{src.file_url(MEMORY)}: chunk {i} (bytes {i * cs}-"
-                                      f"{i * cs + len(piece) - 1}) does not match its sha256 "
-                                      "in the manifest (fetched twice); refusing it")
+                    raise SourceError(f"{src.file_url(source)}: chunk {i} (memory bytes "
+                                      f"{i * cs}-{i * cs + len(piece) - 1}) does not match "
+                                      "its sha256 in the manifest (fetched twice); refusing it")
             _pwrite_all(fd, piece, i * cs)
         with lock:
             fetched += got

@@ -46,7 +46,9 @@ Owns everything in TEMPLATE_DIR that concerns the memory's arrival:
 
 A read of chunks present is served from the cache. A missing chunk is
 fetched (one fetch per chunk however many readers wait for it; a read
-waits for the chunks it covers), its sha256 checked (a mismatch is fetched
+waits for the chunks it covers) from the compressed ``memory.zst`` if the
+manifest has one (:mod:`vmfork.lazy.pack`: a third of the bytes where a
+clone first reads), else from ``memory``, its sha256 checked (a mismatch is fetched
 once more, then refused), written to the cache and marked. When every
 chunk is local the state becomes ``complete``.
 
@@ -110,9 +112,10 @@ import mfusepy  # type: ignore[import-untyped]
 
 from vmfork.errors import TemplateError, VmforkError
 from vmfork.files import write_atomic
+from vmfork.lazy import pack
 from vmfork.lazy.mountlock import open_lock
 from vmfork.lazy.page_cache import PageCache
-from vmfork.lazy.published import MEMORY, PublishedMemory
+from vmfork.lazy.published import MEMORY, MEMORY_PACK, PublishedMemory
 from vmfork.lazy.source import Source, SourceError
 from vmfork.lazy.status import (
     BITMAP_FILE,
@@ -231,6 +234,10 @@ class LazyMemory:
         n = len(published.chunks)
         self.n = n
         self._zero = bytes(1 if c is None else 0 for c in published.chunks)
+        #: Where chunks are fetched from: the pack (see :mod:`vmfork.lazy.pack`)
+        #: if the manifest has one, and where each chunk starts in it.
+        self._file = MEMORY_PACK if published.packed else MEMORY
+        self._starts = pack.offsets(published.packed) if published.packed else ()
         self._have = bytearray(n)
         #: Chunks whose pages the kernel may hold unfilled (a refused
         #: readahead): pushed into its page cache once local.
@@ -402,23 +409,20 @@ class LazyMemory:
         """Fetch consecutive chunks *run* (this thread holds them in flight);
         *push*: into the kernel's page cache too."""
         try:
-            start = run[0] * self.cs
-            length = min((run[-1] + 1) * self.cs, self.size) - start
-            data = self._get(start, length)
-            if data is None:
+            parts = self._get(run[0], len(run))
+            if parts is None:
                 return
-            for k, i in enumerate(run):
-                part = data[k * self.cs:(k + 1) * self.cs]
+            for i, part in zip(run, parts, strict=True):
                 if hashlib.sha256(part).hexdigest() != self.pub.chunks[i]:
                     log.warning("chunk %d: sha256 mismatch, fetching it again", i)
-                    again = self._get(i * self.cs, len(part))
+                    again = self._get(i, 1)
                     if again is None:
                         return
-                    if hashlib.sha256(again).hexdigest() != self.pub.chunks[i]:
-                        self._break(f"chunk {i} of {self.source.base}/{MEMORY} does not match "
-                                    "its sha256 in the manifest (fetched twice): refused")
+                    part = again[0]
+                    if hashlib.sha256(part).hexdigest() != self.pub.chunks[i]:
+                        self._break(f"chunk {i} of {self.source.base}/{self._file} does not "
+                                    "match its sha256 in the manifest (fetched twice): refused")
                         return
-                    part = again
                 if self._stopping:
                     return
                 os.pwrite(self._fd, part, i * self.cs)
@@ -430,16 +434,18 @@ class LazyMemory:
                 self._inflight.difference_update(run)
                 self._cv.notify_all()
 
-    def _get(self, start: int, length: int) -> bytes | None:
+    def _get(self, first: int, count: int) -> list[bytes] | None:
+        """Chunks *first* .. *first* + *count* - 1 as received (None, the
+        template broken, if they cannot be)."""
         try:
-            data = self.source.get_range(MEMORY, start, length,
-                                         time.monotonic() + self.deadline)
+            parts, received = pack.fetch_run(self.source, self.pub, first, count,
+                                             time.monotonic() + self.deadline, self._starts)
         except SourceError as exc:
             self._break(str(exc))
             return None
         with self._cv:
-            self.fetched += len(data)
-        return data
+            self.fetched += received
+        return parts
 
     def _mark(self, i: int, push: bool) -> None:
         with self._cv:

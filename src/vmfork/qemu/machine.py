@@ -41,7 +41,7 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from vmfork.errors import LaunchError, QMPCommandError, StateError, VmforkError, VmforkTimeout
 from vmfork.private import UMASK, make_dirs, opener
-from vmfork.proc import process_alive, process_start_time
+from vmfork.proc import blocked_in_kernel, process_alive, process_start_time
 from vmfork.qemu import console_log
 from vmfork.spec import CONSOLE_RING, CONSOLE_RING_ID, RunPaths, VMSpec, build_argv
 from vmfork.tasks import run_to_end
@@ -447,11 +447,15 @@ class Machine:
                     await self.qmp("quit", timeout=self.timeouts.stop)
                 if await self._wait_exit(self.timeouts.stop):
                     return
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            # Killed, QEMU can only end; it ends late if a thread is blocked
+            # in the kernel (a page fault on a lazily served memory file).
+            for sig, seconds in ((signal.SIGTERM, self.timeouts.stop),
+                                 (signal.SIGKILL, self.timeouts.killed_exit)):
                 self._signal(sig)
-                if await self._wait_exit(self.timeouts.stop):
+                if await self._wait_exit(seconds):
                     return
-            raise StateError(f"{self.name}: QEMU (pid {self.pid}) did not exit")
+            blocked = " (blocked in the kernel)" if blocked_in_kernel(self.pid) else ""
+            raise StateError(f"{self.name}: QEMU (pid {self.pid}) did not exit{blocked}")
         finally:
             await self.disconnect()
             remove_sockets(self.paths)

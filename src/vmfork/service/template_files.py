@@ -2,7 +2,7 @@
 
 Owns serving the published layout of a template (:mod:`vmfork.lazy.publish`)
 to ``vmfork template pull`` on other hosts: ``GET`` and ``HEAD`` of
-``manifest.json``, ``state``, ``memory``, ``kernel``, ``initrd`` and
+``manifest.json``, ``state``, ``memory``, ``memory.zst``, ``kernel``, ``initrd`` and
 ``disk{i}.qcow2``, with ``Accept-Ranges: bytes``. One range per request
 (``Range: bytes=A-B``, ``bytes=A-``, ``bytes=-N``) answers 206 with
 ``Content-Range``; a range that starts past the end, or several ranges,
@@ -10,7 +10,7 @@ answer 416 (``range_not_satisfiable``, with ``Content-Range: bytes */SIZE``);
 a ``Range`` that is not a byte range is ``invalid`` (400). The daemon's
 bearer token applies as to every route. The layout is built on first use
 (hashing the memory, flattening disks) in a worker thread, one build per
-template at a time. The path of a template's memory, once found, is kept
+template at a time. The path of a template's memory (and its pack), once found, is kept
 for as long as the template's manifest in the catalog is the same: a range
 of memory (what a lazy puller asks for on a clone's page fault) then costs
 one catalog read and one ``pread``, in the event loop (the memory file lives
@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.lazy import publish
-from vmfork.lazy.published import MANIFEST, MEMORY
+from vmfork.lazy.published import MANIFEST, MEMORY, MEMORY_PACK
 from vmfork.names import check_name
 from vmfork.records import TemplateManifest
 from vmfork.service.state import ServiceState, state_of
@@ -54,7 +54,8 @@ READ_BLOCK = 1 << 20
 SEND_BLOCK = 64 << 10
 #: Key of the rate limit in :attr:`ServiceState.parts`.
 PART = "file_rate"
-#: Key of the memory paths known (template name -> (catalog manifest, path)).
+#: Key of the memory paths known ((template name, file) -> (catalog
+#: manifest, path, read in the event loop)).
 _MEMORY_PATHS = "file_memory_paths"
 #: The longest ``Range`` header read.
 MAX_RANGE_HEADER = 200
@@ -231,7 +232,7 @@ def _built(state: ServiceState) -> set[str]:
     return built
 
 
-def _memory_paths(state: ServiceState) -> dict[str, tuple[str, Path, bool]]:
+def _memory_paths(state: ServiceState) -> dict[tuple[str, str], tuple[str, Path, bool]]:
     paths = state.parts.setdefault(_MEMORY_PATHS, {})
     assert isinstance(paths, dict)
     return paths
@@ -241,9 +242,9 @@ async def _open(state: ServiceState, name: str, file: str, header: str | None,
                 body: bool) -> _Opened:
     store = state.host.store
     name = check_name(name, "template")
-    row = store.template_row(name) if file == MEMORY else None
+    row = store.template_row(name) if file in (MEMORY, MEMORY_PACK) else None
     if row is not None:
-        known = _memory_paths(state).get(name)
+        known = _memory_paths(state).get((name, file))
         if known is not None and row == (known[0], "ready"):
             if known[2]:
                 return _read_range(name, file, known[1], header, body)
@@ -264,10 +265,11 @@ async def _open(state: ServiceState, name: str, file: str, header: str | None,
         # Kept under the catalog's manifest as read before this request:
         # another manifest since then is another key, never matched.
         paths = _memory_paths(state)
-        paths.pop(name, None)
+        paths.pop((name, file), None)
         # A memory file in the memory directory is read in the event loop;
-        # elsewhere (a pulled template's own FUSE mount) in a worker thread.
-        paths[name] = (row[0], path, path.parent == store.memory_dir)
+        # elsewhere (a pack on disk, a pulled template's own FUSE mount) in a
+        # worker thread.
+        paths[(name, file)] = (row[0], path, path.parent == store.memory_dir)
         while len(paths) > _MAX_MEMORY_PATHS:
             paths.pop(next(iter(paths)))
     return opened
