@@ -263,6 +263,20 @@ def test_aux_ram_share_off() -> None:
     assert opt(argv, "-machine") == ["q35,memory-backend=mem0"]
 
 
+def test_hpet_off_and_specs_stored_without_it() -> None:
+    spec = make_spec(hpet=False)
+    assert opt(build_argv(spec, PATHS), "-machine") == [
+        "q35,memory-backend=mem0,aux-ram-share=on,hpet=off"]
+    assert VMSpec.from_json(spec.to_json()) == spec
+    # A spec stored before the field (a template's) keeps QEMU's HPET: its
+    # device state has one.
+    d = json.loads(spec.to_json())
+    del d["hpet"]
+    assert VMSpec.from_dict(d).hpet is True
+    with pytest.raises(InvalidInput, match="hpet"):
+        make_spec(hpet="no")
+
+
 # -- the rest of the command line ------------------------------------------------
 def test_argv_basics() -> None:
     argv = build_argv(make_spec(), PATHS)

@@ -51,6 +51,11 @@ async def generation_id(env: Env, name: str) -> str:
         return str(result["guid"])
 
 
+async def machine_has_hpet(env: Env, name: str) -> bool:
+    async with vm.attached(env.store(), name) as (_rec, m):
+        return bool(await m.qmp("qom-get", {"path": "/machine", "property": "hpet"}))
+
+
 async def announce_rounds(env: Env, name: str) -> int:
     async with vm.attached(env.store(), name) as (_rec, m):
         return int((await m.qmp("query-migrate-parameters"))["announce-rounds"])
@@ -93,6 +98,10 @@ def test_clone_identity_reseed_generation_id_hostname_machine_id(env: Env) -> No
     # virtio-net guest take RTNL in a work item that deadlocks against the
     # identity's link down (kernel virtio_net, see vmfork.spec).
     assert run(announce_rounds(env, "c1")) == 0
+    # No HPET (a VM vmfork starts has none, and its clones keep its machine).
+    assert manifest.spec.hpet is False and run(machine_has_hpet(env, "c1")) is False
+    assert "hpet" not in env.exec(
+        "c1", "cat /sys/devices/system/clocksource/clocksource0/available_clocksource")
     for c in ("c1", "c2"):
         run(vm.stop(env.store(), c))
     run(catalog.remove(env.store(), "t"))

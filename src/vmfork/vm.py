@@ -232,7 +232,7 @@ def build_spec(store: Store, opts: RunOptions) -> VMSpec:
     net = NetSpec(mac=new_mac(), ports=_ports_for(opts, ready)) if _wants_net(opts, ready) else None
     return VMSpec(name=opts.name, memory_mib=opts.memory_mib, memory=memory, cpus=opts.cpus,
                   kernel=kernel, initrd=initrd, append=append, disks=disks, net=net,
-                  accel=accel, qemu=opts.qemu, qga=True, ready=str(ready))
+                  accel=accel, qemu=opts.qemu, qga=True, ready=str(ready), hpet=False)
 
 
 #: Network choices of ``vmfork run --net``.
