@@ -1,4 +1,4 @@
-"""``vmfork bench clone|update|save|api|fork|lazy``: benchmarks reported as
+"""``vmfork bench clone|update|save|api|fork|lazy|density``: benchmarks reported as
 ratios against a baseline measured in the same run (the measurements live in
 :mod:`vmfork.bench`). ``bench api`` starts a vmforkd of its own on the home
 (:func:`bench_daemon`) unless it is given one; ``bench lazy`` starts a second
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from vmfork.cli.bench_density import bench_density
 from vmfork.cli.output import ACCELS, configure_logging, emit_json, say
 from vmfork.errors import InvalidInput, SetupError
 
@@ -348,6 +349,9 @@ def bench_api(samples: int, exec_samples: int, memory: str, accel: str, parts: s
                 ba.rows(result))
     for target, ok in result["targets"].items():
         say(f"target {target}: {'met' if ok else 'NOT met'}")
+
+
+bench_cmd.add_command(bench_density)
 
 
 @bench_cmd.command("all")
