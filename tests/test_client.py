@@ -242,6 +242,15 @@ def test_templates_and_clones_through_the_client(env: Env, daemon: Daemon) -> No
         assert [v.name for v in tpl.clones()] == ["c-1", "c-2"]
         clones[0].exec("echo mine > /root/x")
         assert clones[1].exec("cat /root/x").stdout == "data\n"
+        # One of two failing: PartialClone, the other runs; all or nothing:
+        # the clone's own error, none left.
+        with pytest.raises(vmfork.PartialClone, match="1 of 2 clones failed"):
+            tpl.clone(count=2, name="p", on_clone='[ "$(hostname)" != p-2 ]')
+        with pytest.raises(vmfork.GuestError):
+            tpl.clone(count=2, name="q", on_clone='[ "$(hostname)" != q-2 ]',
+                      all_or_nothing=True)
+        assert [v.name for v in tpl.clones()] == ["c-1", "c-2", "p-1"]
+        host.vm("p-1").stop()
         with pytest.raises(vmfork.StateError):
             tpl.remove()  # clones use it
         for c in clones:

@@ -170,6 +170,19 @@ def test_export_template_from_a_vm_clones_and_events(env: Env, daemon: Daemon,  
     assert sorted(c["name"] for c in r.json()["clones"]) == ["x1", "x2"], r.text
     r = daemon.post("/v1/templates/t/clones", json={"count": 2, "names": ["y"]})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid")
+    # One clone of a batch failing (its hook): the answer is the error
+    # 'partial' naming it, the other runs (and is announced); with
+    # all_or_nothing none is left, and the answer is the clone's own error.
+    r = daemon.post("/v1/templates/t/clones",
+                    json={"names": ["z1", "z2"], "on_clone": '[ "$(hostname)" != z2 ]'})
+    assert (r.status_code, r.json()["error"]["code"]) == (500, "partial"), r.text
+    assert "1 of 2 clones failed" in r.json()["error"]["message"], r.text
+    r = daemon.post("/v1/templates/t/clones",
+                    json={"names": ["w1", "w2"], "on_clone": '[ "$(hostname)" != w2 ]',
+                          "all_or_nothing": True})
+    assert (r.status_code, r.json()["error"]["code"]) == (502, "guest"), r.text
+    vms = {v["name"] for v in daemon.get("/v1/vms").json()}
+    assert "z1" in vms and not {"z2", "w1", "w2"} & vms, vms
 
     # In use: refused without force; with force, its clones are stopped too.
     r = daemon.http.delete("/v1/templates/t")
@@ -184,7 +197,7 @@ def test_export_template_from_a_vm_clones_and_events(env: Env, daemon: Daemon,  
     kinds = reader.kinds()
     assert kinds.index("started") < kinds.index("operation_done") < kinds.index(
         "template_created")
-    assert reader.kinds(template="t") == ["stopped", "template_created", *["cloned"] * 5,
+    assert reader.kinds(template="t") == ["stopped", "template_created", *["cloned"] * 6,
                                           "template_removed"]
     assert reader.kinds(template="imp") == ["template_created", "template_removed"]
     listed = [o["kind"] for o in daemon.get("/v1/operations").json()]

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from vmfork import vm
-from vmfork.errors import AlreadyExists, InvalidInput, NotFound, StateError, TemplateError
+from vmfork.errors import (
+    AlreadyExists,
+    GuestError,
+    InvalidInput,
+    NotFound,
+    PartialClone,
+    StateError,
+    TemplateError,
+)
 from vmfork.proc import process_alive
 from vmfork.qemu.machine import Machine
 from vmfork.records import TemplateManifest
@@ -105,6 +113,47 @@ def test_clone_identity_reseed_generation_id_hostname_machine_id(env: Env) -> No
     for c in ("c1", "c2"):
         run(vm.stop(env.store(), c))
     run(catalog.remove(env.store(), "t"))
+
+
+def test_a_failing_clone_leaves_the_others_of_its_batch(env: Env) -> None:
+    """One clone of three fails (its hook refuses its hostname): it is
+    undone, the two others run, the CLI lists both and the failure (exit
+    1, one error line); with --all-or-nothing none is left. Through the
+    library the same is PartialClone; a batch where every clone fails
+    raises the first failure itself."""
+    make_template(env, prepare="true")
+    s = env.store()
+    hook = '[ "$(hostname)" != t-2 ] || { echo refused >&2; exit 3; }'
+    p = env.cli("clone", "t", "-n", "3", "--on-clone", hook, "--json")
+    assert p.returncode == 1, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "1 of 3 clones failed" in p.stderr and "t-2" in p.stderr, p.stderr
+    out = json.loads(p.stdout)
+    assert [(c["name"], "error" in c) for c in out] == [("t-1", False), ("t-3", False),
+                                                       ("t-2", True)]
+    assert out[2]["error"]["code"] == "guest" and "status 3" in out[2]["error"]["message"]
+    assert not s.has_vm("t-2") and not s.run_dir("t-2").exists()
+    assert not [q for q in qemu_processes(str(env.home)) if "/run/t-2/" in " ".join(q.cmdline())]
+    for c in ("t-1", "t-3"):
+        assert run(vm.status(s, c)) == "running"
+        assert env.exec(c, "hostname").strip() == c
+
+    p = env.cli("clone", "t", "a", "-n", "3", "--all-or-nothing", "--on-clone",
+                '[ "$(hostname)" != a-2 ]')
+    assert p.returncode == 1 and "a-2" in p.stderr, p.stderr
+    assert not [n for n in ("a-1", "a-2", "a-3") if s.has_vm(n)]
+
+    with pytest.raises(PartialClone) as info:
+        run(clone.clone(s, "t", names=["b1", "b2"], on_clone='[ "$(hostname)" = b1 ]'))
+    assert [c.name for c in info.value.clones] == ["b1"]
+    assert [n for n, _ in info.value.failures] == ["b2"]
+    assert isinstance(info.value.failures[0][1], GuestError)
+    with pytest.raises(GuestError, match="hook"):
+        run(clone.clone(s, "t", names=["x1", "x2"], on_clone="false"))
+    assert not s.has_vm("x1") and not s.has_vm("x2")
+    for c in ("t-1", "t-3", "b1"):
+        run(vm.stop(s, c))
+    run(catalog.remove(s, "t"))
 
 
 def test_clone_clock_follows_host_not_template(env: Env) -> None:

@@ -100,7 +100,8 @@ def test_cpio_readable_by_gnu_cpio(tmp_path: Path) -> None:
     (errors.AlreadyExists("x"), 1), (errors.SetupError("x"), 1), (errors.LaunchError("x"), 1),
     (errors.StateError("x"), 1), (errors.GuestError("x"), 1), (errors.MigrationError("x"), 1),
     (errors.TemplateError("x"), 1), (errors.VmforkTimeout("boot", 3), 1),
-    (errors.ResourceError("x"), 1), (errors.VmforkError("x"), 1)])
+    (errors.ResourceError("x"), 1), (errors.VmforkError("x"), 1),
+    (errors.PartialClone([], [("a", errors.GuestError("x"))], 2), 1)])
 def test_exit_codes(exc: errors.VmforkError, code: int) -> None:
     assert app.exit_code(exc) == code
 
@@ -714,9 +715,11 @@ def test_unversioned_manifest_still_loads(tmp_path: Path) -> None:
     assert m.save.migration.seconds == 0.0113 and m.save.freeze_seconds == 0.0421
     assert tm.template_mac(m) == "52:54:00:12:34:56"
     # Every key keeps its value (template inspect / create --json); five
-    # are added, and the spec gets its readiness (the default).
+    # are added, and the spec gets its readiness (the default) and QEMU's
+    # HPET (its device state has one).
     d = m.to_dict()
     assert d["spec"].pop("ready") == "auto"
+    assert d["spec"].pop("hpet") is True
     assert {k: d[k] for k in UNVERSIONED_MANIFEST} == UNVERSIONED_MANIFEST
     assert set(d) - set(UNVERSIONED_MANIFEST) == {"version", "imported_from", "agent",
                                                   "fork_of", "ignore_shared"}

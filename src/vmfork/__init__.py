@@ -59,7 +59,7 @@ _EXPORTS = {
     "LaunchError": "vmfork.errors",
     "StateError": "vmfork.errors", "GuestError": "vmfork.errors",
     "MigrationError": "vmfork.errors", "TemplateError": "vmfork.errors",
-    "SourceError": "vmfork.errors",
+    "SourceError": "vmfork.errors", "PartialClone": "vmfork.errors",
     "VmforkTimeout": "vmfork.errors", "UnsafePath": "vmfork.errors",
 }
 
@@ -88,6 +88,7 @@ __all__ = [
     "MigrationError",
     "MigrationStats",
     "NotFound",
+    "PartialClone",
     "PoolMemberStatus",
     "PoolStatus",
     "PullResult",
@@ -139,6 +140,7 @@ if TYPE_CHECKING:
         LaunchError,
         MigrationError,
         NotFound,
+        PartialClone,
         ResourceError,
         SetupError,
         SourceError,

@@ -21,6 +21,7 @@
      +-- MigrationError        a state save/load or a migration failed
      +-- TemplateError         a template is unusable (manifest, checksum, files)
      +-- VmforkTimeout         a wait ran out of time; ``phase`` says which wait
+     +-- PartialClone          some clones of one call failed, the others run
 
 The CLI maps each class to a one-line message and an exit status in one table
 (:mod:`vmfork.cli`). Wrappers keep their cause with ``raise ... from exc``;
@@ -28,6 +29,8 @@ The CLI maps each class to a one-line message and an exit status in one table
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class VmforkError(Exception):
@@ -153,6 +156,21 @@ class VmforkTimeout(VmforkError):
         super().__init__(msg)
 
 
+class PartialClone(VmforkError):
+    """Some clones of one call failed; the others run (they are not removed
+    unless the call asked for all or nothing). *clones*: the results of
+    those that run; *failures*: (name, error) of each that failed, undone."""
+
+    def __init__(self, clones: list[Any], failures: list[tuple[str, VmforkError]],
+                 total: int) -> None:
+        self.clones = clones
+        self.failures = failures
+        causes = "; ".join(str(e) for _, e in failures[:3])
+        more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+        super().__init__(f"{len(failures)} of {total} clones failed (the other "
+                         f"{len(clones)} run): {causes}{more}")
+
+
 #: The REST API's name and HTTP status of each error class (the first class
 #: an error is an instance of decides); the daemon answers with them and the
 #: client raises the same class again (:func:`error_from`).
@@ -164,7 +182,7 @@ HTTP_ERRORS: tuple[tuple[type[VmforkError], str, int], ...] = (
     (QMPCommandError, "qmp", 409), (StateError, "conflict", 409),
     (GuestError, "guest", 502), (SourceError, "source", 502), (MigrationError, "migration", 500),
     (TemplateError, "template", 409), (VmforkTimeout, "timeout", 504),
-    (VmforkError, "error", 500),
+    (PartialClone, "partial", 500), (VmforkError, "error", 500),
 )
 
 
@@ -183,4 +201,6 @@ def error_from(code: str, message: str) -> VmforkError:
         err.phase, err.seconds = "an answer of the daemon", 0.0
     if isinstance(err, LaunchError):
         err.exitcode, err.argv, err.log_tail = None, [], ""
+    if isinstance(err, PartialClone):
+        err.clones, err.failures = [], []
     return err

@@ -449,16 +449,19 @@ class AsyncTemplate:
     @overload
     async def clone(self, count: None = None, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None) -> AsyncClone: ...
+                    on_clone: str | None = None,
+                    all_or_nothing: bool = False) -> AsyncClone: ...
 
     @overload
     async def clone(self, count: int, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None) -> list[AsyncClone]: ...
+                    on_clone: str | None = None,
+                    all_or_nothing: bool = False) -> list[AsyncClone]: ...
 
     async def clone(self, count: int | None = None, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None) -> AsyncClone | list[AsyncClone]:
+                    on_clone: str | None = None,
+                    all_or_nothing: bool = False) -> AsyncClone | list[AsyncClone]:
         """Start clones of this template and return when they run with their
         own identity (and their on-clone hook has run).
 
@@ -467,7 +470,8 @@ class AsyncTemplate:
         *count*: a list. *name* names the clone (``NAME-1``.. with *count*);
         *names* gives each clone's name (as many as *count*; not with
         *name*); *on_clone* replaces the template's hook for this call
-        (``""``: none)."""
+        (``""``: none). A clone that fails is undone and the others run on
+        (:class:`vmfork.PartialClone` names both), unless *all_or_nothing*."""
         n = clone.check_count(1 if count is None else count)
         if names is not None and name:
             raise InvalidInput("give either name or names, not both")
@@ -479,7 +483,7 @@ class AsyncTemplate:
         results = await clone.clone(self._store, self.name,
                                     names=None if names is None else list(names), count=n,
                                     use_pool=use_pool, timeouts=self.host.timeouts,
-                                    on_clone=on_clone)
+                                    on_clone=on_clone, all_or_nothing=all_or_nothing)
         clones = [AsyncClone(self.host, r) for r in results]
         return clones[0] if count is None else clones
 

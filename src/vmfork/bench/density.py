@@ -3,8 +3,9 @@
 Owns the measurements of the density issue. Clones of one template (given,
 or a demo guest of ``memory_mib`` holding ``data_mb`` MB of data made for
 the run) are started in steps of ``step`` (one :func:`vmfork.templates.clone.clone`
-call each, no pool). After each step, once the clones have settled
-(``settle_s``), it measures:
+call each, no pool). After each step, once the clones have settled (at
+least ``settle_s``, then until their CPU stops falling: :func:`settle`), it
+measures:
 
 * **memory**: the host's used memory (``MemTotal - MemAvailable``) above what
   it was before the run, and each clone QEMU's PSS (the template's pages it
@@ -44,7 +45,7 @@ import psutil
 
 from vmfork import vm
 from vmfork.bench import fill_guest
-from vmfork.errors import InvalidInput, VmforkError
+from vmfork.errors import InvalidInput, PartialClone, VmforkError
 from vmfork.names import derived, internal
 from vmfork.store import Store
 from vmfork.tasks import run_to_end
@@ -59,6 +60,9 @@ EXEC_TARGET_S = 1.0
 PRIVATE_TARGET_MB = 40.0
 #: Clones stopped at once when the run ends.
 STOP_AT_ONCE = 8
+#: Seconds of each CPU sample while a step settles, and the most it waits.
+SETTLE_WINDOW = 2.0
+SETTLE_MOST = 60.0
 
 
 @dataclass
@@ -148,6 +152,22 @@ async def idle_cpu(pids: Sequence[int], window: float) -> dict[str, float]:
     host_busy = (sum(host1) - sum(host0) - (idle1 - idle0)) / seconds
     return {"cores": used / seconds, "per_clone_pct": 100 * used / seconds / max(1, len(pids)),
             "host_cores": host_busy}
+
+
+async def settle(pids: Sequence[int], at_least: float) -> float:
+    """Wait *at_least* seconds, then while the CPU the processes *pids* use
+    still falls (clones just started finish their first work) by more than
+    a tenth from one :data:`SETTLE_WINDOW` to the next, at most
+    :data:`SETTLE_MOST` seconds in all; return the seconds waited."""
+    t0 = time.monotonic()
+    await asyncio.sleep(at_least)
+    before = (await idle_cpu(pids, SETTLE_WINDOW))["cores"]
+    while time.monotonic() - t0 < SETTLE_MOST:
+        now = (await idle_cpu(pids, SETTLE_WINDOW))["cores"]
+        if now >= 0.9 * before:
+            break
+        before = now
+    return time.monotonic() - t0
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
@@ -243,12 +263,14 @@ async def run(store: Store, p: DensityBench, timeouts: Timeouts = DEFAULT) -> di
                 results = await clone.clone(store, template, names=batch, use_pool=False,
                                             timeouts=timeouts)
             except VmforkError as exc:
+                if isinstance(exc, PartialClone):  # those that run are stopped at the end
+                    names.extend(c.name for c in exc.clones)
                 failure, stopped = str(exc), f"a clone of step {len(out['steps']) + 1} failed"
                 break
             start_s = time.monotonic() - t0
             names.extend(batch)
-            await asyncio.sleep(p.settle_s)
             pids = [r.pid for r in store.list_vms() if r.name in set(names) and r.pid]
+            await settle(pids, p.settle_s)
             cpu = await idle_cpu(pids, p.cpu_window_s)
             mem = memory_per_clone(pids)
             try:
@@ -362,4 +384,4 @@ COLUMNS = ["clones", "step start s", "answer ms", "host used MB", "PSS/clone MB"
            "p99 vs first"]
 
 __all__ = ["COLUMNS", "DensityBench", "exec_latency", "idle_cpu", "memory_per_clone",
-           "percentile", "plot", "plot_check", "rows", "run", "targets"]
+           "percentile", "plot", "plot_check", "rows", "run", "settle", "targets"]

@@ -30,6 +30,7 @@ from vmfork.errors import (
     LaunchError,
     MigrationError,
     NotFound,
+    PartialClone,
     QMPCommandError,
     ResourceError,
     SetupError,
@@ -50,7 +51,7 @@ EXIT_CODES: tuple[tuple[type[VmforkError], int], ...] = (
     (QMPCommandError, 1), (StateError, 1), (GuestError, 1), (SourceError, 1),
     (MigrationError, 1),
     (TemplateError, 1),
-    (VmforkTimeout, 1), (VmforkError, 1),
+    (VmforkTimeout, 1), (PartialClone, 1), (VmforkError, 1),
 )
 
 

@@ -357,6 +357,7 @@ bench_cmd.add_command(bench_density)
 @bench_cmd.command("all")
 @click.pass_context
 def bench_all(ctx: click.Context) -> None:
-    """Every benchmark at its defaults: clone, update, save, api, fork, lazy."""
-    for command in (bench_clone, bench_update, bench_save, bench_api, bench_fork, bench_lazy):
+    """Every benchmark at its defaults: clone, update, save, api, fork, lazy, density."""
+    for command in (bench_clone, bench_update, bench_save, bench_api, bench_fork, bench_lazy,
+                    bench_density):
         ctx.invoke(command)

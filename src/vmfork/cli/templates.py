@@ -11,9 +11,10 @@ from vmfork.cli.output import ACCELS, emit_json, on_host, report, say, table
 from vmfork.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from vmfork.api.aio import AsyncClone, AsyncHost, AsyncTemplate
+    from vmfork.api.aio import AsyncHost, AsyncTemplate
+    from vmfork.errors import PartialClone
     from vmfork.records import TemplateManifest
-    from vmfork.results import PoolStatus, PublishResult, PullResult, TemplateStatus
+    from vmfork.results import CloneResult, PoolStatus, PublishResult, PullResult, TemplateStatus
 
 
 @click.group("template")
@@ -201,34 +202,53 @@ def template_publish(name: str, directory: str, as_json: bool) -> None:
 @click.option("--on-clone", "on_clone", metavar="CMD",
               help="Hook for this call: shell command run in each clone after its identity "
                    "is set. It REPLACES the template's default hook (--on-clone '' runs "
-                   "none). A clone whose hook fails (status != 0, timeout) is removed, and "
-                   "with it the other clones of this call.")
+                   "none). A clone whose hook fails (status != 0, timeout) is removed.")
+@click.option("--all-or-nothing", is_flag=True,
+              help="If one clone fails, remove the others of this call too (by default "
+                   "they run on, and the failures are reported).")
 @click.option("--json", "as_json", is_flag=True)
 def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
-              on_clone: str | None, as_json: bool) -> None:
-    """Start clones of TEMPLATE; return when they run (and their hook has run)."""
+              on_clone: str | None, all_or_nothing: bool, as_json: bool) -> None:
+    """Start clones of TEMPLATE; return when they run (and their hook has run).
+    A clone that fails is undone; the others run on (exit status 1, each
+    failure reported), unless --all-or-nothing."""
+    from vmfork.errors import PartialClone, http_error
     from vmfork.templates.clone import check_count
 
     check_count(count)
 
-    async def go(host: AsyncHost) -> list[AsyncClone]:
+    async def go(host: AsyncHost) -> tuple[list[CloneResult], PartialClone | None]:
         tpl = await host.template(template)
-        if count == 1:
-            return [await tpl.clone(name=name, use_pool=not no_pool, on_clone=on_clone)]
-        return await tpl.clone(count, name=name, use_pool=not no_pool, on_clone=on_clone)
-    results = [c.result for c in on_host(go)]
+        try:
+            if count == 1:
+                one = await tpl.clone(name=name, use_pool=not no_pool, on_clone=on_clone)
+                return [one.result], None
+            many = await tpl.clone(count, name=name, use_pool=not no_pool,
+                                   on_clone=on_clone, all_or_nothing=all_or_nothing)
+            return [c.result for c in many], None
+        except PartialClone as exc:
+            return list(exc.clones), exc
+    results, partial = on_host(go)
     if as_json:
-        emit_json(results)
-        return
-    for r in results:
-        forwards = "".join(f", port {h}->{g}" for h, g in r.ports)
-        say(f"{r.name}: running (pid {r.pid}{', from pool' if r.pooled else ''}{forwards}) — "
-            f"state loaded {r.state_loaded * 1000:.0f} ms, running "
-            f"{r.running * 1000:.0f} ms, responsive {r.responsive * 1000:.0f} ms")
-        if r.hook_status is not None:
-            say(f"{r.name}: on-clone hook exited {r.hook_status}")
-            if r.hook_output:
-                say(r.hook_output.rstrip("\n"))
+        failures = [{"name": n, "error": {"code": http_error(e)[0], "message": str(e)}}
+                    for n, e in (partial.failures if partial else [])]
+        emit_json([*(r.to_dict() for r in results), *failures])
+    else:
+        for r in results:
+            _say_clone(r)
+    if partial is not None:
+        raise partial
+
+
+def _say_clone(r: CloneResult) -> None:
+    forwards = "".join(f", port {h}->{g}" for h, g in r.ports)
+    say(f"{r.name}: running (pid {r.pid}{', from pool' if r.pooled else ''}{forwards}) — "
+        f"state loaded {r.state_loaded * 1000:.0f} ms, running "
+        f"{r.running * 1000:.0f} ms, responsive {r.responsive * 1000:.0f} ms")
+    if r.hook_status is not None:
+        say(f"{r.name}: on-clone hook exited {r.hook_status}")
+        if r.hook_output:
+            say(r.hook_output.rstrip("\n"))
 
 
 @click.command("pool")

@@ -526,16 +526,19 @@ class AsyncRemoteTemplate:
     @overload
     async def clone(self, count: None = None, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None) -> AsyncRemoteClone: ...
+                    on_clone: str | None = None,
+                    all_or_nothing: bool = False) -> AsyncRemoteClone: ...
 
     @overload
     async def clone(self, count: int, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None) -> list[AsyncRemoteClone]: ...
+                    on_clone: str | None = None,
+                    all_or_nothing: bool = False) -> list[AsyncRemoteClone]: ...
 
     async def clone(self, count: int | None = None, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None) -> AsyncRemoteClone | list[AsyncRemoteClone]:
+                    on_clone: str | None = None,
+                    all_or_nothing: bool = False) -> AsyncRemoteClone | list[AsyncRemoteClone]:
         """Start clones of this template (see :meth:`vmfork.AsyncTemplate.clone`):
         one clone without *count*, else a list of *count*; *name* names them
         (``NAME-1``.. with *count*), or *names* one by one."""
@@ -551,6 +554,8 @@ class AsyncRemoteTemplate:
             body["on_clone"] = on_clone
         if not use_pool:
             body["use_pool"] = False
+        if all_or_nothing:
+            body["all_or_nothing"] = True
         answer = await self.host._json("POST", self._path("clones"), json=body)
         if isinstance(answer, dict):
             answer = answer.get("clones", [])

@@ -13,6 +13,8 @@ loaded.
 
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 import time
 
@@ -22,6 +24,8 @@ from vmfork.guest import diagnosis
 from vmfork.records import VMRecord
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
+
+log = logging.getLogger("vmfork.guest.identity")
 
 
 def clock_command(now: float | None = None) -> str:
@@ -137,17 +141,35 @@ async def make_unique(store: Store, rec: VMRecord, timeouts: Timeouts = DEFAULT,
         await thaw(store, rec, timeouts)
     cmd = " && ".join([clock_command(), identity_command(
         hostname=rec.name, mac=mac, new_machine_id=True, old_mac=old_mac)])
-    try:
-        r = await vm.guest_exec(store, rec, cmd, timeouts.exec, timeouts)
-    except VmforkTimeout as exc:
-        where = await diagnosis.diagnose(store, rec, timeouts)
-        raise GuestError(f"{rec.name}: giving the clone its identity did not finish: timed "
-                         f"out after {exc.seconds:g} s waiting for {exc.phase}{where}") from exc
+    # A guest slow to answer on a loaded host (many clones starting on few
+    # cores) gets a second try; the command can run twice (the MAC is found
+    # again on the only NIC).
+    for attempt in (1, 2):
+        try:
+            r = await vm.guest_exec(store, rec, cmd, timeouts.exec, timeouts)
+            break
+        except VmforkTimeout as exc:
+            if attempt == 1:
+                log.warning("%s: giving the clone its identity timed out after %g s (%s); "
+                            "trying once more", rec.name, exc.seconds, host_load())
+                continue
+            where = await diagnosis.diagnose(store, rec, timeouts)
+            raise GuestError(f"{rec.name}: giving the clone its identity did not finish: timed "
+                             f"out twice after {exc.seconds:g} s waiting for {exc.phase}, "
+                             f"{host_load()}{where}") from exc
     if r.exit_code != 0:
         raise GuestError(f"{rec.name}: giving the clone its identity failed "
                          f"(status {r.exit_code}): {_one_line(r.stderr or r.stdout)}")
     done.update(hostname="set", machine_id="set", clock="set", mac="set" if mac else "no NIC")
     return time.monotonic() - t0, done
+
+
+def host_load() -> str:
+    """The host's load, for a message about a guest that was slow to answer."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    busy = "under load" if load > cores else "not overloaded"
+    return f"the host {busy}: load average {load:.1f} on {cores} cores"
 
 
 def skipped(done: dict[str, str]) -> str:

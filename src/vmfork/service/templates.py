@@ -13,8 +13,10 @@ async API (:class:`~vmfork.api.aio.AsyncHost`,
 * ``DELETE /v1/templates/{name}?force=true``: remove it (``force`` stops its
   clones and pool members first);
 * ``POST /v1/templates/{name}/clones`` ``{"count"?, "names"?, "on_clone"?,
-  "use_pool"?}``: 201 with ``{"template", "clones": [CloneResult...]}``
-  once every clone runs with its own identity (and its hook has run);
+  "use_pool"?, "all_or_nothing"?}``: 201 with ``{"template", "clones":
+  [CloneResult...]}`` once every clone runs with its own identity (and its
+  hook has run); if some failed, the error ``partial`` (500) names them and
+  the others run (unless ``all_or_nothing``);
   without names, concurrent requests get different ``TEMPLATE-k``
   (:class:`CloneNames`); ``GET`` of the same lists the clones' statuses;
 * ``GET /v1/templates/{name}/pool``, ``PUT`` ``{"size", "warm"?}``: the
@@ -37,9 +39,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmfork.api.aio import AsyncTemplate
-from vmfork.errors import InvalidInput, NotFound, VmforkError
+from vmfork.errors import InvalidInput, NotFound, PartialClone, VmforkError
 from vmfork.names import check_name
-from vmfork.results import PoolStatus
+from vmfork.results import CloneResult, PoolStatus
 from vmfork.service import events, pools
 from vmfork.service.metrics import clone_source, metrics_of
 from vmfork.service.state import ServiceState, state_of
@@ -72,6 +74,9 @@ class CloneRequest(Body):
     on_clone: str | None = Field(None, max_length=65536,
                                  description="replaces the template's hook ('' runs none)")
     use_pool: bool = True
+    all_or_nothing: bool = Field(False, description="one clone failing removes them all; "
+                                 "else the others run on and the answer is an error "
+                                 "'partial' naming the failures")
 
 
 class PoolRequest(Body):
@@ -222,19 +227,29 @@ async def clone_template(request: Request, name: str, body: CloneRequest) -> dic
             # bounds the QEMU starts within a batch itself).
             async with state.starts.slot(f"clone {tpl.name}"):
                 clones = await tpl.clone(count, names=names, use_pool=body.use_pool,
-                                         on_clone=body.on_clone)
-    except VmforkError:
+                                         on_clone=body.on_clone,
+                                         all_or_nothing=body.all_or_nothing)
+    except VmforkError as exc:
         metrics.observe_operation("clone", "failed", time.monotonic() - t0)
+        if isinstance(exc, PartialClone):  # the clones that run are reported as such
+            _started(state, tpl.name, exc.clones, warm)
         raise
     metrics.observe_operation("clone", "done", time.monotonic() - t0)
     results = [c.result for c in clones]
-    if any(r.pooled for r in results):
-        pools.keepers_of(state).wake(tpl.name)
-    for r in results:
-        metrics.observe_clone(tpl.name, r, warm)
-        events.publish(state, "cloned", vm=r.name, template=tpl.name,
-                       source=clone_source(r, warm), seconds=round(r.responsive, 4))
+    _started(state, tpl.name, results, warm)
     return {"template": tpl.name, "clones": [r.to_dict() for r in results]}
+
+
+def _started(state: ServiceState, template: str, results: list[CloneResult],
+             warm: bool) -> None:
+    """Metrics and events of clones that run."""
+    metrics = metrics_of(state)
+    if any(r.pooled for r in results):
+        pools.keepers_of(state).wake(template)
+    for r in results:
+        metrics.observe_clone(template, r, warm)
+        events.publish(state, "cloned", vm=r.name, template=template,
+                       source=clone_source(r, warm), seconds=round(r.responsive, 4))
 
 
 @router.get("/{name}/pool")

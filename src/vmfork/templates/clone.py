@@ -11,13 +11,17 @@ memory not owned). Taking a pool member does not refill the pool
 (:func:`vmfork.templates.pool.keep` does).
 
 One call starts at most :data:`MAX_CLONES` clones, :data:`MAX_STARTING` of
-them at a time; each is admitted first (:func:`vmfork.admission.check_clone`).
+them at a time by default; each is admitted first
+(:func:`vmfork.admission.check_clone`). A clone that fails is undone and the
+others run on (:class:`vmfork.errors.PartialClone` reports both), unless the
+call asks for all or nothing.
 A clone gets each of its template's port forwards on a free host port of its
 own (:mod:`vmfork.ports`), reported in its :class:`CloneResult` and status.
 
 Hooks: a shell command (``on_clone``) run in each clone after its identity,
 before :func:`clone` returns; a template keeps a default one, a call may
-replace it. A clone whose hook fails is removed, with the others of its call.
+replace it. A clone whose hook fails is removed (with the others of its call
+if it asked for all or nothing).
 
 The template's first clone records the template's working set from its start
 until it answers, before its hook (:mod:`vmfork.lazy.working_set`).
@@ -34,7 +38,15 @@ import time
 from collections.abc import Callable
 
 from vmfork import admission, checkpoints, ports, vm
-from vmfork.errors import AlreadyExists, GuestError, InvalidInput, LaunchError, VmforkTimeout
+from vmfork.errors import (
+    AlreadyExists,
+    GuestError,
+    InvalidInput,
+    LaunchError,
+    PartialClone,
+    VmforkError,
+    VmforkTimeout,
+)
 from vmfork.guest import identity
 from vmfork.launch import Launch, NewVM, undo_all_abandoned
 from vmfork.lazy import lifecycle, working_set
@@ -66,6 +78,14 @@ MAX_CLONES = 64
 MAX_STARTING = 4
 
 
+def check_starting(n: int) -> int:
+    """*n* if it is a valid number of clones started at once, else InvalidInput."""
+    if not 1 <= n <= MAX_CLONES:
+        raise InvalidInput(f"invalid number of clones started at once {n}: must be "
+                           f"1-{MAX_CLONES}")
+    return n
+
+
 def check_count(count: int) -> int:
     """*count* if it is a valid number of clones for one call, else InvalidInput."""
     if not 1 <= count <= MAX_CLONES:
@@ -88,13 +108,18 @@ def next_clone_names(store: Store, template: str, count: int) -> list[str]:
 async def clone(store: Store, template: str, names: list[str] | None = None,
                 count: int = 1, use_pool: bool = True, set_identity: bool = True,
                 timeouts: Timeouts = DEFAULT,
-                on_clone: str | None = None) -> list[CloneResult]:
+                on_clone: str | None = None, *, all_or_nothing: bool = False,
+                max_starting: int = MAX_STARTING) -> list[CloneResult]:
     """Start clones of *template*; return when all of them run (and their
     hook has run). *on_clone* replaces the template's default hook for this
     call ("" runs none). With *use_pool* a clone takes a pool member if one
-    is ready (the pool is not refilled). If one clone fails, all of this call
-    are removed. Launches that a killed vmfork abandoned are undone first
-    (:func:`vmfork.launch.undo_abandoned`): their names are free again."""
+    is ready (the pool is not refilled). At most *max_starting* are being
+    started at once. A clone that fails is undone; the others run on, and
+    :class:`PartialClone` names them and the failures — or, if every clone
+    failed, the first failure is raised. With *all_or_nothing* one failure
+    removes every clone of the call. Launches that a killed vmfork abandoned
+    are undone first (:func:`vmfork.launch.undo_abandoned`): their names are
+    free again."""
     manifest = store.get_template(check_name(template, "template"))
     await undo_all_abandoned(store, timeouts)
     check_count(count if names is None else len(names))
@@ -106,23 +131,56 @@ async def clone(store: Store, template: str, names: list[str] | None = None,
             raise AlreadyExists(f"a VM named {n!r} exists already")
     if len(set(names)) != len(names):
         raise InvalidInput("clone names must differ")
+    check_starting(max_starting)
     # A pulled template's memory server stays mounted until every clone of
     # this call has its memory file open.
     with lifecycle.memory_held(store, template_dir(store, template), manifest,
                                timeouts.stop) as manifest:
         check(manifest, timeouts=timeouts, cache_dir=store.cache_dir)
         hook = manifest.on_clone if on_clone is None else on_clone
-        starting = asyncio.Semaphore(MAX_STARTING)
+        starting = asyncio.Semaphore(max_starting)
         tasks = [asyncio.ensure_future(_clone_one(store, manifest, n, use_pool, set_identity,
                                                   timeouts, hook or None, starting))
                  for n in names]
         try:
-            return list(await asyncio.gather(*tasks))
+            if all_or_nothing:
+                return list(await asyncio.gather(*tasks))
+            await asyncio.wait(tasks)
+            errors = [t.exception() for t in tasks]
+            bug = next((e for e in errors if e is not None and not isinstance(e, VmforkError)),
+                       None)
+            if bug is not None:  # not an error of a clone: undo them all, raise it
+                raise bug
         except BaseException:
-            # One failed (or the call was cancelled): undo the whole batch, to
-            # its end even if this call is cancelled (again) meanwhile.
+            # One failed with all or nothing, or the call was cancelled: undo
+            # the whole batch, to its end even if this call is cancelled
+            # (again) meanwhile.
             await run_to_end(_undo_batch(store, tasks))
             raise
+    return _outcome(names, tasks)
+
+
+def _outcome(names: list[str], tasks: list[asyncio.Task[CloneResult]]
+             ) -> list[CloneResult]:
+    """The clones of a call that does not ask for all or nothing, each task
+    done: their results, or PartialClone (the first error if none runs). Each
+    clone that failed has undone its own launch."""
+    done: list[CloneResult] = []
+    failed: list[tuple[str, VmforkError]] = []
+    for name, t in zip(names, tasks, strict=True):
+        exc = t.exception()
+        if exc is None:
+            done.append(t.result())
+        else:
+            assert isinstance(exc, VmforkError)
+            failed.append((name, exc))
+    if not failed:
+        return done
+    for name, exc in failed:
+        log.info("%s: not started: %s", name, exc)
+    if not done:
+        raise failed[0][1]
+    raise PartialClone(done, failed, len(names))
 
 
 async def _undo_batch(store: Store, tasks: list[asyncio.Task[CloneResult]]) -> None:
