@@ -12,7 +12,9 @@ import pytest
 import zstandard
 
 from vmfork.lazy import pack
-from vmfork.lazy.published import MEMORY, MEMORY_PACK, PublishedMemory, chunk_sha256s
+from vmfork.lazy.published import MEMORY, MEMORY_PACK, PublishedMemory
+
+from .chunk_sums import chunk_sha256s
 
 CS = 64 << 10
 

@@ -34,7 +34,6 @@ from vmfork.lazy.published import (
     MEMORY_PACK,
     STATE,
     Published,
-    chunk_sha256s,
     disk_file,
 )
 from vmfork.records import TemplateManifest
@@ -42,6 +41,7 @@ from vmfork.service.template_files import RateLimit, parse_range, parse_rate
 from vmfork.templates import catalog, clone, create
 from vmfork.templates.manifest import template_dir
 
+from .chunk_sums import chunk_sha256s
 from .conftest import VMFORK, Env, module_env, run
 from .daemon import start_daemon, stop_daemon
 

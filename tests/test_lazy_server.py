@@ -47,11 +47,12 @@ from vmfork.lazy.lifecycle import (
     read_status,
 )
 from vmfork.lazy.mountlock import exit_lock
-from vmfork.lazy.published import CHUNK_SIZE, MEMORY, Published, PublishedFile, chunk_sha256s
+from vmfork.lazy.published import CHUNK_SIZE, MEMORY, Published, PublishedFile
 from vmfork.records import TemplateManifest, TemplateSave
 from vmfork.results import MigrationStats
 from vmfork.spec import MemorySpec, VMSpec
 
+from .chunk_sums import chunk_sha256s
 from .conftest import Env
 
 CS = CHUNK_SIZE

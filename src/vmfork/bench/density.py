@@ -270,7 +270,8 @@ async def run(store: Store, p: DensityBench, timeouts: Timeouts = DEFAULT) -> di
                 break
             start_s = time.monotonic() - t0
             names.extend(batch)
-            pids = [r.pid for r in store.list_vms() if r.name in set(names) and r.pid]
+            running = set(names)
+            pids = [r.pid for r in store.list_vms() if r.name in running and r.pid]
             settled = await settle(pids, p.settle_s)
             cpu = await idle_cpu(pids, p.cpu_window_s)
             mem = memory_per_clone(pids)

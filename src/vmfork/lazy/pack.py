@@ -80,6 +80,15 @@ def offsets(packed: Sequence[int]) -> tuple[int, ...]:
     return (0, *itertools.accumulate(packed))
 
 
+def source(mem: PublishedMemory) -> tuple[str, tuple[int, ...]]:
+    """The file of the layout *mem*'s chunks are fetched from (the pack if
+    the manifest has one, else the raw memory) and, for the pack, where each
+    chunk's frame starts (:func:`offsets`)."""
+    if mem.packed:
+        return MEMORY_PACK, offsets(mem.packed)
+    return MEMORY, ()
+
+
 def unpack(frame: bytes, length: int) -> bytes:
     """The chunk of *length* bytes in *frame*; b"" if the frame is not
     exactly one frame declaring that size (the caller's sha256 check then
@@ -98,7 +107,8 @@ def fetch_run(src: RangeSource, mem: PublishedMemory, first: int, count: int,
               deadline: float, starts: Sequence[int] = ()) -> tuple[list[bytes], int]:
     """Chunks *first* .. *first* + *count* - 1 of *mem* from *src*, in one
     range request: through the pack if *mem* has one (*starts*: its
-    :func:`offsets`, computed here if not given), else from the raw memory.
+    :func:`offsets`, as :func:`source` gives them; computed here if not
+    given), else from the raw memory.
     Returns each chunk's bytes, not yet checked against its sha256 (zero
     chunks in the run are zeros), and the bytes received. SourceError as
     :meth:`Source.get_range`."""
@@ -123,4 +133,4 @@ def fetch_run(src: RangeSource, mem: PublishedMemory, first: int, count: int,
     return out, len(data)
 
 
-__all__ = ["LEVEL", "RangeSource", "build", "fetch_run", "offsets", "unpack"]
+__all__ = ["LEVEL", "RangeSource", "build", "fetch_run", "offsets", "source", "unpack"]

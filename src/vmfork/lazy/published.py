@@ -27,11 +27,9 @@ them first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmfork.errors import TemplateError
@@ -209,23 +207,6 @@ def _file(value: Any) -> str:
     raise ValueError(f"bad file name {s[:80]!r}")
 
 
-def chunk_sha256s(path: Path, chunk_size: int = CHUNK_SIZE) -> tuple[str | None, ...]:
-    """sha256 of each chunk of memory file *path* (None: all zeros; holes
-    are skipped without reading)."""
-    size = path.stat().st_size
-    out: list[str | None] = [None] * -(-size // chunk_size)
-    zero = bytes(chunk_size)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for i in data_chunks(fd, size, chunk_size):
-            data = os.pread(fd, chunk_size, i * chunk_size)
-            if data != zero[:len(data)]:
-                out[i] = hashlib.sha256(data).hexdigest()
-    finally:
-        os.close(fd)
-    return tuple(out)
-
-
 def data_chunks(fd: int, size: int, chunk_size: int) -> list[int]:
     """Indexes of the chunks of the *size* bytes of file *fd* that hold data
     (not only holes), in order."""
@@ -244,5 +225,5 @@ def data_chunks(fd: int, size: int, chunk_size: int) -> list[int]:
 
 
 __all__ = ["CHUNK_SIZE", "INITRD", "KERNEL", "MANIFEST", "MEMORY", "MEMORY_PACK", "STATE",
-           "VERSION", "Published", "PublishedFile", "PublishedMemory", "chunk_sha256s",
-           "data_chunks", "disk_file"]
+           "VERSION", "Published", "PublishedFile", "PublishedMemory", "data_chunks",
+           "disk_file"]

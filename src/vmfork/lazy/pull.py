@@ -68,8 +68,6 @@ from vmfork.lazy.published import (
     KERNEL,
     MANIFEST,
     MAX_MANIFEST,
-    MEMORY,
-    MEMORY_PACK,
     STATE,
     Published,
     disk_file,
@@ -397,8 +395,7 @@ def _fetch_memory(src: Source, published: Published, path: Path) -> int:
     fetched = 0
     lock = threading.Lock()
 
-    starts = pack.offsets(published.packed) if published.packed else ()
-    source = MEMORY_PACK if published.packed else MEMORY
+    source, starts = pack.source(mem)
 
     def fetch(first: int, count: int) -> None:
         nonlocal fetched

@@ -115,7 +115,7 @@ from vmfork.files import write_atomic
 from vmfork.lazy import pack
 from vmfork.lazy.mountlock import open_lock
 from vmfork.lazy.page_cache import PageCache
-from vmfork.lazy.published import MEMORY, MEMORY_PACK, PublishedMemory
+from vmfork.lazy.published import MEMORY, PublishedMemory
 from vmfork.lazy.source import Source, SourceError
 from vmfork.lazy.status import (
     BITMAP_FILE,
@@ -236,8 +236,7 @@ class LazyMemory:
         self._zero = bytes(1 if c is None else 0 for c in published.chunks)
         #: Where chunks are fetched from: the pack (see :mod:`vmfork.lazy.pack`)
         #: if the manifest has one, and where each chunk starts in it.
-        self._file = MEMORY_PACK if published.packed else MEMORY
-        self._starts = pack.offsets(published.packed) if published.packed else ()
+        self._file, self._starts = pack.source(published)
         self._have = bytearray(n)
         #: Chunks whose pages the kernel may hold unfilled (a refused
         #: readahead): pushed into its page cache once local.
