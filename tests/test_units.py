@@ -532,6 +532,40 @@ def test_agent_asks_again_for_output_lost_in_transit(tmp_path: Path) -> None:
     assert (r.exit_code, r.stdout, r.stderr) == (0, "x" * 1000, "e")
 
 
+def test_agent_acknowledges_each_segment_of_a_paced_answer(tmp_path: Path) -> None:
+    """The agent sends a long answer a segment at a time and waits after each
+    (``NONCE MORE``) for ``NONCE !more``; the host sends it once it has read
+    the segment, and the segments make one answer."""
+    sock = str(tmp_path / "agent.sock")
+    out = bytes(range(256)) * 500
+    text = base64.encodebytes(out)
+    cut = text.index(b"\n", len(text) // 2) + 1
+    heard: list[bytes] = []
+
+    async def main() -> ExecResult:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonce = (await reader.readline()).split()[0]
+            writer.write(nonce + b" BEGIN\n")
+            for part in (text[:cut], text[cut:]):
+                writer.write(part + nonce + b" MORE\n")
+                await writer.drain()
+                heard.append(await asyncio.wait_for(reader.readline(), 5))
+            writer.write(b"%s ERR\n%s END 0 %d 0\n" % (nonce, nonce, len(out)))
+            await writer.drain()
+            heard.append(await reader.readline())
+            writer.close()
+
+        server = await asyncio.start_unix_server(serve, sock)
+        async with server:
+            agent = SerialAgent(sock, tmp_path / "agent.lock", name="g")
+            return await agent.exec("cat big", timeout=5)
+
+    r = asyncio.run(main())
+    assert r.stdout.encode(errors="surrogateescape") == out
+    nonce = heard[0].split()[0]
+    assert heard == [nonce + b" !more\n", nonce + b" !more\n", b""]
+
+
 def test_agent_garbled_status(tmp_path: Path) -> None:
     with pytest.raises(errors.GuestError, match="garbled"):
         fake_agent_exec(tmp_path, lambda n: n + b" BEGIN\n" + n + b" END x\n")

@@ -9,12 +9,16 @@ request is ``NONCE BASE64(CMD)\\n``; the answer is::
     base64 of its stderr (none if it wrote nothing there)
     NONCE END STATUS OUTSIZE ERRSIZE
 
-OUTSIZE and ERRSIZE count the bytes of stdout and stderr, so the host can
-tell an answer that lost bytes on the way: QEMU's virtconsole drops data when
-its socket is full. Such an answer is asked for again (``NONCE !resend``,
-with a new nonce; the command is not run again) up to :data:`RESENDS` times.
-Lines that carry another nonce (answers to requests given up on earlier) are
-skipped.
+QEMU's virtconsole drops data when its socket is full (it cannot make the
+guest wait), so the agent paces a long answer: after each segment of base64
+(44 KB, less than a socket's buffer) but the last it writes ``NONCE MORE``
+and waits for ``NONCE !more``, which the host sends once it has read the
+segment. OUTSIZE and ERRSIZE count the bytes of stdout and stderr, so the
+host can still tell an answer that lost bytes on the way (an agent from
+before the pacing, in the RAM of a saved template, does not pace). Such an
+answer is asked for again (``NONCE !resend``, with a new nonce; the command
+is not run again) up to :data:`RESENDS` times. Lines that carry another
+nonce (answers to requests given up on earlier) are skipped.
 
 An agent from before stderr had its own section may still run in the RAM of
 a saved template. Its answer has no ERR section and ends ``NONCE END STATUS
@@ -101,6 +105,9 @@ class AnswerReader:
         self._err = bytearray()
         #: Where base64 lines go: None outside our answer.
         self._section: bytearray | None = None
+        #: The agent waits for ``NONCE !more`` before it sends on (set by
+        #: :meth:`feed` at a MORE marker; the caller answers and clears it).
+        self.wants_more = False
 
     def feed(self, line: bytes) -> Answer | None:
         """Take one line; raises :class:`TooMuchOutput` as soon as the
@@ -122,6 +129,8 @@ class AnswerReader:
             self._section = self._out
         elif marker == b"ERR":
             self._section = self._err
+        elif marker == b"MORE":
+            self.wants_more = True
         elif marker.startswith(b"END "):
             # Also without BEGIN or ERR (lost in transit): the sizes tell
             # whether anything of the output went missing with them.
@@ -197,7 +206,7 @@ class SerialAgent:
                 for attempt in range(RESENDS + 1):
                     try:
                         answer = await deadline(
-                            self._answer(reader, nonce), timeout,
+                            self._answer(reader, writer, nonce), timeout,
                             f"guest command on {self.name}", command[:60])
                         break
                     except CutShort:
@@ -216,7 +225,8 @@ class SerialAgent:
         return ExecResult.from_bytes(answer.exit_code, answer.stdout, answer.stderr,
                                      time.monotonic() - t0)
 
-    async def _answer(self, reader: asyncio.StreamReader, nonce: bytes) -> Answer:
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      nonce: bytes) -> Answer:
         parser = AnswerReader(nonce, self.name)
         while True:
             try:
@@ -232,3 +242,7 @@ class SerialAgent:
             answer = parser.feed(line)
             if answer is not None:
                 return answer
+            if parser.wants_more:  # what came before is read: the socket has room
+                parser.wants_more = False
+                writer.write(nonce + b" !more\n")
+                await writer.drain()
