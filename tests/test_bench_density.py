@@ -31,6 +31,7 @@ def test_percentile_is_the_nearest_rank() -> None:
     ({"exec_samples": 0}, "--exec-samples"),
     ({"settle_s": float("nan")}, "--settle"),
     ({"cpu_window_s": -1.0}, "--cpu-window"),
+    ({"idle_pause_s": 0.2}, "idle pause"),
 ])
 def test_bench_density_refuses_bad_parameters(params: dict[str, float], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
@@ -46,6 +47,12 @@ def test_targets_count_the_steps_within_a_second() -> None:
     bad = targets({"steps": [step(100, 300), step(200, 1100), step(225, 900, 45.0)]})
     assert not bad[0]["ok"] and bad[0]["measured"] == "100 clones" and not bad[1]["ok"]
     assert not targets({"steps": []})[0]["ok"]
+    # With idle pause: twice the clones, within 0.3 s including the resume.
+    idle = targets({"idle_pause_s": 10, "steps": [step(200, 250), step(400, 290),
+                                                  step(425, 310)]})
+    assert idle[0]["target"] == (">= 400 clones with exec p99 <= 0.3 s and no failed clone "
+                                 "(idle pause 10 s)")
+    assert idle[0]["ok"] and idle[0]["measured"] == "400 clones"
 
 
 def test_memory_of_processes_gone_is_zero() -> None:
@@ -83,6 +90,21 @@ def test_bench_density_small_ramp(env: Env) -> None:
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(env.cli("ls", "--json", check=True).stdout) == []
     assert json.loads(env.cli("template", "ls", "--json", check=True).stdout) == []
+
+
+@pytest.mark.qemu
+def test_bench_density_with_idle_pause(env: Env) -> None:
+    """Each step waits until its clones are paused for idling; the exec
+    samples wake them (and the clones end up awake or paused, both fine)."""
+    p = env.cli("bench", "density", "--max", "2", "--step", "2", "--data", "0",
+                "--settle", "1", "--cpu-window", "2", "--exec-samples", "2",
+                "--idle-pause", "1", "--accel", "tcg", "--json", check=True, timeout=900)
+    r = json.loads(p.stdout)
+    assert r["idle_pause_s"] == 1.0 and r["held"] == 2 and r["failure"] is None
+    (s,) = r["steps"]
+    assert s["exec_samples"] == 2 and 0 < s["exec_p50_ms"] <= s["exec_p99_ms"], s
+    assert r["targets"][0]["target"].endswith("(idle pause 1 s)")
+    assert json.loads(env.cli("ls", "--json", check=True).stdout) == []
 
 
 def test_bench_density_bad_input_is_one_line(env: Env) -> None:

@@ -39,6 +39,7 @@ import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 
+from vmfork import idle
 from vmfork.agents import choose_agent, guest_exec
 from vmfork.errors import GuestError, StateError, VmforkError, VmforkTimeout
 from vmfork.records import VMRecord
@@ -120,16 +121,17 @@ class ExecStream:
         await self.close()
 
     async def _run(self, command: str) -> ExecResult:
-        assert self._rec is not None
-        return await guest_exec(self.store, self._rec, command, self.timeouts.exec,
-                                self.timeouts, self.agent)
+        # Each poll is a use: it wakes a VM paused for idling in between.
+        async with idle.in_use(self.store, self.name, self.timeouts) as rec:
+            return await guest_exec(self.store, rec, command, self.timeouts.exec,
+                                    self.timeouts, self.agent)
 
     async def start(self) -> None:
         """Start the command in the guest."""
         if self._rec is not None:
             raise StateError(f"{self.name}: this stream has started already")
         rec = get_live(self.store, self.name)
-        if rec.state == "paused":
+        if rec.state == "paused" and rec.info.idle_since is None:
             raise StateError(f"{self.name} is paused; resume it first")
         self.agent = await choose_agent(self.store, rec, self.agent, self.timeouts)
         self._rec = rec

@@ -41,8 +41,10 @@ import posixpath
 import secrets
 import shlex
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+from vmfork import idle
 from vmfork.agents import agent_for, choose_agent, qga_for
 from vmfork.errors import GuestError, InvalidInput, NotFound, StateError, TooLarge, VmforkError
 from vmfork.guest.limits import MAX_ANSWER, TooMuchOutput, size_text
@@ -53,7 +55,6 @@ from vmfork.results import ExecResult, FileResult
 from vmfork.store import Store
 from vmfork.tasks import run_to_end
 from vmfork.timeouts import DEFAULT, Timeouts
-from vmfork.vm import get_live
 
 log = logging.getLogger("vmfork.files")
 
@@ -105,11 +106,14 @@ def _too_large(name: str, path: str, size: int | None = None) -> TooLarge:
                     f"{size_text(MAX_FILE)})")
 
 
-def _live(store: Store, name: str) -> VMRecord:
-    rec = get_live(store, name)
-    if rec.state == "paused":
-        raise StateError(f"{name} is paused; resume it first")
-    return rec
+@contextlib.asynccontextmanager
+async def _in_use(store: Store, name: str, timeouts: Timeouts) -> AsyncIterator[VMRecord]:
+    """The live VM *name* in use (:func:`vmfork.idle.in_use`: woken if it
+    was paused for idling); StateError if the user paused it."""
+    async with idle.in_use(store, name, timeouts) as rec:
+        if rec.state == "paused":
+            raise StateError(f"{name} is paused; resume it first")
+        yield rec
 
 
 def _script(script: str, *args: str | int) -> str:
@@ -141,13 +145,13 @@ async def read_file(store: Store, name: str, path: str, *, timeouts: Timeouts = 
     """The bytes of the regular file *path* in the guest of the running VM
     *name* (at most :data:`MAX_FILE`)."""
     path = check_guest_path(path)
-    rec = _live(store, name)
     t0 = time.monotonic()
-    if await choose_agent(store, rec, agent, timeouts) == "qga":
-        async with qga_for(store, rec, timeouts) as g:
-            data = await _qga_read(g, name, path, timeouts)
-    else:
-        data = await _serial_read(agent_for(store, rec, timeouts), name, path, timeouts)
+    async with _in_use(store, name, timeouts) as rec:
+        if await choose_agent(store, rec, agent, timeouts) == "qga":
+            async with qga_for(store, rec, timeouts) as g:
+                data = await _qga_read(g, name, path, timeouts)
+        else:
+            data = await _serial_read(agent_for(store, rec, timeouts), name, path, timeouts)
     log.info("%s: read %s (%d bytes) in %.2f s", name, path, len(data), time.monotonic() - t0)
     return data
 
@@ -233,16 +237,16 @@ async def write_file(store: Store, name: str, path: str, data: bytes, *, mode: i
         raise InvalidInput(f"invalid file mode {mode!r}: 0 to 0o7777")
     if len(data) > MAX_FILE:
         raise _too_large(name, path, len(data))
-    rec = _live(store, name)
     t0 = time.monotonic()
-    used = await choose_agent(store, rec, agent, timeouts)
-    tmp = _temp_path(path)
-    if used == "qga":
-        async with qga_for(store, rec, timeouts) as g:
-            await _qga_write(g, name, path, tmp, bytes(data), mode, timeouts)
-    else:
-        await _serial_write(agent_for(store, rec, timeouts), name, path, tmp, bytes(data), mode,
-                            timeouts)
+    async with _in_use(store, name, timeouts) as rec:
+        used = await choose_agent(store, rec, agent, timeouts)
+        tmp = _temp_path(path)
+        if used == "qga":
+            async with qga_for(store, rec, timeouts) as g:
+                await _qga_write(g, name, path, tmp, bytes(data), mode, timeouts)
+        else:
+            await _serial_write(agent_for(store, rec, timeouts), name, path, tmp, bytes(data),
+                                mode, timeouts)
     seconds = time.monotonic() - t0
     log.info("%s: wrote %s (%d bytes) in %.2f s", name, path, len(data), seconds)
     return FileResult(name, path, len(data), seconds, used)

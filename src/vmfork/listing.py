@@ -59,7 +59,9 @@ def describe(rec: VMRecord) -> VMStatus:
                     ports=spec.net.ports if spec.net else (), ready=spec.ready,
                     agent=rec.info.agent,
                     os=(rec.info.guest_os or {}).get("pretty-name"),
-                    cause=death_cause(rec) if state == "dead" else None)
+                    cause=death_cause(rec) if state == "dead" else None,
+                    idle_pause=rec.info.idle_pause,
+                    idle=state == "paused" and rec.info.idle_since is not None)
 
 
 def death_cause(rec: VMRecord) -> str | None:

@@ -1,9 +1,10 @@
-"""Exclusive file locks with a deadline.
+"""File locks with a deadline.
 
 Owns the one way vmfork waits for another vmfork process: ``flock`` on a
 lock file, retried without blocking until a deadline, so a wedged holder
 turns into a clear error instead of a hang. Used for the per-VM catalog
-lock and for the guest agent channels (one client at a time).
+lock and for the guest agent channels (one client at a time), exclusive;
+shared for a VM's use (:mod:`vmfork.idle`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ def _open(path: Path) -> IO[str]:
     return open(path, "w", opener=opener)
 
 
-def _try(f: IO[str], end: float, busy: str) -> bool:
+def _try(f: IO[str], end: float, busy: str, shared: bool = False) -> bool:
     """One attempt: True if *f* is now locked; False to retry; StateError
     (and *f* closed) once the deadline *end* has passed."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         if time.monotonic() < end:
@@ -42,22 +43,24 @@ def _try(f: IO[str], end: float, busy: str) -> bool:
         raise
 
 
-def acquire(path: Path, timeout: float | None, busy: str) -> IO[str]:
-    """Open *path* and lock it exclusively; return the open file (closing it
-    releases the lock). Waits up to *timeout* seconds (0: not at all); then
-    raises :class:`StateError` with the message *busy*."""
+def acquire(path: Path, timeout: float | None, busy: str, shared: bool = False) -> IO[str]:
+    """Open *path* and lock it exclusively (*shared*: shared with other
+    shared holders); return the open file (closing it releases the lock).
+    Waits up to *timeout* seconds (0: not at all); then raises
+    :class:`StateError` with the message *busy*."""
     f, end = _open(path), time.monotonic() + (timeout or 0.0)
-    while not _try(f, end, busy):
+    while not _try(f, end, busy, shared):
         time.sleep(RETRY)
     return f
 
 
-async def acquire_async(path: Path, timeout: float | None, busy: str) -> IO[str]:
+async def acquire_async(path: Path, timeout: float | None, busy: str,
+                        shared: bool = False) -> IO[str]:
     """:func:`acquire` without blocking the event loop while waiting."""
     import asyncio  # here: the synchronous callers (listing VMs) need no event loop
 
     f, end = _open(path), time.monotonic() + (timeout or 0.0)
-    while not _try(f, end, busy):
+    while not _try(f, end, busy, shared):
         await asyncio.sleep(RETRY)
     return f
 

@@ -217,12 +217,16 @@ class VMInfo:
     launcher: Launcher | None = None
     #: Set while a fork of the VM is in flight.
     fork: ForkWork | None = None
+    #: Seconds without use after which vmfork pauses the VM (None: never),
+    #: and when it did (None: not paused for idling) (:mod:`vmfork.idle`).
+    idle_pause: float | None = None
+    idle_since: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"owns_memory": self.owns_memory, "gen": self.gen,
                              "updates": self.updates}
         for k in ("boot_seconds", "guest", "restored_at", "imported_from", "agent",
-                  "guest_os"):
+                  "guest_os", "idle_pause", "idle_since"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         for k in ("update", "retire", "saved", "launcher", "fork"):

@@ -171,6 +171,10 @@ class VMStatus(Result):
     #: Why a ``dead`` VM died, when vmfork knows (its memory could not be
     #: fetched from a pulled template's source).
     cause: str | None = None
+    #: Seconds without use after which vmfork pauses the VM (None: never),
+    #: and whether it is paused for that now (:mod:`vmfork.idle`).
+    idle_pause: float | None = None
+    idle: bool = False
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ _ADDED_COLUMNS = (("pool_members", "warm", "INTEGER NOT NULL DEFAULT 0"),
                   ("pool_members", "ready", "INTEGER NOT NULL DEFAULT 1"),
                   ("pool_targets", "warm", "INTEGER NOT NULL DEFAULT 0"),
                   ("templates", "state", "TEXT NOT NULL DEFAULT 'ready'"),
-                  ("templates", "work", "TEXT"))
+                  ("templates", "work", "TEXT"),
+                  ("templates", "idle_pause", "REAL"))
 
 
 
@@ -442,6 +443,20 @@ class Store:
         with self._transaction():
             self._db.execute("DELETE FROM templates WHERE name=?", (name,))
             self._db.execute("DELETE FROM pool_targets WHERE template=?", (name,))
+
+    def template_idle_pause(self, name: str) -> float | None:
+        """The idle policy of template *name*'s clones (:mod:`vmfork.idle`)."""
+        row = self._db.execute("SELECT idle_pause FROM templates WHERE name=?",
+                               (name,)).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def set_template_idle_pause(self, name: str, seconds: float | None) -> None:
+        """Set it (None: its clones never pause for idling); NotFound if no
+        template is called *name*."""
+        cur = self._db.execute("UPDATE templates SET idle_pause=? WHERE name=? AND state='ready'",
+                               (seconds, name))
+        if cur.rowcount != 1:
+            raise NotFound(f"no VM or template named {name!r}")
 
     # -- warm pool ----------------------------------------------------------
     def add_pool_member(self, m: PoolMember) -> None:

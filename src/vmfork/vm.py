@@ -48,7 +48,7 @@ from vmfork.records import VMInfo, VMRecord
 from vmfork.results import ExecResult, VMStatus
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, Readiness, VMSpec, new_mac, parse_ready
 from vmfork.store import Store
-from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
 
 log = logging.getLogger("vmfork.vm")
 
@@ -87,10 +87,29 @@ class RunOptions:
     overlay: bool = True
     #: Kept for callers of older versions: every VM has the qemu-guest-agent port.
     qga: bool = True
+    #: Seconds without use after which vmfork pauses the VM (None: never;
+    #: :mod:`vmfork.idle`).
+    idle_pause: float | None = None
 
 
 
 
+
+
+#: Fewest seconds an idle policy may say (the watcher looks every second or two).
+MIN_IDLE = 1.0
+
+
+def check_idle_pause(seconds: object) -> float | None:
+    """*seconds* as an idle policy (None or 0: never pause); InvalidInput if
+    it is not a number of seconds from :data:`MIN_IDLE` on."""
+    if seconds is None or (seconds == 0 and not isinstance(seconds, bool)):
+        return None
+    s = check_seconds(seconds, "idle pause")
+    if s < MIN_IDLE:
+        raise InvalidInput(f"invalid idle pause {s:g}: give at least {MIN_IDLE:g} seconds "
+                           "(0: never)")
+    return s
 
 
 def _existing_file(path: str, what: str) -> str:
@@ -266,8 +285,10 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> V
     their names and memory are free again."""
     await undo_all_abandoned(store, timeouts)
     spec = build_spec(store, opts)
+    idle_pause = check_idle_pause(opts.idle_pause)
     admission.check_new_vm(spec.name, spec.memory_mib, memory_dir(spec))
-    rec = VMRecord(name=spec.name, spec=spec, state="starting", info=VMInfo(owns_memory=True))
+    rec = VMRecord(name=spec.name, spec=spec, state="starting",
+                   info=VMInfo(owns_memory=True, idle_pause=idle_pause))
     t0 = time.monotonic()
     async with Launch(store, NewVM(store, rec), spec, timeouts=timeouts) as launch:
         m = await launch.spawn(fresh_overlays=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import overload
 
-from vmfork import guest_files, listing, vm
+from vmfork import guest_files, idle, listing, vm
 from vmfork.errors import InvalidInput, NotFound
 from vmfork.exec_stream import ExecStream
 from vmfork.fork import base as fork_base
@@ -124,7 +124,8 @@ class AsyncHost:
                   ports: Sequence[tuple[int, int]] = (), persistent: bool = False,
                   memory_dir: str | None = None, memory_backend: str = "file",
                   accel: str = "auto", qemu: str = "qemu-system-x86_64", overlay: bool = True,
-                  qga: bool = True, wait_ready: bool = True, ready: str = "auto") -> AsyncVM:
+                  qga: bool = True, wait_ready: bool = True, ready: str = "auto",
+                  idle_pause: float | None = None) -> AsyncVM:
         """Start VM *name* and return once its guest is ready.
 
         *image* names a guest vmfork builds (``"demo"``, ``"debian"``); or
@@ -133,8 +134,10 @@ class AsyncHost:
         is ``"user"`` or ``"none"`` (True/False say the same); *ready* how to
         know the guest is ready: ``"auto"`` (vmfork's boot marker or an
         answer of qemu-guest-agent), ``"qga"``, ``"console:REGEX"``,
-        ``"tcp:PORT"`` or ``"none"``. The handle's :attr:`~AsyncVM.result` is
-        the VM's status when it was ready."""
+        ``"tcp:PORT"`` or ``"none"``. *idle_pause*: seconds without use after
+        which vmfork pauses the VM, woken by its next use (:mod:`vmfork.idle`;
+        the watcher runs in the daemon or ``vmfork idle --keep``). The
+        handle's :attr:`~AsyncVM.result` is the VM's status when it was ready."""
         if isinstance(net, bool):
             net = "user" if net else "none"
         opts = vm.RunOptions(
@@ -142,9 +145,15 @@ class AsyncHost:
             initrd=initrd, append=append, disks=tuple(disks), net=net, ports=tuple(ports),
             memory_dir=memory_dir, memory_backend=memory_backend, accel=accel, qemu=qemu,
             wait_ready=wait_ready, ready=ready, persistent=persistent, image=image,
-            overlay=overlay, qga=qga)
+            overlay=overlay, qga=qga, idle_pause=idle_pause)
         status = await vm.run(self.store, opts, self.timeouts)
         return AsyncVM(self, name, status)
+
+    async def set_idle_pause(self, name: str, seconds: float | None) -> str:
+        """Give VM or template *name* an idle policy: paused after *seconds*
+        without use (None or 0: never); a template's holds for the clones
+        made from then on. Returns ``"vm"`` or ``"template"``."""
+        return await idle.set_policy(self.store, name, seconds)
 
     async def vm(self, name: str) -> AsyncVM:
         """The VM *name* (NotFound if there is none)."""
@@ -275,6 +284,8 @@ class AsyncVM:
         """The UNIX socket of the VM's serial console (a live VM's); what the
         console printed so far goes to its console.log first."""
         await self._settle()
+        async with idle.in_use(self._store, self.name, self.host.timeouts):
+            pass  # woken, if it was paused for idling
         rec = vm.get_live(self._store, self.name)
         await vm.drain_console(self._store, self.name, self.host.timeouts)
         return paths_for(self._store, rec).console
@@ -290,8 +301,9 @@ class AsyncVM:
         where the VM has its port, else vmfork's serial agent), ``serial``,
         ``qga``."""
         await self._settle()
-        return await vm.exec_(self._store, self.name, command, timeout=timeout,
-                              timeouts=self.host.timeouts, agent=agent)
+        async with idle.in_use(self._store, self.name, self.host.timeouts):
+            return await vm.exec_(self._store, self.name, command, timeout=timeout,
+                                  timeouts=self.host.timeouts, agent=agent)
 
     def exec_stream(self, command: str, *, timeout: float | None = None,
                     agent: str = "auto") -> ExecStream:

@@ -94,13 +94,19 @@ class Host:
             persistent: bool = False, memory_dir: str | None = None,
             memory_backend: str = "file", accel: str = "auto",
             qemu: str = "qemu-system-x86_64", overlay: bool = True, qga: bool = True,
-            wait_ready: bool = True, ready: str = "auto") -> VM:
+            wait_ready: bool = True, ready: str = "auto",
+            idle_pause: float | None = None) -> VM:
         """Start VM *name*; see :meth:`vmfork.AsyncHost.run`."""
         return self._vm(self._run(self._async.run(
             name, image=image, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
             append=append, disks=disks, net=net, ports=ports, persistent=persistent,
             memory_dir=memory_dir, memory_backend=memory_backend, accel=accel, qemu=qemu,
-            overlay=overlay, qga=qga, wait_ready=wait_ready, ready=ready)))
+            overlay=overlay, qga=qga, wait_ready=wait_ready, ready=ready,
+            idle_pause=idle_pause)))
+
+    def set_idle_pause(self, name: str, seconds: float | None) -> str:
+        """See :meth:`vmfork.AsyncHost.set_idle_pause`."""
+        return self._run(self._async.set_idle_pause(name, seconds))
 
     def vm(self, name: str) -> VM:
         """The VM *name* (NotFound if there is none)."""

@@ -138,6 +138,7 @@ COMMANDS = {
     **_family("bench", "bench"),
     **_family("serve", "serve"),
     **_family("files", "cp"),
+    **_family("idle", "idle"),
 }
 
 

@@ -36,11 +36,15 @@ def _progress(msg: str) -> None:
 @click.option("--plot", "plot_file", metavar="FILE.png", type=click.Path(dir_okay=False),
               help="Draw memory, CPU and exec latency against the clone count "
                    "(needs matplotlib: pip install 'vmfork[plot]').")
+@click.option("--idle-pause", type=float, metavar="SECONDS",
+              help="Clones pause after SECONDS without use; each step waits until they "
+                   "are paused, and exec latency includes the resume.")
 @click.option("--accel", type=ACCELS, default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_density(template: str | None, memory: str, data_mb: int, max_clones: int, step: int,
                   exec_samples: int, exec_limit: float, settle: float, cpu_window: float,
-                  plot_file: str | None, accel: str, as_json: bool) -> None:
+                  plot_file: str | None, idle_pause: float | None, accel: str,
+                  as_json: bool) -> None:
     """Start clones in steps; memory, idle CPU and exec latency at each."""
     from vmfork.bench import density as bd
     from vmfork.bench import print_table
@@ -56,6 +60,7 @@ def bench_density(template: str | None, memory: str, data_mb: int, max_clones: i
                              data_mb=data_mb, max_clones=max_clones, step=step,
                              exec_samples=exec_samples, exec_limit_s=exec_limit,
                              settle_s=settle, cpu_window_s=cpu_window, accel=accel,
+                             idle_pause_s=idle_pause,
                              progress=_progress)
     params.check()
     result = asyncio.run(bd.run(Store(), params))

@@ -34,10 +34,12 @@ def template_cmd() -> None:
               help="Default hook: shell command run in each clone after its identity is "
                    "set, before 'clone' returns; a clone whose hook fails is removed. "
                    "'vmfork clone --on-clone' replaces it for one call.")
+@click.option("--idle-pause", type=float, metavar="SECONDS",
+              help="Its clones pause after SECONDS without use (see 'vmfork idle').")
 @click.option("--json", "as_json", is_flag=True)
 def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
                     prepare: str | None, accel: str, on_clone: str | None,
-                    as_json: bool) -> None:
+                    idle_pause: float | None, as_json: bool) -> None:
     """Freeze a VM into template NAME (device state only; RAM stays in its file).
 
     The VM's disk overlays become the template's (read-only; each clone gets
@@ -47,6 +49,8 @@ def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
         raise InvalidInput("give exactly one of --from VM or --demo")
     if prepare and not demo:
         raise InvalidInput("--prepare goes with --demo (with --from, prepare the VM first)")
+    from vmfork.vm import check_idle_pause
+    check_idle_pause(idle_pause)
 
     async def go(host: AsyncHost) -> TemplateManifest:
         if from_vm:
@@ -54,6 +58,8 @@ def template_create(name: str, from_vm: str | None, demo: bool, memory: str,
         else:
             tpl = await host.create_template(name, memory=memory, prepare=prepare,
                                              accel=accel, on_clone=on_clone)
+        if idle_pause:
+            await host.set_idle_pause(name, idle_pause)
         return tpl.result or await tpl.inspect()
     m = on_host(go)
     report(as_json, m, f"template {name}: state {m.state_size / 1024:.0f} KiB saved in "

@@ -60,12 +60,15 @@ def parse_port(text: str) -> tuple[int, int]:
                    "tcp:PORT (the guest port accepts a connection) or none.")
 @click.option("--accel", type=ACCELS, default="auto", show_default=True)
 @click.option("--qemu", default="qemu-system-x86_64", show_default=True, help="QEMU binary.")
+@click.option("--idle-pause", type=float, metavar="SECONDS",
+              help="Pause the VM after SECONDS without use (exec, files, console); its "
+                   "next use resumes it (the daemon or 'vmfork idle --keep' watches).")
 @click.option("--json", "as_json", is_flag=True)
 def run_cmd(name: str, demo: bool, image_name: str | None, kernel: str | None,
             initrd: str | None, append: str | None, disks: tuple[str, ...], overlay: bool,
             qga: bool, memory: str, cpus: int, memory_dir: str | None, memory_backend: str,
             persistent: bool, net: str | None, ports: tuple[str, ...], ready: str,
-            accel: str, qemu: str, as_json: bool) -> None:
+            accel: str, qemu: str, idle_pause: float | None, as_json: bool) -> None:
     """Start VM NAME and return when its guest is ready."""
     if demo and image_name not in (None, "demo"):
         raise InvalidInput("--demo cannot be combined with --image")
@@ -77,7 +80,7 @@ def run_cmd(name: str, demo: bool, image_name: str | None, kernel: str | None,
                             initrd=initrd, append=append, disks=disks, net=net,
                             ports=forwards, persistent=persistent, memory_dir=memory_dir,
                             memory_backend=memory_backend, accel=accel, qemu=qemu,
-                            overlay=overlay, ready=ready)
+                            overlay=overlay, ready=ready, idle_pause=idle_pause)
         return await vm.status()
     st = on_host(go)
     report(as_json, st, f"{name}: running (pid {st.pid}, ready in "
@@ -102,8 +105,8 @@ def ls_cmd(as_json: bool) -> None:
         report(True, rows, "")
         return
     table(("NAME", "STATE", "PID", "MEMORY", "TEMPLATE"),
-          [(r.name, r.state, r.pid or "-", f"{r.memory_mib}M", r.template or "-")
-           for r in rows])
+          [(r.name, "paused (idle)" if r.idle else r.state, r.pid or "-", f"{r.memory_mib}M",
+            r.template or "-") for r in rows])
 
 
 @click.command("exec")
@@ -134,10 +137,18 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float | None, agent: 
 def console_cmd(name: str) -> None:
     """Attach to the serial console (Ctrl-] detaches)."""
     from vmfork.cli.console import bridge
+    from vmfork.idle import using
+    from vmfork.store import Store
 
     async def go(host: AsyncHost) -> str:
         return await (await host.vm(name)).console_socket()
-    bridge(on_host(go))
+    path = on_host(go)
+    store = Store()
+    try:
+        with using(store, name):  # not paused for idling while attached
+            bridge(path)
+    finally:
+        store.close()
 
 
 @click.command("pause")

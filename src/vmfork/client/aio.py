@@ -254,7 +254,7 @@ class AsyncClient:
                   append: str | None = None, disks: Sequence[str] = (),
                   net: str | bool | None = None, ports: Sequence[tuple[int, int]] = (),
                   persistent: bool = False, accel: str = "auto",
-                  ready: str = "auto") -> AsyncRemoteVM:
+                  ready: str = "auto", idle_pause: float | None = None) -> AsyncRemoteVM:
         """Start VM *name* on the daemon's host and return once its guest is
         ready (see :meth:`vmfork.AsyncHost.run`; paths are the daemon's)."""
         if isinstance(net, bool):
@@ -262,9 +262,19 @@ class AsyncClient:
         body = {"name": name, "image": image, "memory": memory, "cpus": cpus,
                 "kernel": kernel, "initrd": initrd, "append": append, "disks": list(disks),
                 "net": net, "ports": [list(p) for p in ports], "persistent": persistent,
-                "accel": accel, "ready": ready}
+                "accel": accel, "ready": ready, "idle_pause": idle_pause}
         status = VMStatus.from_dict(await self._json("POST", _path("vms"), json=body))
         return AsyncRemoteVM(self, name, status)
+
+    async def set_idle_pause(self, name: str, seconds: float | None) -> str:
+        """See :meth:`vmfork.AsyncHost.set_idle_pause`."""
+        body = {"seconds": seconds}
+        try:
+            await self._json("PUT", _path("vms", name, "idle_pause"), json=body)
+            return "vm"
+        except NotFound:
+            await self._json("PUT", _path("templates", name, "idle_pause"), json=body)
+            return "template"
 
     async def vm(self, name: str) -> AsyncRemoteVM:
         """The VM *name* (NotFound if there is none)."""

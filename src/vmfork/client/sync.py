@@ -109,12 +109,17 @@ class Client:
             cpus: int = 1, kernel: str | None = None, initrd: str | None = None,
             append: str | None = None, disks: Sequence[str] = (),
             net: str | bool | None = None, ports: Sequence[tuple[int, int]] = (),
-            persistent: bool = False, accel: str = "auto", ready: str = "auto") -> RemoteVM:
+            persistent: bool = False, accel: str = "auto", ready: str = "auto",
+            idle_pause: float | None = None) -> RemoteVM:
         """Start VM *name*; see :meth:`vmfork.AsyncHost.run`."""
         return self._vm(self._run(self._async.run(
             name, image=image, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
             append=append, disks=disks, net=net, ports=ports, persistent=persistent,
-            accel=accel, ready=ready)))
+            accel=accel, ready=ready, idle_pause=idle_pause)))
+
+    def set_idle_pause(self, name: str, seconds: float | None) -> str:
+        """See :meth:`vmfork.AsyncHost.set_idle_pause`."""
+        return self._run(self._async.set_idle_pause(name, seconds))
 
     def vm(self, name: str) -> RemoteVM:
         """The VM *name* (NotFound if there is none)."""

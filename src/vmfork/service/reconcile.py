@@ -14,6 +14,9 @@ which the loop runs every :data:`RECONCILE_INTERVAL` seconds:
   daemon sees; a VM whose lock another command holds is left for the next
   round (a ``vmfork stop`` ends the QEMU before it removes the VM: that is
   no death);
+* a running VM left unused for longer than its idle policy is paused
+  (:func:`vmfork.idle.sweep`; a ``paused`` event with ``reason: "idle"``);
+  its next use resumes it;
 * every template whose pool has a target gets a keeper
   (:class:`~vmfork.service.pools.PoolKeepers`), whoever set the target;
 * a fork whose vmfork process is gone is finished or undone
@@ -31,7 +34,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from vmfork import launch, vm
+from vmfork import idle, launch, vm
 from vmfork.errors import NotFound, StateError, VmforkError
 from vmfork.fork import base as fork_base
 from vmfork.fork import recovery as fork_recovery
@@ -66,6 +69,8 @@ async def reconcile_once(state: ServiceState, seen_dead: set[str]) -> None:
             log.warning("%s: its QEMU (pid %s) is gone", rec.name, rec.pid)
             events.publish(state, "died", vm=rec.name, pid=rec.pid, template=rec.template)
     seen_dead &= names
+    for name in await idle.sweep(store, timeouts):
+        events.publish(state, "paused", vm=name, reason="idle")
     await fork_recovery.settle_all(store, timeouts)
     for name in await fork_base.collect(store, timeouts):
         events.publish(state, "template_removed", template=name, reason="unused fork base")

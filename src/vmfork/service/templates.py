@@ -45,6 +45,7 @@ from vmfork.results import CloneResult, PoolStatus
 from vmfork.service import events, pools
 from vmfork.service.metrics import clone_source, metrics_of
 from vmfork.service.state import ServiceState, state_of
+from vmfork.service.vms import IdlePauseRequest
 from vmfork.templates import clone
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
@@ -66,6 +67,9 @@ class TemplateRequest(Body):
     accel: str = "auto"
     on_clone: str | None = Field(None, max_length=65536,
                                  description="the default hook run in each clone")
+    idle_pause: float | None = Field(None, ge=0, description="its clones pause after this many "
+                                     "seconds without use (exec, files, console); a clone's next "
+                                     "use resumes it. 0 or null: never")
 
 
 class CloneRequest(Body):
@@ -121,6 +125,7 @@ async def template_answer(tpl: AsyncTemplate) -> dict[str, Any]:
     d = (await tpl.status()).to_dict()
     if d["status"] == "ready":
         d["manifest"] = (await tpl.inspect()).to_dict()
+        d["idle_pause"] = tpl.host.store.template_idle_pause(tpl.name)
     return d
 
 
@@ -162,6 +167,8 @@ async def create_template(request: Request, body: TemplateRequest) -> dict[str, 
                                              memory=body.memory,
                                              prepare=body.prepare, accel=body.accel,
                                              on_clone=body.on_clone)
+        if body.idle_pause:
+            await host.set_idle_pause(body.name, body.idle_pause)
     except VmforkError:
         metrics.observe_operation("template_create", "failed", time.monotonic() - t0)
         raise
@@ -272,6 +279,16 @@ async def set_pool(request: Request, name: str, body: PoolRequest) -> dict[str, 
     if body.size > 0:
         keepers.ensure(tpl.name, retry=True)
     return pool_answer(state, status)
+
+
+@router.put("/{name}/idle_pause")
+async def set_template_idle_pause(request: Request, name: str, body: IdlePauseRequest
+                                  ) -> dict[str, Any]:
+    """Clones made from now on pause after ``seconds`` without use."""
+    host = state_of(request).host
+    tpl = await host.template(name)
+    await host.set_idle_pause(tpl.name, body.seconds)
+    return await template_answer(tpl)
 
 
 __all__ = ["CloneRequest", "PoolRequest", "TemplateRequest", "router", "template_answer"]

@@ -72,6 +72,14 @@ class RunRequest(Body):
     persistent: bool = False
     accel: str = "auto"
     ready: str = "auto"
+    idle_pause: float | None = Field(None, ge=0, description="pause it after this many "
+                                     "seconds without use (exec, files, console); its next "
+                                     "use resumes it. 0 or null: never")
+
+
+class IdlePauseRequest(Body):
+    seconds: float | None = Field(description="seconds without use before vmfork pauses it "
+                                  "(its next use resumes it); 0 or null: never", ge=0)
 
 
 class ExecRequest(Body):
@@ -118,7 +126,8 @@ async def run_vm(request: Request, body: RunRequest) -> dict[str, Any]:
                                kernel=body.kernel, initrd=body.initrd, append=body.append,
                                disks=body.disks, net=body.net,
                                ports=[(h, g) for h, g in body.ports],
-                               persistent=body.persistent, accel=body.accel, ready=body.ready)
+                               persistent=body.persistent, accel=body.accel, ready=body.ready,
+                               idle_pause=body.idle_pause)
     events.publish(st, "started", vm=body.name)
     return (await vm.status()).to_dict()
 
@@ -142,6 +151,16 @@ async def exec_in_vm(request: Request, name: str, body: ExecRequest) -> dict[str
     """Run a shell command in the guest; its exit code, stdout and stderr."""
     vm = await state_of(request).host.vm(name)
     return exec_answer(await vm.exec(body.command, timeout=body.timeout, agent=body.agent))
+
+
+@router.put("/{name}/idle_pause")
+async def set_vm_idle_pause(request: Request, name: str, body: IdlePauseRequest
+                            ) -> dict[str, Any]:
+    """Pause the VM after ``seconds`` without use; its next use resumes it."""
+    host = state_of(request).host
+    vm = await host.vm(name)
+    await host.set_idle_pause(name, body.seconds)
+    return (await vm.status()).to_dict()
 
 
 @router.post("/{name}/pause")

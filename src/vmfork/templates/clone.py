@@ -288,7 +288,8 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
         admission.check_clone(name, manifest.name, manifest.spec.memory_mib)
         spec = clone_spec(manifest, name, store.vm_dir(name))
     rec = VMRecord(name=name, spec=spec, state="starting", template=manifest.name,
-                   info=VMInfo(owns_memory=False, guest=manifest.guest, agent=manifest.agent))
+                   info=VMInfo(owns_memory=False, guest=manifest.guest, agent=manifest.agent,
+                               idle_pause=store.template_idle_pause(manifest.name)))
     adopt = (member.pid, member.pid_start) if member else None
     hook_result: tuple[int, str] | None = None
     t_hook: float | None = None
