@@ -12,22 +12,26 @@ lock (a shared ``flock`` on ``run/NAME/use.lock``) while it runs and stamps
 Any vmfork process may use a VM (CLI, daemon, a library user); a killed one
 drops its lock with it.
 
-The watcher (the daemon's reconcile loop, or ``vmfork idle --keep``) pauses
-a running VM with a policy whose last use is older than the policy says. It
-skips a VM in use (it takes the use lock exclusively, without waiting) or
-held by a command (the VM's lock, without waiting: an update, a save, a
-stop), pauses QEMU (QMP ``stop``: the vCPUs no longer run, so the VM costs
-no CPU) and records ``paused`` with ``info.idle_since``.
+The watcher (the daemon's reconcile loop, or ``vmfork idle --keep``:
+:func:`vmfork.idle_ports.keep`) pauses a running VM with a policy whose last
+use is older than the policy says. It skips a VM in use (it takes the use
+lock exclusively, without waiting), held by a command (the VM's lock,
+without waiting: an update, a save, a stop) or with a TCP connection open
+in its user-mode network (a connection through a port forward is a use
+vmfork does not see otherwise), pauses QEMU (QMP ``stop``: the vCPUs no
+longer run, so the VM costs no CPU), takes its port forwards away from QEMU
+(:mod:`vmfork.idle_ports` wakes the VM on a connection) and records
+``paused`` with ``info.idle_since``.
 
-A use of a VM paused that way resumes it first (QMP ``cont``) and sets its
-guest clock, which stood still while it was paused, before doing its own
-work. ``vmfork resume`` of it works as for any paused VM; a pause the user
-asked for (``vmfork pause``) is not undone by a use.
+A use of a VM paused that way resumes it first (QMP ``cont``), gives QEMU its
+port forwards back and sets its guest clock, which stood still while it was
+paused, before doing its own work. ``vmfork resume`` of it works as for any
+paused VM; a pause the user asked for (``vmfork pause``) is not undone by a
+use.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -44,12 +48,11 @@ from vmfork.records import VMRecord
 from vmfork.snapshots.save import sync_guest_clock
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts
+from vmfork.update import forwards
 from vmfork.vm import check_idle_pause
 
 log = logging.getLogger("vmfork.idle")
 
-#: Most seconds between two rounds of ``vmfork idle --keep``.
-KEEP_INTERVAL = 2.0
 
 
 async def set_policy(store: Store, name: str, seconds: float | None) -> str:
@@ -143,6 +146,9 @@ async def wake(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> VMRecor
         m = await attach(store, rec, timeouts)
         try:
             await m.resume()
+            # A port still held by a watcher comes back in its next round.
+            for warning in await forwards.ensure(m, rec.spec.net):
+                log.debug("%s: %s", name, warning)
         finally:
             await m.disconnect()
         slept = time.time() - rec.info.idle_since
@@ -187,7 +193,11 @@ async def _pause_idle(store: Store, name: str, timeouts: Timeouts) -> bool:
             try:
                 if await m.status() != "running":
                     return False
+                if rec.spec.net is not None and await forwards.connections(m):
+                    _stamp(store, name)  # a connection through a forward is a use
+                    return False
                 await m.pause()
+                await forwards.detach(m, rec.spec.net)
             finally:
                 await m.disconnect()
             rec.state, rec.info.idle_since = "paused", time.time()
@@ -200,18 +210,4 @@ async def _pause_idle(store: Store, name: str, timeouts: Timeouts) -> bool:
     return True
 
 
-async def keep(store: Store, timeouts: Timeouts = DEFAULT,
-               stop: asyncio.Event | None = None) -> None:
-    """Run the watcher until *stop* is set (or forever): a round every
-    :data:`KEEP_INTERVAL` seconds, or every quarter of the shortest policy."""
-    stop = stop or asyncio.Event()
-    while not stop.is_set():
-        await sweep(store, timeouts)
-        policies = [r.info.idle_pause for r in store.list_vms() if r.info.idle_pause]
-        interval = min([KEEP_INTERVAL, *(p / 4 for p in policies)])
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
-                await stop.wait()
-
-
-__all__ = ["in_use", "keep", "last_use", "set_policy", "sweep", "using", "wake"]
+__all__ = ["in_use", "last_use", "set_policy", "sweep", "using", "wake"]

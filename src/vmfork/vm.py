@@ -49,6 +49,7 @@ from vmfork.results import ExecResult, VMStatus
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, Readiness, VMSpec, new_mac, parse_ready
 from vmfork.store import Store
 from vmfork.timeouts import DEFAULT, Timeouts, check_seconds
+from vmfork.update import forwards
 
 log = logging.getLogger("vmfork.vm")
 
@@ -393,7 +394,7 @@ async def pause(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
         if await m.status() != "running":
             raise StateError(f"{name} is not running (it is {await m.status()})")
         await m.pause()
-        rec.state = "paused"
+        rec.state, rec.info.idle_since = "paused", None  # the user's pause: no use undoes it
         store.update_vm(rec)
 
 
@@ -404,7 +405,10 @@ async def resume(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
             raise StateError(f"{name} is not paused (it is {st})")
         invalidate_save(store, name)
         await m.resume()
-        rec.state = "running"
+        if rec.info.idle_since is not None:  # paused for idling: its forwards were taken away
+            for warning in await forwards.ensure(m, rec.spec.net):
+                log.warning("%s: %s", name, warning)
+        rec.state, rec.info.idle_since = "running", None
         store.update_vm(rec)
 
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import psutil
 
-from vmfork import idle, vm
+from vmfork import idle, idle_ports, vm
 from vmfork.bench import fill_guest
 from vmfork.errors import InvalidInput, PartialClone, VmforkError
 from vmfork.names import derived, internal
@@ -260,7 +260,7 @@ async def run(store: Store, p: DensityBench, timeouts: Timeouts = DEFAULT) -> di
                            "exec_limit_s": p.exec_limit_s, "idle_pause_s": p.idle_pause_s,
                            "steps": []}
     stop_watcher = asyncio.Event()
-    watcher = asyncio.create_task(idle.keep(store, timeouts, stop_watcher))
+    watcher = asyncio.create_task(idle_ports.keep(store, timeouts, stop_watcher))
     try:
         template: str
         if p.template is None:

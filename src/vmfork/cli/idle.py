@@ -57,10 +57,10 @@ def idle_cmd(name: str | None, seconds: str | None, keep: bool) -> None:
 async def _keep(host: AsyncHost) -> None:
     import asyncio
 
-    from vmfork import idle
+    from vmfork import idle_ports
     from vmfork.cli import signals
 
     stop = asyncio.Event()
     with signals.redirect(stop.set):
         click.echo("idle: pausing VMs left idle; Ctrl-C or SIGTERM stops", err=True)
-        await idle.keep(host.store, host.timeouts, stop)
+        await idle_ports.keep(host.store, host.timeouts, stop)

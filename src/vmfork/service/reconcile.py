@@ -16,7 +16,8 @@ which the loop runs every :data:`RECONCILE_INTERVAL` seconds:
   no death);
 * a running VM left unused for longer than its idle policy is paused
   (:func:`vmfork.idle.sweep`; a ``paused`` event with ``reason: "idle"``);
-  its next use resumes it;
+  its next use resumes it, and a connection to one of its forwarded ports
+  too (:class:`vmfork.idle_ports.PortWaker`, kept by the loop);
 * every template whose pool has a target gets a keeper
   (:class:`~vmfork.service.pools.PoolKeepers`), whoever set the target;
 * a fork whose vmfork process is gone is finished or undone
@@ -38,6 +39,7 @@ from vmfork import idle, launch, vm
 from vmfork.errors import NotFound, StateError, VmforkError
 from vmfork.fork import base as fork_base
 from vmfork.fork import recovery as fork_recovery
+from vmfork.idle_ports import PortWaker
 from vmfork.listing import observed_state
 from vmfork.service import events, metrics, operations, pools
 from vmfork.service.state import ServiceState
@@ -98,6 +100,14 @@ async def _record_dead(state: ServiceState, name: str) -> bool:
 
 async def _loop(state: ServiceState) -> None:
     seen_dead: set[str] = set()
+    waker = PortWaker(state.host.store, state.host.timeouts)
+    try:
+        await _rounds(state, seen_dead, waker)
+    finally:
+        await waker.close()
+
+
+async def _rounds(state: ServiceState, seen_dead: set[str], waker: PortWaker) -> None:
     first = True
     while not state.stopping.is_set():
         try:
@@ -106,6 +116,7 @@ async def _loop(state: ServiceState) -> None:
                                  if observed_state(r) == "dead")
                 first = False
             await reconcile_once(state, seen_dead)
+            await waker.round()
         except VmforkError as exc:
             log.warning("reconcile: %s", exc)
         except Exception:

@@ -1,7 +1,9 @@
-"""A VM's host port forwards across a live update.
+"""A VM's host port forwards, moved while QEMU runs.
 
 Owns the hand-over of the user-mode network's host port forwards
-(``hostfwd``) from the old QEMU to the new one. A listening port cannot be
+(``hostfwd``) from the old QEMU to the new one across a live update, and
+their removal while a VM is paused for idling (:func:`detach`;
+:mod:`vmfork.idle_ports` listens on them meanwhile). A listening port cannot be
 held by two processes, and QEMU's user-mode network cannot take over a
 listening socket from another process, so the new QEMU starts without the
 forwards and they move at the switch-over: while the guest is paused, after
@@ -27,6 +29,10 @@ from vmfork.spec import NetSpec
 
 #: A row of ``info usernet`` for a host forward: source address and port.
 _ROW = re.compile(r"TCP\[HOST_FORWARD\]\s+-?\d+\s+(\S+)\s+(\d+)\s+\S+\s+(\d+)")
+#: A row for a TCP connection that is open (not a listening forward, not one
+#: closed or closing in TIME_WAIT).
+_CONNECTION = re.compile(r"^\s*TCP\[(?!HOST_FORWARD|TIME_WAIT|CLOSED)[A-Z_0-9]+\]",
+                         re.MULTILINE)
 
 
 async def _hmp(m: Machine, line: str) -> str:
@@ -76,6 +82,22 @@ async def hand_over(old: Machine, new: Machine, net: NetSpec | None) -> list[str
     return warnings
 
 
+async def connections(m: Machine) -> int:
+    """TCP connections of the guest's user-mode network now (through a
+    forward or out of the guest)."""
+    return len(_CONNECTION.findall(await _hmp(m, "info usernet")))
+
+
+async def detach(m: Machine, net: NetSpec | None) -> list[int]:
+    """Remove *net*'s forwards from QEMU *m* (it stops listening on their
+    host ports); return the host ports it let go of."""
+    freed = []
+    for host, _guest in _ports(net):
+        if "removed" in await _hmp(m, f"hostfwd_remove net0 tcp:127.0.0.1:{host}"):
+            freed.append(host)
+    return freed
+
+
 async def ensure(m: Machine, net: NetSpec | None) -> list[str]:
     """Give QEMU *m* the forwards of *net* that it lacks; return warnings
     for those it could not get."""
@@ -93,4 +115,4 @@ async def ensure(m: Machine, net: NetSpec | None) -> list[str]:
     return warnings
 
 
-__all__ = ["ensure", "hand_over", "present"]
+__all__ = ["connections", "detach", "ensure", "hand_over", "present"]
