@@ -103,6 +103,7 @@ def test_bench_density_with_idle_pause(env: Env) -> None:
     assert r["idle_pause_s"] == 1.0 and r["held"] == 2 and r["failure"] is None
     (s,) = r["steps"]
     assert s["exec_samples"] == 2 and 0 < s["exec_p50_ms"] <= s["exec_p99_ms"], s
+    assert 0 < s["exec_awake_p50_ms"] <= s["exec_awake_p99_ms"], s
     assert r["targets"][0]["target"].endswith("(idle pause 1 s)")
     assert json.loads(env.cli("ls", "--json", check=True).stdout) == []
 

@@ -3,12 +3,14 @@ and every refusal (corrupt state, changed memory file, other QEMU, in use)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from vmfork import vm
@@ -330,6 +332,34 @@ def test_clones_with_nic_get_their_own_mac(env: Env) -> None:
         assert seen[c] == spec_mac
     assert len({src_mac, *seen.values()}) == 3
     run(catalog.remove(s, "t", force=True))
+
+
+def test_clone_qemu_gets_a_stub_of_the_kernel_and_ends_at_a_guest_reboot(env: Env) -> None:
+    """A clone never boots: its QEMU is given the kernel's header only (it
+    would otherwise keep the whole kernel and initrd in memory), and a guest
+    reboot, which that stub could not boot, ends it."""
+    m = make_template(env, prepare="true")
+    assert m.spec.kernel and m.spec.initrd
+    s = env.store()
+    run(clone.clone(s, "t", names=["c1", "c2"]))
+    rec = s.get_vm("c1")
+    assert rec.spec.kernel != m.spec.kernel and rec.spec.initrd is None and rec.spec.reboot_ends
+    assert rec.spec.kernel == s.get_vm("c2").spec.kernel  # one stub for the template's kernel
+    argv = psutil.Process(rec.pid).cmdline()
+    assert rec.spec.kernel in argv and "-initrd" not in argv
+    assert Path(rec.spec.kernel).stat().st_size < 64 * 1024 < Path(m.spec.kernel).stat().st_size
+    assert env.exec("c1", "cat /proc/cmdline").strip() == m.spec.append
+    with contextlib.suppress(GuestError):
+        run(vm.exec_(s, "c1", "reboot -f", timeout=10))
+    end = time.monotonic() + 60
+    while process_alive(rec.pid, rec.pid_start):
+        assert time.monotonic() < end, "the clone's QEMU outlived its guest's reboot"
+        time.sleep(0.2)
+    assert vm.reconcile(s, s.get_vm("c1")).state == "dead"
+    assert env.exec("c2", "echo on") == "on\n"
+    run(vm.stop(s, "c1"))
+    run(vm.stop(s, "c2"))
+    run(catalog.remove(s, "t"))
 
 
 def test_chained_template_from_a_clone(env: Env) -> None:

@@ -749,11 +749,12 @@ def test_unversioned_manifest_still_loads(tmp_path: Path) -> None:
     assert m.save.migration.seconds == 0.0113 and m.save.freeze_seconds == 0.0421
     assert tm.template_mac(m) == "52:54:00:12:34:56"
     # Every key keeps its value (template inspect / create --json); five
-    # are added, and the spec gets its readiness (the default) and QEMU's
-    # HPET (its device state has one).
+    # are added, and the spec gets its readiness (the default), QEMU's HPET
+    # (its device state has one) and a reboot that reboots.
     d = m.to_dict()
     assert d["spec"].pop("ready") == "auto"
     assert d["spec"].pop("hpet") is True
+    assert d["spec"].pop("reboot_ends") is False
     assert {k: d[k] for k in UNVERSIONED_MANIFEST} == UNVERSIONED_MANIFEST
     assert set(d) - set(UNVERSIONED_MANIFEST) == {"version", "imported_from", "agent",
                                                   "fork_of", "ignore_shared"}

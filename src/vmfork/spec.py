@@ -332,6 +332,10 @@ class VMSpec:
     #: (the clocksource is the TSC either way). Part of the device state: a
     #: clone keeps its template's.
     hpet: bool = True
+    #: A guest reboot ends QEMU (``-action reboot=shutdown``) instead of
+    #: booting again: a clone's QEMU holds only a stub of the kernel
+    #: (:mod:`vmfork.templates.kernel_stub`), which cannot boot.
+    reboot_ends: bool = False
 
     def __post_init__(self) -> None:
         _need(self.name, str, "VM name")
@@ -367,6 +371,7 @@ class VMSpec:
         _bool(self.qga, "qga flag")
         parse_ready(self.ready)
         _bool(self.hpet, "hpet flag")
+        _bool(self.reboot_ends, "reboot flag")
 
     def with_(self, **changes: Any) -> VMSpec:
         """A copy with *changes* applied (dataclasses.replace)."""
@@ -436,9 +441,10 @@ def build_argv(spec: VMSpec, paths: RunPaths, incoming: tuple[str, ...] = (),
     if not spec.hpet:
         machine += ",hpet=off"
     accel = "tcg,tb-size=64" if spec.accel == "tcg" else "kvm"
+    reboot = ["-action", "reboot=shutdown"] if spec.reboot_ends else []
     argv = [
         spec.qemu, "-name", f"{_qemu_escape(spec.name)},debug-threads=on",
-        "-nodefaults", "-no-user-config", "-nographic",
+        "-nodefaults", "-no-user-config", "-nographic", *reboot,
         "-machine", machine,
         "-accel", accel,
         "-cpu", "host" if spec.accel == "kvm" else spec.cpu,

@@ -157,6 +157,12 @@ class Store:
         return self.home / "cache"
 
     @property
+    def kernel_stubs_dir(self) -> Path:
+        """Stubs of template kernels for clones' QEMUs
+        (:mod:`vmfork.templates.kernel_stub`)."""
+        return self.home / "cache" / "kernel-stubs"
+
+    @property
     def templates_dir(self) -> Path:
         return self.home / "templates"
 

@@ -20,6 +20,11 @@ measures:
   clones drawn at random, one after the other: p50, p99 (the nearest rank),
   and their ratio to the first step's (the baseline of the run).
 
+With ``idle_pause_s`` each clone gets that idle policy (:mod:`vmfork.idle`),
+the run keeps a watcher going, and each step first waits until its clones
+are paused: the exec latency then includes the wake-up, and the same clones
+are asked again once awake (``exec_awake_*``), the baseline of that cost.
+
 It stops at the first failure (a clone that does not start, an exec that
 fails), once the exec p99 passes ``exec_limit_s``, or at ``max_clones``;
 the result names the highest count that held (no failure, p99 within the
@@ -188,10 +193,12 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 async def exec_latency(store: Store, names: Sequence[str], samples: int, rng: random.Random,
-                       timeouts: Timeouts) -> list[float]:
+                       timeouts: Timeouts, picked: Sequence[str] | None = None) -> list[float]:
     """Seconds of ``true`` through the guest agent in *samples* clones of
-    *names* drawn at random, one after the other (GuestError if one fails)."""
-    picked = rng.sample(list(names), min(samples, len(names)))
+    *names* drawn at random (or in those *picked*), one after the other
+    (GuestError if one fails)."""
+    if picked is None:
+        picked = rng.sample(list(names), min(samples, len(names)))
     out = []
     for name in picked:
         t0 = time.monotonic()
@@ -304,8 +311,12 @@ async def run(store: Store, p: DensityBench, timeouts: Timeouts = DEFAULT) -> di
             settled = await settle(pids, p.settle_s)
             cpu = await idle_cpu(pids, p.cpu_window_s)
             mem = memory_per_clone(pids)
+            picked = rng.sample(list(names), min(p.exec_samples, len(names)))
             try:
-                lat = await exec_latency(store, names, p.exec_samples, rng, timeouts)
+                lat = await exec_latency(store, names, p.exec_samples, rng, timeouts, picked)
+                # The same clones again, awake now: what the wake-up costs.
+                awake = (await exec_latency(store, names, p.exec_samples, rng, timeouts, picked)
+                         if p.idle_pause_s else [])
             except VmforkError as exc:
                 failure, stopped = str(exc), "an exec failed"
                 break
@@ -317,6 +328,9 @@ async def run(store: Store, p: DensityBench, timeouts: Timeouts = DEFAULT) -> di
                     cpu["per_clone_pct"], "host_busy_cores": cpu["host_cores"],
                     "exec_p50_ms": 1000 * percentile(lat, 50),
                     "exec_p99_ms": 1000 * percentile(lat, 99), "exec_samples": len(lat)}
+            if awake:
+                step |= {"exec_awake_p50_ms": 1000 * percentile(awake, 50),
+                         "exec_awake_p99_ms": 1000 * percentile(awake, 99)}
             first = out["steps"][0] if out["steps"] else step
             step["exec_p99_over_first"] = step["exec_p99_ms"] / first["exec_p99_ms"]
             out["steps"].append(step)

@@ -286,7 +286,7 @@ async def _started_clone(store: Store, manifest: TemplateManifest, name: str, us
                           store.vm_dir(name))
     else:
         admission.check_clone(name, manifest.name, manifest.spec.memory_mib)
-        spec = clone_spec(manifest, name, store.vm_dir(name))
+        spec = clone_spec(manifest, name, store.vm_dir(name), store.kernel_stubs_dir)
     rec = VMRecord(name=name, spec=spec, state="starting", template=manifest.name,
                    info=VMInfo(owns_memory=False, guest=manifest.guest, agent=manifest.agent,
                                idle_pause=store.template_idle_pause(manifest.name)))

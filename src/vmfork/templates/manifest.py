@@ -35,6 +35,7 @@ from vmfork.ports import fresh_forwards
 from vmfork.qemu import features
 from vmfork.records import TemplateDisk, TemplateManifest
 from vmfork.spec import DiskSpec, MemorySpec, NetSpec, VMSpec, new_mac
+from vmfork.templates.kernel_stub import stub_for
 from vmfork.timeouts import DEFAULT, Timeouts
 
 if TYPE_CHECKING:
@@ -146,11 +147,17 @@ def move_disks(spec: VMSpec, old_dir: Path, new_dir: Path) -> VMSpec:
     return spec.with_(disks=tuple(moved(d) for d in spec.disks))
 
 
-def clone_spec(manifest: TemplateManifest, name: str, vdir: Path) -> VMSpec:
+def clone_spec(manifest: TemplateManifest, name: str, vdir: Path,
+               kernel_stubs: Path | None = None) -> VMSpec:
     """The spec of a new clone (its files in *vdir*): template memory mapped
-    privately, new VM generation ID, new MAC, own disk overlays, and each of
-    the template's port forwards on a free host port of its own."""
+    privately, new VM generation ID, new MAC, own disk overlays, each of the
+    template's port forwards on a free host port of its own, and (with
+    *kernel_stubs*, their directory) a stub of the template's kernel and no
+    initrd (:mod:`vmfork.templates.kernel_stub`)."""
     spec = manifest.spec
+    stub = stub_for(kernel_stubs, spec.kernel) if kernel_stubs and spec.kernel else None
+    if stub is not None:
+        spec = spec.with_(kernel=stub, initrd=None, reboot_ends=True)
     net = NetSpec(mac=new_mac(), ports=fresh_forwards(spec.net.ports)) if spec.net else None
     return spec.with_(name=name, vmgenid=str(uuid.uuid4()), net=net,
                       disks=clone_disks(spec.disks, vdir),

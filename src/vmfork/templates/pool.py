@@ -82,7 +82,7 @@ async def _spawn_member_once(store: Store, manifest: TemplateManifest, timeouts:
                              warm: bool) -> PoolMember:
     mid = pool_member_name(manifest.name, secrets.token_hex(POOL_ID_HEX // 2))
     admission.check_clone(mid, manifest.name, manifest.spec.memory_mib)
-    spec = clone_spec(manifest, mid, store.vm_dir(mid))
+    spec = clone_spec(manifest, mid, store.vm_dir(mid), store.kernel_stubs_dir)
     member = PoolMember(mid, manifest.name, spec, 0, None, time.time(), warm=warm)
     async with Launch(store, NewPoolMember(store, member), spec, timeouts=timeouts) as launch:
         m = await launch.spawn(incoming=("defer",), fresh_overlays=True)
