@@ -20,6 +20,7 @@ from vmfork.errors import InvalidInput
 from .conftest import VMFORK, Env, run
 from .daemon import Daemon, daemon  # noqa: F401
 from .test_admission import http_get, owner_of_listening_port
+from .test_snapshot import kill9_at
 from .test_update_forwards import serve
 
 
@@ -112,6 +113,24 @@ def test_connection_to_a_forwarded_port_wakes_an_idle_vm(
     env.cli("exec", "w", "true", check=True)
     assert owner_of_listening_port(port) == qemu
     assert http_get(url).strip() == "w"
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("step", ["idle.recorded", "idle.paused"])
+def test_watcher_killed_while_it_pauses_a_vm(env: Env, step: str) -> None:
+    """Killed with the pause recorded (QEMU still running) or with QEMU
+    paused and its forwards still in place: the next use wakes the VM, and
+    its forwarded port answers."""
+    port = serve(env, "k")
+    env.cli("idle", "k", "1", check=True)
+    kill9_at(env, step, "idle", "--keep")
+    assert listed(env, "k")["idle"]
+    assert env.cli("exec", "k", "echo up", check=True).stdout == "up\n"
+    row = listed(env, "k")
+    assert (row["state"], row["idle"]) == ("running", False)
+    assert run(vm.status(env.store(), "k")) == "running"
+    assert owner_of_listening_port(port) == env.store().get_vm("k").pid
+    assert http_get(f"http://127.0.0.1:{port}/").strip() == "k"
 
 
 @pytest.mark.qemu

@@ -40,19 +40,21 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from vmfork import locking, vm
+from vmfork.checkpoints import checkpoint
 from vmfork.errors import NotFound, StateError, VmforkError
 from vmfork.launch import attach
 from vmfork.names import check_name
 from vmfork.private import opener
+from vmfork.qemu.machine import Machine
 from vmfork.records import VMRecord
 from vmfork.snapshots.save import sync_guest_clock
 from vmfork.store import Store
+from vmfork.tasks import run_to_end
 from vmfork.timeouts import DEFAULT, Timeouts
 from vmfork.update import forwards
 from vmfork.vm import check_idle_pause
 
 log = logging.getLogger("vmfork.idle")
-
 
 
 async def set_policy(store: Store, name: str, seconds: float | None) -> str:
@@ -176,6 +178,15 @@ async def sweep(store: Store, timeouts: Timeouts = DEFAULT) -> list[str]:
     return paused
 
 
+async def _undo_pause(store: Store, rec: VMRecord, m: Machine) -> None:
+    """Resume a VM whose pause for idling failed half-way, as it was."""
+    with contextlib.suppress(VmforkError):
+        await m.resume()
+        await forwards.ensure(m, rec.spec.net)
+    rec.state, rec.info.idle_since = "running", None
+    store.update_vm(rec)
+
+
 async def _pause_idle(store: Store, name: str, timeouts: Timeouts) -> bool:
     """Pause VM *name* for idling, unless it is in use or held by a command
     (then False: the next round looks again)."""
@@ -196,12 +207,20 @@ async def _pause_idle(store: Store, name: str, timeouts: Timeouts) -> bool:
                 if rec.spec.net is not None and await forwards.connections(m):
                     _stamp(store, name)  # a connection through a forward is a use
                     return False
-                await m.pause()
-                await forwards.detach(m, rec.spec.net)
+                # Recorded first: a watcher killed from here on leaves a VM
+                # that its next use wakes (``cont`` of a running QEMU is harmless).
+                rec.state, rec.info.idle_since = "paused", time.time()
+                store.update_vm(rec)
+                try:
+                    await checkpoint("idle.recorded")
+                    await m.pause()
+                    await checkpoint("idle.paused")
+                    await forwards.detach(m, rec.spec.net)
+                except BaseException:
+                    await run_to_end(_undo_pause(store, rec, m))
+                    raise
             finally:
                 await m.disconnect()
-            rec.state, rec.info.idle_since = "paused", time.time()
-            store.update_vm(rec)
     except (StateError, NotFound):
         return False
     finally:
