@@ -24,6 +24,9 @@ def vmfork(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (("clone", "t", "-n", "zwei"), "'zwei' is not a valid integer"),
     (("update", "x", "--mode", "teleport"), "'teleport' is not one of"),
     (("run", "x", "--memory", "1Q", "--demo"), "invalid size '1Q'"),
+    (("clone", "t", "-n", "3", "--max-starting", "0"), "'--max-starting'"),
+    (("run", "x", "--demo", "--idle-pause", "soon"), "'soon' is not a valid float"),
+    (("idle", "x", "soon"), "invalid idle pause 'soon'"),
 ])
 def test_bad_usage_is_one_line_and_status_2(tmp_path: Path, args: tuple[str, ...],
                                             words: str) -> None:

@@ -138,7 +138,9 @@ def test_daemon_pauses_idle_clones_of_a_template_and_the_api_wakes_them(
         env: Env, daemon: Daemon) -> None:  # noqa: F811
     env.cli("template", "create", "t", "--demo", "--memory", "256M", "--accel", "tcg",
             "--idle-pause", "2", check=True)
-    r = daemon.post("/v1/templates/t/clones", json={"count": 1})
+    r = daemon.post("/v1/templates/t/clones", json={"count": 1, "max_starting": 0})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid", r.text
+    r = daemon.post("/v1/templates/t/clones", json={"count": 1, "max_starting": 1})
     assert r.status_code == 201, r.text
     name = r.json()["clones"][0]["name"]
     assert daemon.get(f"/v1/vms/{name}").json()["idle_pause"] == 2.0

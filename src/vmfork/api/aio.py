@@ -461,19 +461,19 @@ class AsyncTemplate:
     @overload
     async def clone(self, count: None = None, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None,
-                    all_or_nothing: bool = False) -> AsyncClone: ...
+                    on_clone: str | None = None, all_or_nothing: bool = False,
+                    max_starting: int | None = None) -> AsyncClone: ...
 
     @overload
     async def clone(self, count: int, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None,
-                    all_or_nothing: bool = False) -> list[AsyncClone]: ...
+                    on_clone: str | None = None, all_or_nothing: bool = False,
+                    max_starting: int | None = None) -> list[AsyncClone]: ...
 
     async def clone(self, count: int | None = None, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None,
-                    all_or_nothing: bool = False) -> AsyncClone | list[AsyncClone]:
+                    on_clone: str | None = None, all_or_nothing: bool = False,
+                    max_starting: int | None = None) -> AsyncClone | list[AsyncClone]:
         """Start clones of this template and return when they run with their
         own identity (and their on-clone hook has run).
 
@@ -483,7 +483,8 @@ class AsyncTemplate:
         *names* gives each clone's name (as many as *count*; not with
         *name*); *on_clone* replaces the template's hook for this call
         (``""``: none). A clone that fails is undone and the others run on
-        (:class:`vmfork.PartialClone` names both), unless *all_or_nothing*."""
+        (:class:`vmfork.PartialClone` names both), unless *all_or_nothing*.
+        At most *max_starting* (default 4) are being started at once."""
         n = clone.check_count(1 if count is None else count)
         if names is not None and name:
             raise InvalidInput("give either name or names, not both")
@@ -495,7 +496,8 @@ class AsyncTemplate:
         results = await clone.clone(self._store, self.name,
                                     names=None if names is None else list(names), count=n,
                                     use_pool=use_pool, timeouts=self.host.timeouts,
-                                    on_clone=on_clone, all_or_nothing=all_or_nothing)
+                                    on_clone=on_clone, all_or_nothing=all_or_nothing,
+                                    max_starting=max_starting or clone.MAX_STARTING)
         clones = [AsyncClone(self.host, r) for r in results]
         return clones[0] if count is None else clones
 

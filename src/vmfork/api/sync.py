@@ -311,29 +311,31 @@ class Template:
     @overload
     def clone(self, count: None = None, *, name: str | None = None,
               names: Sequence[str] | None = None, use_pool: bool = True,
-              on_clone: str | None = None,
-              all_or_nothing: bool = False) -> Clone: ...
+              on_clone: str | None = None, all_or_nothing: bool = False,
+              max_starting: int | None = None) -> Clone: ...
 
     @overload
     def clone(self, count: int, *, name: str | None = None,
               names: Sequence[str] | None = None, use_pool: bool = True,
-              on_clone: str | None = None,
-              all_or_nothing: bool = False) -> list[Clone]: ...
+              on_clone: str | None = None, all_or_nothing: bool = False,
+              max_starting: int | None = None) -> list[Clone]: ...
 
     def clone(self, count: int | None = None, *, name: str | None = None,
               names: Sequence[str] | None = None, use_pool: bool = True,
-              on_clone: str | None = None,
-              all_or_nothing: bool = False) -> Clone | list[Clone]:
+              on_clone: str | None = None, all_or_nothing: bool = False,
+              max_starting: int | None = None) -> Clone | list[Clone]:
         """One clone (a context manager that stops it), or a list of *count*
         (*names*: one name per clone)."""
         if count is None:
             one = self.host._run(self._a.clone(name=name, names=names, use_pool=use_pool,
                                                on_clone=on_clone,
-                                               all_or_nothing=all_or_nothing))
+                                               all_or_nothing=all_or_nothing,
+                                               max_starting=max_starting))
             return Clone(self.host, one)
         many = self.host._run(self._a.clone(count, name=name, names=names,
                                             use_pool=use_pool, on_clone=on_clone,
-                                            all_or_nothing=all_or_nothing))
+                                            all_or_nothing=all_or_nothing,
+                                               max_starting=max_starting))
         return [Clone(self.host, c) for c in many]
 
     def pool(self, size: int | None = None, *, warm: bool | None = None) -> PoolStatus:

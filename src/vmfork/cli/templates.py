@@ -202,8 +202,7 @@ def template_publish(name: str, directory: str, as_json: bool) -> None:
 @click.argument("template")
 @click.argument("name", required=False)
 @click.option("-n", "--count", default=1, show_default=True, type=int,
-              help="How many clones (named NAME-1..N, or TEMPLATE-k), at most 64; at most "
-                   "4 are started at once.")
+              help="How many clones (named NAME-1..N, or TEMPLATE-k), at most 64.")
 @click.option("--no-pool", is_flag=True, help="Spawn fresh QEMU processes even if pooled.")
 @click.option("--on-clone", "on_clone", metavar="CMD",
               help="Hook for this call: shell command run in each clone after its identity "
@@ -212,9 +211,12 @@ def template_publish(name: str, directory: str, as_json: bool) -> None:
 @click.option("--all-or-nothing", is_flag=True,
               help="If one clone fails, remove the others of this call too (by default "
                    "they run on, and the failures are reported).")
+@click.option("--max-starting", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Clones being started at once.")
 @click.option("--json", "as_json", is_flag=True)
 def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
-              on_clone: str | None, all_or_nothing: bool, as_json: bool) -> None:
+              on_clone: str | None, all_or_nothing: bool, max_starting: int,
+              as_json: bool) -> None:
     """Start clones of TEMPLATE; return when they run (and their hook has run).
     A clone that fails is undone; the others run on (exit status 1, each
     failure reported), unless --all-or-nothing."""
@@ -230,7 +232,8 @@ def clone_cmd(template: str, name: str | None, count: int, no_pool: bool,
                 one = await tpl.clone(name=name, use_pool=not no_pool, on_clone=on_clone)
                 return [one.result], None
             many = await tpl.clone(count, name=name, use_pool=not no_pool,
-                                   on_clone=on_clone, all_or_nothing=all_or_nothing)
+                                   on_clone=on_clone, all_or_nothing=all_or_nothing,
+                                   max_starting=max_starting)
             return [c.result for c in many], None
         except PartialClone as exc:
             return list(exc.clones), exc

@@ -536,19 +536,19 @@ class AsyncRemoteTemplate:
     @overload
     async def clone(self, count: None = None, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None,
-                    all_or_nothing: bool = False) -> AsyncRemoteClone: ...
+                    on_clone: str | None = None, all_or_nothing: bool = False,
+                    max_starting: int | None = None) -> AsyncRemoteClone: ...
 
     @overload
     async def clone(self, count: int, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None,
-                    all_or_nothing: bool = False) -> list[AsyncRemoteClone]: ...
+                    on_clone: str | None = None, all_or_nothing: bool = False,
+                    max_starting: int | None = None) -> list[AsyncRemoteClone]: ...
 
     async def clone(self, count: int | None = None, *, name: str | None = None,
                     names: Sequence[str] | None = None, use_pool: bool = True,
-                    on_clone: str | None = None,
-                    all_or_nothing: bool = False) -> AsyncRemoteClone | list[AsyncRemoteClone]:
+                    on_clone: str | None = None, all_or_nothing: bool = False,
+                    max_starting: int | None = None) -> AsyncRemoteClone | list[AsyncRemoteClone]:
         """Start clones of this template (see :meth:`vmfork.AsyncTemplate.clone`):
         one clone without *count*, else a list of *count*; *name* names them
         (``NAME-1``.. with *count*), or *names* one by one."""
@@ -566,6 +566,8 @@ class AsyncRemoteTemplate:
             body["use_pool"] = False
         if all_or_nothing:
             body["all_or_nothing"] = True
+        if max_starting is not None:
+            body["max_starting"] = max_starting
         answer = await self.host._json("POST", self._path("clones"), json=body)
         if isinstance(answer, dict):
             answer = answer.get("clones", [])

@@ -78,6 +78,8 @@ class CloneRequest(Body):
     on_clone: str | None = Field(None, max_length=65536,
                                  description="replaces the template's hook ('' runs none)")
     use_pool: bool = True
+    max_starting: int | None = Field(None, ge=1, le=64, description="clones being started at "
+                                     "once (default 4)")
     all_or_nothing: bool = Field(False, description="one clone failing removes them all; "
                                  "else the others run on and the answer is an error "
                                  "'partial' naming the failures")
@@ -235,7 +237,8 @@ async def clone_template(request: Request, name: str, body: CloneRequest) -> dic
             async with state.starts.slot(f"clone {tpl.name}"):
                 clones = await tpl.clone(count, names=names, use_pool=body.use_pool,
                                          on_clone=body.on_clone,
-                                         all_or_nothing=body.all_or_nothing)
+                                         all_or_nothing=body.all_or_nothing,
+                                         max_starting=body.max_starting)
     except VmforkError as exc:
         metrics.observe_operation("clone", "failed", time.monotonic() - t0)
         if isinstance(exc, PartialClone):  # the clones that run are reported as such
