@@ -93,10 +93,6 @@ class RunOptions:
     idle_pause: float | None = None
 
 
-
-
-
-
 #: Fewest seconds an idle policy may say (the watcher looks every second or two).
 MIN_IDLE = 1.0
 
