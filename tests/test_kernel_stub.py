@@ -24,6 +24,7 @@ def test_stub_keeps_the_header_and_one_page(tmp_path: Path) -> None:
     assert stub is not None and Path(stub).parent == cache
     assert Path(stub).read_bytes() == data[:8 * 512 + 4096]
     assert Path(stub).stat().st_mode & 0o777 == 0o600
+    assert cache.stat().st_mode & 0o777 == 0o700
     assert stub_for(cache, str(kernel)) == stub  # made once
     other = tmp_path / "other"
     bzimage(other, 0, 1 << 20)  # 0 setup sectors mean 4

@@ -280,9 +280,9 @@ async def run(store: Store, opts: RunOptions, timeouts: Timeouts = DEFAULT) -> V
     readiness says (:mod:`vmfork.guest.readiness`). Launches that a killed
     vmfork abandoned are undone first (:func:`vmfork.launch.undo_abandoned`):
     their names and memory are free again."""
+    idle_pause = check_idle_pause(opts.idle_pause)
     await undo_all_abandoned(store, timeouts)
     spec = build_spec(store, opts)
-    idle_pause = check_idle_pause(opts.idle_pause)
     admission.check_new_vm(spec.name, spec.memory_mib, memory_dir(spec))
     rec = VMRecord(name=spec.name, spec=spec, state="starting",
                    info=VMInfo(owns_memory=True, idle_pause=idle_pause))

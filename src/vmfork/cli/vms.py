@@ -74,6 +74,8 @@ def run_cmd(name: str, demo: bool, image_name: str | None, kernel: str | None,
         raise InvalidInput("--demo cannot be combined with --image")
     image = "demo" if demo else image_name
     forwards = tuple(parse_port(p) for p in ports)
+    from vmfork.vm import check_idle_pause
+    check_idle_pause(idle_pause)
 
     async def go(host: AsyncHost) -> VMStatus:
         vm = await host.run(name, image=image, memory=memory, cpus=cpus, kernel=kernel,

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from vmfork.files import write_atomic
+from vmfork.private import make_dirs
 
 #: Offsets in a bzImage: setup sectors (0 means 4), the ``HdrS`` magic.
 _SETUP_SECTS = 0x1F1
@@ -49,7 +50,7 @@ def stub_for(cache: Path, kernel: str) -> str | None:
     digest = hashlib.sha256(head[:keep] + str(size).encode()).hexdigest()[:20]
     path = cache / f"kernel-{digest}.stub"
     if not path.exists():
-        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(cache)
         write_atomic(path, head[:keep])
     return str(path)
 
