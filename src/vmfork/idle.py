@@ -145,17 +145,12 @@ async def wake(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> VMRecor
         rec = vm.get_live(store, name)
         if rec.state != "paused" or rec.info.idle_since is None:
             return rec
+        slept = time.time() - rec.info.idle_since
         m = await attach(store, rec, timeouts)
         try:
-            await m.resume()
-            # A port still held by a watcher comes back in its next round.
-            for warning in await forwards.ensure(m, rec.spec.net):
-                log.debug("%s: %s", name, warning)
+            await vm.resume_held(store, rec, m)
         finally:
             await m.disconnect()
-        slept = time.time() - rec.info.idle_since
-        rec.state, rec.info.idle_since = "running", None
-        store.update_vm(rec)
     await sync_guest_clock(store, rec, timeouts)
     log.info("%s: woken after %.1f s paused for idling", name, slept)
     return rec

@@ -399,13 +399,21 @@ async def resume(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> None:
         st = await m.status()
         if st not in ("paused", "postmigrate"):  # postmigrate: after an export or save
             raise StateError(f"{name} is not paused (it is {st})")
-        invalidate_save(store, name)
-        await m.resume()
-        if rec.info.idle_since is not None:  # paused for idling: its forwards were taken away
-            for warning in await forwards.ensure(m, rec.spec.net):
-                log.warning("%s: %s", name, warning)
-        rec.state, rec.info.idle_since = "running", None
-        store.update_vm(rec)
+        await resume_held(store, rec, m)
+
+
+async def resume_held(store: Store, rec: VMRecord, m: Machine) -> None:
+    """Resume VM *rec* through its QEMU *m* (the caller holds the VM's lock)
+    and record it running. One paused for idling gets its port forwards
+    back (:mod:`vmfork.idle`); a port a watcher still holds comes back in
+    the watcher's next round."""
+    invalidate_save(store, rec.name)
+    await m.resume()
+    if rec.info.idle_since is not None:
+        for warning in await forwards.ensure(m, rec.spec.net):
+            log.info("%s: %s", rec.name, warning)
+    rec.state, rec.info.idle_since = "running", None
+    store.update_vm(rec)
 
 
 async def status(store: Store, name: str, timeouts: Timeouts = DEFAULT) -> str:

@@ -284,8 +284,7 @@ class AsyncVM:
         """The UNIX socket of the VM's serial console (a live VM's); what the
         console printed so far goes to its console.log first."""
         await self._settle()
-        async with idle.in_use(self._store, self.name, self.host.timeouts):
-            pass  # woken, if it was paused for idling
+        await idle.wake(self._store, self.name, self.host.timeouts)
         rec = vm.get_live(self._store, self.name)
         await vm.drain_console(self._store, self.name, self.host.timeouts)
         return paths_for(self._store, rec).console
